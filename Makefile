@@ -1,0 +1,42 @@
+# Two commands do all the setup on a fresh machine: `make study` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CORES ?= 2
+STUDY_CONFIG ?= config.yaml
+# Every pip call is constrained to the CPU torch build (otherwise pip pulls GBs of CUDA packages).
+PIP := PIP_CONSTRAINT=$(CURDIR)/requirements/constraints.txt DS_BUILD_OPS=0 $(BIN)/python -m pip
+export OMP_NUM_THREADS ?= 1
+export DS_ACCELERATOR ?= cpu
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: setup study report test test-slurm lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements/lock.txt requirements/constraints.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements/lock.txt
+	$(PIP) install -q --no-deps -e .
+	touch $@
+
+study: setup
+	$(BIN)/snakemake --cores $(CORES) --configfile $(STUDY_CONFIG)
+	$(MAKE) report
+
+report: setup
+	$(BIN)/snakemake --cores 1 --configfile $(STUDY_CONFIG) --report \
+	  report/$$($(BIN)/python -c "import yaml,sys; print(yaml.safe_load(open('$(STUDY_CONFIG)')).get('study','tiny-cpu'))")/snakemake-report.html
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check src scripts tests
+	$(BIN)/snakefmt --check Snakefile rules
+	$(BIN)/snakemake --lint --cores 1
+
+clean:
+	rm -rf results/tiny-cpu report/tiny-cpu logs .snakemake

@@ -1,0 +1,19 @@
+#!/usr/bin/env python
+"""Train one run of the study. Examples (the seed's commands):
+
+    python scripts/train.py --strategy data_parallel --model_size 1B
+    python scripts/train.py --strategy pipeline_parallel --stages 2
+    python scripts/train.py --strategy hybrid_parallel --nodes 2 --gpus_per_node 1
+
+Starts its own torchrun workers unless already launched by torchrun or srun. See llmpar.launch.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from llmpar.launch import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

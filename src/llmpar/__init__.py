@@ -1,0 +1,1 @@
+"""LLM-training parallelism study: data, model, strategies, metrics, report."""

@@ -1,0 +1,1 @@
+"""Data components: corpus -> tokenizer -> packed token shards -> deterministic batches."""

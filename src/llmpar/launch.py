@@ -1,0 +1,337 @@
+"""`scripts/train.py`: validate a run, check it fits, and start its torchrun workers.
+
+Three ways in, one code path out (torchrun with explicit node ranks and a master on the first node):
+
+* plain ``python scripts/train.py ...`` on one machine: starts ``nodes`` local torchrun agents (one
+  per "node", node ranks 0..N-1, master 127.0.0.1 on a free port) with ``gpus_per_node`` workers each;
+* inside a Slurm allocation of N > 1 nodes (the workflow's multi-node jobs): re-launches itself
+  through ``srun`` with one task per node, and each task starts one torchrun agent whose node rank
+  is ``SLURM_NODEID`` and whose master is the allocation's first host (``scontrol show hostnames``);
+* under torchrun already (``LOCAL_RANK`` set): runs the worker directly.
+
+Expected failures (out of memory, divergence, a layout the hardware cannot hold) become a run
+summary with that status; bad input exits 2 with a message before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from llmpar.config import REPO_ROOT, load_yaml, prepare, run_config
+from llmpar.errors import ConfigError, ExpectedFailure, UserError
+from llmpar.io import write_json, write_text
+
+CLI_RUN_KEYS = (
+    "strategy", "nodes", "gpus_per_node", "tp", "stages", "micro_batches", "micro_batch_size", "schedule",
+    "tp_engine", "pp_engine", "zero_stage", "offload", "precision", "activation_checkpointing",
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="scripts/train.py",
+        description="Train one run of the parallelism study (starts its own torchrun workers).",
+    )
+    p.add_argument("--strategy", choices=["single", "data_parallel", "tensor_parallel", "pipeline_parallel",
+                                          "hybrid_parallel", "fsdp", "zero"])
+    p.add_argument("--model_size", choices=["tiny", "125M", "350M", "1B"])
+    p.add_argument("--nodes", type=int)
+    p.add_argument("--gpus_per_node", type=int, help="processes per node (GPUs, or CPU processes)")
+    p.add_argument("--tp", type=int, help="tensor-parallel size")
+    p.add_argument("--stages", type=int, help="pipeline stages")
+    p.add_argument("--micro_batches", type=int, help="micro-batches per step and replica")
+    p.add_argument("--micro_batch_size", type=int)
+    p.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved_1f1b"])
+    p.add_argument("--tp_engine", choices=["deepspeed", "torch"])
+    p.add_argument("--pp_engine", choices=["deepspeed", "torch"])
+    p.add_argument("--zero_stage", type=int)
+    p.add_argument("--offload", choices=["none", "optimizer", "parameters"])
+    p.add_argument("--precision", choices=["fp32", "bf16", "bf16-pure"])
+    p.add_argument("--activation_checkpointing", choices=["none", "full", "selective"])
+    p.add_argument("--compile", action="store_true", default=None)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--global_batch", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seq_len", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--config", help="study config to take data/model/train settings (and --run) from")
+    p.add_argument("--run", help="name of a run in --config")
+    p.add_argument("--run-config", dest="run_config", help="resolved run config as JSON (used by the workflow)")
+    p.add_argument("--tokens", help="token-shard directory (default: build the synthetic corpus for the CLI)")
+    p.add_argument("--out", help="run directory (default: results/cli/runs/<run>)")
+    p.add_argument("--record-invalid", action="store_true",
+                   help="write a summary with status 'invalid' (instead of exiting 2) when the hardware "
+                        "cannot hold the layout; the workflow uses this so a study records it as a result")
+    return p.parse_args(argv)
+
+
+def _cli_config(args) -> tuple[dict, str]:
+    """A one-run study config from --config and/or the CLI flags. Returns (prepared config, run name)."""
+    import torch
+
+    raw = load_yaml(args.config) if args.config else {}
+    if args.run:
+        if not args.config:
+            raise ConfigError("--run needs --config")
+        if args.run not in raw.get("runs", {}):
+            raise ConfigError(f"--run: '{args.run}' is not a run in {args.config}")
+        entry = dict(raw["runs"][args.run])
+    else:
+        if not args.strategy:
+            raise ConfigError("--strategy is required (or --config with --run)")
+        entry = {}
+    for key in CLI_RUN_KEYS:
+        if getattr(args, key, None) is not None:
+            entry[key] = getattr(args, key)
+    if args.compile:
+        entry["compile"] = True
+    name = args.run or entry["strategy"]
+    raw["runs"], raw["baseline"] = {name: entry}, name
+    raw.setdefault("study", "cli")
+    for section, keys in (("model", {"model_size": "size", "seq_len": "seq_len"}),
+                          ("train", {"steps": "steps", "global_batch": "global_batch", "lr": "lr",
+                                     "device": "device"})):
+        for arg, key in keys.items():
+            if getattr(args, arg, None) is not None:
+                raw.setdefault(section, {})[key] = getattr(args, arg)
+    if args.seed is not None:
+        raw["seed"] = args.seed
+    device_pref = raw.get("train", {}).get("device", "auto")
+    gpus = torch.cuda.device_count() if device_pref != "cpu" and torch.cuda.is_available() else 0
+    cfg = prepare(raw, default_procs=gpus or 2)
+    runs = list(cfg["runs"])
+    if len(runs) != 1:
+        raise ConfigError(f"the CLI trains one run; the flags expand into {len(runs)}: {runs}")
+    return cfg, runs[0]
+
+
+def _ensure_cli_data(cfg: dict) -> Path:
+    """Build corpus, tokenizer and token shards for a CLI run (cached by a hash of the data settings)."""
+    from llmpar.config import stable_hash
+    from llmpar.data.corpus import build_corpus
+    from llmpar.data.tokenize import build_shards, build_tokenizer
+
+    key = stable_hash({"data": cfg["data"], "tokenizer": cfg["tokenizer"], "seed": cfg["seed"]})
+    root = REPO_ROOT / "results" / "cli" / "data" / key
+    tokens = root / "tokens"
+    if not (tokens / "meta.json").is_file():
+        print(f"building CLI data in {root}", flush=True)
+        build_corpus(cfg["data"], cfg["seed"], root / "corpus")
+        build_tokenizer(cfg["tokenizer"], root / "corpus" / "train.txt", root / "tokenizer" / "tokenizer.json")
+        build_shards(root / "tokenizer" / "tokenizer.json", root / "corpus", tokens)
+    return tokens
+
+
+# --------------------------------------------------------------------------- fit checks
+
+
+def check_fits(rc: dict, vocab_size: int, local_procs: int) -> None:
+    """Raise ExpectedFailure('invalid') when this machine cannot hold the layout (estimate in the message)."""
+    import psutil
+    import torch
+
+    from llmpar.model import estimate_memory_bytes
+
+    run, tc = rc["run"], rc["train"]
+    use_cuda = tc["device"] == "cuda" or (tc["device"] == "auto" and torch.cuda.is_available())
+    if use_cuda and torch.cuda.device_count() < run["gpus_per_node"]:
+        raise ExpectedFailure(
+            "invalid",
+            f"the layout needs {run['gpus_per_node']} GPUs per node, this node has {torch.cuda.device_count()}",
+        )
+    if not tc["memory_check"]:
+        return
+    est = estimate_memory_bytes(rc["model"], vocab_size, run, run["micro_batch_size"])
+    gib = 2**30
+    if use_cuda:
+        avail, what = _gpu_memory_bytes(), "GPU memory per device"
+        need = est["total"]
+    else:
+        avail, what = psutil.virtual_memory().available, f"available host memory for {local_procs} processes"
+        need = est["total"] * local_procs
+    if avail and need > 0.9 * avail:
+        raise ExpectedFailure(
+            "invalid",
+            f"estimated memory {need / gib:.1f} GiB (model states {est['model_states'] / gib:.1f} GiB + "
+            f"activations {est['activations'] / gib:.1f} GiB per process, x{1 if use_cuda else local_procs}) "
+            f"exceeds 90% of the {avail / gib:.1f} GiB of {what}; use a smaller --model_size, more "
+            f"processes for sharded strategies, or set train.memory_check: false",
+        )
+
+
+def _gpu_memory_bytes() -> int | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).total
+    except Exception:
+        return None
+
+
+# --------------------------------------------------------------------------- launching
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_cmd(nnodes: int, node_rank: int, nproc: int, master: str, port: int) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--nproc-per-node={nproc}",
+        f"--master-addr={master}", f"--master-port={port}", "--max-restarts=0",
+        "-m", "llmpar.train",
+    ]
+
+
+def worker_env(rc: dict, tokens: Path, out: Path) -> dict:
+    env = dict(os.environ)
+    src = str(REPO_ROOT / "src")
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["LLMPAR_RUN_CONFIG"] = json.dumps(rc)
+    env["LLMPAR_TOKENS"], env["LLMPAR_OUT"] = str(tokens), str(out)
+    env.setdefault("LLMPAR_T0", repr(time.time()))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    # Keep NVLink multicast off (the lent GPU machines require it) and DeepSpeed on CPU without a GPU.
+    env.setdefault("NCCL_NVLS_ENABLE", "0")
+    import torch
+
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    return env
+
+
+def slurm_nodes() -> int:
+    return int(os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or 0)
+
+
+def slurm_first_host() -> str:
+    nodelist = os.environ["SLURM_JOB_NODELIST"]
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return out.stdout.split()[0]
+
+
+def launch(rc: dict, tokens: Path, out: Path, argv: list[str]) -> int:
+    """Start the workers; returns the exit code of the slowest agent (0 when all succeeded)."""
+    run = rc["run"]
+    nodes, gpn = run["nodes"], run["gpus_per_node"]
+    env = worker_env(rc, tokens, out)
+    if nodes > 1 and slurm_nodes() >= nodes and not os.environ.get("LLMPAR_SRUN_TASK"):
+        # Batch step of a multi-node Slurm job: one task per node, each re-entering this launcher.
+        env["LLMPAR_SRUN_TASK"] = "1"
+        cmd = ["srun", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+               sys.executable, *argv]
+        print("launch:", shlex.join(cmd), flush=True)
+        return subprocess.run(cmd, env=env).returncode
+    if os.environ.get("LLMPAR_SRUN_TASK"):
+        node_rank = int(os.environ["SLURM_NODEID"])
+        port = 20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000
+        cmd = torchrun_cmd(nodes, node_rank, gpn, slurm_first_host(), port)
+        print(f"launch (node {node_rank}):", shlex.join(cmd), flush=True)
+        return subprocess.run(cmd, env=env).returncode
+    port = free_port()
+    procs = []
+    for node_rank in range(nodes):
+        cmd = torchrun_cmd(nodes, node_rank, gpn, "127.0.0.1", port)
+        print(f"launch (local node {node_rank}/{nodes}):", shlex.join(cmd), flush=True)
+        procs.append(subprocess.Popen(cmd, env=env, start_new_session=False))
+    codes = [p.wait() for p in procs]
+    return max(codes, key=abs)
+
+
+def failure_summary(rc: dict, out: Path, status: str, message: str) -> None:
+    """A complete summary for a run that ended in an expected failure (no steps, or the steps so far)."""
+    run = rc["run"]
+    summary = {
+        "run": run["name"], "status": status, "message": message, "spec": run, "strategy": run["strategy"],
+        "world_size": run["nodes"] * run["gpus_per_node"], "nodes": run["nodes"],
+        "gpus_per_node": run["gpus_per_node"], "steps_completed": 0, "steps_planned": rc["train"]["steps"],
+    }
+    write_text(out / "steps.jsonl", "")
+    write_json(out / "summary.json", summary)
+
+
+def collect_failures(out: Path) -> dict | None:
+    files = sorted(out.glob(".failure-rank*.json"))
+    if not files:
+        return None
+    failures = [json.loads(f.read_text()) for f in files]
+    for f in files:
+        f.unlink()
+    first = failures[0]
+    return {"status": first["status"], "message": f"rank {first['rank']}: {first['message']}"}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    os.environ.setdefault("LLMPAR_T0", repr(time.time()))  # process start: wall time counts from here
+    if "LOCAL_RANK" in os.environ:  # started by torchrun: be the worker
+        from llmpar.train import worker_main
+
+        return worker_main()
+    args = parse_args(argv)
+    script = str(Path(sys.argv[0]).resolve()) if sys.argv and sys.argv[0].endswith(".py") else None
+    try:
+        if args.run_config:
+            rc = json.loads(args.run_config)
+            cfg = None
+        else:
+            cfg, name = _cli_config(args)
+            rc = run_config(cfg, name)
+        if not args.out and cfg is None:
+            raise ConfigError("--out is required with --run-config")
+        out = Path(args.out) if args.out else REPO_ROOT / "results" / "cli" / "runs" / rc["run"]["name"]
+        if args.tokens:
+            tokens = Path(args.tokens)
+        elif cfg is not None:
+            tokens = _ensure_cli_data(cfg)
+        else:
+            raise ConfigError("--tokens is required with --run-config")
+        from llmpar.data.tokenize import read_meta
+
+        vocab = read_meta(tokens)["vocab_size"]
+        local_procs = run_gpn = rc["run"]["gpus_per_node"]
+        if not os.environ.get("LLMPAR_SRUN_TASK") and slurm_nodes() < rc["run"]["nodes"]:
+            local_procs = run_gpn * rc["run"]["nodes"]  # all "nodes" share this machine
+        try:
+            check_fits(rc, vocab, local_procs)
+        except ExpectedFailure as exc:
+            if not args.record_invalid:
+                raise
+            failure_summary(rc, out, exc.status, exc.message)
+            print(f"[{rc['run']['name']}] invalid: {exc.message}", flush=True)
+            return 0
+    except (UserError, ExpectedFailure) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)
+    self_argv = [script or str(REPO_ROOT / "scripts" / "train.py"), *argv]
+    code = launch(rc, tokens, out, self_argv)
+    if os.environ.get("LLMPAR_SRUN_TASK"):
+        return code  # the batch step collects failures
+    failure = collect_failures(out)
+    if failure and failure["status"] in ("oom", "diverged", "invalid"):
+        failure_summary(rc, out, failure["status"], failure["message"])
+        print(f"[{rc['run']['name']}] {failure['status']}: {failure['message']}", flush=True)
+        return 0
+    if code != 0:
+        print(f"error: training failed with exit code {code} (see the traceback above)", file=sys.stderr)
+        return code if code > 0 else 1
+    if not (out / "summary.json").is_file():
+        print("error: workers exited 0 but wrote no summary", file=sys.stderr)
+        return 1
+    return 0

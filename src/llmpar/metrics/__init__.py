@@ -1,0 +1,1 @@
+"""Metrics: definitions (pure functions), the per-step recorder, the background sampler, environment."""

@@ -1,0 +1,206 @@
+"""Every metric the study reports, defined once, as pure functions of recorded step/eval/sample rows.
+
+Row shapes (what the collector writes):
+
+* step rows: ``step`` (1-based optimizer step), ``loss``, ``tokens`` (cumulative trained tokens
+  after this step), ``samples`` (cumulative sequences), ``step_time_s`` (end of the previous step or
+  of the last evaluation/checkpoint, to the end of this step: data loading included, evaluation
+  excluded), ``elapsed_s`` (seconds since the first process start of the run, across restarts),
+  ``attempt`` (0 for the first launch, +1 per resume).
+* eval rows: ``step``, ``tokens``, ``elapsed_s``, ``val_loss``.
+* sample rows: ``t_s`` (seconds since process start), ``rank``, ``mem_gib``, ``util_pct``.
+
+``DEFINITIONS`` holds the text the report prints next to each metric.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+DEFINITIONS: dict[str, str] = {
+    "wall_time_s": "Total wall time of the run: process start to summary written, summed over restarts "
+    "(work lost to a restart is included).",
+    "tokens_per_s": "Steady-state throughput: tokens trained in the steps after the first "
+    "`train.warmup_steps_excluded` steps, divided by the sum of those steps' times (data loading "
+    "included, evaluation and checkpointing excluded). All ranks together; each token counted once.",
+    "tokens_per_s_overall": "Throughput including overhead: all trained tokens divided by the wall time "
+    "from process start (imports, model build, compilation, data loading) to the end of the last step.",
+    "samples_per_s": "Steady-state sequences per second (tokens_per_s / sequence length).",
+    "tokens_per_s_per_gpu": "tokens_per_s divided by the number of processes (GPUs, or CPU processes).",
+    "goodput_steps_per_s": "Goodput (system): applied optimizer steps per second of total wall time. A "
+    "step that was skipped, overflowed or re-done after a restart does not count; the time it took does.",
+    "pollux_goodput": "Pollux goodput = throughput × statistical efficiency (Qiao et al., OSDI 2021). "
+    "Needs the gradient noise scale, which these runs do not estimate: reported as not estimated.",
+    "tokens_to_target": "Statistical efficiency: trained tokens at the first validation whose loss is at "
+    "or below `train.target_loss` (no interpolation); 'not reached' when none is.",
+    "seconds_to_target": "Wall seconds (elapsed_s) at that same first validation at or below the target.",
+    "val_loss_at_tokens": "Validation loss at a fixed token budget, linearly interpolated between the two "
+    "validations that bracket it; not available beyond the last validation.",
+    "loss": "Training cross-entropy (nats/token) of each step's global batch, averaged over its tokens.",
+    "val_loss": "Validation cross-entropy (nats/token) over `train.eval_batches` fixed global batches; "
+    "perplexity = exp(val_loss).",
+    "peak_mem_gib": "Peak memory, maximum over ranks. GPU: torch.cuda.max_memory_allocated (GiB); "
+    "also max_memory_reserved and NVML device memory used. CPU: peak resident set size of the "
+    "process (ru_maxrss), labelled cpu_peak_rss.",
+    "util_mean_pct": "Device utilization sampled by a background thread every `train.sample_period_s` "
+    "(NVML GPU utilization on GPUs; process CPU percent on CPU, labelled), mean and median over the "
+    "steady state (after the warm-up steps, to the last step), per rank and over all ranks.",
+    "mfu": "Model FLOPs utilization = tokens_per_s per GPU × FLOPs per token / peak FLOP/s per GPU. "
+    "FLOPs per token = 6·N + 6·L·h·s, N = parameters except the input embedding, L layers, h hidden "
+    "size, s sequence length (causal attention: half of PaLM's 12·L·h·s). Recomputation from "
+    "activation checkpointing does not count. Each token counts once per model replica, so tensor and "
+    "pipeline ranks share it. Peak: bf16 dense tensor rate by GPU name (H100/H200 SXM 989e12, "
+    "A100 312e12, ...) or `train.peak_flops`; undefined on CPU unless configured.",
+    "time_breakdown": "Share of step time in forward, backward (communication overlapped with it "
+    "included) and optimizer, from CUDA events on GPU (host clocks on CPU), rank 0, resolved at the end "
+    "of the run (no per-step host sync). Pipelines report the theoretical bubble (p−1)/(m+p−1).",
+}
+
+# bf16 dense tensor-core peak FLOP/s per device, by a substring of the device name (first match wins).
+PEAK_FLOPS: list[tuple[str, float]] = [
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10", 125e12),
+    ("V100", 125e12),
+    ("RTX 4090", 165e12),
+    ("MI300X", 1307e12),
+    ("MI250X", 383e12),
+]
+
+
+def peak_flops_for(device_name: str | None, configured: float | None) -> float | None:
+    if configured:
+        return float(configured)
+    if not device_name:
+        return None
+    for key, value in PEAK_FLOPS:
+        if key in device_name:
+            return value
+    return None
+
+
+# --------------------------------------------------------------------------- step-level metrics
+
+
+def steady_steps(steps: list[dict], warmup: int) -> list[dict]:
+    """The steady-state steps: all after the first ``warmup`` (or the last one if fewer exist)."""
+    rows = [r for r in steps if r["step"] > warmup]
+    return rows or steps[-1:]
+
+
+def throughput(steps: list[dict], warmup: int, seq_len: int, world_size: int, t_first_start: float = 0.0):
+    """Steady-state and overall throughput (see DEFINITIONS)."""
+    if not steps:
+        return {}
+    steady = steady_steps(steps, warmup)
+    tokens_per_step = _tokens_per_step(steps)
+    steady_tokens = tokens_per_step * len(steady)
+    steady_time = sum(r["step_time_s"] for r in steady)
+    tps = steady_tokens / steady_time if steady_time > 0 else math.nan
+    last = steps[-1]
+    overall_time = last["elapsed_s"] - t_first_start
+    return {
+        "tokens_per_s": tps,
+        "samples_per_s": tps / seq_len,
+        "tokens_per_s_per_gpu": tps / world_size,
+        "samples_per_s_per_gpu": tps / seq_len / world_size,
+        "tokens_per_s_overall": last["tokens"] / overall_time if overall_time > 0 else math.nan,
+        "samples_per_s_overall": last["samples"] / overall_time if overall_time > 0 else math.nan,
+        "steady_steps": len(steady),
+        "steady_time_s": steady_time,
+    }
+
+
+def _tokens_per_step(steps: list[dict]) -> float:
+    first = steps[0]
+    prev_tokens = first["tokens"] / first["step"]  # every step trains the same global batch
+    return prev_tokens
+
+
+def dedupe_steps(rows: list[dict]) -> tuple[list[dict], int]:
+    """Keep the last attempt's row of every step (a restart re-does steps after its checkpoint).
+
+    Returns (rows sorted by step, number of re-done step rows dropped).
+    """
+    best: dict[int, dict] = {}
+    for r in rows:
+        cur = best.get(r["step"])
+        if cur is None or r.get("attempt", 0) >= cur.get("attempt", 0):
+            best[r["step"]] = r
+    out = [best[s] for s in sorted(best)]
+    return out, len(rows) - len(out)
+
+
+def goodput(applied_steps: int, wall_time_s: float) -> float:
+    return applied_steps / wall_time_s if wall_time_s > 0 else math.nan
+
+
+def time_to_target(evals: list[dict], target: float | None) -> dict:
+    """First validation at or below ``target`` (no interpolation). 'not reached' is a value."""
+    if target is None:
+        return {"target_loss": None, "target_reached": None, "tokens_to_target": None, "seconds_to_target": None}
+    for e in sorted(evals, key=lambda e: e["step"]):
+        if e["val_loss"] <= target:
+            return {
+                "target_loss": target,
+                "target_reached": True,
+                "tokens_to_target": e["tokens"],
+                "seconds_to_target": e["elapsed_s"],
+                "step_to_target": e["step"],
+            }
+    return {"target_loss": target, "target_reached": False, "tokens_to_target": None, "seconds_to_target": None}
+
+
+def val_loss_at_tokens(evals: list[dict], budget: float) -> float | None:
+    """Linear interpolation of validation loss at ``budget`` tokens; None outside the evaluated range."""
+    pts = sorted((e["tokens"], e["val_loss"]) for e in evals)
+    for (t0, l0), (t1, l1) in zip(pts, pts[1:]):
+        if t0 <= budget <= t1:
+            return l0 if t1 == t0 else l0 + (l1 - l0) * (budget - t0) / (t1 - t0)
+    if pts and pts[-1][0] == budget:
+        return pts[-1][1]
+    return None
+
+
+def mfu(tokens_per_s: float, world_size: int, flops_per_token: float, peak: float | None) -> float | None:
+    if not peak or not tokens_per_s or math.isnan(tokens_per_s):
+        return None
+    return tokens_per_s / world_size * flops_per_token / peak
+
+
+def utilization(samples: list[dict], t_lo: float, t_hi: float) -> dict:
+    """Mean and median utilization per rank and overall over samples with t_lo <= t_s <= t_hi."""
+    window = [s for s in samples if t_lo <= s["t_s"] <= t_hi and s.get("util_pct") is not None]
+    if not window:
+        return {"util_mean_pct": None, "util_median_pct": None, "util_per_rank": {}}
+    per_rank: dict[int, list[float]] = {}
+    for s in window:
+        per_rank.setdefault(int(s["rank"]), []).append(float(s["util_pct"]))
+    allv = [v for vs in per_rank.values() for v in vs]
+    return {
+        "util_mean_pct": statistics.fmean(allv),
+        "util_median_pct": statistics.median(allv),
+        "util_per_rank": {
+            r: {"mean": statistics.fmean(v), "median": statistics.median(v)} for r, v in sorted(per_rank.items())
+        },
+    }
+
+
+def bubble_fraction(stages: int, micro_batches: int) -> float:
+    """Theoretical pipeline bubble of GPipe/1F1B: (p − 1) / (m + p − 1)."""
+    return (stages - 1) / (micro_batches + stages - 1)
+
+
+def breakdown_shares(totals: dict[str, float] | None) -> dict[str, float] | None:
+    if not totals:
+        return None
+    s = sum(totals.values())
+    return {k: v / s for k, v in totals.items()} if s > 0 else None

@@ -1,0 +1,113 @@
+"""The model: a plain `transformers` Llama built from a LlamaConfig (no download).
+
+Nothing here knows about parallelism; strategies take the built model and shard or wrap it.
+Also the model arithmetic the metrics and the pre-launch memory check need.
+"""
+
+from __future__ import annotations
+
+from llmpar.config import model_dims
+
+
+def llama_config(model_cfg: dict, vocab_size: int):
+    from transformers import LlamaConfig
+
+    d = model_dims(model_cfg)
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"],
+        num_hidden_layers=d["num_layers"],
+        num_attention_heads=d["num_heads"],
+        num_key_value_heads=d["num_kv_heads"],
+        max_position_embeddings=model_cfg["seq_len"],
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        attention_dropout=0.0,
+        use_cache=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+
+
+def build_model(model_cfg: dict, vocab_size: int, seed: int, device="cpu", attn_implementation="sdpa"):
+    """Build the Llama with weights drawn from ``seed`` on ``device``: identical on every rank."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    cfg = llama_config(model_cfg, vocab_size)
+    cfg._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg)
+    return model
+
+
+def param_counts(model_cfg: dict, vocab_size: int) -> dict[str, int]:
+    """Parameter counts from the shape alone (no model built): total, embedding, non-embedding."""
+    d = model_dims(model_cfg)
+    h, f, n_layers = d["hidden_size"], d["intermediate_size"], d["num_layers"]
+    head_dim = h // d["num_heads"]
+    kv = d["num_kv_heads"] * head_dim
+    attn = h * h * 2 + h * kv * 2  # q, o, k, v
+    mlp = 3 * h * f
+    norms = 2 * h
+    per_layer = attn + mlp + norms
+    embedding = vocab_size * h
+    head = vocab_size * h
+    total = embedding + n_layers * per_layer + h + head
+    return {
+        "total": total,
+        "embedding": embedding,
+        # The output projection is real compute, so only the input embedding (a lookup) is excluded.
+        "non_embedding": total - embedding,
+        "per_layer": per_layer,
+    }
+
+
+def flops_per_token(model_cfg: dict, vocab_size: int) -> float:
+    """Training FLOPs per token: 6·N + 6·L·h·s.
+
+    N is the non-embedding parameter count (the input embedding is a lookup; the output projection
+    counts). 6·N covers forward (2N) and backward (4N) matmuls. 6·L·h·s is the attention
+    score/value work for causal attention (half of PaLM's 12·L·h·s, since the causal mask skips
+    half the matrix). Recomputation from activation checkpointing is NOT counted: MFU measures useful
+    model FLOPs, so checkpointing lowers MFU.
+    """
+    d = model_dims(model_cfg)
+    n = param_counts(model_cfg, vocab_size)["non_embedding"]
+    return 6.0 * n + 6.0 * d["num_layers"] * d["hidden_size"] * model_cfg["seq_len"]
+
+
+def estimate_memory_bytes(model_cfg: dict, vocab_size: int, run: dict, micro_batch_size: int) -> dict:
+    """Rough per-rank memory a run needs, to refuse layouts that cannot fit before launch.
+
+    Model states: fp32 parameters + gradients (4 + 4 bytes) and AdamW moments (8 bytes), divided by
+    the shards the strategy creates; activations: ~ (34·h + 5·a·s) bytes per token per layer for
+    fp32 (Korthikanti et al. 2022, scaled ×2 from their 16-bit count), the logits (4·V bytes per token, ×3
+    for softmax and gradient), divided by tp.
+    """
+    d = model_dims(model_cfg)
+    total = param_counts(model_cfg, vocab_size)["total"]
+    shard_params = run["tp"] * run["stages"]
+    states = {"params": 4.0, "grads": 4.0, "optim": 8.0}
+    strategy, zero = run["strategy"], run.get("zero_stage", 0)
+    full_shard = run["dp"] if strategy == "fsdp" else 1
+    per_rank = 0.0
+    for kind, bytes_per in states.items():
+        shard = shard_params * full_shard
+        if strategy == "zero":
+            if kind == "optim" and zero >= 1 or kind == "grads" and zero >= 2 or kind == "params" and zero >= 3:
+                shard *= run["dp"]
+            if run.get("offload", "none") != "none" and kind == "optim":
+                bytes_per = 0.0
+        per_rank += total * bytes_per / shard
+    s, h, a = model_cfg["seq_len"], d["hidden_size"], d["num_heads"]
+    layers_here = max(1, d["num_layers"] // run["stages"])
+    act_per_token = layers_here * (34 * h + 5 * a * s) * 2 / run["tp"] + 12 * vocab_size / run["tp"]
+    if run.get("activation_checkpointing", "none") == "full":
+        act_per_token = layers_here * 2 * h * 4 + 12 * vocab_size / run["tp"]
+    in_flight = micro_batch_size * (run["stages"] if run["stages"] > 1 else 1)
+    activations = act_per_token * s * in_flight
+    return {"model_states": per_rank, "activations": activations, "total": per_rank + activations}

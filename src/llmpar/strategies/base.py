@@ -1,0 +1,295 @@
+"""The Engine contract every strategy returns, and the pieces strategies share.
+
+The training loop only calls:
+
+* ``engine.dp_rank`` / ``engine.dp_size`` – which slice of the global batch this rank loads (every
+  rank of a tensor- or pipeline-parallel group loads the same slice);
+* ``engine.train_step(micro_batches)`` – one optimizer step over this replica's micro-batches;
+  returns the loss of the whole global batch (mean over its tokens) as a 0-d tensor on the device,
+  already averaged over data-parallel replicas and valid on every rank, without a host sync;
+* ``engine.eval_loss(inputs, labels)`` – mean validation loss of the global batch, same contract;
+* ``engine.save_checkpoint(dir)`` / ``engine.load_checkpoint(dir)`` – in the engine's own format;
+* ``engine.model_state_bytes()`` – bytes of parameters, gradients and optimizer state held by this
+  rank, measured from the tensors;
+* ``engine.local_param_count()`` – parameters (elements) held by this rank;
+* ``engine.lr()`` – the current learning rate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+def make_optimizer(params, train_cfg: dict, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (betas 0.9/0.95), fused on CUDA. The same for every strategy that owns its optimizer."""
+    kwargs = dict(lr=train_cfg["lr"], betas=(0.9, 0.95), eps=1e-8, weight_decay=train_cfg["weight_decay"])
+    if device.type == "cuda":
+        kwargs["fused"] = True
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def lr_lambda(train_cfg: dict):
+    """Linear warmup, then cosine decay to min_lr_ratio × lr at the last step (multiplier of lr)."""
+    warm, total, floor = train_cfg["warmup_steps"], train_cfg["steps"], train_cfg["min_lr_ratio"]
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        progress = (step - warm) / max(1, total - warm)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def make_scheduler(optimizer, train_cfg: dict):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train_cfg))
+
+
+def autocast(precision: str, device: torch.device):
+    """bf16 autocast (fp32 master weights) or nothing (fp32, or pure bf16 weights)."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    return model.model.layers
+
+
+def apply_activation_checkpointing(model, mode: str) -> None:
+    """Wrap decoder layers in non-reentrant checkpointing: ``full`` every layer, ``selective`` every 2nd."""
+    if mode == "none":
+        return
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    layers = decoder_layers(model)
+    for i in range(len(layers)):
+        if mode == "full" or (mode == "selective" and i % 2 == 0):
+            layers[i] = checkpoint_wrapper(layers[i], preserve_rng_state=False)
+
+
+def apply_compile(model, enabled: bool) -> None:
+    """torch.compile each decoder layer (torchtitan's per-block compile: small graphs, fast recompiles)."""
+    if not enabled:
+        return
+    layers = decoder_layers(model)
+    for i in range(len(layers)):
+        layers[i] = torch.compile(layers[i], fullgraph=False)
+
+
+def prepare_model(model, spec) -> torch.nn.Module:
+    """Precision, activation checkpointing and compile: the per-run levers, in torchtitan's order."""
+    if spec.precision == "bf16-pure":
+        model.to(torch.bfloat16)
+    apply_activation_checkpointing(model, spec.activation_checkpointing)
+    apply_compile(model, spec.compile)
+    return model
+
+
+def causal_lm_loss(model, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy; labels are already shifted by the data loader."""
+    logits = model(input_ids=inputs).logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1))
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes held locally by these tensors (the local shard of a DTensor)."""
+    total = 0
+    for t in tensors:
+        if t is None:
+            continue
+        if hasattr(t, "to_local"):
+            t = t.to_local()
+        total += t.numel() * t.element_size()
+    return total
+
+
+def optimizer_state_tensors(optimizer) -> list[torch.Tensor]:
+    return [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
+
+
+# --------------------------------------------------------------------------- engine
+
+
+class Engine:
+    """Base class; see the module docstring for the contract."""
+
+    dp_rank: int = 0
+    dp_size: int = 1
+
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def eval_loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def save_checkpoint(self, path: Path) -> None:
+        raise NotImplementedError
+
+    def load_checkpoint(self, path: Path) -> None:
+        raise NotImplementedError
+
+    def model_state_bytes(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def local_param_count(self) -> int:
+        raise NotImplementedError
+
+    def lr(self) -> float:
+        raise NotImplementedError
+
+    def time_breakdown(self) -> dict[str, float] | None:
+        """Accumulated seconds per phase (forward, backward, optimizer), or None where not measurable."""
+        return None
+
+
+class PhaseTimer:
+    """Accumulates forward/backward/optimizer time without a per-step host sync.
+
+    On CUDA it records events and resolves them only when asked (at the end of the run); on CPU
+    execution is synchronous, so host clocks are exact.
+    """
+
+    PHASES = ("forward", "backward", "optimizer")
+
+    def __init__(self, device: torch.device, enabled: bool = True):
+        self.cuda = device.type == "cuda"
+        self.enabled = enabled
+        self.pending: list[tuple[str, object, object]] = []
+        self.totals = dict.fromkeys(self.PHASES, 0.0)
+        self._start = None
+
+    def _now(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        import time
+
+        return time.perf_counter()
+
+    def start(self):
+        if self.enabled:
+            self._start = self._now()
+
+    def stop(self, phase: str):
+        if not self.enabled:
+            return
+        end = self._now()
+        if self.cuda:
+            self.pending.append((phase, self._start, end))
+        else:
+            self.totals[phase] += end - self._start
+        self._start = end
+
+    def result(self) -> dict[str, float] | None:
+        if not self.enabled:
+            return None
+        if self.cuda:
+            torch.cuda.synchronize()
+            for phase, a, b in self.pending:
+                self.totals[phase] += a.elapsed_time(b) / 1000.0
+            self.pending.clear()
+        return dict(self.totals)
+
+
+class TorchEngine(Engine):
+    """A module stepped by a torch optimizer: single, DDP, FSDP2 and torch-native TP use this.
+
+    ``model`` is what forward is called on (possibly a DDP/FSDP wrapper); ``params_module`` is the
+    module whose parameters are counted; ``dp_group`` is the group the loss is averaged over.
+    """
+
+    def __init__(self, model, spec, ctx, train_cfg, *, dp_rank=0, dp_size=1, dp_group=None, no_sync=None):
+        self.model, self.spec, self.ctx, self.train_cfg = model, spec, ctx, train_cfg
+        self.dp_rank, self.dp_size, self.dp_group = dp_rank, dp_size, dp_group
+        self.no_sync = no_sync  # context manager factory skipping gradient sync on non-final micro-batches
+        self.optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], train_cfg, ctx.device)
+        self.scheduler = make_scheduler(self.optimizer, train_cfg)
+        self.timer = PhaseTimer(ctx.device, enabled=train_cfg.get("metrics", True))
+
+    # -- stepping
+    def _reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.dp_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.dp_group)
+            t = t / self.dp_size
+        return t
+
+    def train_step(self, micro_batches):
+        n = len(micro_batches)
+        total = torch.zeros((), device=self.ctx.device)
+        for i, (x, y) in enumerate(micro_batches):
+            sync_ctx = self.no_sync() if (self.no_sync is not None and i < n - 1) else contextlib.nullcontext()
+            with sync_ctx:
+                self.timer.start()
+                with autocast(self.spec.precision, self.ctx.device):
+                    loss = causal_lm_loss(self.model, x, y) / n
+                self.timer.stop("forward")
+                loss.backward()
+                self.timer.stop("backward")
+            total += loss.detach().float()
+        self.timer.start()
+        if self.train_cfg["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg["grad_clip"])
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.timer.stop("optimizer")
+        return self._reduce_mean(total)
+
+    @torch.no_grad()
+    def eval_loss(self, inputs, labels):
+        self.model.eval()
+        with autocast(self.spec.precision, self.ctx.device):
+            loss = causal_lm_loss(self.model, inputs, labels).float()
+        self.model.train()
+        return self._reduce_mean(loss)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def time_breakdown(self):
+        return self.timer.result()
+
+    # -- accounting
+    def model_state_bytes(self) -> dict[str, int]:
+        params = list(self.model.parameters())
+        return {
+            "params": tensor_bytes(params),
+            "grads": tensor_bytes(p.grad for p in params),
+            "optimizer": tensor_bytes(optimizer_state_tensors(self.optimizer)),
+        }
+
+    def local_param_count(self) -> int:
+        return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in self.model.parameters())
+
+    # -- checkpoints: torch distributed checkpoint, sharded as the model is (works for DDP, FSDP2, TP)
+    def save_checkpoint(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+        if self.ctx.is_main:
+            torch.save({"scheduler": self.scheduler.state_dict()}, Path(path) / "scheduler.pt")
+
+    def load_checkpoint(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        sched = torch.load(Path(path) / "scheduler.pt", weights_only=True)
+        self.scheduler.load_state_dict(sched["scheduler"])

@@ -1,0 +1,18 @@
+"""Data parallel: PyTorch DistributedDataParallel, every rank a full replica on its slice of the batch.
+
+Gradients are averaged by DDP's bucketed all-reduce, overlapped with the backward pass; with several
+micro-batches per step, the all-reduce runs only on the last one (``no_sync``).
+"""
+
+from __future__ import annotations
+
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from llmpar.strategies.base import TorchEngine, prepare_model
+
+
+def parallelize(model, spec, ctx, train_cfg) -> TorchEngine:
+    model = prepare_model(model, spec)
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    ddp = DDP(model, device_ids=device_ids, gradient_as_bucket_view=True)
+    return TorchEngine(ddp, spec, ctx, train_cfg, dp_rank=ctx.rank, dp_size=ctx.world_size, no_sync=ddp.no_sync)

@@ -1,0 +1,308 @@
+"""The training loop: one loop for every strategy, readable top to bottom.
+
+Runs inside each torchrun worker. config -> process group -> data -> model -> parallelize ->
+resume -> steps (log, evaluate, checkpoint) -> summary. Rank 0 writes the run's files; the summary
+is written last and atomically, so its presence means the run is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from llmpar import distributed
+from llmpar.checkpoint import Checkpoints
+from llmpar.config import RunSpec, stable_hash
+from llmpar.data.loader import TokenData
+from llmpar.errors import ExpectedFailure
+from llmpar.io import write_json, write_text
+from llmpar.metrics import definitions as D
+from llmpar.metrics.env import environment
+from llmpar.metrics.recorder import Recorder
+from llmpar.metrics.sampler import Sampler
+from llmpar.model import build_model, flops_per_token, param_counts
+from llmpar.strategies import parallelize
+
+FAILURE_FILE = ".failure-rank{rank}.json"
+
+
+def log(ctx, msg: str) -> None:
+    if ctx is None or ctx.is_main:
+        print(msg, flush=True)
+
+
+def _jsonl(path: Path, rows: list[dict]) -> None:
+    write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _append_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _micro_batches(x, y, m: int, device, pin: bool):
+    if pin:
+        x, y = x.pin_memory(), y.pin_memory()
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    return list(zip(x.chunk(m), y.chunk(m)))
+
+
+def evaluate(engine, data: TokenData, global_batch: int, n_batches: int, device) -> torch.Tensor:
+    total = torch.zeros((), device=device)
+    for i in range(n_batches):
+        x, y = data.val_batch(i, global_batch, engine.dp_rank, engine.dp_size)
+        total += engine.eval_loss(x.to(device), y.to(device)).float()
+    return total / n_batches
+
+
+def peak_memory(device) -> dict:
+    if device.type == "cuda":
+        return {
+            "memory_kind": "cuda_max_allocated",
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+            "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0),
+        }
+    return {"memory_kind": "cpu_peak_rss", "peak_mem_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def run(run_cfg: dict, tokens_dir: str | Path, out_dir: str | Path) -> None:
+    t0 = float(os.environ.get("LLMPAR_T0", time.time()))
+    spec = RunSpec.from_dict(run_cfg["run"])
+    tc, mc, seed = run_cfg["train"], run_cfg["model"], run_cfg["seed"]
+    out = Path(out_dir)
+    ctx = distributed.init(tc["device"])
+    log(ctx, f"[{spec.name}] strategy={spec.strategy} world={ctx.world_size} tp={spec.tp} stages={spec.stages} "
+             f"dp={spec.dp} micro_batches={spec.micro_batches}x{spec.micro_batch_size} device={ctx.device} "
+             f"backend={ctx.backend}")
+
+    data = TokenData(tokens_dir, mc["seq_len"], seed)
+    model = build_model(mc, data.vocab_size, seed, device=ctx.device)
+    engine = parallelize(model, spec, ctx, tc)
+
+    # ---- resume
+    config_hash = stable_hash({k: run_cfg[k] for k in ("seed", "model", "train", "run")} | {"data": data.meta})
+    ckpts = Checkpoints(out / "checkpoints", config_hash, ctx.rank, tc["keep_checkpoints"])
+    progress_path = out / "progress.jsonl"
+    start_step, attempt, offset, prior = 0, 0, 0.0, []
+    latest = ckpts.latest() if tc["checkpoint_every"] else None
+    if latest is not None:
+        path, meta = latest
+        ckpts.load(engine, path)
+        start_step, attempt = meta["step"], meta["attempt"] + 1
+        prior = [r for r in _read_jsonl(progress_path) if r.get("config_hash") == config_hash]
+        offset = max([meta["elapsed_s"]] + [r["elapsed_s"] for r in prior])
+        log(ctx, f"[{spec.name}] resumed from checkpoint {path.name} (step {start_step}), attempt {attempt}; "
+                 f"previous attempt ran until {offset:.1f}s")
+    elif ctx.is_main:
+        progress_path.unlink(missing_ok=True)
+    ckpts.clean_partial()
+    dist.barrier()
+
+    seq, gb = mc["seq_len"], tc["global_batch"]
+    rec = Recorder(ctx.device, t0, offset, gb * seq, gb, attempt)
+    sampler = Sampler(ctx.rank, t0, offset, tc["sample_period_s"]) if tc["metrics"] else None
+    if sampler:
+        sampler.start()
+    pin = ctx.device.type == "cuda"
+    pool = ThreadPoolExecutor(1)
+
+    def fetch(step):  # 0-based step -> this rank's micro-batches on the device
+        x, y = data.train_batch(step, gb, engine.dp_rank, engine.dp_size)
+        return _micro_batches(x, y, spec.micro_batches, ctx.device, pin)
+
+    steps, evals = [], []
+    bad, status, message = 0, "ok", ""
+    fault = spec.fault or {}
+    nxt = pool.submit(fetch, start_step)
+    for step in range(start_step + 1, tc["steps"] + 1):
+        micro = nxt.result()
+        if step < tc["steps"]:
+            nxt = pool.submit(fetch, step)
+        if fault.get("at_step") == step and ctx.is_main:
+            if fault["kind"] == "oom":
+                raise torch.OutOfMemoryError(f"injected out-of-memory fault at step {step}")
+            if fault["kind"] == "crash":
+                raise RuntimeError(f"injected crash at step {step}")
+        loss = engine.train_step(micro)
+        if fault.get("kind") == "nan" and step >= fault.get("at_step", 1):
+            loss = loss * float("nan")
+        rec.step_done(step, loss, engine.lr())
+
+        if step % tc["log_every"] == 0 or step == tc["steps"]:
+            rows = rec.flush()
+            for r in rows:
+                r["config_hash"] = config_hash
+            steps.extend(rows)
+            if ctx.is_main:
+                _append_jsonl(progress_path, [{"kind": "step"} | r for r in rows])
+            last = rows[-1]
+            window = [r for r in rows if r["step_time_s"] > 0]
+            tps = len(window) * gb * seq / sum(r["step_time_s"] for r in window) if window else float("nan")
+            log(ctx, f"[{spec.name}] step {step}/{tc['steps']} | loss {last['loss']:.4f} | {tps:,.0f} tok/s | "
+                     f"lr {last['lr']:.2e} | elapsed {last['elapsed_s']:.1f}s")
+            for r in rows:
+                bad = bad + 1 if not math.isfinite(r["loss"]) else 0
+                if bad >= tc["nan_patience"]:
+                    status = "diverged"
+                    message = f"loss not finite for {bad} consecutive steps (at step {r['step']})"
+                    break
+            if status == "diverged":
+                log(ctx, f"[{spec.name}] DIVERGED: {message}")
+                break
+
+        if step % tc["eval_every"] == 0 or step == tc["steps"]:
+            val = evaluate(engine, data, gb, tc["eval_batches"], ctx.device).item()
+            row = {"step": step, "tokens": step * gb * seq, "elapsed_s": rec.now_elapsed(), "val_loss": val,
+                   "val_ppl": math.exp(min(val, 50.0)), "config_hash": config_hash, "attempt": attempt}
+            evals.append(row)
+            if ctx.is_main:
+                _append_jsonl(progress_path, [{"kind": "eval"} | row])
+            log(ctx, f"[{spec.name}] eval step {step} | val_loss {val:.4f} | ppl {row['val_ppl']:.2f}")
+            rec.boundary()
+
+        if tc["checkpoint_every"] and step % tc["checkpoint_every"] == 0 and step < tc["steps"]:
+            steps.extend(rec.flush())
+            path = ckpts.save(engine, step, attempt, rec.now_elapsed())
+            log(ctx, f"[{spec.name}] checkpoint {path.name}")
+            rec.boundary()
+
+    steps.extend(rec.flush())
+    breakdown = engine.time_breakdown()
+    samples = sampler.stop() if sampler else []
+    per_rank = distributed.all_gather_object({
+        "rank": ctx.rank,
+        "node": distributed.node_name(),
+        "node_rank": ctx.node_rank,
+        "memory": peak_memory(ctx.device),
+        "state_bytes": engine.model_state_bytes(),
+        "local_params": engine.local_param_count(),
+        "samples": samples,
+        "breakdown": breakdown,
+        "nvml": None if sampler is None else sampler.nvml_reason,
+    })
+    if ctx.is_main:
+        write_outputs(out, run_cfg, spec, ctx, data, prior, steps, evals, per_rank, status, message, t0, offset,
+                      config_hash)
+    dist.barrier()
+    if status == "ok" and tc["delete_checkpoints_on_success"]:
+        ckpts.delete_all()
+    pool.shutdown()
+    distributed.destroy()
+
+
+def write_outputs(out, run_cfg, spec, ctx, data, prior, steps, evals, per_rank, status, message, t0, offset,
+                  config_hash):
+    tc, mc = run_cfg["train"], run_cfg["model"]
+    prior_steps = [{k: v for k, v in r.items() if k != "kind"} for r in prior if r.get("kind") == "step"]
+    prior_evals = [{k: v for k, v in r.items() if k != "kind"} for r in prior if r.get("kind") == "eval"]
+    all_steps, redone = D.dedupe_steps(prior_steps + steps)
+    evals_by_step = {e["step"]: e for e in prior_evals + evals}
+    all_evals = [evals_by_step[s] for s in sorted(evals_by_step)]
+    samples = [s for r in per_rank for s in r["samples"]]
+    wall = time.time() - t0 + offset  # this attempt plus every earlier one (lost work included)
+    world = ctx.world_size
+    fpt = flops_per_token(mc, data.vocab_size)
+    env = environment()
+    peak = D.peak_flops_for(env["gpu_name"], tc["peak_flops"])
+    warm = tc["warmup_steps_excluded"]
+    tput = D.throughput(all_steps, warm, mc["seq_len"], world) if all_steps else {}
+    steady = D.steady_steps(all_steps, warm) if all_steps else []
+    t_lo = steady[0]["elapsed_s"] - steady[0]["step_time_s"] if steady else 0.0
+    t_hi = all_steps[-1]["elapsed_s"] if all_steps else 0.0
+    mem = [r["memory"] for r in per_rank]
+    summary = {
+        "run": spec.name,
+        "status": status,
+        "message": message,
+        "spec": spec.to_dict(),
+        "strategy": spec.strategy,
+        "world_size": world,
+        "nodes": spec.nodes,
+        "gpus_per_node": spec.gpus_per_node,
+        "node_names": sorted({r["node"] for r in per_rank}),
+        "device": ctx.device.type,
+        "backend": ctx.backend,
+        "steps_completed": len(all_steps),
+        "steps_planned": tc["steps"],
+        "tokens_trained": all_steps[-1]["tokens"] if all_steps else 0,
+        "attempts": 1 + max([r.get("attempt", 0) for r in all_steps], default=0),
+        "redone_steps": redone,
+        "wall_time_s": wall,
+        **tput,
+        "goodput_steps_per_s": D.goodput(len(all_steps), wall),
+        "pollux_goodput": None,
+        "pollux_goodput_reason": "gradient noise scale not estimated",
+        "final_loss": all_steps[-1]["loss"] if all_steps else None,
+        "final_val_loss": all_evals[-1]["val_loss"] if all_evals else None,
+        "final_val_ppl": all_evals[-1]["val_ppl"] if all_evals else None,
+        **D.time_to_target(all_evals, tc["target_loss"]),
+        "val_loss_at_tokens": {str(b): D.val_loss_at_tokens(all_evals, b) for b in tc["token_budgets"]},
+        "memory_kind": mem[0]["memory_kind"],
+        "peak_mem_gib": max(m["peak_mem_gib"] for m in mem),
+        "peak_reserved_gib": max((m.get("peak_reserved_gib") or 0.0) for m in mem) or None,
+        "device_mem_used_gib": max((s.get("device_mem_used_gib") or 0.0) for s in samples) if samples else None,
+        "per_rank": [{k: v for k, v in r.items() if k != "samples"} for r in per_rank],
+        **D.utilization(samples, t_lo, t_hi),
+        "utilization_kind": "nvml_gpu_util" if ctx.device.type == "cuda" else "cpu_process_percent",
+        "utilization_note": per_rank[0]["nvml"],
+        "flops_per_token": fpt,
+        "peak_flops": peak,
+        "mfu": D.mfu(tput.get("tokens_per_s", math.nan), world, fpt, peak),
+        "params_total": param_counts(mc, data.vocab_size)["total"],
+        "time_breakdown": D.breakdown_shares(per_rank[0]["breakdown"]),
+        "bubble_theoretical": D.bubble_fraction(spec.stages, spec.micro_batches) if spec.stages > 1 else None,
+        "environment": env,
+        "config_hash": config_hash,
+        "data": data.meta,
+    }
+    strip = ("config_hash",)
+    _jsonl(out / "steps.jsonl", [{k: v for k, v in r.items() if k not in strip} for r in all_steps])
+    _jsonl(out / "evals.jsonl", [{k: v for k, v in r.items() if k not in strip} for r in all_evals])
+    _jsonl(out / "samples.jsonl", samples)
+    write_json(out / "summary.json", summary)
+    log(ctx, f"[{spec.name}] {status}: {len(all_steps)} steps, {summary.get('tokens_per_s', float('nan')):,.0f} "
+             f"tok/s steady, peak {summary['peak_mem_gib']:.2f} GiB ({summary['memory_kind']}), "
+             f"final val_loss {summary['final_val_loss']}")
+
+
+def worker_main() -> int:
+    """Entry point of each torchrun worker. Expected failures leave a failure file for the launcher."""
+    run_cfg = json.loads(os.environ["LLMPAR_RUN_CONFIG"])
+    tokens_dir, out_dir = os.environ["LLMPAR_TOKENS"], os.environ["LLMPAR_OUT"]
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        run(run_cfg, tokens_dir, out_dir)
+        return 0
+    except (torch.OutOfMemoryError, ExpectedFailure) as exc:
+        status = getattr(exc, "status", "oom")
+        write_json(Path(out_dir) / FAILURE_FILE.format(rank=rank), {
+            "status": status, "message": f"{type(exc).__name__}: {exc}", "rank": rank,
+            "traceback": traceback.format_exc(),
+        })
+        print(f"[rank {rank}] {status}: {exc}", file=sys.stderr, flush=True)
+        sys.stderr.flush()
+        os._exit(3)  # do not wait on collectives the other ranks will never join
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())
