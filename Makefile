@@ -7,8 +7,8 @@ CORES ?= 2
 STUDY_CONFIG ?= config.yaml
 # Every pip call is constrained to the CPU torch build (otherwise pip pulls GBs of CUDA packages).
 PIP := PIP_CONSTRAINT=$(CURDIR)/requirements/constraints.txt DS_BUILD_OPS=0 $(BIN)/python -m pip
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export OMP_NUM_THREADS ?= 1
-export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
 .PHONY: setup study report test test-slurm lint clean

@@ -134,3 +134,33 @@ def build_corpus(data_cfg: dict, seed: int, out_dir: str | Path) -> dict:
     write_text(out_dir / "val.txt", val_text)
     write_json(out_dir / "meta.json", meta)
     return meta
+
+
+def check_source(data_cfg: dict) -> None:
+    """Cheap checks of the corpus source before any job runs (nothing is written on failure).
+
+    Text files: every glob matches a file and the files hold text. Hugging Face: the dataset builder
+    resolves (offline this succeeds only for local files or a cached dataset).
+    """
+    if data_cfg["source"] == "text":
+        files = []
+        for pattern in data_cfg["files"]:
+            matched = sorted(glob.glob(pattern, recursive=True))
+            if not matched:
+                raise DataError(f"data.files: the pattern '{pattern}' matches no file")
+            files.extend(matched)
+        if all(not Path(f).read_text(errors="replace").strip() for f in files):
+            raise DataError(f"data.files: the files {files} hold no text (corpus is empty)")
+    elif data_cfg["source"] == "hf":
+        hf = data_cfg["hf"]
+        import datasets
+
+        kwargs = {"data_files": hf["data_files"]} if hf.get("data_files") else {}
+        try:
+            datasets.load_dataset_builder(hf["name"], hf.get("config"), **kwargs)
+        except Exception as exc:
+            raise DataError(
+                f"data.hf.name: cannot load dataset '{hf['name']}' (config {hf.get('config')!r}): "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. Without network "
+                "access only local files (data.hf.data_files) or an existing cache work."
+            ) from exc

@@ -1,0 +1,79 @@
+# Run summaries -> tables -> figures -> the HTML report.
+
+
+rule aggregate:
+    input:
+        summaries=summaries(),
+    output:
+        metrics=report(
+            f"{RES}/metrics.csv",
+            caption="../report/captions/metrics.rst",
+            category="Tables",
+        ),
+        steps=f"{RES}/steps.csv",
+        evals=f"{RES}/evals.csv",
+        samples=f"{RES}/samples.csv",
+    log:
+        f"{LOGS}/aggregate.log",
+    conda:
+        ENV
+    params:
+        script=STUDY_PY,
+        runs=RUNS,
+        baseline=CFG["baseline"],
+        runs_dir=lambda wildcards, input: str(Path(input.summaries[0]).parent.parent),
+        out=parent("metrics"),
+    shell:
+        "python {params.script:q} aggregate --runs-dir {params.runs_dir:q} --runs {params.runs:q} "
+        "--baseline {params.baseline:q} --out-dir {params.out:q} > {log:q} 2>&1"
+
+
+rule figures:
+    input:
+        metrics=rules.aggregate.output.metrics,
+        steps=rules.aggregate.output.steps,
+        samples=rules.aggregate.output.samples,
+    output:
+        [
+            report(
+                f"{RES}/figures/{name}.png",
+                caption=f"../report/captions/{name}.rst",
+                category="Figures",
+            )
+            for name in FIGURE_NAMES
+        ],
+        expand(f"{RES}/figures/{{name}}.svg", name=FIGURE_NAMES),
+    log:
+        f"{LOGS}/figures.log",
+    conda:
+        ENV
+    params:
+        script=STUDY_PY,
+        names=FIGURE_NAMES,
+        out=lambda wildcards, output: str(Path(output[0]).parent),
+    shell:
+        "python {params.script:q} figures --metrics {input.metrics:q} --steps {input.steps:q} "
+        "--samples {input.samples:q} --out-dir {params.out:q} --names {params.names:q} > {log:q} 2>&1"
+
+
+rule html_report:
+    input:
+        metrics=rules.aggregate.output.metrics,
+        figures=figures(),
+        summaries=summaries(),
+    output:
+        html=f"report/{STUDY}/report.html",
+    log:
+        f"{LOGS}/report.log",
+    conda:
+        ENV
+    params:
+        script=STUDY_PY,
+        config=as_json(CFG),
+        names=FIGURE_NAMES,
+        figures=lambda wildcards, input: str(Path(input.figures[0]).parent),
+        captions=CAPTIONS,
+    shell:
+        "python {params.script:q} report --config {params.config:q} --metrics {input.metrics:q} "
+        "--figures-dir {params.figures:q} --captions-dir {params.captions:q} "
+        "--summaries {input.summaries:q} --names {params.names:q} --out {output.html:q} > {log:q} 2>&1"

@@ -1,0 +1,28 @@
+# One training job per configured run, launched by scripts/train.py (torchrun; srun across nodes).
+
+
+if not CFG["recorded"]:
+
+    rule train:
+        input:
+            tokens=rules.tokenize.output.meta,
+        output:
+            summary=f"{RES}/runs/{{run}}/summary.json",
+            steps=f"{RES}/runs/{{run}}/steps.jsonl",
+        log:
+            f"{LOGS}/train/{{run}}.log",
+        conda:
+            ENV
+        threads:
+            lambda wc: min(
+                workflow.cores,
+                CFG["runs"][wc.run]["gpus_per_node"] * CFG["runs"][wc.run]["nodes"],
+            )
+        params:
+            script=TRAIN_PY,
+            run=run_json,
+            tokens=lambda wildcards, input: str(Path(input.tokens).parent),
+            out=parent("summary"),
+        shell:
+            "python {params.script:q} --run-config {params.run:q} --tokens {params.tokens:q} "
+            "--out {params.out:q} --record-invalid > {log:q} 2>&1"

@@ -1,0 +1,1 @@
+"""Study analysis: aggregation to tables, figures, the HTML report."""

@@ -1,0 +1,190 @@
+"""Run directories -> study tables (pandas): metrics.csv (a row per run), steps.csv, evals.csv, samples.csv.
+
+Aggregation refuses, with a clear error, a run directory whose summary is missing or incomplete:
+nothing partial is ever taken as a result.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from llmpar.errors import UserError
+from llmpar.io import atomic_path
+
+STATUSES = ("ok", "oom", "diverged", "invalid")
+REQUIRED_OK = ("run", "status", "strategy", "world_size", "wall_time_s", "tokens_per_s", "peak_mem_gib",
+               "steps_completed", "steps_planned")
+REQUIRED_FAILED = ("run", "status", "message", "strategy", "world_size")
+
+# The seed's comparison, per run against the baseline (see DEFINITIONS in the report).
+RATIO_DEFINITIONS = {
+    "time_reduction_x": "baseline wall_time_s / run wall_time_s (> 1: the run finished the same training sooner)",
+    "throughput_increase_x": "run tokens_per_s / baseline tokens_per_s (steady state)",
+    "memory_reduction_x": "baseline peak_mem_gib / run peak_mem_gib (peak per rank, max over ranks)",
+}
+
+
+class IncompleteRun(UserError):
+    pass
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_run(run_dir: Path) -> dict:
+    """A run's summary and records; raises IncompleteRun naming what is missing."""
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise IncompleteRun(f"run directory {run_dir} has no summary.json: the run is missing or incomplete")
+    try:
+        summary = json.loads(summary_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise IncompleteRun(f"{summary_path} is not valid JSON ({exc}): incomplete run") from exc
+    status = summary.get("status")
+    if status not in STATUSES:
+        raise IncompleteRun(f"{summary_path}: status {status!r} is not one of {STATUSES}")
+    required = REQUIRED_OK if status in ("ok", "diverged") else REQUIRED_FAILED
+    missing = [k for k in required if k not in summary]
+    if missing:
+        raise IncompleteRun(f"{summary_path} is incomplete: missing {', '.join(missing)}")
+    steps = _read_jsonl(run_dir / "steps.jsonl") if (run_dir / "steps.jsonl").is_file() else []
+    if status == "ok":
+        if len(steps) != summary["steps_completed"] or summary["steps_completed"] != summary["steps_planned"]:
+            raise IncompleteRun(
+                f"{run_dir}: summary says {summary['steps_completed']}/{summary['steps_planned']} steps but "
+                f"steps.jsonl has {len(steps)} rows: incomplete run"
+            )
+    evals = _read_jsonl(run_dir / "evals.jsonl") if (run_dir / "evals.jsonl").is_file() else []
+    samples = _read_jsonl(run_dir / "samples.jsonl") if (run_dir / "samples.jsonl").is_file() else []
+    return {"summary": summary, "steps": steps, "evals": evals, "samples": samples}
+
+
+def metrics_row(s: dict) -> dict:
+    spec = s.get("spec", {})
+    per_rank = s.get("per_rank") or []
+    states = [r.get("state_bytes") or {} for r in per_rank]
+    gib = 2**30
+
+    def state_max(key):
+        vals = [st.get(key) for st in states if st.get(key) is not None]
+        return max(vals) / gib if vals else None
+
+    engine = None
+    if s["strategy"] == "tensor_parallel" or (s["strategy"] == "fsdp" and spec.get("tp", 1) > 1):
+        engine = spec.get("tp_engine")
+    elif s["strategy"] in ("pipeline_parallel", "hybrid_parallel") or (
+        s["strategy"] == "zero" and spec.get("stages", 1) > 1
+    ):
+        engine = spec.get("pp_engine")
+    elif s["strategy"] == "zero":
+        engine = "deepspeed"
+    elif s["strategy"] in ("data_parallel", "fsdp", "single"):
+        engine = "torch"
+    breakdown = s.get("time_breakdown") or {}
+    return {
+        "run": s["run"],
+        "strategy": s["strategy"],
+        "engine": engine,
+        "status": s["status"],
+        "message": s.get("message", ""),
+        "world_size": s["world_size"],
+        "nodes": s.get("nodes", spec.get("nodes")),
+        "gpus_per_node": s.get("gpus_per_node", spec.get("gpus_per_node")),
+        "tp": spec.get("tp"),
+        "stages": spec.get("stages"),
+        "dp": spec.get("dp"),
+        "micro_batches": spec.get("micro_batches"),
+        "micro_batch_size": spec.get("micro_batch_size"),
+        "schedule": spec.get("schedule") if spec.get("stages", 1) > 1 or s["strategy"] == "pipeline_parallel" else None,
+        "zero_stage": spec.get("zero_stage"),
+        "precision": spec.get("precision"),
+        "activation_checkpointing": spec.get("activation_checkpointing"),
+        "compile": spec.get("compile"),
+        "device": s.get("device"),
+        "steps_completed": s.get("steps_completed"),
+        "wall_time_s": s.get("wall_time_s"),
+        "tokens_per_s": s.get("tokens_per_s"),
+        "tokens_per_s_overall": s.get("tokens_per_s_overall"),
+        "samples_per_s": s.get("samples_per_s"),
+        "samples_per_s_overall": s.get("samples_per_s_overall"),
+        "tokens_per_s_per_gpu": s.get("tokens_per_s_per_gpu"),
+        "goodput_steps_per_s": s.get("goodput_steps_per_s"),
+        "peak_mem_gib": s.get("peak_mem_gib"),
+        "memory_kind": s.get("memory_kind"),
+        "peak_reserved_gib": s.get("peak_reserved_gib"),
+        "device_mem_used_gib": s.get("device_mem_used_gib"),
+        "params_gib_per_rank": state_max("params"),
+        "grads_gib_per_rank": state_max("grads"),
+        "optimizer_gib_per_rank": state_max("optimizer"),
+        "local_params_rank0": per_rank[0].get("local_params") if per_rank else None,
+        "final_loss": s.get("final_loss"),
+        "final_val_loss": s.get("final_val_loss"),
+        "final_val_ppl": s.get("final_val_ppl"),
+        "target_loss": s.get("target_loss"),
+        "target_reached": s.get("target_reached"),
+        "tokens_to_target": s.get("tokens_to_target"),
+        "seconds_to_target": s.get("seconds_to_target"),
+        "mfu": s.get("mfu"),
+        "util_mean_pct": s.get("util_mean_pct"),
+        "util_median_pct": s.get("util_median_pct"),
+        "utilization_kind": s.get("utilization_kind"),
+        "forward_share": breakdown.get("forward"),
+        "backward_share": breakdown.get("backward"),
+        "optimizer_share": breakdown.get("optimizer"),
+        "bubble_theoretical": s.get("bubble_theoretical"),
+        "attempts": s.get("attempts"),
+        "redone_steps": s.get("redone_steps"),
+        "started_at": s.get("started_at"),
+        "finished_at": s.get("finished_at"),
+        **{f"val_loss_at_{k}_tokens": v for k, v in (s.get("val_loss_at_tokens") or {}).items()},
+    }
+
+
+def add_ratios(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    if baseline not in set(df["run"]):
+        raise UserError(f"baseline run '{baseline}' is not among the aggregated runs")
+    base = df.set_index("run").loc[baseline]
+    ok = df["status"] == "ok"
+    if base["status"] != "ok":
+        for col in RATIO_DEFINITIONS:
+            df[col] = None
+        return df
+    df["time_reduction_x"] = (base["wall_time_s"] / df["wall_time_s"]).where(ok)
+    df["throughput_increase_x"] = (df["tokens_per_s"] / base["tokens_per_s"]).where(ok)
+    df["memory_reduction_x"] = (base["peak_mem_gib"] / df["peak_mem_gib"]).where(ok)
+    return df
+
+
+def aggregate(runs_dir: str | Path, runs: list[str], baseline: str, out_dir: str | Path) -> pd.DataFrame:
+    runs_dir, out_dir = Path(runs_dir), Path(out_dir)
+    loaded = {r: load_run(runs_dir / r) for r in runs}
+    df = add_ratios(pd.DataFrame([metrics_row(v["summary"]) for v in loaded.values()]), baseline)
+    steps = pd.DataFrame([{"run": r, **row} for r, v in loaded.items() for row in v["steps"]])
+    evals = pd.DataFrame([{"run": r, **row} for r, v in loaded.items() for row in v["evals"]])
+    samples = pd.DataFrame([{"run": r, **row} for r, v in loaded.items() for row in v["samples"]])
+    if not steps.empty and steps.duplicated(["run", "step"]).any():
+        dup = steps[steps.duplicated(["run", "step"], keep=False)][["run", "step"]].head()
+        raise IncompleteRun(f"duplicate (run, step) rows in the step records:\n{dup}")
+    for name, frame, cols in (
+        ("metrics.csv", df, None),
+        ("steps.csv", steps, ["run", "step", "loss", "tokens", "samples", "elapsed_s", "step_time_s", "lr", "attempt"]),
+        ("evals.csv", evals, ["run", "step", "tokens", "elapsed_s", "val_loss", "val_ppl"]),
+        ("samples.csv", samples, ["run", "rank", "t_s", "mem_gib", "util_pct"]),
+    ):
+        if frame.empty and cols:
+            frame = pd.DataFrame(columns=cols)
+        with atomic_path(out_dir / name) as tmp:
+            frame.to_csv(tmp, index=False)
+    return df
+
+
+def study_wall_time(df: pd.DataFrame) -> dict:
+    """Study wall time: span from the first run's start to the last run's end, and the sum of run times."""
+    span = None
+    if df["started_at"].notna().any() and df["finished_at"].notna().any():
+        span = float(df["finished_at"].max() - df["started_at"].min())
+    return {"study_span_s": span, "sum_of_run_wall_times_s": float(df["wall_time_s"].fillna(0).sum())}

@@ -1,0 +1,117 @@
+"""Figures (seaborn), each written as PNG and SVG. Failed runs (oom, diverged, invalid) are marked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from llmpar.io import atomic_path  # noqa: E402
+
+# figure name -> one-line title; the captions (report/captions/<name>.rst) say what is plotted and how.
+FIGURES = {
+    "throughput": "Steady-state throughput per run",
+    "memory": "Peak memory per rank per run",
+    "memory_breakdown": "Parameter, gradient and optimizer-state memory per rank",
+    "loss_vs_time": "Training loss against wall time",
+    "loss_vs_tokens": "Training loss against trained tokens",
+    "resources_over_time": "Memory and utilization over time per run",
+    "scaling": "Throughput against process count per strategy",
+}
+
+
+def _save(fig, out_dir: Path, name: str) -> None:
+    for ext in ("png", "svg"):
+        with atomic_path(out_dir / f"{name}.{ext}") as tmp:
+            fig.savefig(tmp, format=ext, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _bar(metrics: pd.DataFrame, col: str, xlabel: str, out_dir: Path, name: str):
+    df = metrics.copy()
+    df["label"] = df.apply(lambda r: r["run"] if r["status"] == "ok" else f"{r['run']} [{r['status']}]", axis=1)
+    df[col] = df[col].fillna(0.0)
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(df) + 1.2))
+    sns.barplot(data=df, y="label", x=col, hue="strategy", dodge=False, ax=ax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("")
+    ax.set_title(FIGURES[name])
+    _save(fig, out_dir, name)
+
+
+def memory_breakdown(metrics: pd.DataFrame, out_dir: Path) -> None:
+    cols = {"params_gib_per_rank": "parameters", "grads_gib_per_rank": "gradients",
+            "optimizer_gib_per_rank": "optimizer state"}
+    df = metrics[metrics["status"] == "ok"][["run", *cols]].rename(columns=cols).set_index("run").fillna(0) * 1024
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(df) + 1.2))
+    df.plot.barh(stacked=True, ax=ax, color=sns.color_palette("deep", 3))
+    ax.set_xlabel("MiB held by one rank (max over ranks, measured from the tensors)")
+    ax.set_ylabel("")
+    ax.invert_yaxis()
+    ax.set_title(FIGURES["memory_breakdown"])
+    _save(fig, out_dir, "memory_breakdown")
+
+
+def loss_curves(steps: pd.DataFrame, x: str, xlabel: str, out_dir: Path, name: str) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if not steps.empty:
+        sns.lineplot(data=steps, x=x, y="loss", hue="run", ax=ax, linewidth=1.2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("training cross-entropy (nats/token)")
+    ax.set_title(FIGURES[name])
+    _save(fig, out_dir, name)
+
+
+def resources_over_time(samples: pd.DataFrame, metrics: pd.DataFrame, out_dir: Path) -> None:
+    kind = metrics["memory_kind"].dropna().iloc[0] if metrics["memory_kind"].notna().any() else "memory"
+    util_kind = metrics["utilization_kind"].dropna().iloc[0] if metrics["utilization_kind"].notna().any() else "util"
+    fig, axes = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True)
+    if not samples.empty:
+        s = samples.copy()
+        s["series"] = s["run"] + " r" + s["rank"].astype(str)
+        sns.lineplot(data=s, x="t_s", y="mem_gib", hue="run", units="rank", estimator=None, ax=axes[0],
+                     linewidth=0.8)
+        sns.lineplot(data=s, x="t_s", y="util_pct", hue="run", units="rank", estimator=None, ax=axes[1],
+                     linewidth=0.8, legend=False)
+    axes[0].set_ylabel(f"GiB ({'CPU RSS' if kind == 'cpu_peak_rss' else 'GPU allocated'})")
+    axes[1].set_ylabel("utilization % (" + ("process CPU" if util_kind == "cpu_process_percent" else "NVML GPU") + ")")
+    axes[1].set_xlabel("seconds since process start (one line per rank)")
+    axes[0].set_title(FIGURES["resources_over_time"])
+    _save(fig, out_dir, "resources_over_time")
+
+
+def scaling(metrics: pd.DataFrame, out_dir: Path) -> None:
+    df = metrics[metrics["status"] == "ok"]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    sns.lineplot(data=df, x="world_size", y="tokens_per_s", hue="strategy", marker="o", ax=ax)
+    ax.set_xlabel("processes (GPUs, or CPU processes)")
+    ax.set_ylabel("tokens/s (steady state, all ranks)")
+    ax.set_xticks(sorted(df["world_size"].unique()))
+    ax.set_title(FIGURES["scaling"])
+    _save(fig, out_dir, "scaling")
+
+
+def make_figures(metrics_csv, steps_csv, samples_csv, out_dir, names: list[str]) -> None:
+    sns.set_theme(style="whitegrid", context="paper")
+    out_dir = Path(out_dir)
+    metrics = pd.read_csv(metrics_csv)
+    steps = pd.read_csv(steps_csv)
+    samples = pd.read_csv(samples_csv)
+    makers = {
+        "throughput": lambda: _bar(metrics, "tokens_per_s", "tokens/s (steady state, all ranks)", out_dir,
+                                   "throughput"),
+        "memory": lambda: _bar(metrics, "peak_mem_gib", "peak GiB per rank (max over ranks)", out_dir, "memory"),
+        "memory_breakdown": lambda: memory_breakdown(metrics, out_dir),
+        "loss_vs_time": lambda: loss_curves(steps, "elapsed_s", "seconds since process start", out_dir,
+                                            "loss_vs_time"),
+        "loss_vs_tokens": lambda: loss_curves(steps, "tokens", "trained tokens", out_dir, "loss_vs_tokens"),
+        "resources_over_time": lambda: resources_over_time(samples, metrics, out_dir),
+        "scaling": lambda: scaling(metrics, out_dir),
+    }
+    for name in names:
+        makers[name]()

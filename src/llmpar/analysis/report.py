@@ -1,0 +1,136 @@
+"""A self-contained HTML report in the style of a paper: configuration, the seed's results table,
+every figure with its caption, each metric with its definition, and the environment."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from llmpar.analysis.aggregate import RATIO_DEFINITIONS, study_wall_time
+from llmpar.analysis.figures import FIGURES
+from llmpar.io import write_text
+from llmpar.metrics.definitions import DEFINITIONS
+
+CSS = """
+body{font-family:Georgia,serif;max-width:980px;margin:2em auto;color:#222;line-height:1.45}
+h1{font-size:1.7em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
+table{border-collapse:collapse;font-size:.85em;margin:1em 0}th,td{border:1px solid #ccc;padding:.25em .5em}
+th{background:#f3f3f3}td.num{text-align:right;font-family:monospace}tr.failed td{background:#fdecea}
+figure{margin:1.5em 0}figure img{max-width:100%}figcaption{font-size:.9em;color:#444}
+pre{background:#f7f7f7;padding:.8em;font-size:.8em;overflow-x:auto}dt{font-weight:bold;margin-top:.5em}
+.note{color:#a33}
+"""
+
+
+def rst_to_html(text: str) -> str:
+    from docutils.core import publish_parts
+
+    return publish_parts(text, writer_name="html", settings_overrides={"report_level": 5})["body"]
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.1f}"
+    return html.escape(str(v))
+
+
+def table(df: pd.DataFrame, columns: list[str]) -> str:
+    cols = [c for c in columns if c in df.columns]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    rows = []
+    for _, r in df.iterrows():
+        cls = "" if r.get("status", "ok") == "ok" else ' class="failed"'
+        cells = "".join(
+            f'<td class="num">{_fmt(r[c])}</td>' if isinstance(r[c], (int, float)) and not isinstance(r[c], bool)
+            else f"<td>{_fmt(r[c])}</td>"
+            for c in cols
+        )
+        rows.append(f"<tr{cls}>{cells}</tr>")
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+SEED_TABLE = ["run", "strategy", "engine", "world_size", "status", "time_reduction_x", "throughput_increase_x",
+              "memory_reduction_x"]
+FULL_TABLE = ["run", "strategy", "engine", "nodes", "gpus_per_node", "tp", "stages", "dp", "micro_batches",
+              "schedule", "zero_stage", "precision", "status", "wall_time_s", "tokens_per_s",
+              "tokens_per_s_overall", "tokens_per_s_per_gpu", "goodput_steps_per_s", "peak_mem_gib",
+              "memory_kind", "final_val_loss", "tokens_to_target", "seconds_to_target", "mfu", "util_mean_pct",
+              "forward_share", "backward_share", "optimizer_share", "bubble_theoretical", "attempts",
+              "redone_steps", "message"]
+
+
+def build_report(config: dict, metrics_csv, figures_dir, captions_dir, summaries: list, out_html,
+                 figure_names: list[str]) -> None:
+    metrics = pd.read_csv(metrics_csv)
+    baseline = config["baseline"]
+    parts = [f"<h1>Parallelism study <code>{html.escape(config['study'])}</code></h1>"]
+    n_ok = int((metrics["status"] == "ok").sum())
+    wall = study_wall_time(metrics)
+    span = f"{wall['study_span_s']:.0f} s" if wall["study_span_s"] is not None else "unknown"
+    parts.append(
+        f"<p>{len(metrics)} runs ({n_ok} completed, {len(metrics) - n_ok} failed as results), one global batch "
+        f"of {config['train']['global_batch']} sequences × {config['model']['seq_len']} tokens per step, "
+        f"{config['train']['steps']} steps, seed {config['seed']}, baseline <code>{html.escape(baseline)}</code>. "
+        f"Study wall time {span} (first run start to last run end); sum of run wall times "
+        f"{wall['sum_of_run_wall_times_s']:.0f} s.</p>"
+    )
+    failed = metrics[metrics["status"] != "ok"]
+    if not failed.empty:
+        items = "".join(
+            f"<li><b>{html.escape(r['run'])}</b>: {html.escape(r['status'])} — {html.escape(str(r['message']))}</li>"
+            for _, r in failed.iterrows()
+        )
+        parts.append(f'<p class="note">Runs that ended as results, not completions:</p><ul>{items}</ul>')
+
+    parts.append("<h2>1. Results against the baseline</h2>")
+    parts.append(f"<p>In the seed's form: each run against <code>{html.escape(baseline)}</code>.</p>")
+    parts.append(table(metrics, SEED_TABLE))
+    parts.append("<dl>" + "".join(f"<dt>{k}</dt><dd>{html.escape(v)}</dd>" for k, v in RATIO_DEFINITIONS.items())
+                 + "</dl>")
+    parts.append("<h2>2. All metrics</h2>")
+    parts.append(table(metrics, FULL_TABLE))
+
+    parts.append("<h2>3. Figures</h2>")
+    for i, name in enumerate(figure_names, 1):
+        png = Path(figures_dir) / f"{name}.png"
+        data = base64.b64encode(png.read_bytes()).decode()
+        cap_path = Path(captions_dir) / f"{name}.rst"
+        caption = rst_to_html(cap_path.read_text()) if cap_path.is_file() else ""
+        parts.append(
+            f'<figure><img alt="{name}" src="data:image/png;base64,{data}"/>'
+            f"<figcaption><b>Figure {i}. {html.escape(FIGURES[name])}.</b> {caption}</figcaption></figure>"
+        )
+
+    parts.append("<h2>4. Metric definitions</h2><dl>")
+    for k, v in DEFINITIONS.items():
+        parts.append(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>")
+    parts.append("</dl>")
+
+    parts.append("<h2>5. Configuration</h2>")
+    parts.append(f"<pre>{html.escape(yaml.safe_dump(config, sort_keys=False))}</pre>")
+
+    parts.append("<h2>6. Environment</h2>")
+    envs = {s["run"]: s.get("environment") for s in summaries if s.get("environment")}
+    if envs:
+        first = next(iter(envs.values()))
+        rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in first.items())
+        parts.append(f"<p>As recorded by run <code>{html.escape(next(iter(envs)))}</code>:</p><table>{rows}</table>")
+        commits = sorted({e.get("git_commit") for e in envs.values()})
+        nodes = {s["run"]: s.get("node_names") for s in summaries if s.get("node_names")}
+        parts.append(f"<p>Git commits across runs: {html.escape(', '.join(map(str, commits)))}</p>")
+        parts.append(f"<p>Nodes per run: <code>{html.escape(json.dumps(nodes))}</code></p>")
+    body = "\n".join(parts)
+    write_text(out_html, f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(config['study'])}"
+                         f"</title><style>{CSS}</style></head><body>{body}</body></html>\n")
