@@ -13,7 +13,7 @@ from llmpar.errors import UserError  # noqa: E402
 try:
     CFG = prepare(config)
     if not CFG["recorded"]:
-        check_source(CFG["data"])
+        check_source(CFG["data"], CFG["model"]["seq_len"])
 except UserError as exc:
     raise WorkflowError(f"invalid configuration: {exc}")
 
@@ -71,3 +71,59 @@ def final_outputs():
 def parent(key):
     """Param function: the directory of output (or input) ``key``."""
     return lambda wildcards, output: str(Path(getattr(output, key)).parent)
+
+
+# --------------------------------------------------------------------------- Slurm request
+# Resource names of snakemake-executor-plugin-slurm 2.x; partition and account come from the
+# profile (profiles/slurm), never from here. A resource that is None is left out of the job.
+TRAIN_RESOURCE_KEYS = (
+    "nodes",
+    "tasks",
+    "mpi",
+    "gpu",
+    "gpu_model",
+    "gres",
+    "tasks_per_gpu",
+    "cpus_per_task",
+    "mem_mb",
+    "runtime",
+)
+
+
+def train_request(run, attempt=1):
+    """The Slurm request of training run ``run``: one task per node, every CPU, GPU and MB of a node
+    for that task. Single node: ``--nodes=1 --gpus=N`` (GPU study). Several nodes: ``--nodes=N
+    --ntasks=N`` with ``mpi`` set, so the jobstep runs the launcher in the batch step (not inside
+    ``srun -n1``) and scripts/train.py can ``srun`` one torchrun agent per node; GPUs per node as
+    ``--gres=gpu:G``. A retried job (cancelled, preempted, timed out) gets ``attempt`` x the
+    runtime.
+    """
+    spec, launch = CFG["runs"][run], CFG["launch"]
+    nodes, per_node = spec["nodes"], spec["gpus_per_node"]
+    gpu_type = launch.get("gpu_type")
+    gpus = f"{gpu_type}:{per_node}" if gpu_type else str(per_node)
+    req = dict.fromkeys(TRAIN_RESOURCE_KEYS)
+    req.update(
+        nodes=nodes,
+        cpus_per_task=per_node * launch["cpus_per_gpu"],
+        mem_mb=per_node * launch["mem_mb_per_gpu"],
+        runtime=spec["runtime_min"] * attempt,
+    )
+    if nodes > 1:
+        req.update(tasks=nodes, mpi="srun")
+        if launch["gpus"]:
+            req["gres"] = f"gpu:{gpus}"
+            # without it the plugin turns ``tasks`` of a GPU job into --ntasks-per-gpu
+            req["tasks_per_gpu"] = 0
+    elif launch["gpus"]:
+        req.update(gpu=per_node, gpu_model=gpu_type)
+    return req
+
+
+def train_resources():
+    """``resources:`` of rule train: one function per key, of the run wildcard and the attempt."""
+
+    def resource(key):
+        return lambda wildcards, attempt: train_request(wildcards.run, attempt)[key]
+
+    return {key: resource(key) for key in TRAIN_RESOURCE_KEYS}

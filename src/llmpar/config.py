@@ -254,9 +254,12 @@ def resolve_run(name: str, entry: dict, cfg: dict, default_procs: int = 2) -> Ru
     if schedule == "interleaved_1f1b" and m % stages:
         raise ConfigError(f"{where}: interleaved_1f1b needs micro-batches ({m}) divisible by stages ({stages})")
 
-    engine_keys = {"tp_engine": ("tensor_parallel", "hybrid_parallel"), "pp_engine": ("pipeline_parallel", "hybrid_parallel")}
+    engine_keys = {
+        "tp_engine": ("tensor_parallel", "hybrid_parallel", "fsdp"),
+        "pp_engine": ("pipeline_parallel", "hybrid_parallel", "zero"),
+    }
     for key, allowed in engine_keys.items():
-        if key in entry and strategy not in allowed and not (key == "tp_engine" and strategy == "fsdp"):
+        if key in entry and strategy not in allowed:
             raise ConfigError(f"{where}.{key} does not apply to strategy {strategy}")
 
     return RunSpec(

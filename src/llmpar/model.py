@@ -9,10 +9,23 @@ from __future__ import annotations
 from llmpar.config import model_dims
 
 
+def model_vocab(model_cfg: dict, tokenizer_vocab: int) -> int:
+    """Embedding rows: model.vocab_size when set (it must cover the tokenizer), else the tokenizer's."""
+    want = model_cfg.get("vocab_size")
+    if want is None:
+        return tokenizer_vocab
+    if want < tokenizer_vocab:
+        from llmpar.errors import ConfigError
+
+        raise ConfigError(f"model.vocab_size {want} is smaller than the tokenizer's vocabulary {tokenizer_vocab}")
+    return want
+
+
 def llama_config(model_cfg: dict, vocab_size: int):
     from transformers import LlamaConfig
 
     d = model_dims(model_cfg)
+    vocab_size = model_vocab(model_cfg, vocab_size)
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=d["hidden_size"],
@@ -47,6 +60,7 @@ def build_model(model_cfg: dict, vocab_size: int, seed: int, device="cpu", attn_
 def param_counts(model_cfg: dict, vocab_size: int) -> dict[str, int]:
     """Parameter counts from the shape alone (no model built): total, embedding, non-embedding."""
     d = model_dims(model_cfg)
+    vocab_size = model_vocab(model_cfg, vocab_size)
     h, f, n_layers = d["hidden_size"], d["intermediate_size"], d["num_layers"]
     head_dim = h // d["num_heads"]
     kv = d["num_kv_heads"] * head_dim
@@ -89,6 +103,7 @@ def estimate_memory_bytes(model_cfg: dict, vocab_size: int, run: dict, micro_bat
     for softmax and gradient), divided by tp.
     """
     d = model_dims(model_cfg)
+    vocab_size = model_vocab(model_cfg, vocab_size)
     total = param_counts(model_cfg, vocab_size)["total"]
     shard_params = run["tp"] * run["stages"]
     states = {"params": 4.0, "grads": 4.0, "optim": 8.0}

@@ -182,6 +182,11 @@ def aggregate(runs_dir: str | Path, runs: list[str], baseline: str, out_dir: str
     return df
 
 
+def read_table(path) -> pd.DataFrame:
+    """Read a study table back: only empty cells are missing (a run may be called 'nan' or 'null')."""
+    return pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"run": str, "message": str})
+
+
 def study_wall_time(df: pd.DataFrame) -> dict:
     """Study wall time: span from the first run's start to the last run's end, and the sum of run times."""
     span = None

@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from llmpar.analysis.aggregate import read_table  # noqa: E402
 from llmpar.io import atomic_path  # noqa: E402
 
 # figure name -> one-line title; the captions (report/captions/<name>.rst) say what is plotted and how.
@@ -99,9 +100,7 @@ def scaling(metrics: pd.DataFrame, out_dir: Path) -> None:
 def make_figures(metrics_csv, steps_csv, samples_csv, out_dir, names: list[str]) -> None:
     sns.set_theme(style="whitegrid", context="paper")
     out_dir = Path(out_dir)
-    metrics = pd.read_csv(metrics_csv)
-    steps = pd.read_csv(steps_csv)
-    samples = pd.read_csv(samples_csv)
+    metrics, steps, samples = read_table(metrics_csv), read_table(steps_csv), read_table(samples_csv)
     makers = {
         "throughput": lambda: _bar(metrics, "tokens_per_s", "tokens/s (steady state, all ranks)", out_dir,
                                    "throughput"),

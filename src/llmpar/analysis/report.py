@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from llmpar.analysis.aggregate import RATIO_DEFINITIONS, study_wall_time
+from llmpar.analysis.aggregate import RATIO_DEFINITIONS, read_table, study_wall_time
 from llmpar.analysis.figures import FIGURES
 from llmpar.io import write_text
 from llmpar.metrics.definitions import DEFINITIONS
@@ -73,7 +73,7 @@ FULL_TABLE = ["run", "strategy", "engine", "nodes", "gpus_per_node", "tp", "stag
 
 def build_report(config: dict, metrics_csv, figures_dir, captions_dir, summaries: list, out_html,
                  figure_names: list[str]) -> None:
-    metrics = pd.read_csv(metrics_csv)
+    metrics = read_table(metrics_csv)
     baseline = config["baseline"]
     parts = [f"<h1>Parallelism study <code>{html.escape(config['study'])}</code></h1>"]
     n_ok = int((metrics["status"] == "ok").sum())

@@ -136,11 +136,14 @@ def build_corpus(data_cfg: dict, seed: int, out_dir: str | Path) -> dict:
     return meta
 
 
-def check_source(data_cfg: dict) -> None:
+def check_source(data_cfg: dict, seq_len: int | None = None) -> None:
     """Cheap checks of the corpus source before any job runs (nothing is written on failure).
 
-    Text files: every glob matches a file and the files hold text. Hugging Face: the dataset builder
-    resolves (offline this succeeds only for local files or a cached dataset).
+    Text files: every glob matches a file, the files hold text, and (given ``seq_len``) enough of it:
+    a byte-level BPE token covers at least one byte, so a corpus of fewer bytes (plus one end-of-text
+    token per document) than two sequences of seq_len + 1 tokens (one for training, one for
+    validation) can never fill them. Hugging Face: the dataset builder resolves (offline this succeeds
+    only for local files or a cached dataset).
     """
     if data_cfg["source"] == "text":
         files = []
@@ -149,8 +152,16 @@ def check_source(data_cfg: dict) -> None:
             if not matched:
                 raise DataError(f"data.files: the pattern '{pattern}' matches no file")
             files.extend(matched)
-        if all(not Path(f).read_text(errors="replace").strip() for f in files):
+        texts = [Path(f).read_text(errors="replace") for f in files]
+        if all(not t.strip() for t in texts):
             raise DataError(f"data.files: the files {files} hold no text (corpus is empty)")
+        lines = [ln.strip() for t in texts for ln in t.splitlines() if ln.strip()]
+        upper_bound_tokens = sum(len(ln.encode()) + 1 for ln in lines)
+        if seq_len and upper_bound_tokens < 2 * (seq_len + 1):
+            raise DataError(
+                f"data.files: corpus too short: {len(lines)} lines, at most {upper_bound_tokens} tokens, cannot "
+                f"fill one training and one validation sequence of model.seq_len + 1 = {seq_len + 1} tokens"
+            )
     elif data_cfg["source"] == "hf":
         hf = data_cfg["hf"]
         import datasets

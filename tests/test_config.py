@@ -1,0 +1,76 @@
+"""Config validation: schema defaults, errors that name the key, sweeps, layout checks."""
+
+import pytest
+
+from llmpar.config import MODEL_SIZES, expand_runs, prepare
+from llmpar.errors import ConfigError
+
+
+def cfg(runs=None, **sections):
+    c = {"runs": runs or {"single": {"strategy": "single"}}, "baseline": "single"}
+    c.update(sections)
+    return c
+
+
+def test_defaults_fill_every_section():
+    c = prepare(cfg())
+    assert c["study"] == "tiny-cpu" and c["train"]["global_batch"] == 8 and c["data"]["source"] == "synthetic"
+    assert c["runs"]["single"]["dp"] == 1 and c["runs"]["single"]["micro_batch_size"] == 8
+
+
+@pytest.mark.parametrize("section,value,key", [
+    ("train", {"lr": 0}, "train.lr"),
+    ("train", {"lr": -1e-3}, "train.lr"),
+    ("model", {"size": "7B"}, "model.size"),
+    ("data", {"source": "ftp"}, "data.source"),
+    ("train", {"global_batch": "eight"}, "train.global_batch"),
+])
+def test_schema_errors_name_the_key(section, value, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        prepare(cfg(**{section: value}))
+
+
+def test_unknown_strategy_names_the_run():
+    with pytest.raises(ConfigError, match=r"runs\.x\.strategy"):
+        prepare(cfg({"single": {"strategy": "single"}, "x": {"strategy": "magic"}}))
+
+
+def test_baseline_must_name_a_run():
+    with pytest.raises(ConfigError, match="baseline"):
+        prepare({"runs": {"a": {"strategy": "single"}}, "baseline": "b"})
+
+
+@pytest.mark.parametrize("run,match", [
+    ({"strategy": "tensor_parallel", "gpus_per_node": 3, "tp": 2}, "not divisible by tp 2"),
+    ({"strategy": "tensor_parallel", "tp": 3, "gpus_per_node": 3}, "must divide the attention heads"),
+    ({"strategy": "pipeline_parallel", "stages": 5}, "layers cannot fill"),
+    ({"strategy": "data_parallel", "gpus_per_node": 3}, "global batch 8 is not divisible by dp 3"),
+    ({"strategy": "zero", "zero_stage": 3, "stages": 2, "gpus_per_node": 4}, "rejected by DeepSpeed by design"),
+    ({"strategy": "single", "gpus_per_node": 2}, "one process"),
+])
+def test_layout_errors(run, match):
+    with pytest.raises(ConfigError, match=match):
+        prepare(cfg({"single": {"strategy": "single"}, "bad": run}))
+
+
+def test_sweep_expands_with_deterministic_names():
+    runs = expand_runs({"ddp": {"strategy": "data_parallel", "gpus_per_node": [1, 2, 4]}})
+    assert list(runs) == ["ddp-g1", "ddp-g2", "ddp-g4"]
+    c = prepare(cfg({"single": {"strategy": "single"}, "h": {"strategy": "hybrid_parallel", "nodes": [1, 2],
+                                                             "gpus_per_node": 2}}))
+    assert [(n, r["world_size"] if "world_size" in r else r["nodes"] * r["gpus_per_node"], r["dp"])
+            for n, r in c["runs"].items() if n != "single"] == [("h-n1", 2, 1), ("h-n2", 4, 2)]
+
+
+def test_pipeline_defaults_and_global_batch():
+    c = prepare(cfg({"single": {"strategy": "single"}, "pp": {"strategy": "pipeline_parallel", "stages": 2}}))
+    pp = c["runs"]["pp"]
+    assert pp["gpus_per_node"] == 2 and pp["micro_batches"] * pp["micro_batch_size"] * pp["dp"] == 8
+
+
+def test_model_sizes_match_published_shapes():
+    from llmpar.model import param_counts
+
+    assert 1.05e9 < param_counts({"size": "1B", "seq_len": 2048}, 32000)["total"] < 1.15e9
+    assert MODEL_SIZES["1B"]["num_kv_heads"] == 4
+    assert 110e6 < param_counts({"size": "125M", "seq_len": 1024}, 50257)["total"] < 180e6
