@@ -33,6 +33,14 @@ report: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# A real Slurm cluster on this machine (root, apt, loopback only; scripts/slurm/), the study through
+# `snakemake --profile slurm` on it (tests/slurm, marker slurm), and the cluster torn down again
+# whatever happened. LLMPAR_SLURM_BASE (default /tmp/llmpar-slurm) holds the cluster's state.
+test-slurm: setup
+	trap 'bash scripts/slurm/teardown-local-cluster.sh' EXIT; \
+	bash scripts/slurm/setup-local-cluster.sh && \
+	$(BIN)/python -m pytest -q -rA -m slurm tests/slurm
+
 lint: setup
 	$(BIN)/ruff check src scripts tests
 	$(BIN)/snakefmt --check Snakefile rules

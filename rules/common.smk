@@ -121,7 +121,7 @@ def train_request(run, attempt=1):
 
 
 def train_resources():
-    """``resources:`` of rule train: one function per key, of the run wildcard and the attempt."""
+    """The `resources:` of the training rule: one function (of run wildcard and attempt) per key."""
 
     def resource(key):
         return lambda wildcards, attempt: train_request(wildcards.run, attempt)[key]

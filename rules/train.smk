@@ -18,6 +18,8 @@ if not CFG["recorded"]:
                 workflow.cores,
                 CFG["runs"][wc.run]["gpus_per_node"] * CFG["runs"][wc.run]["nodes"],
             )
+        resources:
+            **train_resources(),
         params:
             script=TRAIN_PY,
             run=run_json,

@@ -1,7 +1,6 @@
 """data_parallel (DDP, 2 processes) trains the same model as single: losses within 1e-4 relative."""
 
 import pytest
-
 from conftest import assert_same_losses, make_config, train_run
 
 pytestmark = pytest.mark.slow

@@ -5,7 +5,6 @@ import json
 
 import pandas as pd
 import pytest
-
 from conftest import BASE_CONFIG
 from workflow_util import planned_jobs, snakemake, write_config
 

@@ -273,7 +273,9 @@ def resolve_run(name: str, entry: dict, cfg: dict, default_procs: int = 2) -> Ru
         micro_batches=m,
         micro_batch_size=mbs,
         schedule=schedule,
-        tp_engine=get("tp_engine", "torch" if strategy == "fsdp" else "deepspeed"),
+        # FSDP x TP and TP inside torch pipeline stages only exist on the torch engine.
+        tp_engine=get("tp_engine", "torch" if strategy == "fsdp" or get("pp_engine", "deepspeed") == "torch"
+                      and stages > 1 else "deepspeed"),
         pp_engine=get("pp_engine", "deepspeed"),
         zero_stage=zero_stage,
         offload=get("offload", "none"),

@@ -213,14 +213,43 @@ def worker_env(rc: dict, tokens: Path, out: Path) -> dict:
     return env
 
 
+def _scontrol_fields(*args: str) -> dict:
+    """``scontrol show <args> -o`` as a dict of its key=value fields ({} when scontrol fails)."""
+    try:
+        out = subprocess.run(["scontrol", "show", *args, "-o"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return dict(f.split("=", 1) for f in out.stdout.split() if "=" in f) if out.returncode == 0 else {}
+
+
+def slurm_job() -> dict:
+    """This Slurm job's NumNodes, NodeList and CPUs/Task ({} outside a job). From the environment, or
+    from scontrol when only SLURM_JOB_ID is there: snakemake-executor-plugin-slurm's jobstep removes
+    the other SLURM_* variables before it runs a rule's shell command."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    nodes = os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES")
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not job_id:
+        return {}
+    if nodes and nodelist:
+        return {"NumNodes": nodes, "NodeList": nodelist, "CPUs/Task": os.environ.get("SLURM_CPUS_PER_TASK")}
+    return _scontrol_fields("job", job_id)
+
+
 def slurm_nodes() -> int:
-    return int(os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or 0)
+    try:
+        return int(slurm_job().get("NumNodes") or 0)
+    except ValueError:  # a pending job's range such as "2-4"
+        return 0
 
 
 def slurm_first_host() -> str:
-    nodelist = os.environ["SLURM_JOB_NODELIST"]
+    """Address of the allocation's first node: its NodeAddr (what Slurm itself connects to; differs
+    from the node name where names are not host names), else the name."""
+    nodelist = slurm_job()["NodeList"]
     out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
-    return out.stdout.split()[0]
+    first = out.stdout.split()[0]
+    return _scontrol_fields("node", first).get("NodeAddr") or first
 
 
 def launch(rc: dict, tokens: Path, out: Path, argv: list[str]) -> int:
@@ -231,8 +260,9 @@ def launch(rc: dict, tokens: Path, out: Path, argv: list[str]) -> int:
     if nodes > 1 and slurm_nodes() >= nodes and not os.environ.get("LLMPAR_SRUN_TASK"):
         # Batch step of a multi-node Slurm job: one task per node, each re-entering this launcher.
         env["LLMPAR_SRUN_TASK"] = "1"
+        cpus = slurm_job().get("CPUs/Task")  # srun of Slurm 22.05 does not inherit sbatch's -c
         cmd = ["srun", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
-               sys.executable, *argv]
+               *([f"--cpus-per-task={cpus}"] if cpus and cpus.isdigit() else []), sys.executable, *argv]
         print("launch:", shlex.join(cmd), flush=True)
         return subprocess.run(cmd, env=env).returncode
     if os.environ.get("LLMPAR_SRUN_TASK"):

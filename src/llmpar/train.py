@@ -133,6 +133,16 @@ def run(run_cfg: dict, tokens_dir: str | Path, out_dir: str | Path) -> None:
     steps, evals = [], []
     bad, status, message = 0, "ok", ""
     fault = spec.fault or {}
+    def flush() -> list[dict]:
+        """Resolve pending steps into rows; rank 0 appends them to progress.jsonl (what a resume restores)."""
+        rows = rec.flush()
+        for r in rows:
+            r["config_hash"] = config_hash
+        steps.extend(rows)
+        if ctx.is_main and rows:
+            _append_jsonl(progress_path, [{"kind": "step"} | r for r in rows])
+        return rows
+
     nxt = pool.submit(fetch, start_step)
     for step in range(start_step + 1, tc["steps"] + 1):
         micro = nxt.result()
@@ -149,12 +159,7 @@ def run(run_cfg: dict, tokens_dir: str | Path, out_dir: str | Path) -> None:
         rec.step_done(step, loss, engine.lr())
 
         if step % tc["log_every"] == 0 or step == tc["steps"]:
-            rows = rec.flush()
-            for r in rows:
-                r["config_hash"] = config_hash
-            steps.extend(rows)
-            if ctx.is_main:
-                _append_jsonl(progress_path, [{"kind": "step"} | r for r in rows])
+            rows = flush()
             last = rows[-1]
             window = [r for r in rows if r["step_time_s"] > 0]
             tps = len(window) * gb * seq / sum(r["step_time_s"] for r in window) if window else float("nan")
@@ -181,12 +186,12 @@ def run(run_cfg: dict, tokens_dir: str | Path, out_dir: str | Path) -> None:
             rec.boundary()
 
         if tc["checkpoint_every"] and step % tc["checkpoint_every"] == 0 and step < tc["steps"]:
-            steps.extend(rec.flush())
+            flush()
             path = ckpts.save(engine, step, attempt, rec.now_elapsed())
             log(ctx, f"[{spec.name}] checkpoint {path.name}")
             rec.boundary()
 
-    steps.extend(rec.flush())
+    flush()
     breakdown = engine.time_breakdown()
     samples = sampler.stop() if sampler else []
     per_rank = distributed.all_gather_object({
@@ -272,7 +277,9 @@ def write_outputs(out, run_cfg, spec, ctx, data, prior, steps, evals, per_rank, 
         "mfu": D.mfu(tput.get("tokens_per_s", math.nan), world, fpt, peak),
         "params_total": param_counts(mc, data.vocab_size)["total"],
         "time_breakdown": D.breakdown_shares(per_rank[0]["breakdown"]),
-        "bubble_theoretical": D.bubble_fraction(spec.stages, spec.micro_batches) if spec.stages > 1 else None,
+        "bubble_theoretical": D.bubble_fraction(spec.stages, spec.micro_batches,
+                                                 2 if spec.schedule == "interleaved_1f1b" else 1)
+        if spec.stages > 1 else None,
         "environment": env,
         "config_hash": config_hash,
         "data": data.meta,

@@ -54,7 +54,9 @@ DEFINITIONS: dict[str, str] = {
     "A100 312e12, ...) or `train.peak_flops`; undefined on CPU unless configured.",
     "time_breakdown": "Share of step time in forward, backward (communication overlapped with it "
     "included) and optimizer, from CUDA events on GPU (host clocks on CPU), rank 0, resolved at the end "
-    "of the run (no per-step host sync). Pipelines report the theoretical bubble (p−1)/(m+p−1).",
+    "of the run (no per-step host sync). Pipelines report the theoretical bubble (p−1)/(v·m+p−1) "
+    "(v = 2 virtual stages per rank for interleaved 1F1B, else 1) and, where the engine can measure it, "
+    "pipeline_idle: schedule time not spent in stage compute.",
 }
 
 # bf16 dense tensor-core peak FLOP/s per device, by a substring of the device name (first match wins).
@@ -194,9 +196,10 @@ def utilization(samples: list[dict], t_lo: float, t_hi: float) -> dict:
     }
 
 
-def bubble_fraction(stages: int, micro_batches: int) -> float:
-    """Theoretical pipeline bubble of GPipe/1F1B: (p − 1) / (m + p − 1)."""
-    return (stages - 1) / (micro_batches + stages - 1)
+def bubble_fraction(stages: int, micro_batches: int, virtual_stages: int = 1) -> float:
+    """Theoretical pipeline bubble: (p − 1) / (v·m + p − 1); v = 1 for GPipe and 1F1B, v chunks per rank
+    for interleaved 1F1B (Narayanan et al. 2021: the bubble shrinks by v)."""
+    return (stages - 1) / (virtual_stages * micro_batches + stages - 1)
 
 
 def breakdown_shares(totals: dict[str, float] | None) -> dict[str, float] | None:

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
 
 # --------------------------------------------------------------------------- shared pieces
 
@@ -96,10 +96,33 @@ def prepare_model(model, spec) -> torch.nn.Module:
     return model
 
 
-def causal_lm_loss(model, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; labels are already shifted by the data loader."""
-    logits = model(input_ids=inputs).logits
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1))
+
+
+_FUSED_CE = None
+
+
+def _fused_cross_entropy():
+    """The same cross-entropy, compiled (CUDA only): the fp32 upcast, log-sum-exp, gather and, in
+    backward, the softmax gradient fuse into a few kernels that read the bf16 logits once, instead of
+    materialising fp32 logits, log-probabilities and their gradients (~6 passes over B·s·V·4 bytes)."""
+    global _FUSED_CE
+    if _FUSED_CE is None:
+        _FUSED_CE = torch.compile(_cross_entropy, dynamic=False)
+    return _FUSED_CE
+
+
+def causal_lm_loss(model, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy; labels are already shifted by the data loader.
+
+    On CUDA (plain-tensor logits, ``LLMPAR_FUSED_CE`` not 0) the cross-entropy is compiled; on CPU it
+    is the eager function, unchanged.
+    """
+    logits = model(input_ids=inputs).logits
+    if logits.is_cuda and type(logits) is torch.Tensor and os.environ.get("LLMPAR_FUSED_CE", "1") != "0":
+        return _fused_cross_entropy()(logits, labels)
+    return _cross_entropy(logits, labels)
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:

@@ -1,0 +1,257 @@
+"""GPU probe for the 1.1B study (one device call): ceilings, attention backends, and the training
+step of ``single`` under a few settings, timed with CUDA events. Writes JSON lines to --out.
+
+    python benchmarks/gpu_probe.py --out $OUT/probe.jsonl [--variants base,noce,...]
+
+Each variant builds the 1.1B model afresh, wraps it exactly as the ``single`` strategy does
+(``prepare_model`` + ``TorchEngine``: per-layer torch.compile, bf16 autocast with fp32 master
+weights, fused AdamW, grad clipping, gradient accumulation over micro-batches), runs warm-up steps
+(compilation) and then times steps of the study's global batch (32 x 2048 tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+import types
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+
+from llmpar.config import RunSpec  # noqa: E402
+from llmpar.model import build_model, flops_per_token  # noqa: E402
+
+MODEL = {"size": "1B", "seq_len": 2048, "vocab_size": 32000}
+TOKENIZER_VOCAB = 660
+PEAK = 989e12
+TRAIN = dict(lr=3e-4, weight_decay=0.0, warmup_steps=10, steps=100, min_lr_ratio=0.1, grad_clip=1.0,
+             metrics=False)
+
+
+def emit(out, row):
+    print(json.dumps(row), flush=True)
+    with open(out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def event_time(fn, warmup=3, reps=10):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1000)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def matmul_ceiling(out):
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    t = event_time(lambda: a @ b)
+    emit(out, {"kind": "matmul", "n": n, "tflops": 2 * n**3 / t / 1e12})
+    # the shapes of the model's GEMMs at 16k tokens (forward)
+    for m, k, nn in ((16384, 2048, 2048), (16384, 2048, 256), (16384, 2048, 5632), (16384, 5632, 2048),
+                     (16384, 2048, 32000)):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(nn, k, device="cuda", dtype=torch.bfloat16)
+        t = event_time(lambda x=x, w=w: x @ w.t())
+        emit(out, {"kind": "gemm", "mkn": [m, k, nn], "tflops": 2 * m * k * nn / t / 1e12})
+
+
+def attention_bench(out):
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    b, h, kvh, s, d = 8, 32, 4, 2048, 64
+    q = torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(b, kvh, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(b, kvh, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    flops_fwd = 4 * b * h * s * s * d / 2  # causal
+    best = {}
+    for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                     ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        for gqa in (True, False):
+            kk = k if gqa else k.repeat_interleave(h // kvh, 1)
+            vv = v if gqa else v.repeat_interleave(h // kvh, 1)
+
+            def fwd(kk=kk, vv=vv, gqa=gqa):
+                return F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=gqa)
+
+            def fwdbwd(fwd=fwd):
+                o = fwd()
+                o.backward(torch.ones_like(o))
+
+            row = {"kind": "attention", "backend": name, "enable_gqa": gqa}
+            try:
+                with sdpa_kernel([be]):
+                    tf = event_time(fwd)
+                    tfb = event_time(fwdbwd)
+                row.update(fwd_ms=tf * 1e3, fwdbwd_ms=tfb * 1e3, fwd_tflops=flops_fwd / tf / 1e12,
+                           fwdbwd_tflops=3.5 * flops_fwd / tfb / 1e12)
+                if gqa:
+                    best[name] = tfb
+            except Exception as exc:  # backend refuses these inputs
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            emit(out, row)
+            q.grad = k.grad = v.grad = None
+    return best
+
+
+def step_bench(out, name, mbs=8, fused_ce=True, backend=None, compile_mode="layers", steps=6, warm=3):
+    from llmpar.strategies.base import TorchEngine, prepare_model
+
+    # Attention backend priority is set by build_model from LLMPAR_SDPA (cudnn | flash | default).
+    # Run with TORCHINDUCTOR_FX_GRAPH_CACHE=0 TORCHINDUCTOR_AUTOGRAD_CACHE=0 when comparing backends:
+    # the caches' keys do not include the SDPA choice, so a cached graph keeps its first backend.
+    os.environ["LLMPAR_FUSED_CE"] = "1" if fused_ce else "0"
+    os.environ["LLMPAR_SDPA"] = backend or "default"
+    torch._dynamo.reset()
+    import llmpar.strategies.base as base
+
+    base._FUSED_CE = None
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    gb, seq = 32, MODEL["seq_len"]
+    m = gb // mbs
+    spec = RunSpec(name=name, strategy="single", micro_batches=m, micro_batch_size=mbs, precision="bf16",
+                   compile=compile_mode == "layers")
+    ctx = types.SimpleNamespace(device=torch.device("cuda"), is_main=True, rank=0, world_size=1)
+    t0 = time.time()
+    model = build_model(MODEL, TOKENIZER_VOCAB, 1234, device="cuda")
+    model = prepare_model(model, spec)
+    if compile_mode == "model":
+        model = torch.compile(model)
+    engine = TorchEngine(model, spec, ctx, TRAIN)
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(4):
+        x = torch.randint(0, TOKENIZER_VOCAB, (gb, seq + 1), generator=g)
+        xs, ys = x[:, :-1].contiguous().cuda(), x[:, 1:].contiguous().cuda()
+        batches.append(list(zip(xs.chunk(m), ys.chunk(m))))
+    row = {"kind": "step", "name": name, "mbs": mbs, "m": m, "fused_ce": fused_ce, "backend": backend,
+           "compile": compile_mode}
+    try:
+        losses = []
+        for i in range(warm):
+            losses.append(engine.train_step(batches[i % 4]))
+        torch.cuda.synchronize()
+        row["warmup_s"] = time.time() - t0
+        evs = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        evs[0].record()
+        for i in range(steps):
+            losses.append(engine.train_step(batches[i % 4]))
+            evs[i + 1].record()
+        torch.cuda.synchronize()
+        if PROFILE:
+            row["profile"] = profile_steps(engine, batches, 2)
+        times = [evs[i].elapsed_time(evs[i + 1]) / 1000 for i in range(steps)]
+        t = sum(times)
+        tps = steps * gb * seq / t
+        fpt = flops_per_token(MODEL, TOKENIZER_VOCAB)
+        row.update(step_s=[round(x, 4) for x in times], tokens_per_s=tps, mfu=tps * fpt / PEAK,
+                   peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30,
+                   peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30,
+                   loss_first=float(losses[0]), loss_last=float(losses[-1]))
+    except Exception as exc:
+        row["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
+    emit(out, row)
+    del engine, model, batches
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+PROFILE = False
+CATEGORIES = (  # kernel-name substrings -> category (first match wins)
+    ("attention", ("flash", "fmha", "cudnn", "sdpa", "attn")),
+    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "sm90", "matmul")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("triton (fused elementwise/norm/CE)", ("triton",)),
+)
+
+
+def profile_steps(engine, batches, n):
+    """Kernel time of ``n`` steps by category (torch.profiler, CUDA activity), plus the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(n):
+            engine.train_step(batches[i % 4])
+        torch.cuda.synchronize()
+    kernels = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0 and e.key != "ProfilerStep*":
+            kernels[e.key] = kernels.get(e.key, 0) + t / 1e6 / n
+    cats = {}
+    for k, t in kernels.items():
+        cat = next((c for c, subs in CATEGORIES if any(x in k.lower() for x in subs)), "other")
+        cats[cat] = cats.get(cat, 0) + t
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
+    return {"per_step_s": {k: round(v, 4) for k, v in cats.items()},
+            "kernel_total_s": round(sum(kernels.values()), 4),
+            "top": [[k[:90], round(v, 4)] for k, v in top]}
+
+
+VARIANTS = {
+    "flash16": dict(mbs=16, backend="flash"),
+    "cudnn16": dict(mbs=16, backend="cudnn"),
+    "base": dict(mbs=8),
+    "noce": dict(mbs=8, fused_ce=False),
+    "cudnn": dict(mbs=8, backend="cudnn"),
+    "mbs16": dict(mbs=16, backend="best"),
+    "mbs4": dict(mbs=4, backend="best"),
+    "eager": dict(mbs=8, compile_mode="none", backend="best"),
+    "wholemodel": dict(mbs=8, compile_mode="model", backend="best"),
+}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--deadline", type=float, default=1e9, help="seconds from start: skip variants after it")
+    p.add_argument("--no-micro", action="store_true", help="skip the matmul and attention micro-benchmarks")
+    p.add_argument("--profile", action="store_true", help="also profile 2 steps per variant (kernel time)")
+    a = p.parse_args()
+    global PROFILE
+    PROFILE = a.profile
+    t_start = time.time()
+    props = torch.cuda.get_device_properties(0)
+    emit(a.out, {"kind": "env", "torch": torch.__version__, "cuda": torch.version.cuda,
+                 "cudnn": torch.backends.cudnn.version(), "gpu": props.name, "sms": props.multi_processor_count,
+                 "mem_gib": props.total_memory / 2**30})
+    if not a.no_micro:
+        matmul_ceiling(a.out)
+    best_backend = "cudnn"
+    if not a.no_micro:
+        best = attention_bench(a.out)
+        best_backend = "cudnn" if best.get("cudnn", 1e9) < best.get("flash", 1e9) else "flash"
+        emit(a.out, {"kind": "choice", "best_backend": best_backend, "attn_fwdbwd_s": best})
+    for v in a.variants.split(","):
+        if time.time() - t_start > a.deadline:
+            emit(a.out, {"kind": "skipped", "name": v})
+            continue
+        kw = dict(VARIANTS[v])
+        if kw.get("backend") == "best":
+            kw["backend"] = best_backend
+        step_bench(a.out, v, **kw)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Pipeline parallel with DeepSpeed's ``PipelineModule`` / ``PipelineEngine`` (1F1B), and pipeline x data.
+
+The HF model the loop built is cut into a list of layers that pass one tensor between stages:
+``embedding -> decoder layer x L -> final norm + lm_head``. The layers wrap the model's own modules
+(same weights, nothing re-initialized); the rotary embeddings and the causal mask, which LlamaModel
+computes once per forward, are recomputed inside each decoder-layer wrapper with the same HF
+functions. DeepSpeed assigns the layers to stages balancing their parameter counts
+(``partition_method="parameters"``; the embedding and the head count like any layer), keeps only
+this stage's layers, and the modules of the other stages are released from this rank (moved to the
+meta device).
+
+Schedule: DeepSpeed's ``TrainSchedule`` (1F1B: each stage runs at most ``stages - stage_id``
+micro-batches ahead before alternating forward and backward). GPipe and interleaved 1F1B exist in
+the torch engine (``pp_engine: torch``) only.
+
+Layout: ``PipeDataParallelTopology(num_pp=stages, num_dp=dp)``, axes (pipe, data), so
+rank = stage * dp + dp_index: the data-parallel replicas of one stage are consecutive ranks (on one
+node when gpus_per_node >= dp) and pipeline sends cross between those blocks. Every stage of one
+pipeline has the same data-parallel index and loads the same slice of the global batch (only the
+first stage reads inputs and the last stage labels). ZeRO-1 (strategy zero with stages > 1)
+partitions each stage's optimizer state over its dp replicas; ZeRO-2/3 are rejected by DeepSpeed.
+
+Not supported, with a ConfigError: AutoTP inside the stages (3D). DeepSpeed's AutoTP builds its own
+(data, tensor) device mesh over the whole world (``deepspeed.utils.groups._init_tp_mesh_device``)
+and replaces the engine's ``mpu`` with it, while the PipelineEngine takes its data-parallel and pipe
+groups from the PipelineModule's grid; the two cannot be combined. DeepSpeed's pipeline only composes
+with a Megatron-style ``PipeModelDataParallelTopology`` whose tensor-parallel layers the model
+implements itself. Use ``pp_engine: torch`` for pipeline x tensor parallelism.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmpar.errors import ConfigError
+from llmpar.strategies import ds_common
+from llmpar.strategies.base import apply_activation_checkpointing, apply_compile, decoder_layers
+
+
+class EmbeddingStage(nn.Module):
+    def __init__(self, embed_tokens: nn.Module):
+        super().__init__()
+        self.embed_tokens = embed_tokens
+
+    def forward(self, input_ids):
+        return self.embed_tokens(input_ids)
+
+    def owned(self):
+        return [self.embed_tokens]
+
+
+class DecoderStage(nn.Module):
+    """One HF decoder layer; recomputes what LlamaModel.forward computes once for all layers."""
+
+    def __init__(self, layer: nn.Module, rotary_emb: nn.Module, config):
+        super().__init__()
+        self.layer = layer
+        self.rotary_emb = rotary_emb  # the model's own (buffers only, shared by all wrappers)
+        self.config = config
+
+    def forward(self, hidden_states):
+        from transformers.masking_utils import create_causal_mask
+
+        position_ids = torch.arange(hidden_states.shape[1], device=hidden_states.device).unsqueeze(0)
+        mask = create_causal_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=None,
+                                  cache=None, position_ids=position_ids)
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        return self.layer(hidden_states, attention_mask=mask, position_ids=position_ids,
+                          position_embeddings=position_embeddings)
+
+    def owned(self):
+        return [self.layer]
+
+
+class HeadStage(nn.Module):
+    def __init__(self, norm: nn.Module, lm_head: nn.Module):
+        super().__init__()
+        self.norm, self.lm_head = norm, lm_head
+
+    def forward(self, hidden_states):
+        return self.lm_head(self.norm(hidden_states))
+
+    def owned(self):
+        return [self.norm, self.lm_head]
+
+
+def lm_loss(logits, labels):
+    """The loss of base.causal_lm_loss on the last stage's logits (labels already shifted)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1))
+
+
+def pipeline_layers(model) -> list[nn.Module]:
+    inner = model.model
+    return ([EmbeddingStage(inner.embed_tokens)]
+            + [DecoderStage(layer, inner.rotary_emb, model.config) for layer in decoder_layers(model)]
+            + [HeadStage(inner.norm, model.lm_head)])
+
+
+def check_spec(spec) -> None:
+    if spec.tp > 1:
+        raise ConfigError(
+            f"run {spec.name}: DeepSpeed's pipeline engine cannot run AutoTP inside its stages (tp {spec.tp}): "
+            "AutoTP builds its own (data, tensor) mesh over the whole world and replaces the engine's mpu, "
+            "while the PipelineEngine takes its groups from the PipelineModule's topology. "
+            "Use pp_engine: torch for pipeline x tensor parallelism"
+        )
+    if spec.schedule != "1f1b":
+        raise ConfigError(
+            f"run {spec.name}: DeepSpeed's PipelineEngine runs only its 1F1B TrainSchedule, not {spec.schedule}; "
+            "gpipe and interleaved_1f1b are implemented by the torch engine (pp_engine: torch)"
+        )
+    if spec.zero_stage > 1:
+        raise ConfigError(f"run {spec.name}: ZeRO stage {spec.zero_stage} is rejected by DeepSpeed with pipeline "
+                          "parallelism; use zero_stage 1")
+
+
+def parallelize(model, spec, ctx, train_cfg):
+    check_spec(spec)
+    if spec.stages * spec.dp != ctx.world_size:
+        raise ConfigError(f"run {spec.name}: stages {spec.stages} x dp {spec.dp} != world size {ctx.world_size}")
+    ds_common.init_deepspeed(ctx)
+    from deepspeed.pipe import PipelineModule
+    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+
+    apply_activation_checkpointing(model, spec.activation_checkpointing)
+    apply_compile(model, spec.compile)
+    layers = pipeline_layers(model)
+    module = PipelineModule(
+        layers=layers,
+        topology=PipeDataParallelTopology(num_pp=spec.stages, num_dp=spec.dp),
+        loss_fn=lm_loss,
+        partition_method="parameters",
+    )
+    # Release the other stages' modules: the loop still references the full HF model.
+    for i, layer in enumerate(layers):
+        if not module._local_start <= i < module._local_stop:
+            for owned in layer.owned():
+                owned.to("meta")
+    # DeepSpeed's gradient-norm (clip_grad_norm_, and the ZeRO-1 optimizer's norm) sums a parameter's
+    # norm on model-parallel rank 0 only unless the parameter is marked model-parallel (Megatron's
+    # convention: unmarked parameters are replicated over tensor-parallel ranks). In a PipelineModule's
+    # grid the "model-parallel" group is the whole pipeline (rank = stage), so unmarked, the global norm
+    # would cover stage 0 only and clipping would scale every stage by a wrong coefficient (measured:
+    # losses 5e-4 off the baseline after 4 steps with grad_clip 1.0). No parameter here is replicated
+    # across stages (the embedding and lm_head are untied), so mark all of them.
+    for p in module.parameters():
+        p.model_parallel = True
+    engine_name = "the DeepSpeed pipeline engine" + (f" with ZeRO-{spec.zero_stage}" if spec.zero_stage else "")
+    config = ds_common.ds_config(spec, train_cfg, zero_stage=spec.zero_stage, model=module,
+                                 engine_name=engine_name)
+    engine = ds_common.initialize(module, config, train_cfg, ctx.device)
+    return DeepSpeedPipelineEngine(engine, spec, ctx, train_cfg)
+
+
+class DeepSpeedPipelineEngine(ds_common.DeepSpeedEngine):
+    def __init__(self, engine, spec, ctx, train_cfg):
+        self.engine, self.spec, self.ctx, self.train_cfg = engine, spec, ctx, train_cfg
+        grid = engine.grid
+        self.dp_rank = grid.get_data_parallel_rank()
+        self.dp_size = grid.get_data_parallel_world_size()
+        self.dp_group = grid.get_data_parallel_group()
+        self.stage_id = grid.get_stage_id()
+        if engine.micro_batches != spec.micro_batches:
+            raise ConfigError(f"run {spec.name}: DeepSpeed pipelines {engine.micro_batches} micro-batches, "
+                              f"the run asks for {spec.micro_batches}")
+
+    def train_step(self, micro_batches):
+        if len(micro_batches) != self.engine.micro_batches:
+            raise ValueError(f"expected {self.engine.micro_batches} micro-batches, got {len(micro_batches)}")
+        # train_batch: the 1F1B schedule, DP gradient all-reduce, clipping, AdamW and LR step; it returns
+        # the loss averaged over micro-batches and DP replicas, broadcast from the last stage to all.
+        loss = self.engine.train_batch(data_iter=iter(micro_batches))
+        return loss.reshape(())
+
+    @torch.no_grad()
+    def eval_loss(self, inputs, labels):
+        # Same micro-batch shape as training: DeepSpeed caches the inter-stage activation shapes.
+        m = self.engine.micro_batches
+        batches = list(zip(inputs.chunk(m), labels.chunk(m)))
+        loss = self.engine.eval_batch(iter(batches), num_micro_batches=len(batches))
+        return loss.float().reshape(())
+
+    def time_breakdown(self):
+        # None: 1F1B interleaves the forward and backward of different micro-batches with blocking
+        # sends/receives inside one train_batch call, so forward/backward/optimizer phases are not
+        # separable from outside; DeepSpeed's own wall_clock_breakdown timers synchronize the device
+        # around every pipeline instruction, which would change what is being measured.
+        return None

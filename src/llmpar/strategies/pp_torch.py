@@ -1,0 +1,392 @@
+"""Pipeline parallel and pipeline x data parallel with ``torch.distributed.pipelining``.
+
+Splitting. The HF model the loop built is cut into ``stages`` chunks (``2 x stages`` for
+``interleaved_1f1b``), each a contiguous run of decoder layers; the first chunk also holds the
+embedding, the last the final norm and ``lm_head``. The cut minimises the largest chunk's parameter
+count (embedding and head included). Chunk ``c`` runs on pipeline rank ``c % stages`` (loop order, as
+``ScheduleInterleaved1F1B`` expects). Chunks take the model's own modules (moved, not re-initialised),
+and the unused modules are dropped from the model so a rank keeps only its layers. Each chunk
+recomputes the rotary embeddings and causal mask itself (``LlamaModel.forward`` computes them once for
+all layers) and runs under the run's autocast.
+
+Schedules: ``gpipe`` (ScheduleGPipe), ``1f1b`` (Schedule1F1B), ``interleaved_1f1b``
+(ScheduleInterleaved1F1B, 2 virtual stages per rank), manual ``PipelineStage`` objects whose shapes are
+inferred on the first step. The loop's ``micro_batches`` are concatenated and the schedule splits
+them again into the same micro-batches. The per-micro-batch loss is the mean cross-entropy divided by
+the number of micro-batches (``scale_grads=False``), exactly what ``single`` back-propagates under
+gradient accumulation, so the sum of the micro-batch losses is the replica's mean loss (the same
+cross-entropy function as ``causal_lm_loss``: eager on CPU, compiled on CUDA).
+
+Mesh: (pp, dp, tp), pipeline outermost (across nodes), tp innermost (within a node). Data parallel
+(``hybrid_parallel``, dp = world / (stages x tp)): every pipeline loads its dp slice and gradients
+are averaged over the dp group after the schedule's backward. With ``tp > 1`` (3-D) each chunk's
+decoder projections are additionally split with ``parallelize_module`` over the tp ranks of its stage
+(see :mod:`tp_torch`; activations between stages are plain replicated tensors, so every tp rank
+sends to its peer of the next stage). The loss lives on the last stage; one all-reduce over the world
+(only the last stage's tp-rank-0 contributes) gives every rank the global mean without a host sync.
+Gradient clipping sums the squared norms of all stages (and of the DTensor shards).
+
+``time_breakdown`` measures, per rank, the forward and backward compute of its chunks, the optimizer
+(with the dp gradient all-reduce counted as backward) and, on CPU, ``pipeline_idle``: the rest of the
+schedule's wall time (bubble plus point-to-point waits), a measured counterpart of the theoretical
+bubble. On CUDA the phases are event-timed and ``pipeline_idle`` is left out.
+
+Evaluation runs the schedule forward-only (``schedule.eval``) on the same micro-batch shapes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+)
+
+from llmpar.errors import ConfigError
+from llmpar.strategies.base import (
+    TorchEngine,
+    _cross_entropy,
+    _fused_cross_entropy,
+    autocast,
+    decoder_layers,
+    prepare_model,
+)
+from llmpar.strategies.torch_common import allreduce_grads_, clip_grad_norm_
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
+
+
+# --------------------------------------------------------------------------- splitting
+
+
+def balanced_split(weights: list[int], parts: int) -> list[tuple[int, int]]:
+    """Contiguous split of ``weights`` into ``parts`` non-empty ranges minimising the largest sum.
+
+    Returns [start, end) index ranges. Exact dynamic programme, O(parts * n^2) (n = layers <= ~100).
+    """
+    n = len(weights)
+    if parts > n:
+        raise ConfigError(f"{n} layers cannot fill {parts} pipeline chunks")
+    prefix = [0]
+    for w in weights:
+        prefix.append(prefix[-1] + w)
+    inf = float("inf")
+    # best[k][i]: smallest max-chunk sum splitting the first i items into k chunks; cut[k][i]: last cut
+    best = [[inf] * (n + 1) for _ in range(parts + 1)]
+    cut = [[0] * (n + 1) for _ in range(parts + 1)]
+    best[0][0] = 0
+    for k in range(1, parts + 1):
+        for i in range(k, n - (parts - k) + 1):
+            for j in range(k - 1, i):
+                cost = max(best[k - 1][j], prefix[i] - prefix[j])
+                if cost < best[k][i]:
+                    best[k][i], cut[k][i] = cost, j
+    bounds, i = [], n
+    for k in range(parts, 0, -1):
+        j = cut[k][i]
+        bounds.append((j, i))
+        i = j
+    return bounds[::-1]
+
+
+def numel(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def chunk_layer_ranges(model, n_chunks: int) -> list[tuple[int, int]]:
+    """Layer ranges per chunk, balanced by parameters with the embedding on the first and the final
+    norm + lm_head on the last chunk."""
+    layers = decoder_layers(model)
+    weights = [numel(layer) for layer in layers]
+    weights[0] += numel(model.model.embed_tokens)
+    weights[-1] += numel(model.model.norm) + numel(model.lm_head)
+    return balanced_split(weights, n_chunks)
+
+
+class PipelineChunk(nn.Module):
+    """One pipeline stage's module: decoder layers [start, end), plus the embedding (first chunk) or the
+    final norm and lm_head (last chunk)."""
+
+    def __init__(self, model, start: int, end: int, first: bool, last: bool, precision: str):
+        super().__init__()
+        inner = model.model
+        self.embed_tokens = inner.embed_tokens if first else None
+        self.layers = nn.ModuleDict({str(i): inner.layers[i] for i in range(start, end)})
+        self.norm = inner.norm if last else None
+        self.lm_head = model.lm_head if last else None
+        self.rotary_emb = inner.rotary_emb  # buffers only (inv_freq); shared by the chunks of a rank
+        self.config = model.config
+        self.precision = precision
+        self.timer = None  # set by the engine to measure compute time
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from transformers.masking_utils import create_causal_mask
+
+        if self.timer is not None:
+            self.timer.start()
+        with autocast(self.precision, x.device):
+            h = self.embed_tokens(x) if self.embed_tokens is not None else x
+            pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
+            mask = create_causal_mask(**_mask_kwargs(create_causal_mask, self.config, h, pos))
+            rope = self.rotary_emb(h, position_ids=pos)
+            for layer in self.layers.values():
+                h = layer(h, attention_mask=mask, position_embeddings=rope, position_ids=pos)
+            if self.lm_head is not None:
+                h = self.lm_head(self.norm(h))
+        if self.timer is not None:
+            self.timer.stop("forward")
+            if torch.is_grad_enabled() and h.requires_grad:
+                h = _BackwardTimer.apply(h, self.timer)
+        return h
+
+
+def _mask_kwargs(fn, config, h, pos) -> dict:
+    """Arguments of ``create_causal_mask`` across transformers 5.x: 5.24 takes ``inputs_embeds`` and
+    ``cache``; earlier 5.x releases (5.17 on the GPU image) ``input_embeds``/``inputs_embeds``,
+    ``past_key_values`` and ``cache_position``. Only the names this version accepts are passed."""
+    import inspect
+
+    names = inspect.signature(fn).parameters
+    offered = {"config": config, "inputs_embeds": h, "input_embeds": h, "attention_mask": None, "cache": None,
+               "past_key_values": None, "cache_position": pos[0], "position_ids": pos}
+    return {k: v for k, v in offered.items() if k in names}
+
+
+class _BackwardTimer(torch.autograd.Function):
+    """Identity whose backward starts the chunk's backward clock (stopped when the schedule's backward
+    call for this chunk returns, see :meth:`PipelineEngine._wrap_backward`)."""
+
+    @staticmethod
+    def forward(ctx, x, timer):
+        ctx.timer = timer
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.timer.start()
+        return grad, None
+
+
+def local_holder(model, layer_ids: list[int], first: bool, last: bool) -> nn.Module:
+    """This rank's modules under the FQNs of the HF model (``model.layers.7...``, ``lm_head``): what the
+    optimizer steps and the checkpoint saves, so checkpoints name parameters as the full model does."""
+    holder = nn.Module()
+    holder.model = nn.Module()
+    holder.model.layers = nn.ModuleDict({str(i): model.model.layers[i] for i in layer_ids})
+    if first:
+        holder.model.embed_tokens = model.model.embed_tokens
+    if last:
+        holder.model.norm = model.model.norm
+        holder.lm_head = model.lm_head
+    return holder
+
+
+# --------------------------------------------------------------------------- engine
+
+
+class PipelineEngine(TorchEngine):
+    """Steps the schedule; the optimizer, checkpoints and accounting act on this rank's ``holder``."""
+
+    def __init__(self, holder, chunks, schedule, spec, ctx, train_cfg, *, mesh, has_first, has_last):
+        dp_group = mesh["dp"].get_group()
+        super().__init__(holder, spec, ctx, train_cfg, dp_rank=mesh.get_local_rank("dp"),
+                         dp_size=mesh.size(mesh.mesh_dim_names.index("dp")), dp_group=dp_group)
+        self.chunks, self.schedule, self.mesh = chunks, schedule, mesh
+        self.has_first, self.has_last = has_first, has_last
+        self.pp_group = mesh["pp"].get_group()
+        # the loss is contributed once: by the last stage's first tp rank
+        self.loss_source = has_last and mesh.get_local_rank("tp") == 0
+        self.timer.totals["pipeline_idle"] = 0.0
+        for chunk in chunks:
+            chunk.timer = self.timer if self.timer.enabled else None
+        if self.timer.enabled:
+            self._wrap_backward()
+
+    def _wrap_backward(self):
+        """Stop the backward clock when each stage's backward call returns."""
+        for stage in self.schedule_stages():
+            original = stage.backward_one_chunk
+
+            def timed(*args, _original=original, **kwargs):
+                out = _original(*args, **kwargs)
+                self.timer.stop("backward")
+                return out
+
+            stage.backward_one_chunk = timed
+
+    def schedule_stages(self):
+        return getattr(self.schedule, "_stages", None) or [self.schedule._stage]
+
+    def _global_mean(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        total = torch.zeros((), device=self.ctx.device)
+        if self.loss_source:
+            total = total + torch.stack([loss.detach().float() for loss in losses]).sum()
+        if dist.get_world_size() > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total / self.dp_size
+
+    def _run(self, method, x, y) -> list[torch.Tensor]:
+        losses: list[torch.Tensor] = []
+        args = (x,) if self.has_first else ()
+        method(*args, target=y if self.has_last else None, losses=losses if self.has_last else None,
+               return_outputs=False)
+        return losses
+
+    def train_step(self, micro_batches):
+        if len(micro_batches) != self.spec.micro_batches:
+            raise ValueError(f"expected {self.spec.micro_batches} micro-batches, got {len(micro_batches)}")
+        # the schedule splits the replica's batch again into the same micro-batches (equal chunks, dim 0)
+        x = torch.cat([mb[0] for mb in micro_batches])
+        y = torch.cat([mb[1] for mb in micro_batches])
+        t0 = self._clock()
+        busy0 = self.timer.totals["forward"] + self.timer.totals["backward"]
+        losses = self._run(self.schedule.step, x, y)
+        self._idle(t0, busy0)
+        self.timer.start()
+        params = list(self.model.parameters())
+        allreduce_grads_(params, self.dp_group, self.dp_size)
+        self.timer.stop("backward")
+        if self.train_cfg["grad_clip"] > 0:
+            clip_grad_norm_(params, self.train_cfg["grad_clip"], pp_group=self.pp_group)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.timer.stop("optimizer")
+        return self._global_mean(losses)
+
+    # Idle time = schedule wall time minus this rank's forward and backward compute. Host clocks are
+    # exact on CPU; on CUDA the phases are event-timed and the idle share is not measured.
+    def _clock(self):
+        return time.perf_counter() if self.timer.enabled and not self.timer.cuda else None
+
+    def _idle(self, t0, busy0):
+        if t0 is None:
+            return
+        busy = self.timer.totals["forward"] + self.timer.totals["backward"] - busy0
+        self.timer.totals["pipeline_idle"] += max(0.0, time.perf_counter() - t0 - busy)
+
+    @torch.no_grad()
+    def eval_loss(self, inputs, labels):
+        for chunk in self.chunks:
+            chunk.eval()
+            chunk.timer = None
+        try:
+            losses = self._run(self.schedule.eval, inputs, labels)
+        finally:
+            for chunk in self.chunks:
+                chunk.train()
+                chunk.timer = self.timer if self.timer.enabled else None
+        return self._global_mean(losses)
+
+    # Checkpoints: torch DCP with the HF names of this rank's parameters. The optimizer state is
+    # flattened to per-parameter keys ("param_groups.<fqn>.lr"): the stages hold different parameters,
+    # so the nested form's "param_groups.0" entries would collide between stages.
+    def save_checkpoint(self, path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        opts = StateDictOptions(flatten_optimizer_state_dict=True)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=opts)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+        if self.ctx.is_main:
+            torch.save({"scheduler": self.scheduler.state_dict()}, Path(path) / "scheduler.pt")
+
+    def load_checkpoint(self, path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+        opts = StateDictOptions(flatten_optimizer_state_dict=True)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=opts)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"], options=opts)
+        sched = torch.load(Path(path) / "scheduler.pt", weights_only=True)
+        self.scheduler.load_state_dict(sched["scheduler"])
+
+    def time_breakdown(self):
+        result = self.timer.result()
+        if result is not None and self.timer.cuda:
+            result.pop("pipeline_idle", None)
+        return result
+
+
+# --------------------------------------------------------------------------- parallelize
+
+
+def parallelize(model, spec, ctx, train_cfg) -> PipelineEngine:
+    pp, tp = spec.stages, spec.tp
+    if pp < 1:  # one stage is allowed: the schedule's micro-batching cost alone (the 1.1B GPU study)
+        raise ConfigError(f"{spec.strategy} (torch) needs stages >= 1, got {pp}")
+    if ctx.world_size % (pp * tp):
+        raise ConfigError(f"world size {ctx.world_size} is not divisible by stages {pp} x tp {tp}")
+    dp = ctx.world_size // (pp * tp)
+    if spec.strategy == "pipeline_parallel" and dp != 1:
+        raise ConfigError(f"pipeline_parallel runs one pipeline; world {ctx.world_size} != stages {pp}")
+    if tp > 1 and spec.tp_engine != "torch":
+        raise ConfigError(f"pp_engine torch with tp {tp} needs tp_engine torch (tensor parallel inside the "
+                          f"stages is torch's parallelize_module), got tp_engine {spec.tp_engine}")
+    if spec.schedule not in SCHEDULES:
+        names = ", ".join(SCHEDULES)
+        raise ConfigError(f"unknown pipeline schedule {spec.schedule!r} (torch engine: {names})")
+    m = spec.micro_batches
+    virtual = 2 if spec.schedule == "interleaved_1f1b" else 1
+    n_chunks = pp * virtual
+    n_layers = len(decoder_layers(model))
+    if n_layers < n_chunks:
+        raise ConfigError(f"{n_layers} layers cannot fill {n_chunks} chunks ({pp} stages, {spec.schedule})")
+    if virtual > 1 and m % pp:
+        raise ConfigError(f"interleaved_1f1b needs micro-batches ({m}) divisible by stages ({pp})")
+    if spec.schedule == "1f1b" and m < pp:
+        raise ConfigError(f"1f1b needs at least as many micro-batches ({m}) as stages ({pp})")
+
+    mesh = init_device_mesh(ctx.device.type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
+    pp_rank = mesh.get_local_rank("pp")
+    ranges = chunk_layer_ranges(model, n_chunks)
+    mine = [c for c in range(n_chunks) if c % pp == pp_rank]
+    layer_ids = [i for c in mine for i in range(*ranges[c])]
+    has_first, has_last = 0 in mine, n_chunks - 1 in mine
+
+    if tp > 1:
+        from llmpar.strategies.tp_torch import apply_tp, check_heads
+
+        check_heads(model, tp)
+        apply_tp([decoder_layers(model)[i] for i in layer_ids], mesh["tp"])
+    keep = set(layer_ids)
+    layers = decoder_layers(model)
+    for i in range(len(layers)):  # drop the other stages' layers before any cast or wrapper touches them
+        if i not in keep:
+            layers[i] = nn.Identity()
+    model = prepare_model(model, spec)
+
+    chunks = [PipelineChunk(model, *ranges[c], first=c == 0, last=c == n_chunks - 1, precision=spec.precision)
+              for c in mine]
+    holder = local_holder(model, layer_ids, has_first, has_last)
+    if not has_first:
+        model.model.embed_tokens = None
+    if not has_last:
+        model.model.norm = None
+        model.lm_head = None
+
+    group = mesh["pp"].get_group()
+    stages = [PipelineStage(chunk, c, n_chunks, ctx.device, group=group) for chunk, c in zip(chunks, mine)]
+
+    fused = ctx.device.type == "cuda" and os.environ.get("LLMPAR_FUSED_CE", "1") != "0"
+    cross_entropy = _fused_cross_entropy() if fused else _cross_entropy  # as causal_lm_loss does
+
+    def loss_fn(logits, labels):
+        return cross_entropy(logits, labels) / m
+
+    cls = SCHEDULES[spec.schedule]
+    schedule = cls(stages if virtual > 1 else stages[0], m, loss_fn=loss_fn, scale_grads=False)
+    return PipelineEngine(holder, chunks, schedule, spec, ctx, train_cfg, mesh=mesh,
+                          has_first=has_first, has_last=has_last)

@@ -1,0 +1,69 @@
+"""Tensor parallel with PyTorch's ``parallelize_module`` on a 2-D device mesh (dp, tp).
+
+Per decoder layer (Megatron-style, one all-reduce in the forward of attention and one of the MLP):
+
+* ``self_attn.q_proj/k_proj/v_proj`` and ``mlp.gate_proj/up_proj``: ``ColwiseParallel`` (output
+  features, i.e. attention heads and MLP columns, split over the tp ranks);
+* ``self_attn.o_proj`` and ``mlp.down_proj``: ``RowwiseParallel`` (input features split, the
+  partial outputs all-reduced).
+
+The HF attention reshapes with ``view(..., -1, head_dim)``, so each rank simply sees
+``num_heads / tp`` query heads and ``num_kv_heads / tp`` KV heads (the GQA group size is unchanged);
+no config field needs patching. The token embedding, every RMSNorm weight and ``lm_head`` are
+**replicated** on the tp ranks (plain tensors; their gradients are identical on the tp ranks because
+the Colwise input all-reduces its gradient). Ranks are laid out tp-innermost (a tp group is
+consecutive ranks, i.e. one node), and data parallelism runs over the dp dimension: every rank of a
+tp group loads the same batch slice (``dp_rank`` = coordinate on dp) and gradients (the local shards
+of DTensor gradients and the replicated ones) are averaged over the dp group after the backward pass.
+Clipping computes the global norm from the DTensor shards (:func:`torch_common.clip_grad_norm_`).
+"""
+
+from __future__ import annotations
+
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from llmpar.errors import ConfigError
+from llmpar.strategies.base import decoder_layers, prepare_model
+from llmpar.strategies.torch_common import MeshEngine
+
+COLWISE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+ROWWISE = ("self_attn.o_proj", "mlp.down_proj")
+
+
+def layer_plan() -> dict:
+    return {**{name: ColwiseParallel() for name in COLWISE}, **{name: RowwiseParallel() for name in ROWWISE}}
+
+
+def check_heads(model, tp: int) -> None:
+    cfg = model.config
+    if cfg.num_attention_heads % tp or cfg.num_key_value_heads % tp:
+        raise ConfigError(
+            f"tp {tp} must divide the attention heads ({cfg.num_attention_heads}) and the KV heads "
+            f"({cfg.num_key_value_heads})"
+        )
+
+
+def apply_tp(layers, tp_mesh) -> None:
+    """Shard the attention and MLP projections of each (unwrapped) decoder layer over ``tp_mesh``."""
+    for layer in layers:
+        parallelize_module(layer, tp_mesh, layer_plan())
+
+
+def parallelize(model, spec, ctx, train_cfg) -> MeshEngine:
+    if spec.stages != 1:
+        raise ConfigError("tensor_parallel (torch) takes no pipeline stages; use hybrid_parallel")
+    tp = spec.tp
+    if ctx.world_size % tp:
+        raise ConfigError(f"world size {ctx.world_size} is not divisible by tp {tp}")
+    dp = ctx.world_size // tp
+    check_heads(model, tp)
+    mesh = init_device_mesh(ctx.device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
+    apply_tp(decoder_layers(model), mesh["tp"])
+    model = prepare_model(model, spec)  # precision / checkpointing / compile wrap the sharded layers
+    dp_group = mesh["dp"].get_group()
+    return MeshEngine(
+        model, spec, ctx, train_cfg,
+        dp_rank=mesh.get_local_rank("dp"), dp_size=dp, dp_group=dp_group,
+        grad_sync_group=dp_group, grad_sync_size=dp,
+    )

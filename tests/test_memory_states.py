@@ -1,0 +1,54 @@
+"""Bytes of parameters + gradients + optimizer state each rank holds, measured from the tensors each
+engine keeps, under DDP, ZeRO-1/2/3 and FSDP2: the expected ordering, and the ≈ 1/world share of the
+fully sharded ones (compared with the same strategy on one process)."""
+
+import copy
+
+import pytest
+
+from conftest import BASE_CONFIG, train_run
+
+pytestmark = pytest.mark.slow
+
+RUNS = {
+    "ddp": {"strategy": "data_parallel", "gpus_per_node": 2},
+    "zero1": {"strategy": "zero", "zero_stage": 1, "gpus_per_node": 2},
+    "zero2": {"strategy": "zero", "zero_stage": 2, "gpus_per_node": 2},
+    "zero3": {"strategy": "zero", "zero_stage": 3, "gpus_per_node": 2},
+    "zero3-w1": {"strategy": "zero", "zero_stage": 3, "gpus_per_node": 1},
+    "fsdp": {"strategy": "fsdp", "gpus_per_node": 2},
+    "fsdp-w1": {"strategy": "fsdp", "gpus_per_node": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def states(tiny_tokens, tmp_path_factory):
+    cfg = copy.deepcopy(BASE_CONFIG)
+    cfg["train"].update(steps=2, eval_every=2)
+    cfg["runs"].update(RUNS)
+    out = {}
+    for name in RUNS:
+        summary, _, _ = train_run(cfg, name, tiny_tokens, tmp_path_factory.mktemp(name))
+        per_rank = [r["state_bytes"] for r in summary["per_rank"]]
+        out[name] = {
+            "total": max(s["params"] + s["grads"] + s["optimizer"] for s in per_rank),
+            **{k: max(s[k] for s in per_rank) for k in ("params", "grads", "optimizer")},
+        }
+        print(name, out[name])
+    return out
+
+
+def test_ordering_ddp_zero1_zero2_zero3(states):
+    s = states
+    assert s["ddp"]["total"] > s["zero1"]["total"] > s["zero2"]["total"] > s["zero3"]["total"]
+    # what each stage shards: optimizer state (1), then gradients (2), then parameters (3)
+    assert s["zero1"]["optimizer"] < s["ddp"]["optimizer"]
+    assert s["zero2"]["grads"] < s["zero1"]["grads"]
+    assert s["zero3"]["params"] < s["zero2"]["params"]
+    assert s["fsdp"]["total"] < s["ddp"]["total"]
+
+
+@pytest.mark.parametrize("name", ["zero3", "fsdp"])
+def test_fully_sharded_hold_about_one_over_world(states, name):
+    share = states[name]["total"] / states[f"{name}-w1"]["total"]
+    assert share == pytest.approx(0.5, abs=0.05), share
