@@ -38,7 +38,9 @@ def expected_request(cfg: dict, run: str) -> dict:
 def dry_run_resources(*configfiles: str) -> dict[str, dict]:
     """run -> resources of its train job in `snakemake --dry-run --profile slurm` (recorded=False: plan
     the training jobs instead of reusing the committed summaries)."""
-    cmd = [str(SNAKEMAKE), "--dry-run", "--nolock", "--profile", "slurm", "--config", "recorded=False",
+    # --forcerun train: the committed summaries exist, so without it no training job would be planned
+    cmd = [str(SNAKEMAKE), "--dry-run", "--nolock", "--profile", "slurm", "--forcerun", "train",
+           "--config", "recorded=False",
            "--configfile", *configfiles]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
