@@ -37,6 +37,18 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     psutil.wait_procs(family, timeout=30)
 
 
+def _logged_steps(progress) -> list[int]:
+    """Steps of the complete lines of a progress file (a line being written may be torn)."""
+    steps = []
+    for line in progress.read_text().splitlines():
+        if '"kind": "step"' in line:
+            try:
+                steps.append(json.loads(line)["step"])
+            except json.JSONDecodeError:
+                pass
+    return steps
+
+
 def test_sigkill_mid_run_then_rerun_resumes(tmp_path, tiny_tokens):
     work = tmp_path / "wf"
     work.mkdir()
@@ -52,10 +64,11 @@ def test_sigkill_mid_run_then_rerun_resumes(tmp_path, tiny_tokens):
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if progress.is_file():
-            steps = [json.loads(x)["step"] for x in progress.read_text().splitlines() if '"kind": "step"' in x]
+            steps = _logged_steps(progress)
             if steps and max(steps) >= 35:
                 _kill_tree(proc)
-                killed_after = max(steps)
+                # the worker may log one more step between the poll and the kill: re-read what it left
+                killed_after = max(_logged_steps(progress))
                 break
         time.sleep(0.01)
     assert killed_after is not None, "the run finished or never started before it could be killed"

@@ -46,9 +46,24 @@ def _jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL file; a last line torn by a kill mid-write (no newline yet) is dropped."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = text.split("\n")
+    torn = lines.pop()  # "" when the file ends with a newline
+    if torn.strip():
+        try:
+            lines.append(json.dumps(json.loads(torn)))
+        except json.JSONDecodeError:
+            pass
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _rewrite_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    os.replace(tmp, path)
 
 
 def _append_jsonl(path: Path, rows: list[dict]) -> None:
@@ -109,7 +124,10 @@ def run(run_cfg: dict, tokens_dir: str | Path, out_dir: str | Path) -> None:
         path, meta = latest
         ckpts.load(engine, path)
         start_step, attempt = meta["step"], meta["attempt"] + 1
-        prior = [r for r in _read_jsonl(progress_path) if r.get("config_hash") == config_hash]
+        rows = _read_jsonl(progress_path)
+        if ctx.is_main:  # drop a line torn by the kill before appending to the file again
+            _rewrite_jsonl(progress_path, rows)
+        prior = [r for r in rows if r.get("config_hash") == config_hash]
         offset = max([meta["elapsed_s"]] + [r["elapsed_s"] for r in prior])
         log(ctx, f"[{spec.name}] resumed from checkpoint {path.name} (step {start_step}), attempt {attempt}; "
                  f"previous attempt ran until {offset:.1f}s")
