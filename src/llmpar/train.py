@@ -171,6 +171,8 @@ def run(run_cfg: dict, tokens_dir: str | Path, out_dir: str | Path) -> None:
                 raise torch.OutOfMemoryError(f"injected out-of-memory fault at step {step}")
             if fault["kind"] == "crash":
                 raise RuntimeError(f"injected crash at step {step}")
+        if step == tc["steps"]:
+            engine.arm_state_capture()  # model-state bytes at the last step's optimizer step
         loss = engine.train_step(micro)
         if fault.get("kind") == "nan" and step >= fault.get("at_step", 1):
             loss = loss * float("nan")
@@ -217,7 +219,7 @@ def run(run_cfg: dict, tokens_dir: str | Path, out_dir: str | Path) -> None:
         "node": distributed.node_name(),
         "node_rank": ctx.node_rank,
         "memory": peak_memory(ctx.device),
-        "state_bytes": engine.model_state_bytes(),
+        "state_bytes": engine.captured_state_bytes,
         "local_params": engine.local_param_count(),
         "samples": samples,
         "breakdown": breakdown,

@@ -52,6 +52,10 @@ DEFINITIONS: dict[str, str] = {
     "activation checkpointing does not count. Each token counts once per model replica, so tensor and "
     "pipeline ranks share it. Peak: bf16 dense tensor rate by GPU name (H100/H200 SXM 989e12, "
     "A100 312e12, ...) or `train.peak_flops`; undefined on CPU unless configured.",
+    "state_gib_per_rank": "Model-state memory per rank (params_gib_per_rank, grads_gib_per_rank, "
+    "optimizer_gib_per_rank): bytes of the parameter, gradient and optimizer-state tensors the engine "
+    "holds, each storage counted once, measured during the last step after each micro-batch's backward "
+    "and just before the optimizer step, at the moment with the largest total; maximum over ranks.",
     "time_breakdown": "Share of step time in forward, backward (communication overlapped with it "
     "included) and optimizer, from CUDA events on GPU (host clocks on CPU), rank 0, resolved at the end "
     "of the run (no per-step host sync). Pipelines report the theoretical bubble (p−1)/(v·m+p−1) "

@@ -10,7 +10,11 @@ The training loop only calls:
 * ``engine.eval_loss(inputs, labels)`` – mean validation loss of the global batch, same contract;
 * ``engine.save_checkpoint(dir)`` / ``engine.load_checkpoint(dir)`` – in the engine's own format;
 * ``engine.model_state_bytes()`` – bytes of parameters, gradients and optimizer state held by this
-  rank, measured from the tensors;
+  rank now, measured from the tensors; after ``engine.arm_state_capture()`` the next step measures
+  them after each micro-batch's backward and just before the optimizer applies the update, and keeps
+  the moment with the largest total in ``engine.captured_state_bytes`` (the step's model-state peak:
+  with gradient accumulation, ZeRO-1 holds full gradients between micro-batches, ZeRO-2 only its
+  partition);
 * ``engine.local_param_count()`` – parameters (elements) held by this rank;
 * ``engine.lr()`` – the current learning rate.
 """
@@ -149,6 +153,29 @@ class Engine:
 
     dp_rank: int = 0
     dp_size: int = 1
+    captured_state_bytes: dict[str, int] | None = None
+    _capture_armed: bool = False
+
+    def arm_state_capture(self) -> None:
+        self._capture_armed = True
+
+    def watch_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Record :meth:`model_state_bytes` from a pre-step hook of the torch optimizer that applies the
+        update (for DeepSpeed, the optimizer inside its ZeRO / bf16 wrapper), when armed."""
+
+        def before_step(_optimizer, _args, _kwargs):
+            self.capture_states()
+            self._capture_armed = False
+
+        optimizer.register_step_pre_hook(before_step)
+
+    def capture_states(self) -> None:
+        """When armed: measure the model-state bytes now and keep them if the total is the step's largest."""
+        if not self._capture_armed:
+            return
+        now = self.model_state_bytes()
+        if self.captured_state_bytes is None or sum(now.values()) > sum(self.captured_state_bytes.values()):
+            self.captured_state_bytes = now
 
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         raise NotImplementedError
@@ -240,6 +267,7 @@ class TorchEngine(Engine):
         self.optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], train_cfg, ctx.device)
         self.scheduler = make_scheduler(self.optimizer, train_cfg)
         self.timer = PhaseTimer(ctx.device, enabled=train_cfg.get("metrics", True))
+        self.watch_optimizer(self.optimizer)
 
     # -- stepping
     def _reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
@@ -260,6 +288,7 @@ class TorchEngine(Engine):
                 self.timer.stop("forward")
                 loss.backward()
                 self.timer.stop("backward")
+            self.capture_states()
             total += loss.detach().float()
         self.timer.start()
         if self.train_cfg["grad_clip"] > 0:

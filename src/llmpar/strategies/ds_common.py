@@ -245,6 +245,16 @@ def ds_state_bytes(engine) -> dict[str, int]:
     return out
 
 
+def ds_torch_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer that applies the update: inside DeepSpeed's ZeRO / bf16 wrapper, or the
+    engine's optimizer itself when it has none."""
+    wrapper = engine.optimizer
+    inner = getattr(wrapper, "optimizer", wrapper)
+    if not isinstance(inner, torch.optim.Optimizer):
+        raise TypeError(f"no torch optimizer inside DeepSpeed's {type(wrapper).__name__}")
+    return inner
+
+
 def ds_local_param_count(engine) -> int:
     """Parameter elements this rank holds: the ZeRO-3 partition (plus any gathered/persistent full
     copy), else the (possibly TP-sharded or stage-local) parameter itself."""
@@ -278,6 +288,7 @@ class DeepSpeedEngine(Engine):
             raise ConfigError(f"run {spec.name}: DeepSpeed accumulates {engine.gradient_accumulation_steps()} "
                               f"micro-batches, the run asks for {spec.micro_batches}")
         self.timer = PhaseTimer(ctx.device, enabled=train_cfg.get("metrics", True))
+        self.watch_optimizer(ds_torch_optimizer(engine))
 
     def _reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         if self.dp_size > 1:
@@ -294,6 +305,7 @@ class DeepSpeedEngine(Engine):
             self.timer.stop("forward")
             self.engine.backward(loss)
             self.timer.stop("backward")
+            self.capture_states()
             self.engine.step()  # optimizer step at the accumulation boundary only (bookkeeping otherwise)
             self.timer.stop("optimizer")
             total += loss.detach().float()

@@ -165,6 +165,7 @@ class DeepSpeedPipelineEngine(ds_common.DeepSpeedEngine):
         if engine.micro_batches != spec.micro_batches:
             raise ConfigError(f"run {spec.name}: DeepSpeed pipelines {engine.micro_batches} micro-batches, "
                               f"the run asks for {spec.micro_batches}")
+        self.watch_optimizer(ds_common.ds_torch_optimizer(engine))
 
     def train_step(self, micro_batches):
         if len(micro_batches) != self.engine.micro_batches:

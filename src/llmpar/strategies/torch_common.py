@@ -126,6 +126,7 @@ class MeshEngine(TorchEngine):
                 self.timer.stop("forward")
                 loss.backward()
                 self.timer.stop("backward")
+            self.capture_states()
             total += loss.detach().float()
         self.timer.start()
         params = list(self.model.parameters())
