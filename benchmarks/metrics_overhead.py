@@ -34,10 +34,17 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--repeats", type=int, default=3, help="runs per arm, interleaved; the median is reported")
     p.add_argument("--tokens", help="token shards (default: the study's results/<study>/data/tokens)")
+    p.add_argument("--no-compile", action="store_true", help="train eager (skips compilation in every run)")
+    p.add_argument("--micro-batch-size", type=int, help="override train.micro_batch_size")
+    p.add_argument("--json", help="also write the figures to this JSON file")
     a = p.parse_args()
     raw = load_yaml(a.config)
     raw["recorded"] = False
     raw.setdefault("train", {}).update(steps=a.steps, checkpoint_every=0, eval_every=a.steps, log_every=50)
+    if a.no_compile:
+        raw["train"]["compile"] = False
+    if a.micro_batch_size:
+        raw["train"]["micro_batch_size"] = a.micro_batch_size
     cfg = prepare(raw)
     tokens = Path(a.tokens) if a.tokens else REPO / "results" / cfg["study"] / "data" / "tokens"
     if not (tokens / "meta.json").is_file():
@@ -53,7 +60,11 @@ def main() -> int:
                 subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--run-config", json.dumps(rc),
                                 "--tokens", str(tokens), "--out", str(out)], check=True,
                                stdout=subprocess.DEVNULL)
-                tps = json.loads((out / "summary.json").read_text())["tokens_per_s"]
+                summary = json.loads((out / "summary.json").read_text())
+                if summary["status"] != "ok":
+                    print(f"error: run {a.run} ended {summary['status']}: {summary['message']}", file=sys.stderr)
+                    return 1
+                tps = summary["tokens_per_s"]
                 results[metrics].append(tps)
                 print(f"repeat {i} metrics={'on ' if metrics else 'off'}  {tps:,.0f} tokens/s", flush=True)
     on, off = statistics.median(results[True]), statistics.median(results[False])
@@ -61,6 +72,11 @@ def main() -> int:
     print(f"metrics on : {on:,.0f} tokens/s")
     print(f"metrics off: {off:,.0f} tokens/s")
     print(f"slowdown ratio off/on: {off / on:.4f}  ({(off / on - 1) * 100:+.2f}% time added by metric collection)")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"run": a.run, "study": cfg["study"], "steps": a.steps,
+                                            "tokens_per_s_on": results[True], "tokens_per_s_off": results[False],
+                                            "median_on": on, "median_off": off, "ratio_off_on": off / on},
+                                           indent=1))
     return 0
 
 

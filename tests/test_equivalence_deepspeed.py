@@ -7,10 +7,15 @@ difference of any of these runs is 1.7e-7 (float32 reduction order), so 1e-4 is 
 engines' numerics and needs no per-engine exception. Each test also checks that the model states are
 really split the way the strategy claims (per-rank parameter counts; optimizer bytes for ZeRO),
 with expected values derived from the model's shape, not hard-coded. One bf16 run (AutoTP) checks
-DeepSpeed's bf16 against the fp32 baseline with a bf16 tolerance.
+DeepSpeed's bf16 against the fp32 baseline with a bf16 tolerance. ZeRO-1, ZeRO-3, AutoTP and the
+pipeline also checkpoint at step 3 in DeepSpeed's own format and are resumed from it (loaded with
+``torch.load(weights_only=True)``): the resumed steps' losses equal the first run's exactly.
 """
 
+import pickle
+
 import pytest
+import torch
 from conftest import assert_same_losses, make_config, train_run
 
 from llmpar.config import model_dims, prepare
@@ -27,8 +32,11 @@ def _dims():
     return model_dims(prepared["model"]), prepared["tokenizer"]["vocab_size"]
 
 
-def _run(tiny_tokens, tmp_path, baseline, run: dict, world: int):
-    summary, steps, _ = train_run(make_config({"ds": run}), "ds", tiny_tokens, tmp_path)
+def _run(tiny_tokens, tmp_path, baseline, run: dict, world: int, resume: bool = False):
+    """Train ``run`` and compare it with the baseline; with ``resume`` it also checkpoints at step 3
+    (DeepSpeed's own format, read back through the weights_only loader) and is resumed from there."""
+    train = {"checkpoint_every": 3} if resume else {}
+    summary, steps, _ = train_run(make_config({"ds": run}, train=train), "ds", tiny_tokens, tmp_path)
     assert summary["status"] == "ok", summary["message"]
     assert summary["world_size"] == world
     assert_same_losses(steps, baseline[1], rtol=RTOL, min_steps=6)
@@ -36,7 +44,31 @@ def _run(tiny_tokens, tmp_path, baseline, run: dict, world: int):
     assert abs(summary["final_val_loss"] - ref_val) <= RTOL * abs(ref_val), (summary["final_val_loss"], ref_val)
     ranks = sorted(summary["per_rank"], key=lambda r: r["rank"])
     assert [r["rank"] for r in ranks] == list(range(world))
+    if resume:
+        (tmp_path / "summary.json").unlink()
+        again, steps2, proc = train_run(make_config({"ds": run}, train=train), "ds", tiny_tokens, tmp_path)
+        assert "resumed from checkpoint step_00000003" in proc.stdout, proc.stdout[-3000:]
+        first = {r["step"]: r["loss"] for r in steps}
+        after = {r["step"]: r["loss"] for r in steps2 if r["step"] > 3}
+        assert sorted(after) == [4, 5, 6] and all(after[k] == first[k] for k in after), (after, first)
+        assert again["final_val_loss"] == summary["final_val_loss"] and again["attempts"] == 2
     return summary, ranks
+
+
+class NotAllowed:
+    """A class a checkpoint must not be able to make the loader instantiate."""
+
+
+def test_deepspeed_checkpoints_load_with_weights_only(tmp_path):
+    from llmpar.strategies import ds_common
+
+    loader = ds_common.safe_checkpoint_engine_class()(None)
+    path = tmp_path / "evil.pt"
+    torch.save({"payload": NotAllowed()}, path)
+    with pytest.raises(pickle.UnpicklingError, match="NotAllowed"):
+        loader.load(str(path))
+    torch.save({"w": torch.ones(2), "ds_version": "0.19"}, path)
+    assert loader.load(str(path))["w"].sum().item() == 2
 
 
 # --------------------------------------------------------------------------- ZeRO
@@ -45,7 +77,8 @@ def _run(tiny_tokens, tmp_path, baseline, run: dict, world: int):
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_matches_single(tiny_tokens, baseline, tmp_path, stage):
     summary, ranks = _run(tiny_tokens, tmp_path, baseline,
-                          {"strategy": "zero", "zero_stage": stage, "gpus_per_node": 2}, world=2)
+                          {"strategy": "zero", "zero_stage": stage, "gpus_per_node": 2}, world=2,
+                          resume=stage in (1, 3))
     total = summary["params_total"]
     for r in ranks:
         # optimizer state (fp32 master + moments) partitioned: half of it per rank, not 12 bytes/param
@@ -56,8 +89,9 @@ def test_zero_matches_single(tiny_tokens, baseline, tmp_path, stage):
             # parameters partitioned: each rank holds its ZeRO-3 partition (~half, partitions padded)
             assert r["local_params"] == pytest.approx(total / 2, rel=0.01), r
             assert r["state_bytes"]["params"] == pytest.approx(4 * total / 2, rel=0.01), r
-            # ZeRO-3 keeps a persistent buffer for this rank's gradient partition
-            assert r["state_bytes"]["grads"] == pytest.approx(4 * total / 2, rel=0.01), r
+            # at the optimizer step ZeRO-3 holds this rank's gradient partition twice: its persistent
+            # model-dtype buffer and the fp32 copy handed to the optimizer (both fp32 in this run)
+            assert r["state_bytes"]["grads"] == pytest.approx(2 * 4 * total / 2, rel=0.01), r
     if stage == 3:
         assert sum(r["local_params"] for r in ranks) >= total
 
@@ -106,7 +140,7 @@ def _autotp_expected_local(tp: int) -> tuple[int, int]:
 def test_autotp_matches_single(tiny_tokens, baseline, tmp_path, world):
     summary, ranks = _run(tiny_tokens, tmp_path, baseline,
                           {"strategy": "tensor_parallel", "tp": 2, "tp_engine": "deepspeed",
-                           "gpus_per_node": world}, world=world)
+                           "gpus_per_node": world}, world=world, resume=world == 2)
     assert summary["spec"]["dp"] == world // 2
     local, total = _autotp_expected_local(2)
     assert total == summary["params_total"]
@@ -153,7 +187,7 @@ def _assert_stage_split(summary, ranks, stages, dp):
 def test_deepspeed_pipeline_matches_single(tiny_tokens, baseline, tmp_path):
     summary, ranks = _run(tiny_tokens, tmp_path, baseline,
                           {"strategy": "pipeline_parallel", "stages": 2, "micro_batches": 4,
-                           "pp_engine": "deepspeed"}, world=2)
+                           "pp_engine": "deepspeed"}, world=2, resume=True)
     assert summary["spec"]["micro_batches"] == 4
     _assert_stage_split(summary, ranks, stages=2, dp=1)
 

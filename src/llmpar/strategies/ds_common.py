@@ -144,7 +144,47 @@ def initialize(module, config: dict, train_cfg: dict, device: torch.device, mpu=
         mpu=mpu,
     )
     _undo_unfused_optimizer_warmup(engine)
+    use_safe_checkpoint_loader(engine)
     return engine
+
+
+def safe_checkpoint_engine_class():
+    """DeepSpeed's torch checkpoint engine with ``torch.load(weights_only=True)``.
+
+    DeepSpeed 0.19's TorchCheckpointEngine loads with ``weights_only=False`` (full pickle: a
+    checkpoint file could run code). Its checkpoints hold tensors, containers, strings and numbers
+    plus a few DeepSpeed objects, which are allow-listed by name below; anything else is refused
+    with torch's UnpicklingError naming the global.
+    """
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(_deepspeed_checkpoint_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return SafeTorchCheckpointEngine
+
+
+def _deepspeed_checkpoint_globals() -> list:
+    """The non-tensor objects DeepSpeed puts in its checkpoints: found with
+    ``torch.serialization.get_unsafe_globals_in_checkpoint`` on the checkpoints of ZeRO-1/2/3 (with and
+    without offload), AutoTP (fp32, bf16) and the pipeline (alone and with ZeRO-1)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def use_safe_checkpoint_loader(engine) -> None:
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    current = engine.checkpoint_engine
+    if type(current) is not TorchCheckpointEngine:
+        raise RuntimeError(f"unexpected DeepSpeed checkpoint engine {type(current).__name__}: "
+                           "its loader is not known to be safe")
+    engine.checkpoint_engine = safe_checkpoint_engine_class()(engine._config)
 
 
 def _undo_unfused_optimizer_warmup(engine) -> None:
@@ -337,9 +377,7 @@ class DeepSpeedEngine(Engine):
         return ds_local_param_count(self.engine)
 
     # DeepSpeed's own format: <path>/ds/mp_rank_*_model_states.pt (+ ZeRO optimizer partitions per
-    # rank), the LR scheduler inside. Its loader calls torch.load(weights_only=False) (pickle;
-    # deepspeed/runtime/checkpoint_engine/torch_checkpoint_engine.py), so only load checkpoints this
-    # workflow wrote.
+    # rank), the LR scheduler inside; read back through SafeTorchCheckpointEngine (weights_only=True).
     def save_checkpoint(self, path: Path) -> None:
         self.engine.save_checkpoint(str(path), tag=CHECKPOINT_TAG)
 
