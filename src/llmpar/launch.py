@@ -76,8 +76,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _cli_config(args) -> tuple[dict, str]:
     """A one-run study config from --config and/or the CLI flags. Returns (prepared config, run name)."""
-    import torch
-
     raw = load_yaml(args.config) if args.config else {}
     if args.run:
         if not args.config:
@@ -106,7 +104,7 @@ def _cli_config(args) -> tuple[dict, str]:
     if args.seed is not None:
         raw["seed"] = args.seed
     device_pref = raw.get("train", {}).get("device", "auto")
-    gpus = torch.cuda.device_count() if device_pref != "cpu" and torch.cuda.is_available() else 0
+    gpus = cuda_device_count() if device_pref != "cpu" else 0
     cfg = prepare(raw, default_procs=gpus or 2)
     runs = list(cfg["runs"])
     if len(runs) != 1:
@@ -137,17 +135,15 @@ def _ensure_cli_data(cfg: dict) -> Path:
 def check_fits(rc: dict, vocab_size: int, local_procs: int) -> None:
     """Raise ExpectedFailure('invalid') when this machine cannot hold the layout (estimate in the message)."""
     import psutil
-    import torch
 
     from llmpar.model import estimate_memory_bytes
 
     run, tc = rc["run"], rc["train"]
-    use_cuda = tc["device"] == "cuda" or (tc["device"] == "auto" and torch.cuda.is_available())
-    if use_cuda and torch.cuda.device_count() < run["gpus_per_node"]:
+    gpus = cuda_device_count() if tc["device"] != "cpu" else 0
+    use_cuda = tc["device"] == "cuda" or (tc["device"] == "auto" and gpus > 0)
+    if use_cuda and gpus < run["gpus_per_node"]:
         raise ExpectedFailure(
-            "invalid",
-            f"the layout needs {run['gpus_per_node']} GPUs per node, this node has {torch.cuda.device_count()}",
-        )
+            "invalid", f"the layout needs {run['gpus_per_node']} GPUs per node, this node has {gpus}")
     if not tc["memory_check"]:
         return
     est = estimate_memory_bytes(rc["model"], vocab_size, run, run["micro_batch_size"])
@@ -166,6 +162,21 @@ def check_fits(rc: dict, vocab_size: int, local_procs: int) -> None:
             f"exceeds 90% of the {avail / gib:.1f} GiB of {what}; use a smaller --model_size, more "
             f"processes for sharded strategies, or set train.memory_check: false",
         )
+
+
+def cuda_device_count() -> int:
+    """CUDA devices visible to this process (CUDA_VISIBLE_DEVICES applies), asked of the driver
+    (libcuda) instead of torch: importing torch costs the launcher ~3 s per job. 0 without a driver."""
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
 
 
 def _gpu_memory_bytes() -> int | None:
@@ -206,9 +217,7 @@ def worker_env(rc: dict, tokens: Path, out: Path) -> dict:
     env.setdefault("PYTHONUNBUFFERED", "1")
     # Keep NVLink multicast off (the lent GPU machines require it) and DeepSpeed on CPU without a GPU.
     env.setdefault("NCCL_NVLS_ENABLE", "0")
-    import torch
-
-    if not torch.cuda.is_available():
+    if rc["train"]["device"] == "cpu" or cuda_device_count() == 0:
         env.setdefault("DS_ACCELERATOR", "cpu")
     return env
 
@@ -252,6 +261,21 @@ def slurm_first_host() -> str:
     return _scontrol_fields("node", first).get("NodeAddr") or first
 
 
+def share_threads(env: dict, procs_here: int) -> None:
+    """Give each worker process an equal share of the job's CPU threads.
+
+    ``OMP_NUM_THREADS`` in the launcher's environment is the job's budget (Snakemake sets it, and the
+    BLAS variables below, to the rule's ``threads``; else every core). torch takes its intra-op
+    thread count from ``MKL_NUM_THREADS`` over ``OMP_NUM_THREADS``, so both are set: with 4 workers on
+    2 cores each keeping 2 threads, gloo runs were measured 13x slower than with 1 thread each.
+    """
+    budget = int(env.get("OMP_NUM_THREADS") or 0) or (os.cpu_count() or 1)
+    share = str(max(1, budget // procs_here))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS",
+                "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS"):
+        env[var] = share
+
+
 def launch(rc: dict, tokens: Path, out: Path, argv: list[str]) -> int:
     """Start the workers; returns the exit code of the slowest agent (0 when all succeeded)."""
     run = rc["run"]
@@ -266,11 +290,13 @@ def launch(rc: dict, tokens: Path, out: Path, argv: list[str]) -> int:
         print("launch:", shlex.join(cmd), flush=True)
         return subprocess.run(cmd, env=env).returncode
     if os.environ.get("LLMPAR_SRUN_TASK"):
+        share_threads(env, gpn)
         node_rank = int(os.environ["SLURM_NODEID"])
         port = 20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000
         cmd = torchrun_cmd(nodes, node_rank, gpn, slurm_first_host(), port)
         print(f"launch (node {node_rank}):", shlex.join(cmd), flush=True)
         return subprocess.run(cmd, env=env).returncode
+    share_threads(env, nodes * gpn)  # all (local) nodes' workers run on this host
     port = free_port()
     procs = []
     for node_rank in range(nodes):

@@ -108,7 +108,7 @@ def run(run_cfg: dict, tokens_dir: str | Path, out_dir: str | Path) -> None:
     ctx = distributed.init(tc["device"])
     log(ctx, f"[{spec.name}] strategy={spec.strategy} world={ctx.world_size} tp={spec.tp} stages={spec.stages} "
              f"dp={spec.dp} micro_batches={spec.micro_batches}x{spec.micro_batch_size} device={ctx.device} "
-             f"backend={ctx.backend}")
+             f"backend={ctx.backend} threads/process={torch.get_num_threads()}")
 
     data = TokenData(tokens_dir, mc["seq_len"], seed)
     model = build_model(mc, data.vocab_size, seed, device=ctx.device)
