@@ -111,6 +111,9 @@ def test_oom_and_divergence_are_rows_and_the_study_completes(tmp_path):
     assert metrics.loc["single", "status"] == "ok"
     assert metrics.loc["oom", "status"] == "oom" and "out-of-memory" in metrics.loc["oom", "message"]
     assert metrics.loc["nan", "status"] == "diverged" and "not finite" in metrics.loc["nan", "message"]
+    # the steps the failed run completed before the fault stay in its record
+    steps = read_table(tmp_path / "results" / "faults" / "steps.csv")
+    assert list(steps[steps["run"] == "oom"]["step"]) == [1, 2] and metrics.loc["oom", "steps_completed"] == 2
     html = (tmp_path / "report" / "faults" / "report.html").read_text()
     assert "oom" in html and "diverged" in html and "not finite" in html
 

@@ -310,13 +310,33 @@ def launch(rc: dict, tokens: Path, out: Path, argv: list[str]) -> int:
 def failure_summary(rc: dict, out: Path, status: str, message: str) -> None:
     """A complete summary for a run that ended in an expected failure (no steps, or the steps so far)."""
     run = rc["run"]
+    steps = steps_so_far(out / "progress.jsonl")
     summary = {
         "run": run["name"], "status": status, "message": message, "spec": run, "strategy": run["strategy"],
         "world_size": run["nodes"] * run["gpus_per_node"], "nodes": run["nodes"],
-        "gpus_per_node": run["gpus_per_node"], "steps_completed": 0, "steps_planned": rc["train"]["steps"],
+        "gpus_per_node": run["gpus_per_node"], "steps_completed": len(steps), "steps_planned": rc["train"]["steps"],
     }
-    write_text(out / "steps.jsonl", "")
+    write_text(out / "steps.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in steps))
     write_json(out / "summary.json", summary)
+
+
+def steps_so_far(progress: Path) -> list[dict]:
+    """The step records a failed run logged before it stopped (its last configuration's, one per step,
+    the newest attempt's where a restart repeated steps); a line torn by the failure is skipped."""
+    rows = []
+    if progress.is_file():
+        for line in progress.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    rows = [r for r in rows if r.get("kind") == "step"]
+    if not rows:
+        return []
+    last_hash = rows[-1].get("config_hash")
+    by_step = {r["step"]: {k: v for k, v in r.items() if k != "kind"} for r in rows
+               if r.get("config_hash") == last_hash}
+    return [by_step[k] for k in sorted(by_step)]
 
 
 def collect_failures(out: Path) -> dict | None:
