@@ -83,12 +83,16 @@ def apply_activation_checkpointing(model, mode: str) -> None:
 
 
 def apply_compile(model, enabled: bool) -> None:
-    """torch.compile each decoder layer (torchtitan's per-block compile: small graphs, fast recompiles)."""
+    """torch.compile each decoder layer (torchtitan's per-block compile: small graphs, fast recompiles).
+
+    In place (``nn.Module.compile``): the layers stay the same modules, with the same parameter names,
+    instead of being replaced by ``OptimizedModule`` wrappers, whose plain-dict ``_parameters``
+    DeepSpeed ZeRO-3's forward hooks cannot handle (``'dict' object has no attribute '_in_forward'``).
+    """
     if not enabled:
         return
-    layers = decoder_layers(model)
-    for i in range(len(layers)):
-        layers[i] = torch.compile(layers[i], fullgraph=False)
+    for layer in decoder_layers(model):
+        layer.compile(fullgraph=False)
 
 
 def prepare_model(model, spec) -> torch.nn.Module:
