@@ -82,17 +82,23 @@ def apply_activation_checkpointing(model, mode: str) -> None:
             layers[i] = checkpoint_wrapper(layers[i], preserve_rng_state=False)
 
 
-def apply_compile(model, enabled: bool) -> None:
+def apply_compile(model, enabled: bool, in_place: bool = False) -> None:
     """torch.compile each decoder layer (torchtitan's per-block compile: small graphs, fast recompiles).
 
-    In place (``nn.Module.compile``): the layers stay the same modules, with the same parameter names,
-    instead of being replaced by ``OptimizedModule`` wrappers, whose plain-dict ``_parameters``
-    DeepSpeed ZeRO-3's forward hooks cannot handle (``'dict' object has no attribute '_in_forward'``).
+    The torch engines replace each layer by its ``OptimizedModule`` wrapper (what the recorded GPU
+    runs measured; FSDP2 then wraps the compiled layer, its hooks outside the graph). DeepSpeed engines
+    compile in place (``nn.Module.compile``: same module, same parameter names), because ZeRO-3's forward
+    hooks fail on the wrappers' plain-dict ``_parameters`` (``'dict' object has no attribute
+    '_in_forward'``).
     """
     if not enabled:
         return
-    for layer in decoder_layers(model):
-        layer.compile(fullgraph=False)
+    layers = decoder_layers(model)
+    for i in range(len(layers)):
+        if in_place:
+            layers[i].compile(fullgraph=False)
+        else:
+            layers[i] = torch.compile(layers[i], fullgraph=False)
 
 
 def prepare_model(model, spec) -> torch.nn.Module:

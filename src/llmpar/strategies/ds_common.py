@@ -128,7 +128,7 @@ def ds_config(spec, train_cfg: dict, *, zero_stage: int, model=None, engine_name
 def apply_levers(model, spec) -> None:
     """Activation checkpointing and compile on the HF decoder layers (the bf16 cast is DeepSpeed's job)."""
     apply_activation_checkpointing(model, spec.activation_checkpointing)
-    apply_compile(model, spec.compile)
+    apply_compile(model, spec.compile, in_place=True)
 
 
 def initialize(module, config: dict, train_cfg: dict, device: torch.device, mpu=None):
