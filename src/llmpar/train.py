@@ -272,6 +272,7 @@ def write_outputs(out, run_cfg, spec, ctx, data, prior, steps, evals, per_rank, 
         "tokens_trained": all_steps[-1]["tokens"] if all_steps else 0,
         "attempts": 1 + max([r.get("attempt", 0) for r in all_steps], default=0),
         "redone_steps": redone,
+        "state_bytes_at": "step_peak",  # see DEFINITIONS["state_gib_per_rank"]
         "wall_time_s": wall,
         "started_at": t0 - offset,
         "finished_at": time.time(),

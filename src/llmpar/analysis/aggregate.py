@@ -120,6 +120,9 @@ def metrics_row(s: dict) -> dict:
         "params_gib_per_rank": state_max("params"),
         "grads_gib_per_rank": state_max("grads"),
         "optimizer_gib_per_rank": state_max("optimizer"),
+        # summaries written before the peak measurement (e.g. results/h200-1b) measured after the last
+        # step, when gradients are already freed
+        "state_bytes_at": (s.get("state_bytes_at") or "after_last_step") if states else None,
         "local_params_rank0": per_rank[0].get("local_params") if per_rank else None,
         "final_loss": s.get("final_loss"),
         "final_val_loss": s.get("final_val_loss"),
