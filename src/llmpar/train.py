@@ -322,7 +322,12 @@ def worker_main() -> int:
     rank = int(os.environ.get("RANK", 0))
     try:
         run(run_cfg, tokens_dir, out_dir)
-        return 0
+        # The outputs are complete and the process group is destroyed: leave without interpreter
+        # teardown, where a C++ thread left behind by gloo/DeepSpeed once aborted a rank of a finished
+        # ZeRO-2 run ("terminate called without an active exception", SIGABRT) in CI.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     except (torch.OutOfMemoryError, ExpectedFailure) as exc:
         status = getattr(exc, "status", "oom")
         write_json(Path(out_dir) / FAILURE_FILE.format(rank=rank), {
