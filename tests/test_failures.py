@@ -15,6 +15,7 @@ from conftest import BASE_CONFIG, REPO, train_run
 from workflow_util import SNAKEMAKE, snakemake, write_config
 
 from llmpar.analysis.aggregate import read_table
+from llmpar.io import read_appended_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -38,15 +39,8 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 
 def _logged_steps(progress) -> list[int]:
-    """Steps of the complete lines of a progress file (a line being written may be torn)."""
-    steps = []
-    for line in progress.read_text().splitlines():
-        if '"kind": "step"' in line:
-            try:
-                steps.append(json.loads(line)["step"])
-            except json.JSONDecodeError:
-                pass
-    return steps
+    """Steps logged so far (complete lines: the run may be writing one)."""
+    return [r["step"] for r in read_appended_jsonl(progress) if r.get("kind") == "step"]
 
 
 def test_sigkill_mid_run_then_rerun_resumes(tmp_path, tiny_tokens):

@@ -29,6 +29,27 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
+def read_appended_jsonl(path: str | Path) -> list[dict]:
+    """Rows of a JSONL file that is appended to while a run lives (progress.jsonl): a last line a kill
+    tore mid-write (no newline yet, not valid JSON) is dropped; any other bad line is an error."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_text().split("\n")
+    tail = lines.pop()  # "" when the file ends with a newline
+    rows = [json.loads(line) for line in lines if line.strip()]
+    if tail.strip():
+        try:
+            rows.append(json.loads(tail))
+        except json.JSONDecodeError:
+            pass
+    return rows
+
+
 def write_json(path: str | Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 

@@ -16,6 +16,7 @@ summary with that status; bad input exits 2 with a message before anything is wr
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shlex
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from llmpar.config import REPO_ROOT, load_yaml, prepare, run_config
 from llmpar.errors import ConfigError, ExpectedFailure, UserError
-from llmpar.io import write_json, write_text
+from llmpar.io import read_appended_jsonl, write_json, write_jsonl
 
 CLI_RUN_KEYS = (
     "strategy", "nodes", "gpus_per_node", "tp", "stages", "micro_batches", "micro_batch_size", "schedule",
@@ -164,6 +165,7 @@ def check_fits(rc: dict, vocab_size: int, local_procs: int) -> None:
         )
 
 
+@functools.cache
 def cuda_device_count() -> int:
     """CUDA devices visible to this process (CUDA_VISIBLE_DEVICES applies), asked of the driver
     (libcuda) instead of torch: importing torch costs the launcher ~3 s per job. 0 without a driver."""
@@ -316,27 +318,22 @@ def failure_summary(rc: dict, out: Path, status: str, message: str) -> None:
         "world_size": run["nodes"] * run["gpus_per_node"], "nodes": run["nodes"],
         "gpus_per_node": run["gpus_per_node"], "steps_completed": len(steps), "steps_planned": rc["train"]["steps"],
     }
-    write_text(out / "steps.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in steps))
+    write_jsonl(out / "steps.jsonl", steps)
     write_json(out / "summary.json", summary)
 
 
 def steps_so_far(progress: Path) -> list[dict]:
-    """The step records a failed run logged before it stopped (its last configuration's, one per step,
-    the newest attempt's where a restart repeated steps); a line torn by the failure is skipped."""
-    rows = []
-    if progress.is_file():
-        for line in progress.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    rows = [r for r in rows if r.get("kind") == "step"]
+    """The step records a failed run logged before it stopped: its last configuration's, one per step
+    (the newest attempt's where a restart repeated steps)."""
+    from llmpar.metrics.definitions import dedupe_steps
+
+    rows = [r for r in read_appended_jsonl(progress) if r.get("kind") == "step"]
     if not rows:
         return []
     last_hash = rows[-1].get("config_hash")
-    by_step = {r["step"]: {k: v for k, v in r.items() if k != "kind"} for r in rows
-               if r.get("config_hash") == last_hash}
-    return [by_step[k] for k in sorted(by_step)]
+    steps, _ = dedupe_steps([{k: v for k, v in r.items() if k not in ("kind", "config_hash")}
+                             for r in rows if r.get("config_hash") == last_hash])
+    return steps
 
 
 def collect_failures(out: Path) -> dict | None:

@@ -25,7 +25,7 @@ from llmpar.checkpoint import Checkpoints
 from llmpar.config import RunSpec, stable_hash
 from llmpar.data.loader import TokenData
 from llmpar.errors import ExpectedFailure
-from llmpar.io import write_json, write_text
+from llmpar.io import read_appended_jsonl, write_json, write_jsonl
 from llmpar.metrics import definitions as D
 from llmpar.metrics.env import environment
 from llmpar.metrics.recorder import Recorder
@@ -39,31 +39,6 @@ FAILURE_FILE = ".failure-rank{rank}.json"
 def log(ctx, msg: str) -> None:
     if ctx is None or ctx.is_main:
         print(msg, flush=True)
-
-
-def _jsonl(path: Path, rows: list[dict]) -> None:
-    write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSONL file; a last line torn by a kill mid-write (no newline yet) is dropped."""
-    if not path.is_file():
-        return []
-    text = path.read_text()
-    lines = text.split("\n")
-    torn = lines.pop()  # "" when the file ends with a newline
-    if torn.strip():
-        try:
-            lines.append(json.dumps(json.loads(torn)))
-        except json.JSONDecodeError:
-            pass
-    return [json.loads(line) for line in lines if line.strip()]
-
-
-def _rewrite_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-    os.replace(tmp, path)
 
 
 def _append_jsonl(path: Path, rows: list[dict]) -> None:
@@ -124,9 +99,9 @@ def run(run_cfg: dict, tokens_dir: str | Path, out_dir: str | Path) -> None:
         path, meta = latest
         ckpts.load(engine, path)
         start_step, attempt = meta["step"], meta["attempt"] + 1
-        rows = _read_jsonl(progress_path)
+        rows = read_appended_jsonl(progress_path)
         if ctx.is_main:  # drop a line torn by the kill before appending to the file again
-            _rewrite_jsonl(progress_path, rows)
+            write_jsonl(progress_path, rows)
         prior = [r for r in rows if r.get("config_hash") == config_hash]
         offset = max([meta["elapsed_s"]] + [r["elapsed_s"] for r in prior])
         log(ctx, f"[{spec.name}] resumed from checkpoint {path.name} (step {start_step}), attempt {attempt}; "
@@ -306,9 +281,9 @@ def write_outputs(out, run_cfg, spec, ctx, data, prior, steps, evals, per_rank, 
         "data": data.meta,
     }
     strip = ("config_hash",)
-    _jsonl(out / "steps.jsonl", [{k: v for k, v in r.items() if k not in strip} for r in all_steps])
-    _jsonl(out / "evals.jsonl", [{k: v for k, v in r.items() if k not in strip} for r in all_evals])
-    _jsonl(out / "samples.jsonl", samples)
+    write_jsonl(out / "steps.jsonl", [{k: v for k, v in r.items() if k not in strip} for r in all_steps])
+    write_jsonl(out / "evals.jsonl", [{k: v for k, v in r.items() if k not in strip} for r in all_evals])
+    write_jsonl(out / "samples.jsonl", samples)
     write_json(out / "summary.json", summary)
     log(ctx, f"[{spec.name}] {status}: {len(all_steps)} steps, {summary.get('tokens_per_s', float('nan')):,.0f} "
              f"tok/s steady, peak {summary['peak_mem_gib']:.2f} GiB ({summary['memory_kind']}), "
