@@ -5,9 +5,10 @@
 # Debian packages on first use (slurm 22.05 on Debian 12).
 #
 # Idempotent: a second call starts only what is not running (and restarts the Slurm daemons if the
-# generated configuration changed). All state, logs, pidfiles and the MariaDB datadir live under
-# $LLMPAR_SLURM_BASE; the only files written outside it are /etc/slurm/{slurm,gres,slurmdbd}.conf
-# (Slurm's commands read /etc/slurm/slurm.conf) and, if missing, /etc/munge/munge.key.
+# generated configuration changed). A slurmctld it starts discards jobs saved by an earlier cluster.
+# All state, logs, pidfiles and the MariaDB datadir live under $LLMPAR_SLURM_BASE; the only files
+# written outside it are /etc/slurm/{slurm,gres,slurmdbd}.conf (Slurm's commands read
+# /etc/slurm/slurm.conf) and, if missing, /etc/munge/munge.key.
 # scripts/slurm/teardown-local-cluster.sh stops exactly what this started (by pidfile).
 #
 # Settings (environment):
@@ -247,10 +248,12 @@ for u in root ${SUDO_USER:-}; do
 done
 
 # ---------------------------------------------------------------- 6. slurmctld + slurmd's
+# A slurmctld started here starts clean (-c): jobs saved by a cluster that was killed before its
+# teardown (e.g. a machine restarted mid-test) would otherwise be recovered and hold the nodes.
 if ! alive "$RUN/slurmctld.pid" slurmctld; then
-  slurmctld
+  slurmctld -c
   wait_for 30 scontrol ping || die "slurmctld not answering, see $LOG/slurmctld.log"
-  log "slurmctld started (pid $(cat "$RUN/slurmctld.pid"))"
+  log "slurmctld started with a clear job state (pid $(cat "$RUN/slurmctld.pid"))"
 fi
 for i in $(seq 1 "$NODES"); do
   if ! alive "$RUN/slurmd-node$i.pid" slurmd; then
