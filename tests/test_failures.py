@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pandas as pd
@@ -13,6 +12,7 @@ import psutil
 import pytest
 from conftest import BASE_CONFIG, REPO, train_run
 from workflow_util import SNAKEMAKE, snakemake, write_config
+from workflow_util import env as workflow_env
 
 from llmpar.analysis.aggregate import read_table
 from llmpar.io import read_appended_jsonl
@@ -49,10 +49,9 @@ def test_sigkill_mid_run_then_rerun_resumes(tmp_path, tiny_tokens):
     write_config(work, RESUME)
     run_dir = work / "results" / "resume" / "runs" / "single"
     progress = run_dir / "progress.jsonl"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
     cmd = [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(work), "--configfile",
            str(work / "config.yaml"), "--cores", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=workflow_env(),
                             start_new_session=True)
     killed_after = None
     deadline = time.time() + 300

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from workflow_util import env as workflow_env
 
 from llmpar.config import load_yaml, prepare
 
@@ -42,7 +43,7 @@ def dry_run_resources(*configfiles: str) -> dict[str, dict]:
     cmd = [str(SNAKEMAKE), "--dry-run", "--nolock", "--profile", "slurm", "--forcerun", "train",
            "--config", "recorded=False",
            "--configfile", *configfiles]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=workflow_env())
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     jobs, rule, run = {}, None, None

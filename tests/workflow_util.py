@@ -20,12 +20,18 @@ def write_config(workdir: Path, cfg: dict) -> Path:
     return path
 
 
+def env() -> dict[str, str]:
+    """The environment of a Snakemake run in `make test`: one thread per worker, DeepSpeed on CPU, the
+    venv's executables first, and before them tests/no-slurm, whose `scontrol` fails at once (the
+    Slurm executor plugin asks scontrol for the cluster's config whenever Snakemake starts)."""
+    path = os.pathsep.join([str(REPO / "tests" / "no-slurm"), str(Path(sys.executable).parent), os.environ["PATH"]])
+    return dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PATH=path)
+
+
 def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
     cmd = [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
            "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}")
     return proc
