@@ -10,9 +10,10 @@ import time
 import pandas as pd
 import psutil
 import pytest
-from conftest import BASE_CONFIG, REPO, train_run
-from workflow_util import SNAKEMAKE, snakemake, write_config
+from conftest import BASE_CONFIG, train_run
+from workflow_util import command as workflow_command
 from workflow_util import env as workflow_env
+from workflow_util import snakemake, write_config
 
 from llmpar.analysis.aggregate import read_table
 from llmpar.io import read_appended_jsonl
@@ -49,10 +50,8 @@ def test_sigkill_mid_run_then_rerun_resumes(tmp_path, tiny_tokens):
     write_config(work, RESUME)
     run_dir = work / "results" / "resume" / "runs" / "single"
     progress = run_dir / "progress.jsonl"
-    cmd = [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(work), "--configfile",
-           str(work / "config.yaml"), "--cores", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=workflow_env(),
-                            start_new_session=True)
+    proc = subprocess.Popen(workflow_command(work), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=workflow_env(), start_new_session=True)
     killed_after = None
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:

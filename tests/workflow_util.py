@@ -28,10 +28,14 @@ def env() -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PATH=path)
 
 
+def command(workdir: Path, *args: str) -> list[str]:
+    """The workflow on the study config in ``workdir`` (see write_config), run in ``workdir``, 2 cores."""
+    return [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+            "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
+
+
 def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
-    cmd = [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=timeout)
+    proc = subprocess.run(command(workdir, *args), capture_output=True, text=True, env=env(), timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}")
     return proc

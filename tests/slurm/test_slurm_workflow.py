@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from llmpar.config import load_yaml, prepare
+from llmpar.io import read_appended_jsonl
 
 pytestmark = pytest.mark.slurm
 
@@ -68,17 +69,6 @@ def _submissions(log: str) -> list[tuple[str, str, str]]:
         parts = Path(path).relative_to(REPO / ".snakemake" / "slurm_logs").parts
         subs.append((job_id, parts[0], parts[1] if len(parts) > 2 else ""))
     return subs
-
-
-def _jsonl(path: Path) -> list[dict]:
-    """Complete records of a JSON-lines file another process is appending to."""
-    rows = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return rows
 
 
 def _record(name: str, text: str) -> None:
@@ -205,7 +195,7 @@ def test_cancelled_training_job_is_rerun(study_run, tmp_path):
                 queue = _sh("squeue", "-h", "-o", "%i|%T|%k")
                 running = [line.split("|")[0] for line in queue.splitlines()
                            if line.endswith(f"rule_train_wildcards_{run}") and "|RUNNING|" in line]
-                done = [r["step"] for r in _jsonl(out / "progress.jsonl") if r.get("kind") == "step"]
+                done = [r["step"] for r in read_appended_jsonl(out / "progress.jsonl") if r.get("kind") == "step"]
                 if running and done and ckpt < max(done) < steps:
                     cancelled, at_step = running[0], max(done)
                     subprocess.run(["scancel", cancelled], check=True)
