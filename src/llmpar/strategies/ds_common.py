@@ -13,16 +13,23 @@
 * :func:`ds_state_bytes` / :func:`ds_local_param_count` – memory accounting measured from the
   tensors DeepSpeed holds on this rank (also used by the pipeline engine).
 
-Precision. ``precision: bf16`` maps to DeepSpeed's ``bf16`` mode, which is *not* our torch autocast:
-DeepSpeed casts the module's weights (and floating buffers) to bf16, computes forward and backward
-entirely in bf16 with bf16 gradients, and keeps fp32 master weights and fp32 Adam moments in its
-optimizer wrapper (BF16_Optimizer for ZeRO-0, the ZeRO optimizer's fp32 partitions for ZeRO 1-3),
-copying the updated master weights back to bf16 after each step. Torch autocast keeps fp32 weights
-and gradients and casts per op (matmuls in bf16, reductions and norms in fp32). So the DeepSpeed
-engines hold 2+2 bytes/param of model weights and gradients where the torch engines hold 4+4, plus
-the 4-byte master copy. ``precision: bf16-pure`` (bf16 weights, no fp32 master) maps to
-``bf16_master_weights_and_grads`` + ``bf16_optimizer_states``, which DeepSpeed only implements for
-ZeRO stages 1-3; with ZeRO-0 (AutoTP, pipelines) it is rejected.
+Precision. ``precision: bf16`` maps to DeepSpeed's ``torch_autocast`` mode with every gradient
+communicated in fp32 (``lower_precision_safe_modules: []``): the module keeps fp32 weights, DeepSpeed
+runs its forward under ``torch.autocast(bfloat16)``, gradients are fp32, ZeRO reduces and partitions
+them in fp32, and the optimizer updates the fp32 weights (partitions). That is the numerics of the
+torch engines (fp32 master weights, bf16 matmuls, fp32 gradient reduction as in DDP; FSDP2 also
+reduces in fp32), so every engine trains the same model.
+
+DeepSpeed's own ``bf16`` mode is not used for it: it casts the module's weights to bf16 and builds the
+fp32 master copy *from* those bf16 weights, so every master weight starts on the bf16 grid, and an
+update smaller than half a bf16 ulp (every update while the LR warms up: 2.7e-5 against a half-ulp of
+6e-5 at |w| = 0.02) rounds back to the same bf16 weight in the next forward. Under autocast the fp32
+weights sit between grid points and the same update moves about δ/ulp of them by one ulp, i.e. δ on
+average. Measured: the first update of the 1.1B model was about half as effective (loss 10.04 instead
+of 9.49 at step 2, on one H200 and on 2 x H100), and training stayed behind (4.16 vs 3.62 at step 16).
+``precision: bf16-pure`` (bf16 weights, no fp32 master) maps to ``bf16_master_weights_and_grads`` +
+``bf16_optimizer_states``, which DeepSpeed only implements for ZeRO stages 1-3; with ZeRO-0 (AutoTP,
+pipelines) it is rejected.
 """
 
 from __future__ import annotations
@@ -66,14 +73,15 @@ def precision_config(spec, zero_stage: int, engine_name: str) -> dict:
     if spec.precision == "fp32":
         return {}
     if spec.precision == "bf16":
-        return {"bf16": {"enabled": True}}
+        # fp32 weights under torch.autocast; no module's gradients are communicated in bf16
+        return {"torch_autocast": {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}}
     if spec.precision == "bf16-pure":
         if zero_stage < 1:
             raise ConfigError(
                 f"run {spec.name}: precision bf16-pure (bf16 weights and optimizer states, no fp32 master) is "
                 f"available in DeepSpeed only through bf16_master_weights_and_grads, which requires ZeRO stage "
-                f"1-3; {engine_name} runs ZeRO stage {zero_stage}. Use precision bf16 (DeepSpeed bf16 with "
-                "fp32 master weights) or the torch engine"
+                f"1-3; {engine_name} runs ZeRO stage {zero_stage}. Use precision bf16 (fp32 weights under "
+                "torch autocast) or the torch engine"
             )
         return {"bf16": {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}}
     raise ConfigError(f"run {spec.name}: unknown precision {spec.precision!r}")
@@ -126,24 +134,23 @@ def ds_config(spec, train_cfg: dict, *, zero_stage: int, model=None, engine_name
 
 
 def apply_levers(model, spec) -> None:
-    """Activation checkpointing and compile on the HF decoder layers (the bf16 cast is DeepSpeed's job)."""
+    """Activation checkpointing and compile on the HF decoder layers (autocast is DeepSpeed's job)."""
     apply_activation_checkpointing(model, spec.activation_checkpointing)
     apply_compile(model, spec.compile, in_place=True)
 
 
-def initialize(module, config: dict, train_cfg: dict, device: torch.device, mpu=None):
+def initialize(module, config: dict, train_cfg: dict, mpu=None):
     """deepspeed.initialize with the shared AdamW and LR schedule, built on the parameters DeepSpeed
     hands back after its own module surgery (AutoTP shards) – hence callables, not instances."""
     import deepspeed
 
     engine, *_ = deepspeed.initialize(
         model=module,
-        optimizer=lambda params: make_optimizer(params, train_cfg, device),
+        optimizer=lambda params: make_optimizer(params, train_cfg),
         lr_scheduler=lambda opt: make_scheduler(opt, train_cfg),
         config=config,
         mpu=mpu,
     )
-    _undo_unfused_optimizer_warmup(engine)
     use_safe_checkpoint_loader(engine)
     return engine
 
@@ -185,32 +192,6 @@ def use_safe_checkpoint_loader(engine) -> None:
         raise RuntimeError(f"unexpected DeepSpeed checkpoint engine {type(current).__name__}: "
                            "its loader is not known to be safe")
     engine.checkpoint_engine = safe_checkpoint_engine_class()(engine._config)
-
-
-def _undo_unfused_optimizer_warmup(engine) -> None:
-    """Undo the zero-gradient optimizer step DeepSpeed's FP16_UnfusedOptimizer takes at construction.
-
-    DeepSpeed wraps the optimizer in FP16_UnfusedOptimizer for bf16 without ZeRO outside a pipeline
-    (its ``DDP_BFLOAT16`` path: AutoTP with precision bf16). Its ``initialize_optimizer_states`` calls
-    the inner optimizer's ``step()`` once with all-zero gradients. For torch AdamW that leaves
-    ``step = 1`` with zero moments, so every later bias correction is off by one step (the first real
-    update is 0.73 x lr instead of lr; measured: AutoTP bf16 losses 1.2e-2 off the fp32 baseline
-    after 6 steps, against 3e-4 for ZeRO/pipeline bf16), and applies one decoupled weight decay to
-    the fp32 master weights at the base lr. The model's bf16 weights are untouched by that step
-    (only ``FP16_UnfusedOptimizer.step`` copies master -> model), so the master copies are restored
-    from them and the optimizer state dropped: the first real step then starts AdamW from scratch,
-    like every other engine.
-    """
-    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-
-    opt = engine.optimizer
-    if not isinstance(opt, FP16_UnfusedOptimizer):
-        return
-    with torch.no_grad():
-        for lp_group, hp_group in zip(opt.fp16_groups, opt.fp32_groups):
-            for lp, hp in zip(lp_group, hp_group):
-                hp.copy_(lp.float())
-    opt.optimizer.state.clear()
 
 
 # --------------------------------------------------------------------------- accounting
@@ -372,6 +353,17 @@ class DeepSpeedEngine(Engine):
 
     def model_state_bytes(self) -> dict[str, int]:
         return ds_state_bytes(self.engine)
+
+    def close(self) -> None:
+        from deepspeed.utils import groups
+
+        self.engine.destroy()  # DeepSpeed's own teardown (ZeRO-3 hooks and partition buffers)
+        # DeepSpeed keeps an engine's model-parallel unit (a pipeline grid, AutoTP's (data, tensor) mesh)
+        # in these globals; a later engine of the same process (a batch of runs) that has none would
+        # take its data-parallel group from them ("'NoneType' object has no attribute
+        # 'get_model_parallel_rank'" after a pipeline run).
+        groups.mpu = None
+        groups.mesh_device = None
 
     def local_param_count(self) -> int:
         return ds_local_param_count(self.engine)

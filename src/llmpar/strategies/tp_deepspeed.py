@@ -8,10 +8,8 @@ gathered. So every decoder-layer matrix and the output projection hold 1/tp of t
 on each rank; the input embedding and all RMSNorm weights are replicated on every rank of the TP
 group (the test asserts this exact split from the per-rank parameter counts).
 
-Precision: with ``bf16`` DeepSpeed runs AutoTP without ZeRO through FP16_UnfusedOptimizer (bf16
-weights and gradients, fp32 master weights and Adam moments); see ds_common for the optimizer
-warm-up step of that wrapper that is undone here so AdamW starts like everywhere else. ``bf16-pure``
-is rejected (DeepSpeed has no bf16-master mode without ZeRO).
+Precision: ``bf16`` is DeepSpeed's ``torch_autocast`` mode (fp32 weights and gradients, bf16
+matmuls; see ds_common). ``bf16-pure`` is rejected (DeepSpeed has no bf16-master mode without ZeRO).
 
 Process layout: DeepSpeed builds a (data, tensor) device mesh over the world
 (``deepspeed.utils.groups._init_tp_mesh_device``), so rank = dp_index * tp + tp_index: consecutive
@@ -42,7 +40,7 @@ def parallelize(model, spec, ctx, train_cfg):
     from deepspeed.utils import groups
 
     groups._init_tp_mesh_device(tensor_model_parallel_size=spec.tp)
-    engine = ds_common.initialize(model, config, train_cfg, ctx.device, mpu=groups)
+    engine = ds_common.initialize(model, config, train_cfg, mpu=groups)
     out = ds_common.DeepSpeedEngine(engine, spec, ctx, train_cfg)
     expected_dp = ctx.world_size // spec.tp
     if out.dp_size != expected_dp or out.dp_rank != ctx.rank // spec.tp:

@@ -33,5 +33,5 @@ def parallelize(model, spec, ctx, train_cfg):
     ds_common.apply_levers(model, spec)
     config = ds_common.ds_config(spec, train_cfg, zero_stage=spec.zero_stage, model=model,
                                  engine_name=f"ZeRO-{spec.zero_stage}")
-    engine = ds_common.initialize(model, config, train_cfg, ctx.device)
+    engine = ds_common.initialize(model, config, train_cfg)
     return ds_common.DeepSpeedEngine(engine, spec, ctx, train_cfg)
