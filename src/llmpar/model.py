@@ -82,6 +82,42 @@ def prefer_attention_backend(name: str) -> None:
     torch._C._set_sdp_priority_order([int(b) for b in order] + [int(SDPBackend.OVERRIDEABLE)])
 
 
+def decoder_layer_kwargs(config, rotary_emb, hidden_states):
+    """What ``LlamaModel.forward`` computes once for all decoder layers (positions, the causal mask, the
+    rotary cos/sin), for a pipeline stage that runs a slice of the layers on ``hidden_states``.
+
+    Both pipeline engines call this, so a stage computes exactly what the whole model computes.
+    ``create_causal_mask`` changed its keywords within transformers 5.x: 5.24 (the CPU stack) takes
+    ``inputs_embeds`` and ``cache``, 5.17 (the GPU image) ``input_embeds``, ``past_key_values`` and
+    ``cache_position``. Only the names the installed version accepts are passed
+    (tests/test_model.py checks both signatures).
+    """
+    import torch
+    from transformers.masking_utils import create_causal_mask
+
+    pos = torch.arange(hidden_states.shape[1], device=hidden_states.device).unsqueeze(0)
+    mask = create_causal_mask(**mask_kwargs(create_causal_mask, config, hidden_states, pos))
+    return {"attention_mask": mask, "position_ids": pos,
+            "position_embeddings": rotary_emb(hidden_states, position_ids=pos)}
+
+
+def mask_kwargs(fn, config, hidden_states, pos) -> dict:
+    """The keyword arguments of ``fn`` (a ``create_causal_mask``) for a mask over the whole sequence."""
+    import inspect
+
+    names = inspect.signature(fn).parameters
+    offered = {"config": config, "inputs_embeds": hidden_states, "input_embeds": hidden_states,
+               "attention_mask": None, "cache": None, "past_key_values": None, "cache_position": pos[0],
+               "position_ids": pos}
+    required = [n for n, p in names.items() if p.default is inspect.Parameter.empty
+                and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+    missing = [n for n in required if n not in offered]
+    if missing:
+        raise TypeError(f"create_causal_mask of this transformers version needs {missing}, which llmpar does not "
+                        "know how to fill")
+    return {k: v for k, v in offered.items() if k in names}
+
+
 def param_counts(model_cfg: dict, vocab_size: int) -> dict[str, int]:
     """Parameter counts from the shape alone (no model built): total, embedding, non-embedding."""
     d = model_dims(model_cfg)

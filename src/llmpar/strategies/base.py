@@ -34,12 +34,20 @@ import torch.nn.functional as F
 # --------------------------------------------------------------------------- shared pieces
 
 
-def make_optimizer(params, train_cfg: dict, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (betas 0.9/0.95), fused on CUDA. The same for every strategy that owns its optimizer."""
-    kwargs = dict(lr=train_cfg["lr"], betas=(0.9, 0.95), eps=1e-8, weight_decay=train_cfg["weight_decay"])
-    if device.type == "cuda":
-        kwargs["fused"] = True
-    return torch.optim.AdamW(params, **kwargs)
+def make_optimizer(params, train_cfg: dict) -> torch.optim.Optimizer:
+    """AdamW (betas 0.9/0.95), the fused kernel on every device. The same for every strategy.
+
+    Parameters are grouped by kind (plain tensors, and DTensors per device mesh), each group with the
+    same hyperparameters: the fused kernel takes one group's tensors in one call, and torch refuses a
+    call that mixes plain tensors and DTensors (torch TP keeps the embedding, norms and lm_head as
+    plain replicated tensors: ``aten._fused_adamw_.default got mixed torch.Tensor and DTensor``).
+    """
+    groups: dict[object, list] = {}
+    for p in params:
+        mesh = getattr(p, "device_mesh", None)
+        groups.setdefault(None if mesh is None else id(mesh), []).append(p)
+    return torch.optim.AdamW([{"params": ps} for ps in groups.values()], lr=train_cfg["lr"], betas=(0.9, 0.95),
+                             eps=1e-8, weight_decay=train_cfg["weight_decay"], fused=True)
 
 
 def lr_lambda(train_cfg: dict):
@@ -127,16 +135,21 @@ def _fused_cross_entropy():
     return _FUSED_CE
 
 
-def causal_lm_loss(model, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; labels are already shifted by the data loader.
+def cross_entropy_for(device: torch.device):
+    """The one loss function of every engine: the compiled cross-entropy on CUDA (``LLMPAR_FUSED_CE``
+    not 0), the eager one elsewhere. ``(logits, labels) -> mean loss``; labels already shifted."""
+    if device.type == "cuda" and os.environ.get("LLMPAR_FUSED_CE", "1") != "0":
+        return _fused_cross_entropy()
+    return _cross_entropy
 
-    On CUDA (plain-tensor logits, ``LLMPAR_FUSED_CE`` not 0) the cross-entropy is compiled; on CPU it
-    is the eager function, unchanged.
-    """
+
+def causal_lm_loss(model, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``model`` (labels are already shifted by the data loader).
+
+    DTensor logits (a TP-sharded lm_head) take the eager function."""
     logits = model(input_ids=inputs).logits
-    if logits.is_cuda and type(logits) is torch.Tensor and os.environ.get("LLMPAR_FUSED_CE", "1") != "0":
-        return _fused_cross_entropy()(logits, labels)
-    return _cross_entropy(logits, labels)
+    loss_fn = cross_entropy_for(logits.device) if type(logits) is torch.Tensor else _cross_entropy
+    return loss_fn(logits, labels)
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -212,6 +225,9 @@ class Engine:
         """Accumulated seconds per phase (forward, backward, optimizer), or None where not measurable."""
         return None
 
+    def close(self) -> None:
+        """Release what the engine registered outside itself (hooks, buffers) once its run is over."""
+
 
 class PhaseTimer:
     """Accumulates forward/backward/optimizer time without a per-step host sync.
@@ -274,7 +290,7 @@ class TorchEngine(Engine):
         self.model, self.spec, self.ctx, self.train_cfg = model, spec, ctx, train_cfg
         self.dp_rank, self.dp_size, self.dp_group = dp_rank, dp_size, dp_group
         self.no_sync = no_sync  # context manager factory skipping gradient sync on non-final micro-batches
-        self.optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], train_cfg, ctx.device)
+        self.optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], train_cfg)
         self.scheduler = make_scheduler(self.optimizer, train_cfg)
         self.timer = PhaseTimer(ctx.device, enabled=train_cfg.get("metrics", True))
         self.watch_optimizer(self.optimizer)

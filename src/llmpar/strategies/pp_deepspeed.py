@@ -31,12 +31,12 @@ implements itself. Use ``pp_engine: torch`` for pipeline x tensor parallelism.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmpar.errors import ConfigError
+from llmpar.model import decoder_layer_kwargs
 from llmpar.strategies import ds_common
-from llmpar.strategies.base import apply_activation_checkpointing, apply_compile, decoder_layers
+from llmpar.strategies.base import apply_activation_checkpointing, apply_compile, cross_entropy_for, decoder_layers
 
 
 class EmbeddingStage(nn.Module):
@@ -61,14 +61,7 @@ class DecoderStage(nn.Module):
         self.config = config
 
     def forward(self, hidden_states):
-        from transformers.masking_utils import create_causal_mask
-
-        position_ids = torch.arange(hidden_states.shape[1], device=hidden_states.device).unsqueeze(0)
-        mask = create_causal_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=None,
-                                  cache=None, position_ids=position_ids)
-        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        return self.layer(hidden_states, attention_mask=mask, position_ids=position_ids,
-                          position_embeddings=position_embeddings)
+        return self.layer(hidden_states, **decoder_layer_kwargs(self.config, self.rotary_emb, hidden_states))
 
     def owned(self):
         return [self.layer]
@@ -84,11 +77,6 @@ class HeadStage(nn.Module):
 
     def owned(self):
         return [self.norm, self.lm_head]
-
-
-def lm_loss(logits, labels):
-    """The loss of base.causal_lm_loss on the last stage's logits (labels already shifted)."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1))
 
 
 def pipeline_layers(model) -> list[nn.Module]:
@@ -130,7 +118,7 @@ def parallelize(model, spec, ctx, train_cfg):
     module = PipelineModule(
         layers=layers,
         topology=PipeDataParallelTopology(num_pp=spec.stages, num_dp=spec.dp),
-        loss_fn=lm_loss,
+        loss_fn=cross_entropy_for(ctx.device),  # the loss of every engine
         partition_method="parameters",
     )
     # Release the other stages' modules: the loop still references the full HF model.
@@ -150,7 +138,7 @@ def parallelize(model, spec, ctx, train_cfg):
     engine_name = "the DeepSpeed pipeline engine" + (f" with ZeRO-{spec.zero_stage}" if spec.zero_stage else "")
     config = ds_common.ds_config(spec, train_cfg, zero_stage=spec.zero_stage, model=module,
                                  engine_name=engine_name)
-    engine = ds_common.initialize(module, config, train_cfg, ctx.device)
+    engine = ds_common.initialize(module, config, train_cfg)
     return DeepSpeedPipelineEngine(engine, spec, ctx, train_cfg)
 
 

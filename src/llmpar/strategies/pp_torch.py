@@ -36,7 +36,6 @@ Evaluation runs the schedule forward-only (``schedule.eval``) on the same micro-
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -52,14 +51,8 @@ from torch.distributed.pipelining import (
 )
 
 from llmpar.errors import ConfigError
-from llmpar.strategies.base import (
-    TorchEngine,
-    _cross_entropy,
-    _fused_cross_entropy,
-    autocast,
-    decoder_layers,
-    prepare_model,
-)
+from llmpar.model import decoder_layer_kwargs
+from llmpar.strategies.base import TorchEngine, autocast, cross_entropy_for, decoder_layers, prepare_model
 from llmpar.strategies.torch_common import allreduce_grads_, clip_grad_norm_
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
@@ -129,17 +122,13 @@ class PipelineChunk(nn.Module):
         self.timer = None  # set by the engine to measure compute time
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from transformers.masking_utils import create_causal_mask
-
         if self.timer is not None:
             self.timer.start()
         with autocast(self.precision, x.device):
             h = self.embed_tokens(x) if self.embed_tokens is not None else x
-            pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
-            mask = create_causal_mask(**_mask_kwargs(create_causal_mask, self.config, h, pos))
-            rope = self.rotary_emb(h, position_ids=pos)
+            kwargs = decoder_layer_kwargs(self.config, self.rotary_emb, h)
             for layer in self.layers.values():
-                h = layer(h, attention_mask=mask, position_embeddings=rope, position_ids=pos)
+                h = layer(h, **kwargs)
             if self.lm_head is not None:
                 h = self.lm_head(self.norm(h))
         if self.timer is not None:
@@ -147,18 +136,6 @@ class PipelineChunk(nn.Module):
             if torch.is_grad_enabled() and h.requires_grad:
                 h = _BackwardTimer.apply(h, self.timer)
         return h
-
-
-def _mask_kwargs(fn, config, h, pos) -> dict:
-    """Arguments of ``create_causal_mask`` across transformers 5.x: 5.24 takes ``inputs_embeds`` and
-    ``cache``; earlier 5.x releases (5.17 on the GPU image) ``input_embeds``/``inputs_embeds``,
-    ``past_key_values`` and ``cache_position``. Only the names this version accepts are passed."""
-    import inspect
-
-    names = inspect.signature(fn).parameters
-    offered = {"config": config, "inputs_embeds": h, "input_embeds": h, "attention_mask": None, "cache": None,
-               "past_key_values": None, "cache_position": pos[0], "position_ids": pos}
-    return {k: v for k, v in offered.items() if k in names}
 
 
 class _BackwardTimer(torch.autograd.Function):
@@ -380,8 +357,7 @@ def parallelize(model, spec, ctx, train_cfg) -> PipelineEngine:
     group = mesh["pp"].get_group()
     stages = [PipelineStage(chunk, c, n_chunks, ctx.device, group=group) for chunk, c in zip(chunks, mine)]
 
-    fused = ctx.device.type == "cuda" and os.environ.get("LLMPAR_FUSED_CE", "1") != "0"
-    cross_entropy = _fused_cross_entropy() if fused else _cross_entropy  # as causal_lm_loss does
+    cross_entropy = cross_entropy_for(ctx.device)
 
     def loss_fn(logits, labels):
         return cross_entropy(logits, labels) / m
