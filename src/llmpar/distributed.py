@@ -45,7 +45,10 @@ def init(device_pref: str = "auto", timeout_s: int = 600) -> DistContext:
     if use_cuda:
         if not torch.cuda.is_available():
             raise RuntimeError("train.device is 'cuda' but no CUDA device is visible")
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"local rank {local_rank} has no GPU: {torch.cuda.device_count()} visible on this node "
+                               f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+        torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", torch.cuda.current_device()), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"

@@ -69,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--run-config", dest="run_config", help="resolved run config as JSON (used by the workflow)")
     p.add_argument("--tokens", help="token-shard directory (default: build the synthetic corpus for the CLI)")
     p.add_argument("--out", help="run directory (default: results/cli/runs/<run>)")
+    p.add_argument("--batch", help="JSON file listing runs ({'run_config': ..., 'out': ...}) that share one launch: "
+                                    "the workers train them one after another (same process layout; used by the "
+                                    "GPU test suite to pay process and NCCL start-up once)")
     p.add_argument("--record-invalid", action="store_true",
                    help="write a summary with status 'invalid' (instead of exiting 2) when the hardware "
                         "cannot hold the layout; the workflow uses this so a study records it as a result")
@@ -142,9 +145,10 @@ def check_fits(rc: dict, vocab_size: int, local_procs: int) -> None:
     run, tc = rc["run"], rc["train"]
     gpus = cuda_device_count() if tc["device"] != "cpu" else 0
     use_cuda = tc["device"] == "cuda" or (tc["device"] == "auto" and gpus > 0)
-    if use_cuda and gpus < run["gpus_per_node"]:
-        raise ExpectedFailure(
-            "invalid", f"the layout needs {run['gpus_per_node']} GPUs per node, this node has {gpus}")
+    if use_cuda and gpus < local_procs:
+        what = (f"{run['gpus_per_node']} GPUs per node" if local_procs == run["gpus_per_node"] else
+                f"{local_procs} GPUs on this machine ({run['nodes']} local nodes x {run['gpus_per_node']})")
+        raise ExpectedFailure("invalid", f"the layout needs {what}, this node has {gpus}")
     if not tc["memory_check"]:
         return
     est = estimate_memory_bytes(rc["model"], vocab_size, run, run["micro_batch_size"])
@@ -209,18 +213,21 @@ def torchrun_cmd(nnodes: int, node_rank: int, nproc: int, master: str, port: int
     ]
 
 
-def worker_env(rc: dict, tokens: Path, out: Path) -> dict:
+def worker_env(rc: dict, tokens: Path, out: Path | None) -> dict:
     env = dict(os.environ)
     src = str(REPO_ROOT / "src")
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["LLMPAR_RUN_CONFIG"] = json.dumps(rc)
-    env["LLMPAR_TOKENS"], env["LLMPAR_OUT"] = str(tokens), str(out)
+    if out is not None:
+        env["LLMPAR_RUN_CONFIG"] = json.dumps(rc)
+        env["LLMPAR_OUT"] = str(out)
+    env["LLMPAR_TOKENS"] = str(tokens)
     env.setdefault("LLMPAR_T0", repr(time.time()))
     env.setdefault("PYTHONUNBUFFERED", "1")
-    # Keep NVLink multicast off (the lent GPU machines require it) and DeepSpeed on CPU without a GPU.
-    env.setdefault("NCCL_NVLS_ENABLE", "0")
-    if rc["train"]["device"] == "cpu" or cuda_device_count() == 0:
-        env.setdefault("DS_ACCELERATOR", "cpu")
+    # Keep NVLink multicast off (the lent GPU machines require it: it can take a shared host's GPUs out
+    # of service), and give DeepSpeed the device the run trains on.
+    for var in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
+        env.setdefault(var, "0" if var == "NCCL_NVLS_ENABLE" else "1")
+    env["DS_ACCELERATOR"] = "cuda" if uses_cuda(rc) else "cpu"
     return env
 
 
@@ -278,11 +285,14 @@ def share_threads(env: dict, procs_here: int) -> None:
         env[var] = share
 
 
-def launch(rc: dict, tokens: Path, out: Path, argv: list[str]) -> int:
-    """Start the workers; returns the exit code of the slowest agent (0 when all succeeded)."""
+def launch(rc: dict, tokens: Path, out: Path | None, argv: list[str], batch: Path | None = None) -> int:
+    """Start the workers; returns the exit code of the slowest agent (0 when all succeeded). With
+    ``batch`` (``out`` None) the workers train every run listed there; ``rc`` is the first of them."""
     run = rc["run"]
     nodes, gpn = run["nodes"], run["gpus_per_node"]
     env = worker_env(rc, tokens, out)
+    if batch is not None:
+        env["LLMPAR_BATCH"] = str(batch)
     if nodes > 1 and slurm_nodes() >= nodes and not os.environ.get("LLMPAR_SRUN_TASK"):
         # Batch step of a multi-node Slurm job: one task per node, each re-entering this launcher.
         env["LLMPAR_SRUN_TASK"] = "1"
@@ -300,13 +310,37 @@ def launch(rc: dict, tokens: Path, out: Path, argv: list[str]) -> int:
         return subprocess.run(cmd, env=env).returncode
     share_threads(env, nodes * gpn)  # all (local) nodes' workers run on this host
     port = free_port()
+    gpus = local_node_gpus(nodes, gpn) if uses_cuda(rc) else [None] * nodes
     procs = []
     for node_rank in range(nodes):
         cmd = torchrun_cmd(nodes, node_rank, gpn, "127.0.0.1", port)
-        print(f"launch (local node {node_rank}/{nodes}):", shlex.join(cmd), flush=True)
-        procs.append(subprocess.Popen(cmd, env=env, start_new_session=False))
+        node_env = env if gpus[node_rank] is None else {**env, "CUDA_VISIBLE_DEVICES": gpus[node_rank]}
+        where = "" if gpus[node_rank] is None else f", GPUs {gpus[node_rank]}"
+        print(f"launch (local node {node_rank}/{nodes}{where}):", shlex.join(cmd), flush=True)
+        procs.append(subprocess.Popen(cmd, env=node_env, start_new_session=False))
     codes = [p.wait() for p in procs]
     return max(codes, key=abs)
+
+
+def uses_cuda(rc: dict) -> bool:
+    device = rc["train"]["device"]
+    return device == "cuda" or (device == "auto" and cuda_device_count() > 0)
+
+
+def local_node_gpus(nodes: int, gpus_per_node: int, visible: str | None = None) -> list[str | None]:
+    """``CUDA_VISIBLE_DEVICES`` for each of ``nodes`` local torchrun agents: node i gets the i-th block of
+    ``gpus_per_node`` of the GPUs visible here, as a real node of a cluster has its own GPUs. Without
+    it every agent's local rank 0 takes cuda:0 and NCCL stops with "Duplicate GPU detected". One node
+    keeps the environment as it is (``[None]``)."""
+    if nodes == 1:
+        return [None]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    ids = [x.strip() for x in visible.split(",") if x.strip()] if visible else \
+        [str(i) for i in range(cuda_device_count())]
+    if len(ids) < nodes * gpus_per_node:
+        raise ExpectedFailure("invalid", f"{nodes} local nodes x {gpus_per_node} GPUs need {nodes * gpus_per_node} "
+                                         f"GPUs, {len(ids)} are visible")
+    return [",".join(ids[i * gpus_per_node:(i + 1) * gpus_per_node]) for i in range(nodes)]
 
 
 def failure_summary(rc: dict, out: Path, status: str, message: str) -> None:
@@ -347,6 +381,47 @@ def collect_failures(out: Path) -> dict | None:
     return {"status": first["status"], "message": f"rank {first['rank']}: {first['message']}"}
 
 
+def finish(rc: dict, out: Path, code: int) -> int:
+    """After the workers exit: an expected failure becomes the run's summary; anything else is an error."""
+    failure = collect_failures(out)
+    if failure and failure["status"] in ("oom", "diverged", "invalid"):
+        failure_summary(rc, out, failure["status"], failure["message"])
+        print(f"[{rc['run']['name']}] {failure['status']}: {failure['message']}", flush=True)
+        return 0
+    if code != 0:
+        print(f"error: training failed with exit code {code} (see the traceback above)", file=sys.stderr)
+        return code if code > 0 else 1
+    if not (out / "summary.json").is_file():
+        print(f"error: workers exited 0 but wrote no summary for {rc['run']['name']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main_batch(args, argv: list[str]) -> int:
+    """``--batch``: several runs of one process layout in one launch (see ``llmpar.train.worker_main``)."""
+    from llmpar.data.tokenize import read_meta
+
+    jobs = json.loads(Path(args.batch).read_text())
+    if not jobs or not args.tokens:
+        raise ConfigError("--batch needs a non-empty list of runs and --tokens")
+    tokens = Path(args.tokens)
+    first = jobs[0]["run_config"]
+    layout = ("nodes", "gpus_per_node")
+    for job in jobs:
+        rc = job["run_config"]
+        if [rc["run"][k] for k in layout] != [first["run"][k] for k in layout] or \
+                rc["train"]["device"] != first["train"]["device"]:
+            raise ConfigError(f"--batch: run {rc['run']['name']} has another process layout or device than "
+                              f"{first['run']['name']}; a batch shares one launch")
+        check_fits(rc, read_meta(tokens)["vocab_size"], rc["run"]["gpus_per_node"] * rc["run"]["nodes"])
+    for job in jobs:
+        Path(job["out"]).mkdir(parents=True, exist_ok=True)
+        (Path(job["out"]) / "summary.json").unlink(missing_ok=True)
+    code = launch(first, tokens, None, [str(REPO_ROOT / "scripts" / "train.py"), *argv], batch=Path(args.batch))
+    results = [finish(job["run_config"], Path(job["out"]), code) for job in jobs]
+    return max(results, key=abs)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     os.environ.setdefault("LLMPAR_T0", repr(time.time()))  # process start: wall time counts from here
@@ -355,6 +430,12 @@ def main(argv=None) -> int:
 
         return worker_main()
     args = parse_args(argv)
+    if args.batch:
+        try:
+            return main_batch(args, argv)
+        except (UserError, ExpectedFailure) as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            return 2
     script = str(Path(sys.argv[0]).resolve()) if sys.argv and sys.argv[0].endswith(".py") else None
     try:
         if args.run_config:
@@ -396,15 +477,4 @@ def main(argv=None) -> int:
     code = launch(rc, tokens, out, self_argv)
     if os.environ.get("LLMPAR_SRUN_TASK"):
         return code  # the batch step collects failures
-    failure = collect_failures(out)
-    if failure and failure["status"] in ("oom", "diverged", "invalid"):
-        failure_summary(rc, out, failure["status"], failure["message"])
-        print(f"[{rc['run']['name']}] {failure['status']}: {failure['message']}", flush=True)
-        return 0
-    if code != 0:
-        print(f"error: training failed with exit code {code} (see the traceback above)", file=sys.stderr)
-        return code if code > 0 else 1
-    if not (out / "summary.json").is_file():
-        print("error: workers exited 0 but wrote no summary", file=sys.stderr)
-        return 1
-    return 0
+    return finish(rc, out, code)

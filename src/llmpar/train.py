@@ -75,8 +75,10 @@ def peak_memory(device) -> dict:
     return {"memory_kind": "cpu_peak_rss", "peak_mem_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def run(run_cfg: dict, tokens_dir: str | Path, out_dir: str | Path) -> None:
-    t0 = float(os.environ.get("LLMPAR_T0", time.time()))
+def run(run_cfg: dict, tokens_dir: str | Path, out_dir: str | Path, t0: float | None = None) -> None:
+    """Train one run in this process group (created here when there is none; left for the caller to
+    destroy, so that a batch of runs shares one launch). ``t0``: when the run's wall clock starts."""
+    t0 = float(os.environ.get("LLMPAR_T0", time.time())) if t0 is None else t0
     spec = RunSpec.from_dict(run_cfg["run"])
     tc, mc, seed = run_cfg["train"], run_cfg["model"], run_cfg["seed"]
     out = Path(out_dir)
@@ -85,6 +87,8 @@ def run(run_cfg: dict, tokens_dir: str | Path, out_dir: str | Path) -> None:
              f"dp={spec.dp} micro_batches={spec.micro_batches}x{spec.micro_batch_size} device={ctx.device} "
              f"backend={ctx.backend} threads/process={torch.get_num_threads()}")
 
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # peaks are per run, also when runs share a process
     data = TokenData(tokens_dir, mc["seq_len"], seed)
     model = build_model(mc, data.vocab_size, seed, device=ctx.device)
     engine = parallelize(model, spec, ctx, tc)
@@ -207,7 +211,7 @@ def run(run_cfg: dict, tokens_dir: str | Path, out_dir: str | Path) -> None:
     if status == "ok" and tc["delete_checkpoints_on_success"]:
         ckpts.delete_all()
     pool.shutdown()
-    distributed.destroy()
+    engine.close()
 
 
 def write_outputs(out, run_cfg, spec, ctx, data, prior, steps, evals, per_rank, status, message, t0, offset,
@@ -290,28 +294,50 @@ def write_outputs(out, run_cfg, spec, ctx, data, prior, steps, evals, per_rank, 
              f"final val_loss {summary['final_val_loss']}")
 
 
+def release_run_memory(device) -> None:
+    """Between the runs of a batch: free what the last run left (its engine, compiled graphs, cached
+    blocks), so the next run starts from an empty device and its peak memory is its own."""
+    import gc
+
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
 def worker_main() -> int:
-    """Entry point of each torchrun worker. Expected failures leave a failure file for the launcher."""
-    run_cfg = json.loads(os.environ["LLMPAR_RUN_CONFIG"])
-    tokens_dir, out_dir = os.environ["LLMPAR_TOKENS"], os.environ["LLMPAR_OUT"]
+    """Entry point of each torchrun worker: one run (``LLMPAR_RUN_CONFIG``/``LLMPAR_OUT``) or a batch
+    of runs that share this launch (``LLMPAR_BATCH``: a JSON file listing run configs and output
+    directories; every run has the same process layout). Expected failures leave a failure file in the
+    run's directory for the launcher, and stop the batch (the other ranks may be inside a collective)."""
+    tokens_dir = os.environ["LLMPAR_TOKENS"]
+    if os.environ.get("LLMPAR_BATCH"):
+        jobs = json.loads(Path(os.environ["LLMPAR_BATCH"]).read_text())
+    else:
+        jobs = [{"run_config": json.loads(os.environ["LLMPAR_RUN_CONFIG"]), "out": os.environ["LLMPAR_OUT"]}]
     rank = int(os.environ.get("RANK", 0))
-    try:
-        run(run_cfg, tokens_dir, out_dir)
-        # The outputs are complete and the process group is destroyed: leave without interpreter
-        # teardown, where a C++ thread left behind by gloo/DeepSpeed once aborted a rank of a finished
-        # ZeRO-2 run ("terminate called without an active exception", SIGABRT) in CI.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-    except (torch.OutOfMemoryError, ExpectedFailure) as exc:
-        status = getattr(exc, "status", "oom")
-        write_json(Path(out_dir) / FAILURE_FILE.format(rank=rank), {
-            "status": status, "message": f"{type(exc).__name__}: {exc}", "rank": rank,
-            "traceback": traceback.format_exc(),
-        })
-        print(f"[rank {rank}] {status}: {exc}", file=sys.stderr, flush=True)
-        sys.stderr.flush()
-        os._exit(3)  # do not wait on collectives the other ranks will never join
+    for i, job in enumerate(jobs):
+        try:
+            run(job["run_config"], tokens_dir, job["out"], t0=None if i == 0 else time.time())
+        except (torch.OutOfMemoryError, ExpectedFailure) as exc:
+            status = getattr(exc, "status", "oom")
+            write_json(Path(job["out"]) / FAILURE_FILE.format(rank=rank), {
+                "status": status, "message": f"{type(exc).__name__}: {exc}", "rank": rank,
+                "traceback": traceback.format_exc(),
+            })
+            print(f"[rank {rank}] {status}: {exc}", file=sys.stderr, flush=True)
+            sys.stderr.flush()
+            os._exit(3)  # do not wait on collectives the other ranks will never join
+        if i < len(jobs) - 1:
+            release_run_memory(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    distributed.destroy()
+    # The outputs are complete and the process group is destroyed: leave without interpreter
+    # teardown, where a C++ thread left behind by gloo/DeepSpeed once aborted a rank of a finished
+    # ZeRO-2 run ("terminate called without an active exception", SIGABRT) in CI.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

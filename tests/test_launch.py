@@ -1,0 +1,83 @@
+"""The launcher's pieces that decide where workers run, and runs that share one launch (--batch)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, assert_same_losses, make_config
+
+from llmpar.config import prepare, run_config
+from llmpar.errors import ExpectedFailure
+from llmpar.launch import local_node_gpus
+
+
+def test_local_nodes_get_their_own_gpus():
+    """Two local "nodes" must not both take cuda:0 (NCCL: Duplicate GPU detected)."""
+    assert local_node_gpus(2, 1, visible="0,1") == ["0", "1"]
+    assert local_node_gpus(2, 2, visible="3,2,1,0") == ["3,2", "1,0"]
+    assert local_node_gpus(1, 2, visible="0,1") == [None]  # one node keeps the environment
+    with pytest.raises(ExpectedFailure, match="need 4 GPUs, 2 are visible"):
+        local_node_gpus(2, 2, visible="0,1")
+
+
+def test_mask_arguments_for_both_transformers_signatures():
+    """create_causal_mask of transformers 5.24 (the CPU stack) and of 5.17 (the GPU image)."""
+    import torch
+
+    from llmpar.model import mask_kwargs
+
+    def mask_5_24(config, inputs_embeds, attention_mask, cache=None, position_ids=None, **kw):
+        pass
+
+    def mask_5_17(config, input_embeds, attention_mask, cache_position, past_key_values, position_ids=None):
+        pass
+
+    h, pos = torch.zeros(1, 4, 8), torch.arange(4).unsqueeze(0)
+    a = mask_kwargs(mask_5_24, "cfg", h, pos)
+    assert set(a) == {"config", "inputs_embeds", "attention_mask", "cache", "position_ids"} and a["cache"] is None
+    b = mask_kwargs(mask_5_17, "cfg", h, pos)
+    assert set(b) == {"config", "input_embeds", "attention_mask", "cache_position", "past_key_values",
+                      "position_ids"}
+    assert b["input_embeds"] is h and b["cache_position"].tolist() == [0, 1, 2, 3]
+
+    def mask_unknown(config, inputs_embeds, new_required_argument):
+        pass
+
+    with pytest.raises(TypeError, match="new_required_argument"):
+        mask_kwargs(mask_unknown, "cfg", h, pos)
+
+
+def _batch(tmp_path, names, cfg):
+    prepared = prepare(cfg)
+    jobs = [{"run_config": run_config(prepared, n), "out": str(tmp_path / n)} for n in names]
+    path = tmp_path / "batch.json"
+    path.write_text(json.dumps(jobs))
+    return path
+
+
+@pytest.mark.slow
+def test_runs_sharing_one_launch_each_match_single(tiny_tokens, baseline, tmp_path):
+    """--batch: DDP and ZeRO-1 trained one after another by the same two workers; each run's losses and
+    summary are its own (the second starts from the seed's weights, not the first run's)."""
+    cfg = make_config({"ddp": {"strategy": "data_parallel", "gpus_per_node": 2},
+                       "zero1": {"strategy": "zero", "zero_stage": 1, "gpus_per_node": 2}})
+    path = _batch(tmp_path, ["ddp", "zero1"], cfg)
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--batch", str(path),
+                           "--tokens", str(tiny_tokens)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("launch (local node 0/1)") == 1  # one launch for both runs
+    for name in ("ddp", "zero1"):
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        steps = [json.loads(x) for x in (tmp_path / name / "steps.jsonl").read_text().splitlines()]
+        assert summary["run"] == name and summary["status"] == "ok" and summary["world_size"] == 2
+        assert_same_losses(steps, baseline[1], rtol=1e-4, min_steps=6)
+
+
+def test_batch_refuses_mixed_layouts(tiny_tokens, tmp_path):
+    path = _batch(tmp_path, ["single", "ddp"], make_config({"ddp": {"strategy": "data_parallel",
+                                                                     "gpus_per_node": 2}}))
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--batch", str(path),
+                           "--tokens", str(tiny_tokens)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "another process layout" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "single").exists()
