@@ -11,7 +11,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export OMP_NUM_THREADS ?= 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup study report test test-slurm lint clean
+.PHONY: setup study report test test-slurm test-gpu lint clean
 
 setup: $(VENV)/.installed
 
@@ -40,6 +40,14 @@ test-slurm: setup
 	trap 'bash scripts/slurm/teardown-local-cluster.sh' EXIT; \
 	bash scripts/slurm/setup-local-cluster.sh && \
 	$(BIN)/python -m pytest -q -rA -m slurm tests/slurm
+
+# Every strategy and engine on 2 CUDA GPUs against `single` (tests/gpu, marker gpu; one launch per process
+# layout, ~10 minutes on 2 x H100). GPU_PYTHON is a Python whose torch has CUDA (the venv's is the CPU
+# build): e.g. `make test-gpu GPU_PYTHON=python3` on the lent GPU image (benchmarks/device_test_gpu.sh).
+GPU_PYTHON ?= $(BIN)/python
+test-gpu:
+	NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+	  $(GPU_PYTHON) -m pytest -q -rA -m gpu tests/gpu --durations=0
 
 lint: setup
 	$(BIN)/ruff check src scripts tests

@@ -10,5 +10,7 @@ if [ -d .whl ] && [ ! -f /tmp/site/.done ]; then
     2>&1 | grep -v -i "warning" | tail -3
   touch /tmp/site/.done
 fi
-export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 export PATH=/tmp/site/bin:$PATH
+# the workflow's rules and the seed's commands call `python`; the image may only have python3
+command -v python >/dev/null || { mkdir -p /tmp/site/bin && ln -sf "$(command -v python3)" /tmp/site/bin/python; }

@@ -1,0 +1,195 @@
+"""Every strategy and engine on 2 GPUs (NCCL) trains the same model as ``single`` on one GPU.
+
+The equivalence study (``gpu_util.GPU_STUDY``): the 125M shape with GQA (12/4 heads), vocabulary
+32000, sequence 512, global batch 16, the same seed, initial weights and data order for every run.
+
+* fp32 on NCCL: per-step losses within 1e-3 relative of ``single`` for 10 steps (only the summation
+  order differs: sharded matmuls, all-reduces, micro-batch accumulation);
+* bf16, the study's mode (autocast, fp32 master weights; DeepSpeed through its torch_autocast mode):
+  per-step losses within 2 % of ``single`` in bf16 for 20 steps, DeepSpeed engines included;
+* the per-rank parameter split and model-state bytes each strategy claims, from the model's shape;
+* the 1.1B preset (configs/gpu2-1b.yaml): every run trains 3 steps without error on the two cards.
+
+Runs of one process layout share one launch of the real launcher (``scripts/train.py --batch``).
+"""
+
+import pytest
+from gpu_util import (
+    ALL_RUNS,
+    GPU_PRESET,
+    RTOL,
+    STEPS,
+    build_tokens,
+    gpu_count,
+    launch_batch,
+    preset_1b,
+    read_run,
+    split_expectations,
+    study_config,
+    train_all,
+)
+
+from llmpar.config import load_yaml, run_config
+
+# `make test-gpu` (-m gpu) on a machine with fewer than 2 GPUs skips, saying why; `make test` deselects.
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(gpu_count() < 2, reason=f"the GPU suite needs 2 CUDA GPUs; found {gpu_count()}")]
+
+
+@pytest.fixture(scope="session")
+def gpu_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("gpu")
+
+
+@pytest.fixture(scope="session")
+def tokens(gpu_root):
+    return build_tokens(study_config("fp32"), gpu_root / "data")
+
+
+@pytest.fixture(scope="session")
+def runs(tokens, gpu_root):
+    return train_all(tokens, gpu_root)
+
+
+@pytest.fixture(scope="session")
+def fp32(runs):
+    return runs["fp32"]
+
+
+@pytest.fixture(scope="session")
+def bf16(runs):
+    return runs["bf16"]
+
+
+def rel_gaps(steps, ref):
+    assert [r["step"] for r in steps] == [r["step"] for r in ref], "steps differ"
+    return [abs(a["loss"] - b["loss"]) / abs(b["loss"]) for a, b in zip(steps, ref)]
+
+
+def check_tracks(results, name, precision):
+    summary, steps = results[name]
+    ref_summary, ref = results["single"]
+    assert summary["status"] == "ok", summary["message"]
+    assert summary["device"] == "cuda" and summary["backend"] == "nccl"
+    assert summary["spec"]["precision"] == ref_summary["spec"]["precision"] == precision
+    assert len(steps) == STEPS[precision]
+    gaps = rel_gaps(steps, ref)
+    print(f"{name} {precision}: max rel loss gap {max(gaps):.2e} (step {gaps.index(max(gaps)) + 1}), "
+          f"final {steps[-1]['loss']:.4f} vs {ref[-1]['loss']:.4f}")
+    assert max(gaps) <= RTOL[precision], [f"{g:.2e}" for g in gaps]
+    val_gap = abs(summary["final_val_loss"] - ref_summary["final_val_loss"]) / ref_summary["final_val_loss"]
+    assert val_gap <= RTOL[precision], (summary["final_val_loss"], ref_summary["final_val_loss"])
+
+
+@pytest.mark.parametrize("name", ALL_RUNS)
+def test_fp32_matches_single(fp32, name):
+    check_tracks(fp32, name, "fp32")
+
+
+@pytest.mark.parametrize("name", ALL_RUNS)
+def test_bf16_tracks_single_bf16(bf16, name):
+    check_tracks(bf16, name, "bf16")
+
+
+def test_bf16_is_applied(fp32, bf16):
+    """bf16 runs are not fp32 runs in disguise: on the same data single's bf16 losses leave its fp32
+    losses by more than fp32 engines leave each other, and bf16 steps are faster."""
+    gaps = rel_gaps(bf16["single"][1][: STEPS["fp32"]], fp32["single"][1])
+    fp32_spread = max(max(rel_gaps(fp32[n][1], fp32["single"][1])) for n in ALL_RUNS)
+    print(f"single bf16 vs fp32: max rel gap {max(gaps):.2e}; largest fp32 engine gap {fp32_spread:.2e}")
+    assert max(gaps) > fp32_spread
+    assert bf16["single"][0]["tokens_per_s"] > 1.5 * fp32["single"][0]["tokens_per_s"]
+
+
+# --------------------------------------------------------------------------- what each rank holds
+
+
+def per_rank(results, name):
+    summary = results[name][0]
+    ranks = sorted(summary["per_rank"], key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranks] == [0, 1]
+    return summary, ranks
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_parameter_split(fp32, bf16, precision):
+    """Per-rank parameter counts as each strategy claims, derived from the model's shape."""
+    results = {"fp32": fp32, "bf16": bf16}[precision]
+    cfg = study_config(precision)
+    vocab = results["single"][0]["per_rank"][0]["local_params"]  # whole model on one rank
+    e = split_expectations(cfg, cfg["model"]["vocab_size"])
+    total = e["total"]
+    assert vocab == total == results["single"][0]["params_total"]
+    local = {name: [r["local_params"] for r in per_rank(results, name)[1]] for name in ALL_RUNS}
+    assert local["ddp"] == local["zero1"] == local["zero2"] == [total, total]
+    for name in ("fsdp", "zero3"):  # fully sharded: half each (partitions padded)
+        assert all(abs(n - total / 2) <= 0.01 * total for n in local[name]), (name, local[name])
+    replicated = e["embedding"] + e["head"] + e["norms"]
+    assert local["tp-torch"] == [replicated + e["projections"] // 2] * 2
+    # DeepSpeed AutoTP follows LlamaForCausalLM's TP plan: lm_head is split over the vocabulary too
+    assert local["tp-deepspeed"] == [e["embedding"] + e["norms"] + (e["projections"] + e["head"]) // 2] * 2
+    for name in ("pp-gpipe", "pp-1f1b", "pp-interleaved", "pp-deepspeed", "hybrid-torch", "hybrid-deepspeed"):
+        assert sum(local[name]) == total and all(0.3 * total < n < 0.7 * total for n in local[name]), local[name]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_model_state_shares(fp32, bf16, precision):
+    """Bytes of parameters, gradients and optimizer state per rank at the step's peak: fp32 weights and
+    gradients in both precisions (bf16 is autocast: fp32 master weights everywhere), ZeRO/FSDP shares."""
+    results = {"fp32": fp32, "bf16": bf16}[precision]
+    total = results["single"][0]["params_total"]
+    state = {name: [r["state_bytes"] for r in per_rank(results, name)[1]] for name in ALL_RUNS}
+    for s in state["ddp"]:
+        assert (s["params"], s["grads"], s["optimizer"]) == (4 * total, 4 * total, 8 * total), s
+    for name in ("zero1", "zero2", "zero3"):
+        for s in state[name]:
+            # fp32 partition of the weights + two fp32 moments, half the model per rank
+            assert s["optimizer"] == pytest.approx(12 * total / 2, rel=0.01), (name, s)
+    for s in state["zero3"] + state["fsdp"]:
+        assert s["params"] == pytest.approx(4 * total / 2, rel=0.01), s
+    totals = {name: max(sum(s.values()) for s in state[name]) for name in ("ddp", "zero1", "zero2", "zero3", "fsdp")}
+    print(precision, {k: f"{v / 2**30:.2f} GiB" for k, v in totals.items()})
+    assert totals["ddp"] > totals["zero1"] > totals["zero2"] > totals["zero3"]
+    assert totals["fsdp"] < totals["zero1"]
+
+
+def test_deepspeed_bf16_keeps_fp32_states(fp32, bf16):
+    """DeepSpeed in bf16 holds the same fp32 model states as in fp32: no bf16 weight copy, fp32 gradients."""
+    for name in ("zero1", "zero2", "zero3", "tp-deepspeed", "pp-deepspeed", "hybrid-deepspeed"):
+        a = [r["state_bytes"] for r in per_rank(fp32, name)[1]]
+        b = [r["state_bytes"] for r in per_rank(bf16, name)[1]]
+        assert a == b, (name, a, b)
+
+
+# --------------------------------------------------------------------------- the 1.1B preset
+
+
+def deepspeed_engine(spec: dict) -> bool:
+    return (spec["strategy"] == "zero" or spec["strategy"] == "tensor_parallel" and spec["tp_engine"] == "deepspeed"
+            or spec["strategy"] in ("pipeline_parallel", "hybrid_parallel") and spec["pp_engine"] == "deepspeed")
+
+
+def test_1b_preset_runs_train_3_steps(tokens, gpu_root):
+    """Every run of configs/gpu2-1b.yaml (1.1B, bf16, compile, its micro-batch sizes) trains 3 steps on
+    the two cards: no out-of-memory, no crash. The suite's small corpus serves (shapes, not text, matter
+    here). Peak memory per run is printed."""
+    cfg = preset_1b(steps=3)
+    assert set(cfg["runs"]) == set(load_yaml(GPU_PRESET)["runs"])
+    launches: dict[tuple, list] = {}  # one launch per process layout and engine family
+    for name, spec in cfg["runs"].items():
+        launches.setdefault((spec["nodes"], spec["gpus_per_node"], deepspeed_engine(spec)), []).append(name)
+    failures = []
+    for names in launches.values():
+        jobs = [(run_config(cfg, n), gpu_root / "1b" / n) for n in names]
+        try:
+            launch_batch(jobs, tokens, gpu_root, timeout=900)
+        except AssertionError as exc:
+            failures.append(str(exc)[-3000:])
+            continue
+        for n, (_, out) in zip(names, jobs):
+            summary, steps = read_run(out)
+            print(f"1.1B {n}: {summary['status']}, {len(steps)} steps, peak {summary.get('peak_mem_gib', 0):.1f} GiB "
+                  f"(micro-batch {summary['spec']['micro_batch_size']})")
+            if summary["status"] != "ok" or len(steps) != 3:
+                failures.append(f"{n}: {summary['status']} {summary.get('message', '')}")
+    assert not failures, "\n".join(failures)
