@@ -99,3 +99,34 @@ def test_bubble_fraction():
     assert D.bubble_fraction(4, 4) == pytest.approx(3 / 7)
     assert D.breakdown_shares({"forward": 1.0, "backward": 3.0}) == {"forward": 0.25, "backward": 0.75}
     assert math.isnan(D.goodput(3, 0.0))
+
+
+def test_ratios_against_the_baseline_and_scaling_efficiency():
+    """The ratio columns are the defining quotients; the baseline's are exactly 1; scaling efficiency
+    compares per-GPU throughput with the single-process run of the same micro-batch size, or is empty."""
+    import pandas as pd
+
+    from llmpar.analysis.aggregate import add_ratios
+
+    df = pd.DataFrame([
+        dict(run="single", strategy="single", status="ok", world_size=1, micro_batch_size=16, wall_time_s=100.0,
+             tokens_per_s=1000.0, tokens_per_s_per_gpu=1000.0, peak_mem_gib=60.0, final_loss=2.0),
+        dict(run="single-mb8", strategy="single", status="ok", world_size=1, micro_batch_size=8, wall_time_s=110.0,
+             tokens_per_s=900.0, tokens_per_s_per_gpu=900.0, peak_mem_gib=40.0, final_loss=2.002),
+        dict(run="ddp", strategy="data_parallel", status="ok", world_size=2, micro_batch_size=8, wall_time_s=80.0,
+             tokens_per_s=1710.0, tokens_per_s_per_gpu=855.0, peak_mem_gib=48.0, final_loss=1.99),
+        dict(run="pp", strategy="pipeline_parallel", status="ok", world_size=2, micro_batch_size=4,
+             wall_time_s=70.0, tokens_per_s=1500.0, tokens_per_s_per_gpu=750.0, peak_mem_gib=20.0, final_loss=2.0),
+        dict(run="oom", strategy="data_parallel", status="oom", world_size=2, micro_batch_size=16, wall_time_s=5.0,
+             tokens_per_s=None, tokens_per_s_per_gpu=None, peak_mem_gib=None, final_loss=None),
+    ])
+    r = add_ratios(df, "single").set_index("run")
+    assert (r.loc["single", ["time_reduction_x", "throughput_increase_x", "memory_reduction_x",
+                             "scaling_efficiency"]] == 1.0).all()
+    assert r.loc["ddp", "time_reduction_x"] == 100.0 / 80.0
+    assert r.loc["ddp", "throughput_increase_x"] == 1710.0 / 1000.0
+    assert r.loc["ddp", "memory_reduction_x"] == 60.0 / 48.0
+    assert r.loc["ddp", "scaling_efficiency"] == 855.0 / 900.0  # against single-mb8, not single
+    assert r.loc["ddp", "final_loss_rel_gap"] == abs(1.99 - 2.0) / 2.0
+    assert pd.isna(r.loc["pp", "scaling_efficiency"])  # no single run at micro-batch 4
+    assert r.loc["oom", ["scaling_efficiency", "throughput_increase_x"]].isna().all()

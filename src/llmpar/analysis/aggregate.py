@@ -24,6 +24,9 @@ RATIO_DEFINITIONS = {
     "time_reduction_x": "baseline wall_time_s / run wall_time_s (> 1: the run finished the same training sooner)",
     "throughput_increase_x": "run tokens_per_s / baseline tokens_per_s (steady state)",
     "memory_reduction_x": "baseline peak_mem_gib / run peak_mem_gib (peak per rank, max over ranks)",
+    "scaling_efficiency": "run tokens_per_s_per_gpu / tokens_per_s_per_gpu of the study's completed single-process "
+                          "run with the same micro_batch_size (empty when there is none): 1.0 is perfect scaling",
+    "final_loss_rel_gap": "|run final_loss - baseline final_loss| / baseline final_loss (same training: ~0)",
 }
 
 
@@ -159,6 +162,11 @@ def add_ratios(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
     df["time_reduction_x"] = (base["wall_time_s"] / df["wall_time_s"]).where(ok)
     df["throughput_increase_x"] = (df["tokens_per_s"] / base["tokens_per_s"]).where(ok)
     df["memory_reduction_x"] = (base["peak_mem_gib"] / df["peak_mem_gib"]).where(ok)
+    df["final_loss_rel_gap"] = ((df["final_loss"] - base["final_loss"]).abs() / base["final_loss"]).where(ok)
+    singles = df[ok & (df["world_size"] == 1) & (df["strategy"] == "single")]
+    per_mbs = singles.groupby("micro_batch_size")["tokens_per_s_per_gpu"].first()
+    reference = df["micro_batch_size"].map(per_mbs)
+    df["scaling_efficiency"] = (df["tokens_per_s_per_gpu"] / reference).where(ok & reference.notna())
     return df
 
 

@@ -61,8 +61,35 @@ def table(df: pd.DataFrame, columns: list[str]) -> str:
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
-SEED_TABLE = ["run", "strategy", "engine", "world_size", "status", "time_reduction_x", "throughput_increase_x",
-              "memory_reduction_x"]
+SEED_TABLE = ["run", "strategy", "engine", "world_size", "micro_batch_size", "status", "time_reduction_x",
+              "throughput_increase_x", "memory_reduction_x", "scaling_efficiency", "final_loss_rel_gap"]
+# The ratios the seed's table reports per strategy (time reduction, throughput increase, memory
+# reduction), quoted beside ours; the seed names neither its baseline, its GPU count nor its model.
+SEED_REPORTED = {
+    "data_parallel": (1.2, 1.3, 1.7),
+    "tensor_parallel": (1.3, 1.1, 1.75),
+    "pipeline_parallel": (1.2, 1.7, 1.83),
+    "hybrid_parallel": (1.2, 1.2, 1.9),
+}
+
+
+def seed_comparison(metrics) -> str:
+    """Our three ratios per run beside the seed's for its strategy (runs of the seed's four strategies)."""
+    cols = ["time_reduction_x", "throughput_increase_x", "memory_reduction_x"]
+    rows = []
+    for _, r in metrics[metrics["strategy"].isin(list(SEED_REPORTED))].iterrows():
+        seed = SEED_REPORTED[r["strategy"]]
+        ours = " / ".join(_fmt(r[c]) for c in cols)
+        rows.append(f"<tr><td>{html.escape(r['run'])}</td><td>{html.escape(r['strategy'])}</td>"
+                    f"<td>{html.escape(str(r['engine']))}</td><td class='num'>{ours}</td>"
+                    f"<td class='num'>{' / '.join(f'{x:g}' for x in seed)}</td></tr>")
+    if not rows:
+        return ""
+    head = "<tr><th>run</th><th>strategy</th><th>engine</th><th>ours: time / throughput / memory</th>" \
+           "<th>the seed's table</th></tr>"
+    return ("<p>Beside the seed's reported ratios (time reduction / throughput increase / memory reduction; "
+            "the seed does not say against what baseline, on how many GPUs or for which model):</p>"
+            f"<table>{head}{''.join(rows)}</table>")
 FULL_TABLE = ["run", "strategy", "engine", "nodes", "gpus_per_node", "tp", "stages", "dp", "micro_batches",
               "schedule", "zero_stage", "precision", "status", "wall_time_s", "tokens_per_s",
               "tokens_per_s_overall", "tokens_per_s_per_gpu", "goodput_steps_per_s", "peak_mem_gib",
@@ -97,6 +124,7 @@ def build_report(config: dict, metrics_csv, figures_dir, captions_dir, summaries
     parts.append("<h2>1. Results against the baseline</h2>")
     parts.append(f"<p>In the seed's form: each run against <code>{html.escape(baseline)}</code>.</p>")
     parts.append(table(metrics, SEED_TABLE))
+    parts.append(seed_comparison(metrics))
     parts.append("<dl>" + "".join(f"<dt>{k}</dt><dd>{html.escape(v)}</dd>" for k, v in RATIO_DEFINITIONS.items())
                  + "</dl>")
     parts.append("<h2>2. All metrics</h2>")
