@@ -93,12 +93,13 @@ def test_bf16_tracks_single_bf16(bf16, name):
 
 def test_bf16_is_applied(fp32, bf16):
     """bf16 runs are not fp32 runs in disguise: on the same data single's bf16 losses leave its fp32
-    losses by more than fp32 engines leave each other, and bf16 steps are faster."""
+    losses by far more than any fp32 engine leaves fp32 single (2 x H100: 7.3e-2 against 1.6e-7).
+    (Speed is no test here: the 125M model's eager steps are bound by kernel launches, and bf16 steps
+    measured 1.1x the fp32 ones.)"""
     gaps = rel_gaps(bf16["single"][1][: STEPS["fp32"]], fp32["single"][1])
     fp32_spread = max(max(rel_gaps(fp32[n][1], fp32["single"][1])) for n in ALL_RUNS)
     print(f"single bf16 vs fp32: max rel gap {max(gaps):.2e}; largest fp32 engine gap {fp32_spread:.2e}")
-    assert max(gaps) > fp32_spread
-    assert bf16["single"][0]["tokens_per_s"] > 1.5 * fp32["single"][0]["tokens_per_s"]
+    assert max(gaps) > 100 * fp32_spread
 
 
 # --------------------------------------------------------------------------- what each rank holds
