@@ -130,3 +130,10 @@ def test_ratios_against_the_baseline_and_scaling_efficiency():
     assert r.loc["ddp", "final_loss_rel_gap"] == abs(1.99 - 2.0) / 2.0
     assert pd.isna(r.loc["pp", "scaling_efficiency"])  # no single run at micro-batch 4
     assert r.loc["oom", ["scaling_efficiency", "throughput_increase_x"]].isna().all()
+
+
+def test_bubble_measured_is_the_mean_idle_share_of_the_schedule():
+    ranks = [{"forward": 1.0, "backward": 2.0, "pipeline_idle": 1.0, "optimizer": 5.0, "grad_sync": 1.0},
+             {"forward": 1.0, "backward": 3.0, "pipeline_idle": 0.0, "optimizer": 5.0, "grad_sync": 1.0}]
+    assert D.bubble_measured(ranks) == (0.25 + 0.0) / 2  # optimizer and gradient sync are outside the schedule
+    assert D.bubble_measured([{"forward": 1.0, "backward": 2.0, "optimizer": 1.0}, None]) is None

@@ -153,6 +153,8 @@ def run(run_cfg: dict, tokens_dir: str | Path, out_dir: str | Path, t0: float | 
         if step == tc["steps"]:
             engine.arm_state_capture()  # model-state bytes at the last step's optimizer step
         loss = engine.train_step(micro)
+        if step == tc["warmup_steps_excluded"]:
+            engine.reset_time_breakdown()  # the breakdown covers the steady steps, as throughput does
         if fault.get("kind") == "nan" and step >= fault.get("at_step", 1):
             loss = loss * float("nan")
         rec.step_done(step, loss, engine.lr())
@@ -277,6 +279,7 @@ def write_outputs(out, run_cfg, spec, ctx, data, prior, steps, evals, per_rank, 
         "mfu": D.mfu(tput.get("tokens_per_s", math.nan), world, fpt, peak),
         "params_total": param_counts(mc, data.vocab_size)["total"],
         "time_breakdown": D.breakdown_shares(per_rank[0]["breakdown"]),
+        "bubble_measured": D.bubble_measured([r["breakdown"] for r in per_rank]),
         "bubble_theoretical": D.bubble_fraction(spec.stages, spec.micro_batches,
                                                  2 if spec.schedule == "interleaved_1f1b" else 1)
         if spec.stages > 1 else None,

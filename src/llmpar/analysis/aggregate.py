@@ -142,6 +142,7 @@ def metrics_row(s: dict) -> dict:
         "backward_share": breakdown.get("backward"),
         "optimizer_share": breakdown.get("optimizer"),
         "bubble_theoretical": s.get("bubble_theoretical"),
+        "bubble_measured": s.get("bubble_measured"),
         "attempts": s.get("attempts"),
         "redone_steps": s.get("redone_steps"),
         "started_at": s.get("started_at"),

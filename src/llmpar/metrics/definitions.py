@@ -57,10 +57,13 @@ DEFINITIONS: dict[str, str] = {
     "holds, each storage counted once, measured during the last step after each micro-batch's backward "
     "and just before the optimizer step, at the moment with the largest total; maximum over ranks.",
     "time_breakdown": "Share of step time in forward, backward (communication overlapped with it "
-    "included) and optimizer, from CUDA events on GPU (host clocks on CPU), rank 0, resolved at the end "
-    "of the run (no per-step host sync). Pipelines report the theoretical bubble (p−1)/(v·m+p−1) "
-    "(v = 2 virtual stages per rank for interleaved 1F1B, else 1) and, where the engine can measure it, "
-    "pipeline_idle: schedule time not spent in stage compute.",
+    "included) and optimizer over the steady steps (after train.warmup_steps_excluded; compilation "
+    "excluded), from CUDA events on GPU (host clocks on CPU), rank 0, resolved at the end of the run (no "
+    "per-step host sync). Pipelines report the theoretical bubble (p−1)/(v·m+p−1) (v = 2 virtual stages "
+    "per rank for interleaved 1F1B, else 1) and, for the torch engine, bubble_measured: the share of "
+    "each rank's schedule time not spent in its stages' forward and backward compute (idle waiting for "
+    "neighbours: the bubble plus point-to-point transfers), averaged over the ranks; summaries recorded "
+    "before it existed leave it empty and their breakdowns include the warm-up steps.",
 }
 
 # bf16 dense tensor-core peak FLOP/s per device, by a substring of the device name (first match wins).
@@ -204,6 +207,14 @@ def bubble_fraction(stages: int, micro_batches: int, virtual_stages: int = 1) ->
     """Theoretical pipeline bubble: (p − 1) / (v·m + p − 1); v = 1 for GPipe and 1F1B, v chunks per rank
     for interleaved 1F1B (Narayanan et al. 2021: the bubble shrinks by v)."""
     return (stages - 1) / (virtual_stages * micro_batches + stages - 1)
+
+
+def bubble_measured(breakdowns: list[dict | None]) -> float | None:
+    """Mean over ranks of pipeline_idle / (forward + backward + pipeline_idle): the idle share of each
+    rank's schedule time. None where the engine does not measure pipeline_idle."""
+    shares = [b["pipeline_idle"] / (b["forward"] + b["backward"] + b["pipeline_idle"])
+              for b in breakdowns if b and "pipeline_idle" in b and b["forward"] + b["backward"] > 0]
+    return sum(shares) / len(shares) if shares else None
 
 
 def breakdown_shares(totals: dict[str, float] | None) -> dict[str, float] | None:

@@ -225,15 +225,22 @@ class Engine:
         """Accumulated seconds per phase (forward, backward, optimizer), or None where not measurable."""
         return None
 
+    def reset_time_breakdown(self) -> None:
+        """Start :meth:`time_breakdown` afresh (after the warm-up steps: compilation stays out)."""
+        timer = getattr(self, "timer", None)
+        if timer is not None:
+            timer.reset()
+
     def close(self) -> None:
         """Release what the engine registered outside itself (hooks, buffers) once its run is over."""
 
 
 class PhaseTimer:
-    """Accumulates forward/backward/optimizer time without a per-step host sync.
+    """Accumulates time per phase (forward, backward, optimizer, ...) without a per-step host sync.
 
     On CUDA it records events and resolves them only when asked (at the end of the run); on CPU
-    execution is synchronous, so host clocks are exact.
+    execution is synchronous, so host clocks are exact. ``start``/``stop`` time consecutive phases;
+    ``mark``/``span`` time an enclosing interval (a pipeline schedule) independently of them.
     """
 
     PHASES = ("forward", "backward", "optimizer")
@@ -254,6 +261,12 @@ class PhaseTimer:
 
         return time.perf_counter()
 
+    def _add(self, phase: str, start, end) -> None:
+        if self.cuda:
+            self.pending.append((phase, start, end))
+        else:
+            self.totals[phase] = self.totals.get(phase, 0.0) + end - start
+
     def start(self):
         if self.enabled:
             self._start = self._now()
@@ -262,11 +275,20 @@ class PhaseTimer:
         if not self.enabled:
             return
         end = self._now()
-        if self.cuda:
-            self.pending.append((phase, self._start, end))
-        else:
-            self.totals[phase] += end - self._start
+        self._add(phase, self._start, end)
         self._start = end
+
+    def mark(self):
+        return self._now() if self.enabled else None
+
+    def span(self, phase: str, start) -> None:
+        if self.enabled:
+            self._add(phase, start, self._now())
+
+    def reset(self) -> None:
+        """Forget what was measured so far (the loop calls it after the warm-up steps)."""
+        self.pending.clear()
+        self.totals = dict.fromkeys(self.PHASES, 0.0)
 
     def result(self) -> dict[str, float] | None:
         if not self.enabled:
@@ -274,7 +296,7 @@ class PhaseTimer:
         if self.cuda:
             torch.cuda.synchronize()
             for phase, a, b in self.pending:
-                self.totals[phase] += a.elapsed_time(b) / 1000.0
+                self.totals[phase] = self.totals.get(phase, 0.0) + a.elapsed_time(b) / 1000.0
             self.pending.clear()
         return dict(self.totals)
 

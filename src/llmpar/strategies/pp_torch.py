@@ -26,17 +26,16 @@ sends to its peer of the next stage). The loss lives on the last stage; one all-
 (only the last stage's tp-rank-0 contributes) gives every rank the global mean without a host sync.
 Gradient clipping sums the squared norms of all stages (and of the DTensor shards).
 
-``time_breakdown`` measures, per rank, the forward and backward compute of its chunks, the optimizer
-(with the dp gradient all-reduce counted as backward) and, on CPU, ``pipeline_idle``: the rest of the
-schedule's wall time (bubble plus point-to-point waits), a measured counterpart of the theoretical
-bubble. On CUDA the phases are event-timed and ``pipeline_idle`` is left out.
+``time_breakdown`` measures, per rank, the forward and backward compute of its chunks, the data-parallel
+gradient all-reduce (``grad_sync``), the optimizer and ``pipeline_idle``: the rest of the schedule's
+time (bubble plus point-to-point waits), the measured counterpart of the theoretical bubble (host
+clocks on CPU, CUDA events on GPUs).
 
 Evaluation runs the schedule forward-only (``schedule.eval``) on the same micro-batch shapes.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -182,7 +181,6 @@ class PipelineEngine(TorchEngine):
         self.pp_group = mesh["pp"].get_group()
         # the loss is contributed once: by the last stage's first tp rank
         self.loss_source = has_last and mesh.get_local_rank("tp") == 0
-        self.timer.totals["pipeline_idle"] = 0.0
         for chunk in chunks:
             chunk.timer = self.timer if self.timer.enabled else None
         if self.timer.enabled:
@@ -224,14 +222,13 @@ class PipelineEngine(TorchEngine):
         # the schedule splits the replica's batch again into the same micro-batches (equal chunks, dim 0)
         x = torch.cat([mb[0] for mb in micro_batches])
         y = torch.cat([mb[1] for mb in micro_batches])
-        t0 = self._clock()
-        busy0 = self.timer.totals["forward"] + self.timer.totals["backward"]
+        t0 = self.timer.mark()
         losses = self._run(self.schedule.step, x, y)
-        self._idle(t0, busy0)
+        self.timer.span("schedule", t0)
         self.timer.start()
         params = list(self.model.parameters())
         allreduce_grads_(params, self.dp_group, self.dp_size)
-        self.timer.stop("backward")
+        self.timer.stop("grad_sync")
         if self.train_cfg["grad_clip"] > 0:
             clip_grad_norm_(params, self.train_cfg["grad_clip"], pp_group=self.pp_group)
         self.optimizer.step()
@@ -239,17 +236,6 @@ class PipelineEngine(TorchEngine):
         self.scheduler.step()
         self.timer.stop("optimizer")
         return self._global_mean(losses)
-
-    # Idle time = schedule wall time minus this rank's forward and backward compute. Host clocks are
-    # exact on CPU; on CUDA the phases are event-timed and the idle share is not measured.
-    def _clock(self):
-        return time.perf_counter() if self.timer.enabled and not self.timer.cuda else None
-
-    def _idle(self, t0, busy0):
-        if t0 is None:
-            return
-        busy = self.timer.totals["forward"] + self.timer.totals["backward"] - busy0
-        self.timer.totals["pipeline_idle"] += max(0.0, time.perf_counter() - t0 - busy)
 
     @torch.no_grad()
     def eval_loss(self, inputs, labels):
@@ -291,9 +277,15 @@ class PipelineEngine(TorchEngine):
         self.scheduler.load_state_dict(sched["scheduler"])
 
     def time_breakdown(self):
+        """forward / backward: this rank's chunk compute inside the schedule; pipeline_idle: the rest of
+        the schedule's time (the bubble and point-to-point waits: host clocks on CPU, CUDA events on
+        GPUs, where an interval also covers the time the stream waits); grad_sync: the data-parallel
+        gradient all-reduce; optimizer: clipping and the AdamW step."""
         result = self.timer.result()
-        if result is not None and self.timer.cuda:
-            result.pop("pipeline_idle", None)
+        if result is None:
+            return None
+        schedule = result.pop("schedule", 0.0)
+        result["pipeline_idle"] = max(0.0, schedule - result["forward"] - result["backward"])
         return result
 
 
