@@ -74,3 +74,20 @@ def test_model_sizes_match_published_shapes():
     assert 1.05e9 < param_counts({"size": "1B", "seq_len": 2048}, 32000)["total"] < 1.15e9
     assert MODEL_SIZES["1B"]["num_kv_heads"] == 4
     assert 110e6 < param_counts({"size": "125M", "seq_len": 1024}, 50257)["total"] < 180e6
+
+
+@pytest.mark.parametrize("name", ["../../../escape", "..", "x;touch f", "a b", "run/1", ""])
+def test_run_names_that_would_leave_results_or_reach_a_shell_are_refused(name):
+    with pytest.raises(ConfigError, match="run name"):
+        prepare(cfg({name: {"strategy": "single"}, "single": {"strategy": "single"}}))
+
+
+@pytest.mark.parametrize("study", ["..", ".", "a/b", "x;y"])
+def test_study_names_that_would_leave_results_are_refused(study):
+    with pytest.raises(ConfigError, match="study"):
+        prepare(cfg(study=study))
+
+
+def test_names_in_the_allowed_alphabet_pass():
+    c = prepare(cfg({"zero-1.b_2": {"strategy": "single"}, "single": {"strategy": "single"}}, study="h100x2-1b"))
+    assert "zero-1.b_2" in c["runs"]

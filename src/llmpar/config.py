@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -329,6 +330,8 @@ def prepare(raw: dict, default_procs: int = 2) -> dict:
     if cfg["tokenizer"]["kind"] == "pretrained" and not cfg["tokenizer"]["pretrained"]:
         raise ConfigError("config key 'tokenizer.pretrained': tokenizer.kind is 'pretrained' but no path is given")
     expanded = expand_runs(cfg["runs"])
+    for name in expanded:
+        check_name(name)
     cfg["runs"] = {name: resolve_run(name, entry, cfg, default_procs).to_dict() for name, entry in expanded.items()}
     if cfg["baseline"] not in cfg["runs"]:
         raise ConfigError(
@@ -336,6 +339,17 @@ def prepare(raw: dict, default_procs: int = 2) -> dict:
             f"(runs: {', '.join(cfg['runs'])})"
         )
     return cfg
+
+
+NAME = re.compile(r"(?!\.+$)[A-Za-z0-9_.-]+")
+
+
+def check_name(run: str) -> None:
+    """A run name becomes a directory (results/<study>/runs/<run>/) and a word in shell commands: only
+    letters, digits, '_', '.' and '-', and not only dots (which would leave results/<study>/runs/)."""
+    if not NAME.fullmatch(run):
+        raise ConfigError(f"runs: the run name {run!r} is not allowed: use letters, digits, '_', '.' and '-' "
+                          "(not only dots); it names the run's directory and is passed to shell commands")
 
 
 def stable_hash(obj: Any) -> str:
