@@ -13,7 +13,7 @@ from llmpar.errors import UserError  # noqa: E402
 try:
     CFG = prepare(config)
     if not CFG["recorded"]:
-        check_source(CFG["data"], CFG["model"]["seq_len"])
+        check_source(CFG["data"], CFG["model"]["seq_len"], CFG["seed"])
 except UserError as exc:
     raise WorkflowError(f"invalid configuration: {exc}")
 

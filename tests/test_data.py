@@ -88,3 +88,17 @@ def test_loader_is_deterministic_and_splits_the_global_batch(tmp_path):
 
 def torch_equal(a, b) -> bool:
     return bool((np.asarray(a) == np.asarray(b)).all())
+
+
+def test_text_corpus_whose_validation_split_cannot_fill_a_sequence_is_refused_before_any_work(tmp_path):
+    """Enough text in total for two sequences (what the check used to ask), but the validation split
+    (5 % of 40 lines) holds ~100 tokens at most: refused from the config alone, before corpus,
+    tokenizer or shards exist, instead of failing inside every training job."""
+    corpus = tmp_path / "short.txt"
+    corpus.write_text("\n".join(f"line {i:02d} " + "word " * 9 for i in range(40)) + "\n")
+    cfg = _data_cfg(source="text", files=[str(corpus)])
+    cfg["val_fraction"] = 0.05
+    with pytest.raises(DataError, match="corpus too short: its validation split"):
+        check_source(cfg, seq_len=200, seed=1)
+    check_source(cfg, seq_len=60, seed=1)  # one sequence of 61 tokens fits both splits
+    assert list(tmp_path.iterdir()) == [corpus]

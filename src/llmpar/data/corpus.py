@@ -136,32 +136,28 @@ def build_corpus(data_cfg: dict, seed: int, out_dir: str | Path) -> dict:
     return meta
 
 
-def check_source(data_cfg: dict, seq_len: int | None = None) -> None:
+def check_source(data_cfg: dict, seq_len: int | None = None, seed: int = 0) -> None:
     """Cheap checks of the corpus source before any job runs (nothing is written on failure).
 
-    Text files: every glob matches a file, the files hold text, and (given ``seq_len``) enough of it:
-    a byte-level BPE token covers at least one byte, so a corpus of fewer bytes (plus one end-of-text
-    token per document) than two sequences of seq_len + 1 tokens (one for training, one for
-    validation) can never fill them. Hugging Face: the dataset builder resolves (offline this succeeds
-    only for local files or a cached dataset).
+    Text files: every glob matches a file, the files hold text, and (given ``seq_len``) enough of it
+    on both sides of the train/validation split that ``build_corpus`` will make (the same documents,
+    ``val_fraction`` and ``seed``): a byte-level BPE token covers at least one byte, so a split of fewer
+    bytes (plus one end-of-text token per document) than seq_len + 1 tokens can never fill one
+    sequence. Hugging Face: the dataset builder resolves (offline this succeeds only for local files or
+    a cached dataset).
     """
     if data_cfg["source"] == "text":
-        files = []
-        for pattern in data_cfg["files"]:
-            matched = sorted(glob.glob(pattern, recursive=True))
-            if not matched:
-                raise DataError(f"data.files: the pattern '{pattern}' matches no file")
-            files.extend(matched)
-        texts = [Path(f).read_text(errors="replace") for f in files]
-        if all(not t.strip() for t in texts):
-            raise DataError(f"data.files: the files {files} hold no text (corpus is empty)")
-        lines = [ln.strip() for t in texts for ln in t.splitlines() if ln.strip()]
-        upper_bound_tokens = sum(len(ln.encode()) + 1 for ln in lines)
-        if seq_len and upper_bound_tokens < 2 * (seq_len + 1):
-            raise DataError(
-                f"data.files: corpus too short: {len(lines)} lines, at most {upper_bound_tokens} tokens, cannot "
-                f"fill one training and one validation sequence of model.seq_len + 1 = {seq_len + 1} tokens"
-            )
+        docs = text_documents(data_cfg["files"])
+        if seq_len:
+            train, val = split_documents(docs, data_cfg["val_fraction"], seed)
+            for split, part in (("training", train), ("validation", val)):
+                upper_bound_tokens = sum(len(d.encode()) + 1 for d in part)
+                if upper_bound_tokens < seq_len + 1:
+                    raise DataError(
+                        f"data.files: corpus too short: its {split} split ({len(part)} of {len(docs)} lines, "
+                        f"data.val_fraction {data_cfg['val_fraction']}) holds at most {upper_bound_tokens} tokens, "
+                        f"fewer than one sequence of model.seq_len + 1 = {seq_len + 1} tokens"
+                    )
     elif data_cfg["source"] == "hf":
         hf = data_cfg["hf"]
         import datasets
