@@ -143,8 +143,8 @@ def check_fits(rc: dict, vocab_size: int, local_procs: int) -> None:
     from llmpar.model import estimate_memory_bytes
 
     run, tc = rc["run"], rc["train"]
-    gpus = cuda_device_count() if tc["device"] != "cpu" else 0
-    use_cuda = tc["device"] == "cuda" or (tc["device"] == "auto" and gpus > 0)
+    use_cuda = uses_cuda(rc)
+    gpus = cuda_device_count() if use_cuda else 0
     if use_cuda and gpus < local_procs:
         what = (f"{run['gpus_per_node']} GPUs per node" if local_procs == run["gpus_per_node"] else
                 f"{local_procs} GPUs on this machine ({run['nodes']} local nodes x {run['gpus_per_node']})")
@@ -213,6 +213,9 @@ def torchrun_cmd(nnodes: int, node_rank: int, nproc: int, master: str, port: int
     ]
 
 
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
 def worker_env(rc: dict, tokens: Path, out: Path | None) -> dict:
     env = dict(os.environ)
     src = str(REPO_ROOT / "src")
@@ -225,8 +228,8 @@ def worker_env(rc: dict, tokens: Path, out: Path | None) -> dict:
     env.setdefault("PYTHONUNBUFFERED", "1")
     # Keep NVLink multicast off (the lent GPU machines require it: it can take a shared host's GPUs out
     # of service), and give DeepSpeed the device the run trains on.
-    for var in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
-        env.setdefault(var, "0" if var == "NCCL_NVLS_ENABLE" else "1")
+    for var, value in NO_MULTICAST.items():
+        env.setdefault(var, value)
     env["DS_ACCELERATOR"] = "cuda" if uses_cuda(rc) else "cpu"
     return env
 
@@ -405,6 +408,7 @@ def main_batch(args, argv: list[str]) -> int:
     if not jobs or not args.tokens:
         raise ConfigError("--batch needs a non-empty list of runs and --tokens")
     tokens = Path(args.tokens)
+    vocab = read_meta(tokens)["vocab_size"]
     first = jobs[0]["run_config"]
     layout = ("nodes", "gpus_per_node")
     for job in jobs:
@@ -413,7 +417,7 @@ def main_batch(args, argv: list[str]) -> int:
                 rc["train"]["device"] != first["train"]["device"]:
             raise ConfigError(f"--batch: run {rc['run']['name']} has another process layout or device than "
                               f"{first['run']['name']}; a batch shares one launch")
-        check_fits(rc, read_meta(tokens)["vocab_size"], rc["run"]["gpus_per_node"] * rc["run"]["nodes"])
+        check_fits(rc, vocab, rc["run"]["gpus_per_node"] * rc["run"]["nodes"])
     for job in jobs:
         Path(job["out"]).mkdir(parents=True, exist_ok=True)
         (Path(job["out"]) / "summary.json").unlink(missing_ok=True)

@@ -90,7 +90,7 @@ def decoder_layer_kwargs(config, rotary_emb, hidden_states):
     ``create_causal_mask`` changed its keywords within transformers 5.x: 5.24 (the CPU stack) takes
     ``inputs_embeds`` and ``cache``, 5.17 (the GPU image) ``input_embeds``, ``past_key_values`` and
     ``cache_position``. Only the names the installed version accepts are passed
-    (tests/test_model.py checks both signatures).
+    (tests/test_launch.py checks both signatures).
     """
     import torch
     from transformers.masking_utils import create_causal_mask

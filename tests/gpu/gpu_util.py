@@ -8,7 +8,6 @@ another, so process, CUDA and NCCL start-up is paid once per layout instead of o
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -94,11 +93,11 @@ def build_tokens(cfg: dict, root: Path) -> Path:
 
 def launch_batch(jobs: list[tuple[dict, Path]], tokens: Path, workdir: Path, timeout: int = 600) -> str:
     """Train the (run config, output directory) pairs in one launch; returns the launcher's output."""
-    batch = workdir / f"batch-{jobs[0][0]['run']['name']}.json"
+    first_rc, first_out = jobs[0]
+    batch = workdir / f"batch-{first_out.parent.name}-{first_rc['run']['name']}.json"  # one per launch
     batch.write_text(json.dumps([{"run_config": rc, "out": str(out)} for rc, out in jobs]))
-    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--batch", str(batch),
-                           "--tokens", str(tokens)], capture_output=True, text=True, timeout=timeout, env=env)
+                           "--tokens", str(tokens)], capture_output=True, text=True, timeout=timeout)
     log = proc.stdout + proc.stderr
     (workdir / f"{batch.stem}.log").write_text(log)
     if proc.returncode != 0:

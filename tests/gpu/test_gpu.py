@@ -16,7 +16,6 @@ Runs of one process layout share one launch of the real launcher (``scripts/trai
 import pytest
 from gpu_util import (
     ALL_RUNS,
-    GPU_PRESET,
     RTOL,
     STEPS,
     build_tokens,
@@ -29,7 +28,7 @@ from gpu_util import (
     train_all,
 )
 
-from llmpar.config import load_yaml, run_config
+from llmpar.config import run_config
 
 # `make test-gpu` (-m gpu) on a machine with fewer than 2 GPUs skips, saying why; `make test` deselects.
 pytestmark = [pytest.mark.gpu,
@@ -175,7 +174,6 @@ def test_1b_preset_runs_train_3_steps(tokens, gpu_root):
     the two cards: no out-of-memory, no crash. The suite's small corpus serves (shapes, not text, matter
     here). Peak memory per run is printed."""
     cfg = preset_1b(steps=3)
-    assert set(cfg["runs"]) == set(load_yaml(GPU_PRESET)["runs"])
     launches: dict[tuple, list] = {}  # one launch per process layout and engine family
     for name, spec in cfg["runs"].items():
         launches.setdefault((spec["nodes"], spec["gpus_per_node"], deepspeed_engine(spec)), []).append(name)
