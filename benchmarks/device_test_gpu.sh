@@ -15,7 +15,7 @@ card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -d ' ')
 timeout ${SUITE_TIMEOUT:-570} make test-gpu GPU_PYTHON=python3 \
   PYTEST_ADDOPTS="-p no:cacheprovider -s --basetemp=/tmp/gpu-suite $*" > $OUT/test_gpu.txt 2>&1
 echo "make test-gpu rc=$?"
-grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|passed|failed|max rel|^1.1B|single bf16|GiB|Error" $OUT/test_gpu.txt | tail -90
+grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|passed|failed|max rel|^1.1B|^bubble|single bf16|GiB|Error" $OUT/test_gpu.txt | tail -90
 # every run's summary, steps and launch log (pytest's temporary directory)
 (cd /tmp/gpu-suite && find . -name "*.log" -o -name summary.json -o -name steps.jsonl | tar czf $OUT/gpu_suite_runs.tgz -T -)
 echo "card: $card; elapsed $(( $(date +%s) - T0 ))s"

@@ -118,9 +118,13 @@ def test_pp_torch_matches_single(tiny_tokens, baseline, tmp_path, schedule):
     print("max rel loss diff", max_rel(steps, baseline[1]))
     assert_same_losses(steps, baseline[1], rtol=RTOL, min_steps=6)
     assert_stage_split(summary, 2)
-    # each rank's schedule time splits into its compute and its idle time (measured, a share of it)
-    assert summary["bubble_measured"] is not None and 0 <= summary["bubble_measured"] < 1
-    assert all("pipeline_idle" in r["breakdown"] for r in summary["per_rank"])
+    # each rank's schedule time splits into its compute (the stage calls, timed one by one) and its
+    # idle time between them: both positive on every rank, the idle share below 1
+    print("bubble measured", summary["bubble_measured"], "theoretical", summary["bubble_theoretical"],
+          [r["breakdown"] for r in summary["per_rank"]])
+    assert 0 < summary["bubble_measured"] < 1
+    assert all(r["breakdown"]["pipeline_idle"] > 0 and r["breakdown"]["forward"] > 0 and r["breakdown"]["backward"] > 0
+               for r in summary["per_rank"])
     if resume:
         (tmp_path / "summary.json").unlink()
         cfg = make_config({"run": entry}, train=train)

@@ -10,7 +10,8 @@ The equivalence study (``gpu_util.GPU_STUDY``): the 125M shape with GQA (12/4 he
 * the per-rank parameter split and model-state bytes each strategy claims, from the model's shape;
 * the 1.1B preset (configs/gpu2-1b.yaml): every run trains 3 steps without error on the two cards.
 
-Runs of one process layout share one launch of the real launcher (``scripts/train.py --batch``).
+Runs of one process layout share one launch of the real launcher (``scripts/train.py --batch``):
+three launches for the whole suite (``gpu_util.train_all``).
 """
 
 import pytest
@@ -20,15 +21,12 @@ from gpu_util import (
     STEPS,
     build_tokens,
     gpu_count,
-    launch_batch,
     preset_1b,
-    read_run,
+    result,
     split_expectations,
     study_config,
     train_all,
 )
-
-from llmpar.config import run_config
 
 # `make test-gpu` (-m gpu) on a machine with fewer than 2 GPUs skips, saying why; `make test` deselects.
 pytestmark = [pytest.mark.gpu,
@@ -66,8 +64,8 @@ def rel_gaps(steps, ref):
 
 
 def check_tracks(results, name, precision):
-    summary, steps = results[name]
-    ref_summary, ref = results["single"]
+    summary, steps = result(results, name)
+    ref_summary, ref = result(results, "single")
     assert summary["status"] == "ok", summary["message"]
     assert summary["device"] == "cuda" and summary["backend"] == "nccl"
     assert summary["spec"]["precision"] == ref_summary["spec"]["precision"] == precision
@@ -95,8 +93,8 @@ def test_bf16_is_applied(fp32, bf16):
     losses by far more than any fp32 engine leaves fp32 single (2 x H100: 7.3e-2 against 1.6e-7).
     (Speed is no test here: the 125M model's eager steps are bound by kernel launches, and bf16 steps
     measured 1.1x the fp32 ones.)"""
-    gaps = rel_gaps(bf16["single"][1][: STEPS["fp32"]], fp32["single"][1])
-    fp32_spread = max(max(rel_gaps(fp32[n][1], fp32["single"][1])) for n in ALL_RUNS)
+    gaps = rel_gaps(result(bf16, "single")[1][: STEPS["fp32"]], result(fp32, "single")[1])
+    fp32_spread = max(max(rel_gaps(result(fp32, n)[1], result(fp32, "single")[1])) for n in ALL_RUNS)
     print(f"single bf16 vs fp32: max rel gap {max(gaps):.2e}; largest fp32 engine gap {fp32_spread:.2e}")
     assert max(gaps) > 100 * fp32_spread
 
@@ -105,7 +103,7 @@ def test_bf16_is_applied(fp32, bf16):
 
 
 def per_rank(results, name):
-    summary = results[name][0]
+    summary = result(results, name)[0]
     ranks = sorted(summary["per_rank"], key=lambda r: r["rank"])
     assert [r["rank"] for r in ranks] == [0, 1]
     return summary, ranks
@@ -116,10 +114,10 @@ def test_parameter_split(fp32, bf16, precision):
     """Per-rank parameter counts as each strategy claims, derived from the model's shape."""
     results = {"fp32": fp32, "bf16": bf16}[precision]
     cfg = study_config(precision)
-    vocab = results["single"][0]["per_rank"][0]["local_params"]  # whole model on one rank
+    vocab = result(results, "single")[0]["per_rank"][0]["local_params"]  # whole model on one rank
     e = split_expectations(cfg, cfg["model"]["vocab_size"])
     total = e["total"]
-    assert vocab == total == results["single"][0]["params_total"]
+    assert vocab == total == result(results, "single")[0]["params_total"]
     local = {name: [r["local_params"] for r in per_rank(results, name)[1]] for name in ALL_RUNS}
     assert local["ddp"] == local["zero1"] == local["zero2"] == [total, total]
     for name in ("fsdp", "zero3"):  # fully sharded: half each (partitions padded)
@@ -137,7 +135,7 @@ def test_model_state_shares(fp32, bf16, precision):
     """Bytes of parameters, gradients and optimizer state per rank at the step's peak: fp32 weights and
     gradients in both precisions (bf16 is autocast: fp32 master weights everywhere), ZeRO/FSDP shares."""
     results = {"fp32": fp32, "bf16": bf16}[precision]
-    total = results["single"][0]["params_total"]
+    total = result(results, "single")[0]["params_total"]
     state = {name: [r["state_bytes"] for r in per_rank(results, name)[1]] for name in ALL_RUNS}
     for s in state["ddp"]:
         assert (s["params"], s["grads"], s["optimizer"]) == (4 * total, 4 * total, 8 * total), s
@@ -164,31 +162,34 @@ def test_deepspeed_bf16_keeps_fp32_states(fp32, bf16):
 # --------------------------------------------------------------------------- the 1.1B preset
 
 
-def deepspeed_engine(spec: dict) -> bool:
-    return (spec["strategy"] == "zero" or spec["strategy"] == "tensor_parallel" and spec["tp_engine"] == "deepspeed"
-            or spec["strategy"] in ("pipeline_parallel", "hybrid_parallel") and spec["pp_engine"] == "deepspeed")
-
-
-def test_1b_preset_runs_train_3_steps(tokens, gpu_root):
+def test_1b_preset_runs_train_3_steps(runs):
     """Every run of configs/gpu2-1b.yaml (1.1B, bf16, compile, its micro-batch sizes) trains 3 steps on
-    the two cards: no out-of-memory, no crash. The suite's small corpus serves (shapes, not text, matter
-    here). Peak memory per run is printed."""
-    cfg = preset_1b(steps=3)
-    launches: dict[tuple, list] = {}  # one launch per process layout and engine family
-    for name, spec in cfg["runs"].items():
-        launches.setdefault((spec["nodes"], spec["gpus_per_node"], deepspeed_engine(spec)), []).append(name)
+    the two cards: no out-of-memory, no crash. They share the equivalence runs' launches (after them)
+    and the suite's small corpus (shapes, not text, matter here). Peak memory per run is printed."""
+    names = list(preset_1b(steps=3)["runs"])
+    assert set(runs["1b"]) == set(names)
     failures = []
-    for names in launches.values():
-        jobs = [(run_config(cfg, n), gpu_root / "1b" / n) for n in names]
-        try:
-            launch_batch(jobs, tokens, gpu_root, timeout=900)
-        except AssertionError as exc:
-            failures.append(str(exc)[-3000:])
+    for n in names:
+        run = runs["1b"][n]
+        if isinstance(run, str):
+            failures.append(f"{n}: no summary; its launch: {run[-1500:]}")
             continue
-        for n, (_, out) in zip(names, jobs):
-            summary, steps = read_run(out)
-            print(f"1.1B {n}: {summary['status']}, {len(steps)} steps, peak {summary.get('peak_mem_gib', 0):.1f} GiB "
-                  f"(micro-batch {summary['spec']['micro_batch_size']})")
-            if summary["status"] != "ok" or len(steps) != 3:
-                failures.append(f"{n}: {summary['status']} {summary.get('message', '')}")
+        summary, steps = run
+        print(f"1.1B {n}: {summary['status']}, {len(steps)} steps, peak {summary.get('peak_mem_gib', 0):.1f} GiB "
+              f"(micro-batch {summary['spec']['micro_batch_size']})")
+        if summary["status"] != "ok" or len(steps) != 3:
+            failures.append(f"{n}: {summary['status']} {summary.get('message', '')}")
     assert not failures, "\n".join(failures)
+
+
+def test_pipeline_bubble_measured_on_cuda(bf16, runs):
+    """The torch pipeline times its schedule with CUDA events: every pipeline run (125M in bf16 and the
+    1.1B preset) reports an idle share of its schedule time strictly between 0 and 1. Printed beside the
+    theoretical bubble (p-1)/(m+p-1); how close they come is a finding of the study, not a test."""
+    names = [("bf16", n, bf16) for n in ("pp-gpipe", "pp-1f1b", "pp-interleaved", "hybrid-torch")]
+    names += [("1b", n, runs["1b"]) for n in ("pp-gpipe", "pp-1f1b", "pp-interleaved", "hybrid-torch")]
+    for group, name, results in names:
+        summary = result(results, name)[0]
+        measured, theory = summary["bubble_measured"], summary["bubble_theoretical"]
+        print(f"bubble {group} {name}: measured {measured}, theoretical {theory:.3f}")
+        assert isinstance(measured, float) and 0 < measured < 1, (name, measured)

@@ -118,11 +118,8 @@ class PipelineChunk(nn.Module):
         self.rotary_emb = inner.rotary_emb  # buffers only (inv_freq); shared by the chunks of a rank
         self.config = model.config
         self.precision = precision
-        self.timer = None  # set by the engine to measure compute time
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.timer is not None:
-            self.timer.start()
         with autocast(self.precision, x.device):
             h = self.embed_tokens(x) if self.embed_tokens is not None else x
             kwargs = decoder_layer_kwargs(self.config, self.rotary_emb, h)
@@ -130,26 +127,24 @@ class PipelineChunk(nn.Module):
                 h = layer(h, **kwargs)
             if self.lm_head is not None:
                 h = self.lm_head(self.norm(h))
-        if self.timer is not None:
-            self.timer.stop("forward")
-            if torch.is_grad_enabled() and h.requires_grad:
-                h = _BackwardTimer.apply(h, self.timer)
         return h
 
 
-class _BackwardTimer(torch.autograd.Function):
-    """Identity whose backward starts the chunk's backward clock (stopped when the schedule's backward
-    call for this chunk returns, see :meth:`PipelineEngine._wrap_backward`)."""
+class MicroBatchLoss:
+    """The schedule's loss: mean cross-entropy of a micro-batch divided by the number of micro-batches,
+    timed as forward compute of the last stage while the engine times its schedule."""
 
-    @staticmethod
-    def forward(ctx, x, timer):
-        ctx.timer = timer
-        return x.view_as(x)
+    def __init__(self, cross_entropy, micro_batches: int):
+        self.cross_entropy, self.micro_batches = cross_entropy, micro_batches
+        self.timer = None  # the engine's PhaseTimer during a timed training schedule, else None
 
-    @staticmethod
-    def backward(ctx, grad):
-        ctx.timer.start()
-        return grad, None
+    def __call__(self, logits, labels):
+        if self.timer is None:
+            return self.cross_entropy(logits, labels) / self.micro_batches
+        self.timer.start()
+        loss = self.cross_entropy(logits, labels) / self.micro_batches
+        self.timer.stop("forward")
+        return loss
 
 
 def local_holder(model, layer_ids: list[int], first: bool, last: bool) -> nn.Module:
@@ -172,31 +167,37 @@ def local_holder(model, layer_ids: list[int], first: bool, last: bool) -> nn.Mod
 class PipelineEngine(TorchEngine):
     """Steps the schedule; the optimizer, checkpoints and accounting act on this rank's ``holder``."""
 
-    def __init__(self, holder, chunks, schedule, spec, ctx, train_cfg, *, mesh, has_first, has_last):
+    def __init__(self, holder, chunks, schedule, loss, spec, ctx, train_cfg, *, mesh, has_first, has_last):
         dp_group = mesh["dp"].get_group()
         super().__init__(holder, spec, ctx, train_cfg, dp_rank=mesh.get_local_rank("dp"),
                          dp_size=mesh.size(mesh.mesh_dim_names.index("dp")), dp_group=dp_group)
-        self.chunks, self.schedule, self.mesh = chunks, schedule, mesh
+        self.chunks, self.schedule, self.loss, self.mesh = chunks, schedule, loss, mesh
         self.has_first, self.has_last = has_first, has_last
         self.pp_group = mesh["pp"].get_group()
         # the loss is contributed once: by the last stage's first tp rank
         self.loss_source = has_last and mesh.get_local_rank("tp") == 0
-        for chunk in chunks:
-            chunk.timer = self.timer if self.timer.enabled else None
+        self.timing = False  # true while train_step runs the schedule (evaluation is not timed)
         if self.timer.enabled:
-            self._wrap_backward()
+            self._time_stage_calls()
 
-    def _wrap_backward(self):
-        """Stop the backward clock when each stage's backward call returns."""
+    def _time_stage_calls(self):
+        """Time this rank's compute inside the schedule: every call of a stage's ``forward_one_chunk``
+        and ``backward_one_chunk`` and of the loss, all on this thread. The schedule waits for a call's
+        point-to-point transfers before making it, so the waits fall between the intervals: with CUDA
+        events, an interval starts when the stream has its input (the wait is queued before it)."""
         for stage in self.schedule_stages():
-            original = stage.backward_one_chunk
+            for method, phase in (("forward_one_chunk", "forward"), ("backward_one_chunk", "backward")):
+                original = getattr(stage, method)
 
-            def timed(*args, _original=original, **kwargs):
-                out = _original(*args, **kwargs)
-                self.timer.stop("backward")
-                return out
+                def timed(*args, _original=original, _phase=phase, **kwargs):
+                    if not self.timing:
+                        return _original(*args, **kwargs)
+                    self.timer.start()
+                    out = _original(*args, **kwargs)
+                    self.timer.stop(_phase)
+                    return out
 
-            stage.backward_one_chunk = timed
+                setattr(stage, method, timed)
 
     def schedule_stages(self):
         return getattr(self.schedule, "_stages", None) or [self.schedule._stage]
@@ -223,7 +224,11 @@ class PipelineEngine(TorchEngine):
         x = torch.cat([mb[0] for mb in micro_batches])
         y = torch.cat([mb[1] for mb in micro_batches])
         t0 = self.timer.mark()
-        losses = self._run(self.schedule.step, x, y)
+        self.timing, self.loss.timer = self.timer.enabled, self.timer if self.timer.enabled else None
+        try:
+            losses = self._run(self.schedule.step, x, y)
+        finally:
+            self.timing, self.loss.timer = False, None
         self.timer.span("schedule", t0)
         self.timer.start()
         params = list(self.model.parameters())
@@ -241,13 +246,11 @@ class PipelineEngine(TorchEngine):
     def eval_loss(self, inputs, labels):
         for chunk in self.chunks:
             chunk.eval()
-            chunk.timer = None
         try:
             losses = self._run(self.schedule.eval, inputs, labels)
         finally:
             for chunk in self.chunks:
                 chunk.train()
-                chunk.timer = self.timer if self.timer.enabled else None
         return self._global_mean(losses)
 
     # Checkpoints: torch DCP with the HF names of this rank's parameters. The optimizer state is
@@ -277,9 +280,9 @@ class PipelineEngine(TorchEngine):
         self.scheduler.load_state_dict(sched["scheduler"])
 
     def time_breakdown(self):
-        """forward / backward: this rank's chunk compute inside the schedule; pipeline_idle: the rest of
-        the schedule's time (the bubble and point-to-point waits: host clocks on CPU, CUDA events on
-        GPUs, where an interval also covers the time the stream waits); grad_sync: the data-parallel
+        """forward / backward: this rank's stage calls inside the schedule (the loss counts as forward);
+        pipeline_idle: the rest of the schedule's time (the bubble and point-to-point waits; host clocks
+        on CPU, CUDA events on GPUs); grad_sync: the data-parallel
         gradient all-reduce; optimizer: clipping and the AdamW step."""
         result = self.timer.result()
         if result is None:
@@ -349,12 +352,8 @@ def parallelize(model, spec, ctx, train_cfg) -> PipelineEngine:
     group = mesh["pp"].get_group()
     stages = [PipelineStage(chunk, c, n_chunks, ctx.device, group=group) for chunk, c in zip(chunks, mine)]
 
-    cross_entropy = cross_entropy_for(ctx.device)
-
-    def loss_fn(logits, labels):
-        return cross_entropy(logits, labels) / m
-
+    loss = MicroBatchLoss(cross_entropy_for(ctx.device), m)
     cls = SCHEDULES[spec.schedule]
-    schedule = cls(stages if virtual > 1 else stages[0], m, loss_fn=loss_fn, scale_grads=False)
-    return PipelineEngine(holder, chunks, schedule, spec, ctx, train_cfg, mesh=mesh,
+    schedule = cls(stages if virtual > 1 else stages[0], m, loss_fn=loss, scale_grads=False)
+    return PipelineEngine(holder, chunks, schedule, loss, spec, ctx, train_cfg, mesh=mesh,
                           has_first=has_first, has_last=has_last)
