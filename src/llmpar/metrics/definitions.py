@@ -61,9 +61,12 @@ DEFINITIONS: dict[str, str] = {
     "excluded), from CUDA events on GPU (host clocks on CPU), rank 0, resolved at the end of the run (no "
     "per-step host sync). Pipelines report the theoretical bubble (p−1)/(v·m+p−1) (v = 2 virtual stages "
     "per rank for interleaved 1F1B, else 1) and, for the torch engine, bubble_measured: the share of "
-    "each rank's schedule time not spent in its stages' forward and backward compute (idle waiting for "
-    "neighbours: the bubble plus point-to-point transfers), averaged over the ranks; summaries recorded "
-    "before it existed leave it empty and their breakdowns include the warm-up steps.",
+    "each rank's schedule time not spent in its stages' calls (forward, loss, backward), i.e. idle "
+    "waiting for neighbours (the bubble plus point-to-point transfers), averaged over the ranks. A rank's "
+    "schedule ends when its own last backward does, so the last stage's wait for the first stage to "
+    "drain falls after it (into the gradient-norm all-reduce that follows) and is not counted: a lower "
+    "bound for the last stage. Summaries recorded before it existed leave it empty and their breakdowns "
+    "include the warm-up steps.",
 }
 
 # bf16 dense tensor-core peak FLOP/s per device, by a substring of the device name (first match wins).
