@@ -1,0 +1,204 @@
+#!/usr/bin/env bash
+# One device call on a 2-GPU machine: torchtitan 0.2.2 beside our `single` and `fsdp`, same GPUs, same
+# call, same model (1,100,048,384 parameters), global batch 32 x 2048, bf16 mixed precision, compile on,
+# plain causal attention, the same number of steps and the same excluded warm-up (45 and 5: steady steps
+# 6-45 on both sides), one after another:
+#
+#   (a) ours  `single`  scripts/train.py --config configs/gpu2-1b.yaml --run single  (1 GPU, 16 x 2 accumulation)
+#   (b) ours  `fsdp`    scripts/train.py --config configs/gpu2-1b.yaml --run fsdp    (FSDP2 over 2 GPUs, 16 each)
+#   (c) torchtitan on 1 GPU, local batch 16 x 2 accumulation           (tt_launch.py + flags.sh)
+#   (d) torchtitan FSDP over 2 GPUs, data_parallel_shard_degree 2, 16 each
+#
+#   STUDY=h100x2-1b bash benchmarks/torchtitan/device_side_by_side.sh
+#
+# Carry: .whl .whl-peers results/h100x2-1b/data/tokens results/h100x2-1b/data/torchtitan
+# (bash benchmarks/device_wheels.sh, bash benchmarks/torchtitan/wheels.sh and
+#  bash benchmarks/torchtitan/prepare.sh build them here). STUDY names where results go (h200x2-1b when the
+# call came on H200s); the carried data is read from the config's study (results/h100x2-1b/data).
+#
+# Comes back under $OUT: results/<study>/baselines/torchtitan_single.json and torchtitan_fsdp.json (parse.py;
+# each holds our run of this call under ours_same_call), results/<study>/baselines/torchtitan_side_by_side/
+# (our two run directories and table.txt), the four logs, env.txt, tt_versions.json, tt_imports.txt.
+#
+# Time (one call, <= 9.5 min): every part has its own limit (OURS_SINGLE_S 120, OURS_FSDP_S 110, TT_SINGLE_S 180,
+# TT_FSDP_S 160; expected ~80, ~65, ~80, ~70 s, setup ~50 s) and none may run past BUDGET_S (555 s after the start, less
+# 30 s kept for a kill and the parsing). A hung part is killed (timeout: SIGTERM, SIGKILL 20 s later), GPU
+# processes it left (torchrun's workers run in their own sessions) are killed by PID when their command line
+# is ours, and the next part runs. STEPS=35 runs 35 steps on all four sides (steady 6-35); STEPS - 5
+# must be a multiple of 10 (torchtitan's log windows then end exactly at the last step).
+T0=$(date +%s)
+source benchmarks/device_setup.sh          # our wheels -> /tmp/site, PYTHONPATH, NVLink multicast off, OUT
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+CONFIG=${CONFIG:-configs/gpu2-1b.yaml}
+NAME=$(python3 -c "import yaml, sys; print(yaml.safe_load(open(sys.argv[1]))['study'])" "$CONFIG")
+STUDY_NAME=${STUDY:-$NAME}
+WARMUP=$(python3 -c "import yaml, sys; print(yaml.safe_load(open(sys.argv[1]))['train']['warmup_steps_excluded'])" "$CONFIG")
+STEPS=${STEPS:-45}
+BUDGET_S=${BUDGET_S:-555}
+DATA=results/$NAME/data
+BASE=$OUT/results/$STUDY_NAME/baselines
+SIDE=$BASE/torchtitan_side_by_side
+TT_SITE=/tmp/tt_site
+mkdir -p "$SIDE"
+if (( (STEPS - WARMUP) % 10 )); then echo "STEPS - $WARMUP must be a multiple of 10 (got STEPS=$STEPS)"; exit 2; fi
+for p in .whl-peers "$DATA/tokens/meta.json" "$DATA/torchtitan/assets/tokenizer.json" "$DATA/torchtitan/c4_test/train.jsonl.gz"; do
+  [ -e "$p" ] || { echo "missing $p: carry .whl .whl-peers $DATA/tokens $DATA/torchtitan"; exit 2; }
+done
+nvidia-smi --query-gpu=index,name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.limit,memory.total \
+  --format=csv | tee $OUT/env.txt
+echo "setup done after $(( $(date +%s) - T0 ))s"
+
+left() { echo $(( BUDGET_S - ($(date +%s) - T0) )); }
+limit() {  # a part's timeout: its own limit, cut to the budget left less 30 s (a kill's 20 s, parsing, table)
+  local l; l=$(( $(left) - 30 ))
+  (( l < $1 )) && echo $(( l > 10 ? l : 10 )) || echo "$1"
+}
+gpu_cleanup() {  # processes of this call's parts still on a GPU after a kill (torchrun's workers run in their
+  # own sessions): only PIDs whose command line is ours (scripts/train.py, llmpar.train, torchrun, tt_launch.py)
+  local p
+  for p in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null | tr -d ' '); do
+    if tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | grep -qE "llmpar|scripts/train.py|tt_launch.py|torch.distributed.run"; then
+      echo "killing leftover GPU process $p: $(tr '\0' ' ' < /proc/$p/cmdline | cut -c1-120)"
+      kill -9 "$p" 2>/dev/null
+    fi
+  done
+  sleep 2
+}
+
+# ---- the peer's wheels, in their own site, for torchtitan's processes only (our .whl carries
+# huggingface_hub 2.4, which datasets 4.7 refuses: <2.0; the image's own stack serves the rest)
+rm -rf $TT_SITE
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $TT_SITE .whl-peers/*.whl 2>&1 \
+  | grep -v -i warning | tail -3
+PYTHONPATH=$TT_SITE python3 - <<'EOF' 2>&1 | tee $OUT/tt_imports.txt
+import importlib, sys
+sys.path.insert(0, "benchmarks/torchtitan")
+import tt_launch
+tt_launch.stub_tensorboard_if_missing()
+mods = ["torch", "triton", "tokenizers", "huggingface_hub", "httpx", "pyarrow", "pandas", "fsspec", "xxhash", "requests",
+        "tqdm", "yaml", "filelock", "packaging", "typing_extensions", "dill", "multiprocess", "datasets", "torchdata",
+        "tyro", "typeguard", "docstring_parser", "tensorboard", "torchtitan", "torchtitan.models.llama3",
+        "torchtitan.hf_datasets.text_datasets", "torchtitan.train"]
+missing = []
+for m in mods:
+    try:
+        mod = importlib.import_module(m)
+        print(f"[tt-imports] ok      {m} {getattr(mod, '__version__', '')} {getattr(mod, '__file__', '')}")
+    except Exception as exc:
+        missing.append(m)
+        print(f"[tt-imports] MISSING {m}: {type(exc).__name__}: {exc}")
+need = [m for m in missing if m != "tensorboard"]  # tensorboard: stubbed by tt_launch.py
+print("[tt-imports] " + ("all present" if not missing else f"missing: {' '.join(missing)}"
+                          + ("" if need else " (tensorboard is stubbed; torchtitan can run)")))
+sys.exit(1 if need else 0)
+EOF
+TT_OK=${PIPESTATUS[0]}
+PYTHONPATH=$TT_SITE python3 - > $OUT/tt_versions.json <<'EOF'
+import importlib.metadata as md, json, platform, subprocess
+v = {"python": platform.python_version()}
+def put(key, fn):
+    try:
+        v[key] = fn()
+    except Exception as exc:
+        v[key] = None
+        v.setdefault("errors", []).append(f"{key}: {type(exc).__name__}: {exc}")
+put("torch", lambda: __import__("torch").__version__)
+put("cuda", lambda: __import__("torch").version.cuda)
+put("nccl", lambda: ".".join(map(str, __import__("torch").cuda.nccl.version())))
+put("cudnn", lambda: __import__("torch").backends.cudnn.version())
+put("gpus", lambda: [__import__("torch").cuda.get_device_name(i) for i in range(__import__("torch").cuda.device_count())])
+put("driver", lambda: subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                     capture_output=True, text=True).stdout.split()[0])
+for pkg in ("torchtitan", "torchdata", "tyro", "typeguard", "docstring_parser", "datasets", "dill", "multiprocess",
+            "tokenizers", "huggingface_hub", "httpx", "pyarrow", "fsspec", "xxhash", "tensorboard", "triton"):
+    put(pkg, lambda: md.version(pkg))
+print(json.dumps(v, indent=1))
+EOF
+echo "peer site ready (imports rc=$TT_OK) after $(( $(date +%s) - T0 ))s"
+mkdir -p /tmp/tt_data/c4_test
+gunzip -c $DATA/torchtitan/c4_test/train.jsonl.gz > /tmp/tt_data/c4_test/train.jsonl
+export HF_HOME=/tmp/tt_hf HF_DATASETS_CACHE=/tmp/tt_hf/datasets HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+# build the dataset's Arrow cache once, so neither run pays for it and the two FSDP ranks do not race for it
+[ "$TT_OK" = 0 ] && PYTHONPATH=$TT_SITE timeout 60 python3 -c "
+import datasets; ds = datasets.load_dataset('/tmp/tt_data/c4_test', split='train'); print('c4_test:', ds)" 2>&1 | tail -4
+
+# ---- (a), (b): our loop, the preset's runs with the same step count
+ours() {  # run limit
+  local run=$1 t; t=$(limit "$2")
+  local cmd=(python3 scripts/train.py --config "$CONFIG" --run "$run" --steps "$STEPS" --tokens "$DATA/tokens"
+             --out "$SIDE/$run")
+  echo "== ours $run (limit ${t}s): ${cmd[*]}" | tee "$OUT/ours_$run.log"
+  local s; s=$(date +%s)
+  timeout -k 20 "$t" "${cmd[@]}" >> "$OUT/ours_$run.log" 2>&1
+  echo "ours $run rc=$? in $(( $(date +%s) - s ))s (call at $(( $(date +%s) - T0 ))s)"
+  gpu_cleanup
+}
+ours single "${OURS_SINGLE_S:-120}"
+ours fsdp "${OURS_FSDP_S:-110}"
+
+# ---- (c), (d): torchtitan
+source benchmarks/torchtitan/flags.sh
+tt() {  # mode ngpu limit our-run (whose summary goes into the JSON)
+  local mode=$1 ngpu=$2 t; t=$(limit "$3")
+  tt_flags "$ngpu" "$STEPS" "$PWD/$DATA/torchtitan/assets" /tmp/tt_data/c4_test "/tmp/tt_dump_$mode"
+  local cmd=(python3 -m torch.distributed.run --standalone --nproc_per_node "$ngpu" --role rank --tee 3
+             benchmarks/torchtitan/tt_launch.py "${TT_FLAGS[@]}")
+  echo "== torchtitan $mode (limit ${t}s): TT_ALIGN_WARMUP=$WARMUP ${cmd[*]}" | tee "$OUT/tt_$mode.log"
+  local s e; s=$(date +%s.%N)
+  if [ "$TT_OK" = 0 ] && (( $(left) > 60 )); then
+    PYTHONPATH=$TT_SITE TT_ALIGN_WARMUP=$WARMUP timeout -k 20 "$t" "${cmd[@]}" >> "$OUT/tt_$mode.log" 2>&1
+    echo "torchtitan $mode rc=$?"
+  elif [ "$TT_OK" = 0 ]; then
+    echo "torchtitan $mode not run: $(left)s of the call's budget left" | tee -a "$OUT/tt_$mode.log"
+  else
+    echo "torchtitan $mode not run: modules missing (tt_imports.txt)" | tee -a "$OUT/tt_$mode.log"
+  fi
+  e=$(date +%s.%N)
+  gpu_cleanup
+  grep -E "size: .* total parameters|Peak FLOPS|Trainer is initialized|step: *[0-9]+ |\[llmpar\]" "$OUT/tt_$mode.log" \
+    | sed 's/\x1b\[[0-9;]*m//g' | grep -E "^\[rank0\]|^\[titan\]|^\[llmpar\]" | cut -c1-220
+  grep -E "Traceback|Error|error:" "$OUT/tt_$mode.log" | grep -v -i warn | head -5
+  python3 benchmarks/torchtitan/parse.py --log "$OUT/tt_$mode.log" --mode "$mode" --gpus "$ngpu" --config "$CONFIG" \
+    --warmup "$WARMUP" --steps "$STEPS" --versions "$OUT/tt_versions.json" --ours "$SIDE/$4/summary.json" \
+    --command "TT_ALIGN_WARMUP=$WARMUP ${cmd[*]}" --wall "$(python3 -c "print(round($e - $s, 1))")" \
+    --out "$BASE/torchtitan_$mode.json"
+  echo "torchtitan $mode done at $(( $(date +%s) - T0 ))s"
+}
+tt single 1 "${TT_SINGLE_S:-180}" single
+tt fsdp 2 "${TT_FSDP_S:-160}" fsdp
+
+# ---- the table
+python3 - "$BASE" "$CONFIG" <<'EOF' 2>&1 | tee "$SIDE/table.txt"
+import json, os, sys
+import yaml
+sys.path.insert(0, "benchmarks/torchtitan")
+from parse import torchtitan_flops_per_token
+base, mc = sys.argv[1], yaml.safe_load(open(sys.argv[2]))["model"]
+fpt_tt = torchtitan_flops_per_token(mc, mc.get("vocab_size") or 32000)
+print(f"{'run':<18}{'status':<11}{'tokens/s':>10}{'per GPU':>9}{'MFU ours':>9}{'MFU tt':>8}{'alloc GiB':>10}"
+      f"{'rsrvd GiB':>10}{'loss':>8}")
+for mode in ("single", "fsdp"):
+    p = f"{base}/torchtitan_{mode}.json"
+    t = json.load(open(p)) if os.path.exists(p) else {}
+    s_path = f"{base}/torchtitan_side_by_side/{mode}/summary.json"
+    s = json.load(open(s_path)) if os.path.exists(s_path) else {}
+    f = lambda v, fmt: format(v, fmt) if isinstance(v, (int, float)) else "-"
+    mfu_tt_ours = (s["tokens_per_s_per_gpu"] * fpt_tt / s["peak_flops"]
+                   if fpt_tt and s.get("tokens_per_s_per_gpu") and s.get("peak_flops") else None)
+    print(f"{'ours ' + mode:<18}{s.get('status', 'missing'):<11}{f(s.get('tokens_per_s'), ',.0f'):>10}"
+          f"{f(s.get('tokens_per_s_per_gpu'), ',.0f'):>9}{f(s.get('mfu'), '.3f'):>9}{f(mfu_tt_ours, '.3f'):>8}"
+          f"{f(s.get('peak_mem_gib'), '.1f'):>10}{f(s.get('peak_reserved_gib'), '.1f'):>10}{f(s.get('final_loss'), '.4f'):>8}")
+    print(f"{'torchtitan ' + mode:<18}{t.get('status', 'missing'):<11}{f(t.get('tokens_per_s'), ',.0f'):>10}"
+          f"{f(t.get('tokens_per_s_per_gpu'), ',.0f'):>9}{f(t.get('mfu'), '.3f'):>9}{f(t.get('mfu_torchtitan'), '.3f'):>8}"
+          f"{f(t.get('peak_mem_gib'), '.1f'):>10}{f(t.get('peak_reserved_gib'), '.1f'):>10}{f(t.get('train_loss'), '.4f'):>8}"
+          f"  {t.get('message', '')[:100]}")
+    if s.get("tokens_per_s") and t.get("tokens_per_s"):
+        print(f"  torchtitan / ours {mode}: {t['tokens_per_s'] / s['tokens_per_s']:.3f}x tokens/s "
+              f"(steady steps: ours {s.get('steady_steps')}, torchtitan {t.get('steady_windows')})")
+print("MFU ours = 6N'+6Lhs per token (llmpar.metrics.definitions); MFU tt = 6N'+12Lhs (torchtitan's own); "
+      "same tokens/s per GPU and peak; alloc = max_memory_allocated over the run, max over ranks")
+EOF
+ls -la "$OUT" "$BASE"
+echo "elapsed $(( $(date +%s) - T0 ))s"
+# the run folders lie deeper than the device call brings back: one archive of everything under $OUT/results
+(cd "$OUT" && tar czf results.tgz results)
