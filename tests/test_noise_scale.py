@@ -1,0 +1,52 @@
+"""The gradient noise scale estimator recovers a known B_noise from synthetic gradients.
+
+Per-sample gradients are G + L·z with a known covariance Σ = L·Lᵀ (z standard normal), so
+B_noise = tr(Σ) / |G|² is known exactly. Each step draws k replicas of b samples each, as a
+data-parallel step does: the mean squared norm of the replicas' gradients and the squared norm of
+their mean feed the two-batch estimator."""
+
+import math
+
+import pytest
+import torch
+
+from llmpar.metrics.noise_scale import NoiseScale, pollux_efficiency, ratio_with_error, two_batch_estimates
+
+
+def synthetic_steps(true_noise_scale: float, b: int, k: int, steps: int, dim: int = 64, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    G = torch.randn(dim, generator=gen, dtype=torch.float64)
+    scales = torch.rand(dim, generator=gen, dtype=torch.float64) + 0.5  # a non-isotropic diagonal Σ
+    scales *= math.sqrt(true_noise_scale * G.square().sum() / scales.square().sum())  # tr(Σ)/|G|² = target
+    for _ in range(steps):
+        per_sample = G + scales * torch.randn(k, b, dim, generator=gen, dtype=torch.float64)
+        replicas = per_sample.mean(dim=1)  # each replica's gradient over its b samples
+        yield replicas.square().sum(dim=1).mean().item(), replicas.mean(dim=0).square().sum().item()
+
+
+@pytest.mark.parametrize("true, b, k", [(20.0, 4, 2), (200.0, 8, 4), (5.0, 2, 2)])
+def test_recovers_known_noise_scale(true, b, k):
+    est = NoiseScale(decay=0.99)
+    for small_sq, big_sq in synthetic_steps(true, b, k, steps=3000):
+        est.update(small_sq, big_sq, b, k * b)
+    ratio, se = ratio_with_error(est.samples)
+    print(f"true {true}: ratio of means {ratio:.2f} ± {se:.2f}, EMA {est.value:.2f}")
+    assert abs(ratio - true) <= 0.10 * true
+    assert abs(ratio - true) <= 4 * se  # the stated uncertainty covers the error
+    assert abs(est.value - true) <= 0.25 * true  # the EMA follows ~100 recent steps: noisier
+
+
+def test_per_step_estimates_are_unbiased_at_their_expectations():
+    # E|g_n|² = |G|² + tr(Σ)/n: feeding the expectations returns |G|² and tr(Σ) exactly
+    g2, trace = 3.0, 12.0
+    small, big = 4, 16
+    assert two_batch_estimates(g2 + trace / small, g2 + trace / big, small, big) == pytest.approx((g2, trace))
+
+
+def test_refusals_and_pollux():
+    with pytest.raises(ValueError):
+        two_batch_estimates(1.0, 1.0, 8, 8)  # one batch size: nothing to compare
+    assert NoiseScale().value is None
+    assert ratio_with_error([(1.0, 2.0)]) is None
+    assert pollux_efficiency(10.0, 10.0, 10.0) == 1.0
+    assert pollux_efficiency(10.0, 30.0, 10.0) == pytest.approx(0.5)  # (10 + 10) / (10 + 30)
