@@ -8,7 +8,9 @@ Row shapes (what the collector writes):
   excluded), ``elapsed_s`` (seconds since the first process start of the run, across restarts),
   ``attempt`` (0 for the first launch, +1 per resume).
 * eval rows: ``step``, ``tokens``, ``elapsed_s``, ``val_loss``.
-* sample rows: ``t_s`` (seconds since process start), ``rank``, ``mem_gib``, ``util_pct``.
+* sample rows: ``t_s`` (seconds since process start), ``rank``, ``mem_gib``, ``util_pct``; on GPUs
+  with NVML also ``device_mem_used_gib``, ``sm_clock_mhz`` (the SM clock at the sample) and ``power_w``
+  (board power draw).
 
 ``DEFINITIONS`` holds the text the report prints next to each metric.
 """

@@ -28,6 +28,19 @@ class NvmlDevice:
     def mem_used_gib(self) -> float:
         return self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used / 2**30
 
+    def sm_clock_mhz(self) -> float | None:
+        return self._optional(lambda: float(self.nvml.nvmlDeviceGetClockInfo(self.handle, self.nvml.NVML_CLOCK_SM)))
+
+    def power_w(self) -> float | None:
+        return self._optional(lambda: self.nvml.nvmlDeviceGetPowerUsage(self.handle) / 1000.0)
+
+    def _optional(self, read):
+        """A reading some cards or drivers do not support is None, not a lost sample row."""
+        try:
+            return read()
+        except self.nvml.NVMLError:
+            return None
+
 
 def nvml_device():
     """(device, None) or (None, reason) when NVML is unavailable."""
@@ -65,6 +78,9 @@ class Sampler(threading.Thread):
             row["mem_gib"] = torch.cuda.memory_allocated() / 2**30
             row["util_pct"] = self.nvml.util_pct() if self.nvml else None
             row["device_mem_used_gib"] = self.nvml.mem_used_gib() if self.nvml else None
+            # a card that computes more slowly under load (power or thermal limits) shows it here
+            row["sm_clock_mhz"] = self.nvml.sm_clock_mhz() if self.nvml else None
+            row["power_w"] = self.nvml.power_w() if self.nvml else None
         else:
             row["mem_gib"] = self.proc.memory_info().rss / 2**30
             row["util_pct"] = self.proc.cpu_percent(None)
