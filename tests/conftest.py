@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny tokenized corpus and a helper that trains one run through the real launcher."""
+"""Shared fixtures: a tiny tokenized corpus, helpers that train runs through the real launcher (one run, or
+several sharing one launch) and the checks that compare a run with ``single``."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from llmpar.config import prepare, run_config
 
 REPO = Path(__file__).resolve().parents[1]
+MUTANTS = REPO / "tests" / "mutants"  # a sitecustomize that breaks gradient averaging (see its docstring)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -56,6 +58,15 @@ def tiny_tokens(tmp_path_factory) -> Path:
     return root / "tokens"
 
 
+def read_run(out: Path) -> tuple[dict | None, list[dict]]:
+    """A run directory's summary (None before it is written) and step rows."""
+    summary_path = out / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    steps_path = out / "steps.jsonl"
+    steps = [json.loads(x) for x in steps_path.read_text().splitlines()] if steps_path.is_file() else []
+    return summary, steps
+
+
 def train_run(cfg: dict, run: str, tokens: Path, out: Path, timeout: int = 600, check: bool = True):
     """Train ``run`` of ``cfg`` through scripts/train.py; returns (summary, steps, completed process)."""
     prepared = prepare(cfg)
@@ -65,11 +76,33 @@ def train_run(cfg: dict, run: str, tokens: Path, out: Path, timeout: int = 600, 
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{run} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    summary_path = out / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    steps_path = out / "steps.jsonl"
-    steps = [json.loads(x) for x in steps_path.read_text().splitlines()] if steps_path.is_file() else []
-    return summary, steps, proc
+    return *read_run(out), proc
+
+
+def train_batch(configs: dict[str, dict], tokens: Path, root: Path, sum_grads: tuple[str, ...] = (),
+                timeout: int = 600) -> dict[str, tuple[dict, list[dict]]]:
+    """Train the runs named by ``configs`` (run -> a config holding it; one process layout) in one launch
+    (``scripts/train.py --batch``: the same workers train them one after another) into ``root/<run>``;
+    returns {run: (summary, steps)}.
+
+    ``sum_grads``: runs trained with the test-only mutation of tests/mutants (data-parallel gradients
+    summed instead of averaged)."""
+    runs = list(configs)
+    root.mkdir(parents=True, exist_ok=True)
+    batch = root / "batch.json"
+    batch.write_text(json.dumps([{"run_config": run_config(prepare(cfg), r), "out": str(root / r)}
+                                 for r, cfg in configs.items()]))
+    env = dict(os.environ)
+    if sum_grads:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(MUTANTS), env.get("PYTHONPATH")]))
+        env["LLMPAR_TEST_SUM_GRADS"] = ",".join(sum_grads)
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--batch", str(batch),
+                           "--tokens", str(tokens)], capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise AssertionError(f"{runs} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    for r in sum_grads:
+        assert f"[{r}] test mutation" in proc.stdout, f"the mutation did not reach run {r}"
+    return {r: read_run(root / r) for r in runs}
 
 
 @pytest.fixture(scope="session")
@@ -79,10 +112,39 @@ def baseline(tiny_tokens, tmp_path_factory):
     return summary, steps
 
 
-def assert_same_losses(steps, ref_steps, rtol: float, min_steps: int = 5):
-    """Per-step training losses within ``rtol`` relative of the baseline, for at least ``min_steps`` steps."""
+def assert_same_steps(steps, ref_steps, rtol: float, min_steps: int = 5, grad_rtol: float | None = None):
+    """Per-step training loss within ``rtol`` and gradient norm before clipping within ``grad_rtol`` (default
+    ``rtol``) relative of the baseline, for at least ``min_steps`` steps. The losses alone cannot see a wrong
+    gradient scale: AdamW's update hardly changes when every gradient is multiplied by a constant, and
+    clipping undoes the multiplication wherever it clips."""
     assert len(steps) >= min_steps and len(ref_steps) >= min_steps, (len(steps), len(ref_steps))
     for a, b in zip(steps, ref_steps):
         assert a["step"] == b["step"]
-        rel = abs(a["loss"] - b["loss"]) / abs(b["loss"])
-        assert rel <= rtol, f"step {a['step']}: loss {a['loss']} vs baseline {b['loss']} (rel {rel:.2e} > {rtol})"
+        for key, tol in (("loss", rtol), ("grad_norm", rtol if grad_rtol is None else grad_rtol)):
+            rel = abs(a[key] - b[key]) / abs(b[key])
+            assert rel <= tol, f"step {a['step']}: {key} {a[key]} vs baseline {b[key]} (rel {rel:.2e} > {tol})"
+
+
+def assert_matches_single(summary, steps, baseline, rtol: float, min_steps: int = 6, grad_rtol: float | None = None):
+    """What every engine shares with ``single`` (``baseline``: its summary and steps): the per-step losses
+    and the final validation loss (the engine's eval_loss) within ``rtol`` relative, the per-step gradient
+    norms and the first update of the tracked parameters within ``grad_rtol`` (default ``rtol``)."""
+    ref_summary, ref_steps = baseline
+    assert summary["status"] == "ok", summary["message"]
+    assert_same_steps(steps, ref_steps, rtol, min_steps, grad_rtol)
+    assert_same_first_update(summary, ref_summary, rtol if grad_rtol is None else grad_rtol)
+    val, ref_val = summary["final_val_loss"], ref_summary["final_val_loss"]
+    assert abs(val - ref_val) <= rtol * abs(ref_val), f"final val_loss {val} vs baseline {ref_val}"
+
+
+def max_rel_gap(steps, ref_steps, key: str = "loss") -> float:
+    return max(abs(a[key] - b[key]) / abs(b[key]) for a, b in zip(steps, ref_steps))
+
+
+def assert_same_first_update(summary, ref_summary, rtol: float):
+    """The first step's update of each tracked parameter (its norm) within ``rtol`` relative of the baseline."""
+    got, ref = summary["first_update_norm"], ref_summary["first_update_norm"]
+    assert got is not None and ref is not None and sorted(got) == sorted(ref), (got, ref)
+    for name, value in ref.items():
+        rel = abs(got[name] - value) / value
+        assert rel <= rtol, f"first update of {name}: {got[name]} vs baseline {value} (rel {rel:.2e} > {rtol})"

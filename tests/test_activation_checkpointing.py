@@ -12,7 +12,7 @@ summed over time. Two quantities, on a model large enough that the decoder layer
 
 import pytest
 import torch
-from conftest import assert_same_losses, make_config, train_run
+from conftest import assert_same_first_update, assert_same_steps, make_config, train_run
 from torch.profiler import ProfilerActivity, profile
 from torch.profiler._memory_profiler import Action
 
@@ -79,4 +79,5 @@ def test_checkpointing_same_losses_through_the_harness(tiny_tokens, baseline, tm
     assert summary["status"] == "ok" and summary["spec"]["activation_checkpointing"] == "full"
     rel = max(abs(a["loss"] - b["loss"]) / abs(b["loss"]) for a, b in zip(steps, baseline[1]))
     print("max rel loss diff (full AC vs none)", rel)
-    assert_same_losses(steps, baseline[1], rtol=1e-5, min_steps=6)
+    assert_same_steps(steps, baseline[1], rtol=1e-5, min_steps=6)
+    assert_same_first_update(summary, baseline[0], rtol=1e-5)

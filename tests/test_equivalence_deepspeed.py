@@ -1,22 +1,25 @@
 """DeepSpeed engines (ZeRO 1/2/3, AutoTP, PipelineModule) train the same model as ``single``.
 
 Same seed, initial weights, data and global batch as the single-process baseline, fp32, gradient
-clipping on (grad_clip 1.0, active in these steps): per-step training losses within 1e-4 relative for
-all 6 steps, and the final validation loss too. Measured on this CPU/gloo stack the largest relative
-difference of any of these runs is 1.7e-7 (float32 reduction order), so 1e-4 is not loose for the
-engines' numerics and needs no per-engine exception. Each test also checks that the model states are
-really split the way the strategy claims (per-rank parameter counts; optimizer bytes for ZeRO),
-with expected values derived from the model's shape, not hard-coded. In bf16, ZeRO-2, AutoTP and the
-pipeline train the same model as ``single`` in bf16. ZeRO-1, ZeRO-3, AutoTP and the
-pipeline also checkpoint at step 3 in DeepSpeed's own format and are resumed from it (loaded with
-``torch.load(weights_only=True)``): the resumed steps' losses equal the first run's exactly.
+clipping on (grad_clip 1.0, active in these steps): per-step training losses and gradient norms (before
+clipping) within 1e-4 relative for all 6 steps, the first update of the tracked parameters and the final
+validation loss too. Measured on this CPU/gloo stack the largest relative difference of any of these
+runs is 1.7e-7 (float32 reduction order), so 1e-4 is not loose for the engines' numerics and needs no
+per-engine exception. Each test also checks that the model states are really split the way the
+strategy claims (per-rank parameter counts; optimizer bytes for ZeRO), with expected values derived
+from the model's shape, not hard-coded. In bf16, ZeRO-2, AutoTP and the pipeline train the same model
+as ``single`` in bf16. ZeRO-1, ZeRO-3, AutoTP and the pipeline also checkpoint at step 3 in
+DeepSpeed's own format and are resumed from it (loaded with ``torch.load(weights_only=True)``): the
+resumed steps' losses equal the first run's exactly. The mutation check trains ZeRO-2 once more with
+DeepSpeed summing the data-parallel gradients instead of averaging them and shows that the
+gradient-norm check fails. The runs of one process layout share one launch (``--batch``).
 """
 
 import pickle
 
 import pytest
 import torch
-from conftest import assert_same_losses, make_config, train_run
+from conftest import assert_matches_single, assert_same_steps, make_config, max_rel_gap, train_batch, train_run
 
 from llmpar.config import model_dims, prepare
 from llmpar.errors import ConfigError
@@ -25,34 +28,85 @@ pytestmark = pytest.mark.slow
 
 RTOL = 1e-4
 ADAM_BYTES = 12  # fp32 master copy + two fp32 Adam moments per parameter, held by DeepSpeed's optimizer
+# gradient norms and first updates in bf16 (measured up to 7.9e-4 off single bf16: bf16 rounding of the
+# backward matmuls); summed instead of averaged gradients are 100 % off
+BF16_GRAD_RTOL = 2e-3
+
+ZERO = {stage: {"strategy": "zero", "zero_stage": stage, "gpus_per_node": 2} for stage in (1, 2, 3)}
+AUTOTP = {"strategy": "tensor_parallel", "tp": 2, "tp_engine": "deepspeed"}
+PIPELINE = {"strategy": "pipeline_parallel", "stages": 2, "micro_batches": 4, "pp_engine": "deepspeed"}
+BF16_RUNS = {
+    "zero2": {"strategy": "zero", "zero_stage": 2, "gpus_per_node": 2, "micro_batches": 2},
+    "autotp": AUTOTP,
+    "pipeline": PIPELINE,
+}
+LAUNCHES = {  # one launch per process layout
+    "w2": {**{f"zero{stage}": run for stage, run in ZERO.items()},
+           "zero2-summed": ZERO[2],  # the mutant
+           "zero3-offload": ZERO[3] | {"offload": "optimizer"},
+           "autotp": AUTOTP | {"gpus_per_node": 2},
+           "pipeline": PIPELINE,
+           **{f"bf16-{name}": run | {"precision": "bf16"} for name, run in BF16_RUNS.items()}},
+    # ZeRO-1 inside DeepSpeed's pipeline: 2 stages x 2 data-parallel replicas; AutoTP tp 2 x dp 2
+    "w4": {"zero1-pp": ZERO[1] | {"stages": 2, "gpus_per_node": 4},
+           "autotp-dp2": AUTOTP | {"gpus_per_node": 4}},
+    "nodes2": {"hybrid": {"strategy": "hybrid_parallel", "stages": 2, "nodes": 2, "gpus_per_node": 2,
+                          "pp_engine": "deepspeed"}},
+}
+RESUMED = ("zero1", "zero3", "autotp", "pipeline")  # these also checkpoint at step 3, then resume from it
+
+
+def config(name: str) -> dict:
+    runs = {n: run for launch in LAUNCHES.values() for n, run in launch.items()}
+    return make_config({name: runs[name]}, train={"checkpoint_every": 3} if name in RESUMED else {})
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("deepspeed-engines")
+
+
+def launch(layout: str, tiny_tokens, root) -> dict:
+    return train_batch({name: config(name) for name in LAUNCHES[layout]}, tiny_tokens, root / layout,
+                       sum_grads=("zero2-summed",) if layout == "w2" else ())
+
+
+@pytest.fixture(scope="module")
+def w2(tiny_tokens, root):
+    return launch("w2", tiny_tokens, root)
+
+
+@pytest.fixture(scope="module")
+def w4(tiny_tokens, root):
+    return launch("w4", tiny_tokens, root)
+
+
+@pytest.fixture(scope="module")
+def nodes2(tiny_tokens, root):
+    return launch("nodes2", tiny_tokens, root)
+
+
+@pytest.fixture(scope="module")
+def resumed(w2, tiny_tokens, root):
+    """The checkpointing runs started again in their directories (one launch): each resumes at step 3."""
+    return train_batch({name: config(name) for name in RESUMED}, tiny_tokens, root / "w2")
+
+
+def matches_single(results, name: str, baseline, world: int):
+    """Compare run ``name`` with the baseline; returns its summary and its per-rank records by rank."""
+    summary, steps = results[name]
+    print(f"{name}: max rel gap to single: loss {max_rel_gap(steps, baseline[1]):.1e}, "
+          f"grad_norm {max_rel_gap(steps, baseline[1], 'grad_norm'):.1e}")
+    assert_matches_single(summary, steps, baseline, RTOL)
+    assert summary["world_size"] == world
+    ranks = sorted(summary["per_rank"], key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranks] == list(range(world))
+    return summary, ranks
 
 
 def _dims():
     prepared = prepare(make_config())
     return model_dims(prepared["model"]), prepared["tokenizer"]["vocab_size"]
-
-
-def _run(tiny_tokens, tmp_path, baseline, run: dict, world: int, resume: bool = False):
-    """Train ``run`` and compare it with the baseline; with ``resume`` it also checkpoints at step 3
-    (DeepSpeed's own format, read back through the weights_only loader) and is resumed from there."""
-    train = {"checkpoint_every": 3} if resume else {}
-    summary, steps, _ = train_run(make_config({"ds": run}, train=train), "ds", tiny_tokens, tmp_path)
-    assert summary["status"] == "ok", summary["message"]
-    assert summary["world_size"] == world
-    assert_same_losses(steps, baseline[1], rtol=RTOL, min_steps=6)
-    ref_val = baseline[0]["final_val_loss"]
-    assert abs(summary["final_val_loss"] - ref_val) <= RTOL * abs(ref_val), (summary["final_val_loss"], ref_val)
-    ranks = sorted(summary["per_rank"], key=lambda r: r["rank"])
-    assert [r["rank"] for r in ranks] == list(range(world))
-    if resume:
-        (tmp_path / "summary.json").unlink()
-        again, steps2, proc = train_run(make_config({"ds": run}, train=train), "ds", tiny_tokens, tmp_path)
-        assert "resumed from checkpoint step_00000003" in proc.stdout, proc.stdout[-3000:]
-        first = {r["step"]: r["loss"] for r in steps}
-        after = {r["step"]: r["loss"] for r in steps2 if r["step"] > 3}
-        assert sorted(after) == [4, 5, 6] and all(after[k] == first[k] for k in after), (after, first)
-        assert again["final_val_loss"] == summary["final_val_loss"] and again["attempts"] == 2
-    return summary, ranks
 
 
 class NotAllowed:
@@ -75,10 +129,8 @@ def test_deepspeed_checkpoints_load_with_weights_only(tmp_path):
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_matches_single(tiny_tokens, baseline, tmp_path, stage):
-    summary, ranks = _run(tiny_tokens, tmp_path, baseline,
-                          {"strategy": "zero", "zero_stage": stage, "gpus_per_node": 2}, world=2,
-                          resume=stage in (1, 3))
+def test_zero_matches_single(w2, baseline, stage):
+    summary, ranks = matches_single(w2, f"zero{stage}", baseline, world=2)
     total = summary["params_total"]
     for r in ranks:
         # optimizer state (fp32 master + moments) partitioned: half of it per rank, not 12 bytes/param
@@ -96,20 +148,17 @@ def test_zero_matches_single(tiny_tokens, baseline, tmp_path, stage):
         assert sum(r["local_params"] for r in ranks) >= total
 
 
-def test_zero3_optimizer_offload_matches_single(tiny_tokens, baseline, tmp_path):
-    summary, ranks = _run(tiny_tokens, tmp_path, baseline,
-                          {"strategy": "zero", "zero_stage": 3, "offload": "optimizer", "gpus_per_node": 2},
-                          world=2)
+def test_zero3_optimizer_offload_matches_single(w2, baseline):
+    summary, ranks = matches_single(w2, "zero3-offload", baseline, world=2)
     total = summary["params_total"]
     for r in ranks:
         assert r["local_params"] == pytest.approx(total / 2, rel=0.01), r
         assert r["state_bytes"]["optimizer"] == pytest.approx(ADAM_BYTES * total / 2, rel=0.01), r
 
 
-def test_zero1_with_pipeline_matches_single(tiny_tokens, baseline, tmp_path):
+def test_zero1_with_pipeline_matches_single(w4, baseline):
     """ZeRO-1 inside DeepSpeed's pipeline: 2 stages x 2 data-parallel replicas (4 processes)."""
-    summary, ranks = _run(tiny_tokens, tmp_path, baseline,
-                          {"strategy": "zero", "zero_stage": 1, "stages": 2, "gpus_per_node": 4}, world=4)
+    summary, ranks = matches_single(w4, "zero1-pp", baseline, world=4)
     assert summary["spec"]["dp"] == 2
     total = summary["params_total"]
     # ranks (stage 0: 0, 1), (stage 1: 2, 3): the replicas of a stage hold the same parameters
@@ -119,6 +168,35 @@ def test_zero1_with_pipeline_matches_single(tiny_tokens, baseline, tmp_path):
     for r, n in zip(ranks, [stage_params[0]] * 2 + [stage_params[1]] * 2):
         # each stage's optimizer state is split over its 2 replicas
         assert r["state_bytes"]["optimizer"] == pytest.approx(ADAM_BYTES * n / 2, rel=0.01), r
+
+
+def test_summed_gradients_fail_the_check(w2, baseline):
+    """The mutation check: ZeRO-2 with DeepSpeed summing the data-parallel gradients instead of averaging
+    them (tests/mutants: ``gradient_allreduce_op: sum``, the division in ZeRO's reduce-scatter skipped)
+    has dp = 2 times single's gradient norm at step 1, and the equivalence check fails on it. Clipping
+    at 1.0 and AdamW's insensitivity to the gradient's scale hide it from the losses (printed)."""
+    summary, steps = w2["zero2-summed"]
+    assert summary["status"] == "ok" and summary["spec"]["dp"] == 2
+    ratios = [a["grad_norm"] / b["grad_norm"] for a, b in zip(steps, baseline[1])]
+    loss_gap = max_rel_gap(steps, baseline[1])
+    print("summed gradients: grad_norm / single's per step", [f"{r:.4f}" for r in ratios],
+          f"| max rel loss gap {loss_gap:.1e} (the loss check alone {'passes' if loss_gap <= RTOL else 'fails'})")
+    assert ratios[0] == pytest.approx(2, rel=RTOL)
+    with pytest.raises(AssertionError, match="grad_norm"):
+        assert_same_steps(steps, baseline[1], RTOL, min_steps=6)
+
+
+@pytest.mark.parametrize("name", RESUMED)
+def test_resumed_run_repeats_its_losses(w2, resumed, name):
+    """Resumed from DeepSpeed's own checkpoint of step 3 (read back through the weights_only loader):
+    steps 4-6 and the validation loss exactly as in the uninterrupted run."""
+    summary, steps = w2[name]
+    again, steps2 = resumed[name]
+    assert again["status"] == "ok" and again["attempts"] == 2, again["message"]
+    first = {r["step"]: r["loss"] for r in steps}
+    after = {r["step"]: r["loss"] for r in steps2 if r["attempt"] == 1}
+    assert sorted(after) == [4, 5, 6] and all(after[k] == first[k] for k in after), (after, first)
+    assert again["final_val_loss"] == summary["final_val_loss"]
 
 
 # --------------------------------------------------------------------------- AutoTP
@@ -137,10 +215,9 @@ def _autotp_expected_local(tp: int) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("world", [2, 4], ids=["tp2", "tp2xdp2"])
-def test_autotp_matches_single(tiny_tokens, baseline, tmp_path, world):
-    summary, ranks = _run(tiny_tokens, tmp_path, baseline,
-                          {"strategy": "tensor_parallel", "tp": 2, "tp_engine": "deepspeed",
-                           "gpus_per_node": world}, world=world, resume=world == 2)
+def test_autotp_matches_single(w2, w4, baseline, world):
+    results, name = (w2, "autotp") if world == 2 else (w4, "autotp-dp2")
+    summary, ranks = matches_single(results, name, baseline, world=world)
     assert summary["spec"]["dp"] == world // 2
     local, total = _autotp_expected_local(2)
     assert total == summary["params_total"]
@@ -155,32 +232,29 @@ def bf16_baseline(tiny_tokens, tmp_path_factory):
     return summary, steps
 
 
-BF16_RUNS = {
-    "zero2": {"strategy": "zero", "zero_stage": 2, "gpus_per_node": 2, "micro_batches": 2},
-    "autotp": {"strategy": "tensor_parallel", "tp": 2, "tp_engine": "deepspeed"},
-    "pipeline": {"strategy": "pipeline_parallel", "stages": 2, "micro_batches": 4, "pp_engine": "deepspeed"},
-}
-
-
 @pytest.mark.parametrize("name", list(BF16_RUNS))
-def test_bf16_trains_the_same_model_as_single_bf16(tiny_tokens, baseline, bf16_baseline, tmp_path, name):
+def test_bf16_trains_the_same_model_as_single_bf16(w2, baseline, bf16_baseline, name):
     """precision bf16 on DeepSpeed engines (its torch_autocast mode, fp32 weights and fp32 gradient
-    reduction) against ``single`` in bf16 (torch autocast): per-step losses within 1e-4 relative.
+    reduction) against ``single`` in bf16 (torch autocast): per-step losses within 1e-4 relative, gradient
+    norms and the first update within BF16_GRAD_RTOL.
 
-    Measured on the 2-core CPU: 3.1e-5 (ZeRO-2, pipeline) and 3.9e-5 (AutoTP) off single bf16, while
-    they are 1.1e-4 - 1.5e-4 off single fp32. DeepSpeed's own bf16 mode (bf16 weights; its fp32 master
-    copy starts on the bf16 grid, so warm-up-sized updates round away) fails the bound: 2.2e-4 (ZeRO-2,
-    pipeline) and 1.2e-2 (AutoTP, whose FP16_UnfusedOptimizer also takes a zero-gradient AdamW step at
-    construction). The model states are fp32, as in the torch engines.
+    Measured on the 2-core CPU: losses 3.1e-5 (ZeRO-2, pipeline) and 3.9e-5 (AutoTP) off single bf16,
+    while they are 1.1e-4 - 1.5e-4 off single fp32. The gradients carry the bf16 rounding of the backward
+    matmuls, which differs with the micro-batch split (ZeRO-2 m=2, pipeline m=4) and the TP split: their
+    norms are up to 7.9e-4 (ZeRO-2, pipeline) and 5.6e-4 (AutoTP) off, the first updates up to 1.0e-4.
+    DeepSpeed's own bf16 mode (bf16 weights; its fp32 master copy starts on the bf16 grid, so warm-up-sized
+    updates round away) fails the loss bound: 2.2e-4 (ZeRO-2, pipeline) and 1.2e-2 (AutoTP, whose
+    FP16_UnfusedOptimizer also takes a zero-gradient AdamW step at construction). The model states are
+    fp32, as in the torch engines.
     """
-    run = BF16_RUNS[name]
-    summary, steps, _ = train_run(make_config({"ds": run | {"precision": "bf16"}}), "ds", tiny_tokens, tmp_path)
+    summary, steps = w2[f"bf16-{name}"]
     assert summary["status"] == "ok", summary["message"]
-    assert_same_losses(steps, bf16_baseline[1], rtol=1e-4, min_steps=6)
+    assert summary["spec"]["precision"] == "bf16"
+    assert_matches_single(summary, steps, bf16_baseline, rtol=1e-4, grad_rtol=BF16_GRAD_RTOL)
     # bf16 really applied: the run is nearer single bf16 than single fp32 (a silent fp32 run is not)
-    gap_bf16, gap_fp32 = (max(abs(a["loss"] - b["loss"]) / b["loss"] for a, b in zip(steps, ref[1]))
-                          for ref in (bf16_baseline, baseline))
-    print(name, "max rel gap to single bf16", gap_bf16, "to single fp32", gap_fp32)
+    gap_bf16, gap_fp32 = (max_rel_gap(steps, ref[1]) for ref in (bf16_baseline, baseline))
+    print(name, "max rel gap to single bf16", gap_bf16, "to single fp32", gap_fp32,
+          "| grad_norm", max_rel_gap(steps, bf16_baseline[1], "grad_norm"))
     assert gap_fp32 > 2 * gap_bf16
     for r in summary["per_rank"]:
         assert r["state_bytes"]["params"] == 4 * r["local_params"], r  # fp32 weights
@@ -202,18 +276,14 @@ def _assert_stage_split(summary, ranks, stages, dp):
     assert max(per_stage) - min(per_stage) < 0.05 * total, per_stage
 
 
-def test_deepspeed_pipeline_matches_single(tiny_tokens, baseline, tmp_path):
-    summary, ranks = _run(tiny_tokens, tmp_path, baseline,
-                          {"strategy": "pipeline_parallel", "stages": 2, "micro_batches": 4,
-                           "pp_engine": "deepspeed"}, world=2, resume=True)
+def test_deepspeed_pipeline_matches_single(w2, baseline):
+    summary, ranks = matches_single(w2, "pipeline", baseline, world=2)
     assert summary["spec"]["micro_batches"] == 4
     _assert_stage_split(summary, ranks, stages=2, dp=1)
 
 
-def test_deepspeed_hybrid_pp2xdp2_matches_single(tiny_tokens, baseline, tmp_path):
-    summary, ranks = _run(tiny_tokens, tmp_path, baseline,
-                          {"strategy": "hybrid_parallel", "stages": 2, "nodes": 2, "gpus_per_node": 2,
-                           "pp_engine": "deepspeed"}, world=4)
+def test_deepspeed_hybrid_pp2xdp2_matches_single(nodes2, baseline):
+    summary, ranks = matches_single(nodes2, "hybrid", baseline, world=4)
     assert summary["spec"]["dp"] == 2
     _assert_stage_split(summary, ranks, stages=2, dp=2)
 

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, assert_same_losses, make_config
+from conftest import REPO, assert_same_first_update, assert_same_steps, make_config
 
 from llmpar.config import prepare, run_config
 from llmpar.errors import ExpectedFailure
@@ -71,7 +71,8 @@ def test_runs_sharing_one_launch_each_match_single(tiny_tokens, baseline, tmp_pa
         summary = json.loads((tmp_path / name / "summary.json").read_text())
         steps = [json.loads(x) for x in (tmp_path / name / "steps.jsonl").read_text().splitlines()]
         assert summary["run"] == name and summary["status"] == "ok" and summary["world_size"] == 2
-        assert_same_losses(steps, baseline[1], rtol=1e-4, min_steps=6)
+        assert_same_steps(steps, baseline[1], rtol=1e-4, min_steps=6)
+        assert_same_first_update(summary, baseline[0], rtol=1e-4)
 
 
 def test_batch_refuses_mixed_layouts(tiny_tokens, tmp_path):

@@ -30,6 +30,7 @@ from llmpar.metrics import definitions as D
 from llmpar.metrics.env import environment
 from llmpar.metrics.recorder import Recorder
 from llmpar.metrics.sampler import Sampler
+from llmpar.metrics.updates import FirstUpdate
 from llmpar.model import build_model, flops_per_token, param_counts
 from llmpar.strategies import parallelize
 
@@ -91,6 +92,7 @@ def run(run_cfg: dict, tokens_dir: str | Path, out_dir: str | Path, t0: float | 
         torch.cuda.reset_peak_memory_stats()  # peaks are per run, also when runs share a process
     data = TokenData(tokens_dir, mc["seq_len"], seed)
     model = build_model(mc, data.vocab_size, seed, device=ctx.device)
+    first = FirstUpdate(model)  # the tracked parameters' full sizes, before the strategy shards them
     engine = parallelize(model, spec, ctx, tc)
 
     # ---- resume
@@ -113,6 +115,8 @@ def run(run_cfg: dict, tokens_dir: str | Path, out_dir: str | Path, t0: float | 
     elif ctx.is_main:
         progress_path.unlink(missing_ok=True)
     ckpts.clean_partial()
+    if start_step == 0:
+        first.snapshot(model)
     dist.barrier()
 
     seq, gb = mc["seq_len"], tc["global_batch"]
@@ -127,7 +131,7 @@ def run(run_cfg: dict, tokens_dir: str | Path, out_dir: str | Path, t0: float | 
         x, y = data.train_batch(step, gb, engine.dp_rank, engine.dp_size)
         return _micro_batches(x, y, spec.micro_batches, ctx.device, pin)
 
-    steps, evals = [], []
+    steps, evals, first_update = [], [], None
     bad, status, message = 0, "ok", ""
     fault = spec.fault or {}
     def flush() -> list[dict]:
@@ -157,7 +161,13 @@ def run(run_cfg: dict, tokens_dir: str | Path, out_dir: str | Path, t0: float | 
             engine.reset_time_breakdown()  # the breakdown covers the steady steps, as throughput does
         if fault.get("kind") == "nan" and step >= fault.get("at_step", 1):
             loss = loss * float("nan")
-        rec.step_done(step, loss, engine.lr())
+        rec.step_done(step, loss, engine.lr(), engine.grad_norm())
+        if step == 1:  # host copies, outside the step's time (as an evaluation is)
+            first_update = first.norms(model, ctx.device)
+            if ctx.is_main:
+                _append_jsonl(progress_path, [{"kind": "first_update", "norms": first_update,
+                                               "elapsed_s": rec.now_elapsed(), "config_hash": config_hash}])
+            rec.boundary()
 
         if step % tc["log_every"] == 0 or step == tc["steps"]:
             rows = flush()
@@ -207,8 +217,8 @@ def run(run_cfg: dict, tokens_dir: str | Path, out_dir: str | Path, t0: float | 
         "nvml": None if sampler is None else sampler.nvml_reason,
     })
     if ctx.is_main:
-        write_outputs(out, run_cfg, spec, ctx, data, prior, steps, evals, per_rank, status, message, t0, offset,
-                      config_hash)
+        write_outputs(out, run_cfg, spec, ctx, data, prior, steps, evals, first_update, per_rank, status, message,
+                      t0, offset, config_hash)
     dist.barrier()
     if status == "ok" and tc["delete_checkpoints_on_success"]:
         ckpts.delete_all()
@@ -216,14 +226,16 @@ def run(run_cfg: dict, tokens_dir: str | Path, out_dir: str | Path, t0: float | 
     engine.close()
 
 
-def write_outputs(out, run_cfg, spec, ctx, data, prior, steps, evals, per_rank, status, message, t0, offset,
-                  config_hash):
+def write_outputs(out, run_cfg, spec, ctx, data, prior, steps, evals, first_update, per_rank, status, message, t0,
+                  offset, config_hash):
     tc, mc = run_cfg["train"], run_cfg["model"]
     prior_steps = [{k: v for k, v in r.items() if k != "kind"} for r in prior if r.get("kind") == "step"]
     prior_evals = [{k: v for k, v in r.items() if k != "kind"} for r in prior if r.get("kind") == "eval"]
     all_steps, redone = D.dedupe_steps(prior_steps + steps)
     evals_by_step = {e["step"]: e for e in prior_evals + evals}
     all_evals = [evals_by_step[s] for s in sorted(evals_by_step)]
+    if first_update is None:  # resumed after step 1: the attempt that ran it recorded it
+        first_update = next((r["norms"] for r in prior if r.get("kind") == "first_update"), None)
     samples = [s for r in per_rank for s in r["samples"]]
     wall = time.time() - t0 + offset  # this attempt plus every earlier one (lost work included)
     world = ctx.world_size
@@ -264,6 +276,7 @@ def write_outputs(out, run_cfg, spec, ctx, data, prior, steps, evals, per_rank, 
         "final_loss": all_steps[-1]["loss"] if all_steps else None,
         "final_val_loss": all_evals[-1]["val_loss"] if all_evals else None,
         "final_val_ppl": all_evals[-1]["val_ppl"] if all_evals else None,
+        "first_update_norm": first_update,
         **D.time_to_target(all_evals, tc["target_loss"]),
         "val_loss_at_tokens": {str(b): D.val_loss_at_tokens(all_evals, b) for b in tc["token_budgets"]},
         "memory_kind": mem[0]["memory_kind"],

@@ -2,7 +2,7 @@
 
 Row shapes (what the collector writes):
 
-* step rows: ``step`` (1-based optimizer step), ``loss``, ``tokens`` (cumulative trained tokens
+* step rows: ``step`` (1-based optimizer step), ``loss``, ``grad_norm``, ``tokens`` (cumulative trained tokens
   after this step), ``samples`` (cumulative sequences), ``step_time_s`` (end of the previous step or
   of the last evaluation/checkpoint, to the end of this step: data loading included, evaluation
   excluded), ``elapsed_s`` (seconds since the first process start of the run, across restarts),
@@ -40,6 +40,18 @@ DEFINITIONS: dict[str, str] = {
     "val_loss_at_tokens": "Validation loss at a fixed token budget, linearly interpolated between the two "
     "validations that bracket it; not available beyond the last validation.",
     "loss": "Training cross-entropy (nats/token) of each step's global batch, averaged over its tokens.",
+    "grad_norm": "Global L2 norm, before clipping, of each step's gradient of `loss` (the global batch's mean: "
+    "averaged over micro-batches and data-parallel replicas), over every parameter of the model whatever "
+    "its layout (tensor-parallel, FSDP and ZeRO shards and pipeline stages combined): the norm the step's "
+    "clipping divides `train.grad_clip` by, as each engine's clipping computes it (DeepSpeed's for its "
+    "engines). Kept on the device and resolved with the losses (no per-step host sync); null when "
+    "`train.grad_clip` is 0 (nothing clips, so nothing computes it).",
+    "first_update_norm": "L2 norm of the first optimizer step's change ||w_1 − w_0|| of four named "
+    "parameters (embedding, layer 0's q_proj, the last layer's down_proj, lm_head), each element counted "
+    "once whatever shards or replicas the ranks hold; from host copies (no device memory). A run "
+    "resumed after step 1 reports the value its first attempt recorded. AdamW's first update is about "
+    "±lr per element whatever the gradient's scale, so this checks that every shard of each parameter "
+    "is updated with the right learning rate and weight decay, not the gradient's scale (grad_norm does).",
     "val_loss": "Validation cross-entropy (nats/token) over `train.eval_batches` fixed global batches; "
     "perplexity = exp(val_loss).",
     "peak_mem_gib": "Peak memory, maximum over ranks. GPU: torch.cuda.max_memory_allocated (GiB); "

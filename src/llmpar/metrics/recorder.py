@@ -1,8 +1,8 @@
 """Per-step records without a per-step host sync.
 
 Each step's end (and each boundary after an evaluation or checkpoint) is a CUDA event on GPUs or a
-host clock reading on CPU; loss tensors stay on the device. ``flush`` synchronizes once and turns
-the pending steps into rows (see llmpar.metrics.definitions for the row fields).
+host clock reading on CPU; loss and gradient-norm tensors stay on the device. ``flush`` synchronizes
+once and turns the pending steps into rows (see llmpar.metrics.definitions for the row fields).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ class Recorder:
         self.cuda = device.type == "cuda"
         self.t0, self.offset = t0, offset_s
         self.tokens_per_step, self.samples_per_step, self.attempt = tokens_per_step, samples_per_step, attempt
-        self.pending: list[tuple[int, torch.Tensor, float, object, object]] = []
+        self.pending: list[tuple[int, torch.Tensor, float, torch.Tensor | None, object, object]] = []
         if self.cuda:
             torch.cuda.synchronize()
             self.ref = torch.cuda.Event(enable_timing=True)
@@ -43,9 +43,9 @@ class Recorder:
         """Call after work that is not a training step (evaluation, checkpoint)."""
         self._boundary = self._now()
 
-    def step_done(self, step: int, loss: torch.Tensor, lr: float) -> None:
+    def step_done(self, step: int, loss: torch.Tensor, lr: float, grad_norm: torch.Tensor | None = None) -> None:
         end = self._now()
-        self.pending.append((step, loss, lr, self._boundary, end))
+        self.pending.append((step, loss, lr, grad_norm, self._boundary, end))
         self._boundary = end
 
     def now_elapsed(self) -> float:
@@ -57,15 +57,16 @@ class Recorder:
         if not self.pending:
             return []
         if self.cuda:
-            self.pending[-1][4].synchronize()
+            self.pending[-1][-1].synchronize()
         losses = torch.stack([p[1].detach().float().reshape(()) for p in self.pending]).cpu().tolist()
         rows = []
-        for (step, _, lr, start, end), loss in zip(self.pending, losses):
+        for (step, _, lr, grad_norm, start, end), loss in zip(self.pending, losses):
             t_end = self._wall(end)
             rows.append({
                 "step": step,
                 "loss": loss,
                 "lr": lr,
+                "grad_norm": None if grad_norm is None else float(grad_norm),  # the sync above waited for it
                 "tokens": step * self.tokens_per_step,
                 "samples": step * self.samples_per_step,
                 "step_time_s": t_end - self._wall(start),

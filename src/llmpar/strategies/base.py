@@ -16,7 +16,10 @@ The training loop only calls:
   with gradient accumulation, ZeRO-1 holds full gradients between micro-batches, ZeRO-2 only its
   partition);
 * ``engine.local_param_count()`` – parameters (elements) held by this rank;
-* ``engine.lr()`` – the current learning rate.
+* ``engine.lr()`` – the current learning rate;
+* ``engine.grad_norm()`` – the last step's global gradient norm before clipping (the norm the
+  clipping divides ``train.grad_clip`` by), the same on every rank, as a 0-d tensor without a host
+  sync; None when ``train.grad_clip`` is 0 (nothing clips, so nothing computes it).
 """
 
 from __future__ import annotations
@@ -178,6 +181,7 @@ class Engine:
     dp_size: int = 1
     captured_state_bytes: dict[str, int] | None = None
     _capture_armed: bool = False
+    _grad_norm: torch.Tensor | None = None
 
     def arm_state_capture(self) -> None:
         self._capture_armed = True
@@ -220,6 +224,9 @@ class Engine:
 
     def lr(self) -> float:
         raise NotImplementedError
+
+    def grad_norm(self) -> torch.Tensor | None:
+        return self._grad_norm
 
     def time_breakdown(self) -> dict[str, float] | None:
         """Accumulated seconds per phase (forward, backward, optimizer), or None where not measurable."""
@@ -340,7 +347,7 @@ class TorchEngine(Engine):
             total += loss.detach().float()
         self.timer.start()
         if self.train_cfg["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg["grad_clip"])
+            self._grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg["grad_clip"])
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()

@@ -276,6 +276,26 @@ def ds_torch_optimizer(engine) -> torch.optim.Optimizer:
     return inner
 
 
+def keep_clip_norm(engine) -> None:
+    """Keep the gradient norm DeepSpeed's fp32 clipping computes, for ``get_global_grad_norm()``.
+
+    A ZeRO or bf16 optimizer wrapper keeps its norm there by itself. Without one (AutoTP, the pipeline
+    without ZeRO: the torch optimizer is stepped directly) DeepSpeed clips in
+    ``engine.clip_fp32_gradients`` with ``deepspeed.runtime.utils.clip_grad_norm_`` (global over the
+    model-parallel and data-parallel groups) and drops the norm it returns, so that call is replaced by
+    the same call that keeps it.
+    """
+    if engine.optimizer is not ds_torch_optimizer(engine):
+        return
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_fp32_gradients():
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip_fp32_gradients
+
+
 def ds_local_param_count(engine) -> int:
     """Parameter elements this rank holds: the ZeRO-3 partition (plus any gathered/persistent full
     copy), else the (possibly TP-sharded or stage-local) parameter itself."""
@@ -310,6 +330,7 @@ class DeepSpeedEngine(Engine):
                               f"micro-batches, the run asks for {spec.micro_batches}")
         self.timer = PhaseTimer(ctx.device, enabled=train_cfg.get("metrics", True))
         self.watch_optimizer(ds_torch_optimizer(engine))
+        keep_clip_norm(engine)
 
     def _reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         if self.dp_size > 1:
@@ -345,6 +366,10 @@ class DeepSpeedEngine(Engine):
 
     def lr(self) -> float:
         return self.engine.lr_scheduler.get_last_lr()[0]
+
+    def grad_norm(self):
+        """The norm DeepSpeed clipped the last step with (its optimizer wrapper's, or see keep_clip_norm)."""
+        return self.engine.get_global_grad_norm() if self.train_cfg["grad_clip"] > 0 else None
 
     def time_breakdown(self):
         # Host clocks around forward / backward / step (exact on CPU; CUDA events on GPUs). Under

@@ -154,6 +154,7 @@ class DeepSpeedPipelineEngine(ds_common.DeepSpeedEngine):
             raise ConfigError(f"run {spec.name}: DeepSpeed pipelines {engine.micro_batches} micro-batches, "
                               f"the run asks for {spec.micro_batches}")
         self.watch_optimizer(ds_common.ds_torch_optimizer(engine))
+        ds_common.keep_clip_norm(engine)
 
     def train_step(self, micro_batches):
         if len(micro_batches) != self.engine.micro_batches:

@@ -235,7 +235,7 @@ class PipelineEngine(TorchEngine):
         allreduce_grads_(params, self.dp_group, self.dp_size)
         self.timer.stop("grad_sync")
         if self.train_cfg["grad_clip"] > 0:
-            clip_grad_norm_(params, self.train_cfg["grad_clip"], pp_group=self.pp_group)
+            self._grad_norm = clip_grad_norm_(params, self.train_cfg["grad_clip"], pp_group=self.pp_group)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()

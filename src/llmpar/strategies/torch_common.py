@@ -54,7 +54,8 @@ def total_grad_norm(params, pp_group=None) -> torch.Tensor:
 
 @torch.no_grad()
 def clip_grad_norm_(params, max_norm: float, pp_group=None) -> torch.Tensor:
-    """Scale all gradients by min(1, max_norm / (global norm + 1e-6)), as torch's clip_grad_norm_ does."""
+    """Scale all gradients by min(1, max_norm / (global norm + 1e-6)), as torch's clip_grad_norm_ does;
+    returns the global norm before clipping."""
     params = [p for p in params if p.grad is not None]
     total = total_grad_norm(params, pp_group)
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
@@ -133,7 +134,7 @@ class MeshEngine(TorchEngine):
         allreduce_grads_(params, self.grad_sync_group, self.grad_sync_size)
         self.timer.stop("backward")  # the gradient all-reduce is part of backward (as inside DDP)
         if self.train_cfg["grad_clip"] > 0:
-            clip_grad_norm_(params, self.train_cfg["grad_clip"])
+            self._grad_norm = clip_grad_norm_(params, self.train_cfg["grad_clip"])
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
