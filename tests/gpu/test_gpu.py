@@ -3,7 +3,8 @@
 The equivalence study (``gpu_util.GPU_STUDY``): the 125M shape with GQA (12/4 heads), vocabulary
 32000, sequence 512, global batch 16, the same seed, initial weights and data order for every run.
 
-* fp32 on NCCL: per-step losses within 1e-3 relative of ``single`` for 10 steps (only the summation
+* fp32 on NCCL: per-step losses (and gradient norms before clipping, and the first update of four
+  named parameters) within 1e-3 relative of ``single`` for 10 steps (only the summation
   order differs: sharded matmuls, all-reduces, micro-batch accumulation);
 * bf16, the study's mode (autocast, fp32 master weights; DeepSpeed through its torch_autocast mode):
   per-step losses within 2 % of ``single`` in bf16 for 20 steps, DeepSpeed engines included;
@@ -74,6 +75,16 @@ def check_tracks(results, name, precision):
     print(f"{name} {precision}: max rel loss gap {max(gaps):.2e} (step {gaps.index(max(gaps)) + 1}), "
           f"final {steps[-1]['loss']:.4f} vs {ref[-1]['loss']:.4f}")
     assert max(gaps) <= RTOL[precision], [f"{g:.2e}" for g in gaps]
+    # gradient norm before clipping and the first update: a summed (not averaged) gradient leaves the
+    # losses within RTOL (clipping and AdamW hide its scale) but is dp times single's norm
+    norm_gaps = [abs(a["grad_norm"] - b["grad_norm"]) / b["grad_norm"] for a, b in zip(steps, ref)]
+    print(f"{name} {precision}: max rel grad_norm gap {max(norm_gaps):.2e} "
+          f"(step {norm_gaps.index(max(norm_gaps)) + 1})")
+    assert max(norm_gaps) <= RTOL[precision], [f"{g:.2e}" for g in norm_gaps]
+    first, ref_first = summary["first_update_norm"], ref_summary["first_update_norm"]
+    assert sorted(first) == sorted(ref_first), (first, ref_first)
+    for param, norm in ref_first.items():
+        assert abs(first[param] - norm) <= RTOL[precision] * norm, (param, first[param], norm)
     val_gap = abs(summary["final_val_loss"] - ref_summary["final_val_loss"]) / ref_summary["final_val_loss"]
     assert val_gap <= RTOL[precision], (summary["final_val_loss"], ref_summary["final_val_loss"])
 
