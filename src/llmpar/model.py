@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from llmpar.config import model_dims
+from llmpar.errors import ConfigError
 
 
 def model_vocab(model_cfg: dict, tokenizer_vocab: int) -> int:
@@ -17,8 +18,6 @@ def model_vocab(model_cfg: dict, tokenizer_vocab: int) -> int:
     if want is None:
         return tokenizer_vocab
     if want < tokenizer_vocab:
-        from llmpar.errors import ConfigError
-
         raise ConfigError(f"model.vocab_size {want} is smaller than the tokenizer's vocabulary {tokenizer_vocab}")
     return want
 
@@ -187,3 +186,33 @@ def estimate_memory_bytes(model_cfg: dict, vocab_size: int, run: dict, micro_bat
     in_flight = micro_batch_size * (run["stages"] if run["stages"] > 1 else 1)
     activations = act_per_token * s * in_flight
     return {"model_states": per_rank, "activations": activations, "total": per_rank + activations}
+
+
+def balanced_split(weights: list[int], parts: int) -> list[tuple[int, int]]:
+    """Contiguous split of ``weights`` into ``parts`` non-empty ranges minimising the largest sum.
+
+    Returns [start, end) index ranges. Exact dynamic programme, O(parts * n^2) (n = layers <= ~100).
+    """
+    n = len(weights)
+    if parts > n:
+        raise ConfigError(f"{n} layers cannot fill {parts} pipeline chunks")
+    prefix = [0]
+    for w in weights:
+        prefix.append(prefix[-1] + w)
+    inf = float("inf")
+    # best[k][i]: smallest max-chunk sum splitting the first i items into k chunks; cut[k][i]: last cut
+    best = [[inf] * (n + 1) for _ in range(parts + 1)]
+    cut = [[0] * (n + 1) for _ in range(parts + 1)]
+    best[0][0] = 0
+    for k in range(1, parts + 1):
+        for i in range(k, n - (parts - k) + 1):
+            for j in range(k - 1, i):
+                cost = max(best[k - 1][j], prefix[i] - prefix[j])
+                if cost < best[k][i]:
+                    best[k][i], cut[k][i] = cost, j
+    bounds, i = [], n
+    for k in range(parts, 0, -1):
+        j = cut[k][i]
+        bounds.append((j, i))
+        i = j
+    return bounds[::-1]
