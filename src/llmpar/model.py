@@ -1,7 +1,7 @@
 """The model: a plain `transformers` Llama built from a LlamaConfig (no download).
 
 Nothing here knows about parallelism; strategies take the built model and shard or wrap it.
-Also the model arithmetic the metrics and the pre-launch memory check need.
+Also the model arithmetic the metrics and the plan (llmpar.plan) need.
 """
 
 from __future__ import annotations
@@ -152,40 +152,6 @@ def flops_per_token(model_cfg: dict, vocab_size: int) -> float:
     d = model_dims(model_cfg)
     n = param_counts(model_cfg, vocab_size)["non_embedding"]
     return 6.0 * n + 6.0 * d["num_layers"] * d["hidden_size"] * model_cfg["seq_len"]
-
-
-def estimate_memory_bytes(model_cfg: dict, vocab_size: int, run: dict, micro_batch_size: int) -> dict:
-    """Rough per-rank memory a run needs, to refuse layouts that cannot fit before launch.
-
-    Model states: fp32 parameters + gradients (4 + 4 bytes) and AdamW moments (8 bytes), divided by
-    the shards the strategy creates; activations: ~ (34·h + 5·a·s) bytes per token per layer for
-    fp32 (Korthikanti et al. 2022, scaled ×2 from their 16-bit count), the logits (4·V bytes per token, ×3
-    for softmax and gradient), divided by tp.
-    """
-    d = model_dims(model_cfg)
-    vocab_size = model_vocab(model_cfg, vocab_size)
-    total = param_counts(model_cfg, vocab_size)["total"]
-    shard_params = run["tp"] * run["stages"]
-    states = {"params": 4.0, "grads": 4.0, "optim": 8.0}
-    strategy, zero = run["strategy"], run.get("zero_stage", 0)
-    full_shard = run["dp"] if strategy == "fsdp" else 1
-    per_rank = 0.0
-    for kind, bytes_per in states.items():
-        shard = shard_params * full_shard
-        if strategy == "zero":
-            if kind == "optim" and zero >= 1 or kind == "grads" and zero >= 2 or kind == "params" and zero >= 3:
-                shard *= run["dp"]
-            if run.get("offload", "none") != "none" and kind == "optim":
-                bytes_per = 0.0
-        per_rank += total * bytes_per / shard
-    s, h, a = model_cfg["seq_len"], d["hidden_size"], d["num_heads"]
-    layers_here = max(1, d["num_layers"] // run["stages"])
-    act_per_token = layers_here * (34 * h + 5 * a * s) * 2 / run["tp"] + 12 * vocab_size / run["tp"]
-    if run.get("activation_checkpointing", "none") == "full":
-        act_per_token = layers_here * 2 * h * 4 + 12 * vocab_size / run["tp"]
-    in_flight = micro_batch_size * (run["stages"] if run["stages"] > 1 else 1)
-    activations = act_per_token * s * in_flight
-    return {"model_states": per_rank, "activations": activations, "total": per_rank + activations}
 
 
 def balanced_split(weights: list[int], parts: int) -> list[tuple[int, int]]:
