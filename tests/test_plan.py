@@ -74,7 +74,7 @@ def on_two_h100s(monkeypatch):
 
 def test_launcher_refuses_ddp_at_micro_batch_16_on_80gb(on_two_h100s):
     """The 1.1B preset's DDP at micro-batch 16 ran out of memory on 2 x H100 80 GB (BENCHMARKS.md): the
-    plan predicts ~75 GiB and the launcher refuses it with the predicted and available memory; at 8 it
+    plan predicts 74.0 GiB and the launcher refuses it with the predicted and available memory; at 8 it
     measured 52.6 GiB and is let through."""
     with pytest.raises(ExpectedFailure) as exc:
         launch.check_fits(ddp_rc(16), 660, 2)
