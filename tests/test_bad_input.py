@@ -58,7 +58,7 @@ def test_workflow_rejects_bad_input(case, tmp_path, monkeypatch):
 
 
 def test_cli_refuses_a_model_that_cannot_fit(tiny_tokens, tmp_path):
-    """The seed's `--model_size 1B` data-parallel run on a small CPU machine: an estimate, not a crash."""
+    """The seed's `--model_size 1B` data-parallel run on a small CPU machine: a prediction, not a crash."""
     out = tmp_path / "results" / "runs" / "ddp"
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "train.py"), "--strategy", "data_parallel", "--model_size", "1B",
@@ -66,7 +66,7 @@ def test_cli_refuses_a_model_that_cannot_fit(tiny_tokens, tmp_path):
         capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
     assert proc.returncode == 2
-    assert "estimated memory" in proc.stderr and "GiB" in proc.stderr
+    assert "predicted peak memory" in proc.stderr and "GiB" in proc.stderr
     assert not (tmp_path / "results").exists()
 
 

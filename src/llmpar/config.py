@@ -154,6 +154,11 @@ def resolve_run(name: str, entry: dict, cfg: dict, default_procs: int = 2) -> Ru
     strategy = entry["strategy"]
     train, model = cfg["train"], cfg["model"]
     where = f"runs.{name}"
+    if entry.get("micro_batch_size") == "auto" or (
+            train.get("micro_batch_size") == "auto" and entry.get("micro_batch_size") is None
+            and entry.get("micro_batches") is None and strategy not in ("pipeline_parallel", "hybrid_parallel")
+            and entry.get("stages", 1) == 1):  # as a number, train.micro_batch_size applies without stages
+        return auto_micro_batch(name, entry, cfg, default_procs)
 
     def get(key, default):
         v = entry.get(key)
@@ -287,6 +292,42 @@ def resolve_run(name: str, entry: dict, cfg: dict, default_procs: int = 2) -> Ru
         runtime_min=get("runtime_min", cfg["launch"]["runtime_min"]),
         fault=entry.get("fault"),
     )
+
+
+def auto_micro_batch(name: str, entry: dict, cfg: dict, default_procs: int) -> RunSpec:
+    """``micro_batch_size: auto``: the largest size that divides the replica's batch and that the plan
+    (``llmpar.plan``) predicts to fit ``train.card`` with its margin (peak <= 90 % of the card). A
+    pipeline keeps at least the default micro-batches (max(4, 2 x stages)), so its bubble stays small."""
+    from llmpar import plan
+
+    where = f"runs.{name}.micro_batch_size"
+    card_name = cfg["train"].get("card")
+    if not card_name:
+        raise ConfigError(f"{where}: auto needs train.card (the card to fit: h100, h200; src/llmpar/cards.yaml)")
+    try:
+        memory = plan.card(card_name)["memory_gib"]
+    except KeyError as exc:
+        raise ConfigError(f"config key 'train.card': {exc.args[0]}") from None
+    if entry.get("micro_batches") is not None:
+        raise ConfigError(f"{where}: auto chooses the micro-batches too; remove runs.{name}.micro_batches")
+    base = {k: v for k, v in entry.items() if k != "micro_batch_size"}
+    dp = resolve_run(name, {**base, "micro_batch_size": 1}, cfg, default_procs).dp
+    per_replica = cfg["train"]["global_batch"] // dp
+    tried = {}
+    for mbs in sorted((d for d in range(1, per_replica + 1) if per_replica % d == 0), reverse=True):
+        try:
+            spec = resolve_run(name, {**base, "micro_batch_size": mbs}, cfg, default_procs)
+        except ConfigError:  # e.g. interleaved 1F1B needs micro-batches divisible by stages
+            continue
+        if spec.stages > 1 and spec.micro_batches < max(4, 2 * spec.stages):
+            continue
+        vocab = cfg["model"].get("vocab_size") or cfg["tokenizer"]["vocab_size"]
+        tried[mbs] = plan.predict(cfg["model"], vocab, spec.to_dict(), cfg["train"], card_name)["peak_gib"]
+        if plan.fits(tried[mbs], memory):
+            return spec
+    shown = ", ".join(f"{k}: {v:.1f} GiB" for k, v in tried.items())
+    raise ConfigError(f"{where}: no micro-batch size is predicted to fit {1 - plan.FIT_MARGIN:.0%} of the "
+                      f"{memory:.1f} GiB of {card_name} ({shown})")
 
 
 # --------------------------------------------------------------------------- model dimensions

@@ -137,10 +137,13 @@ def _ensure_cli_data(cfg: dict) -> Path:
 
 
 def check_fits(rc: dict, vocab_size: int, local_procs: int) -> None:
-    """Raise ExpectedFailure('invalid') when this machine cannot hold the layout (estimate in the message)."""
+    """Raise ExpectedFailure('invalid') when this machine cannot hold the layout, before any process
+    starts: the plan's predicted peak of the fullest rank (``llmpar.plan``) against 90 % of one GPU's
+    memory, or on CPU the predicted bytes of all local processes against 90 % of the available host
+    memory (the plan's CPU figure counts tensors only: no allocator or interpreter overhead)."""
     import psutil
 
-    from llmpar.model import estimate_memory_bytes
+    from llmpar import plan
 
     run, tc = rc["run"], rc["train"]
     use_cuda = uses_cuda(rc)
@@ -151,21 +154,27 @@ def check_fits(rc: dict, vocab_size: int, local_procs: int) -> None:
         raise ExpectedFailure("invalid", f"the layout needs {what}, this node has {gpus}")
     if not tc["memory_check"]:
         return
-    est = estimate_memory_bytes(rc["model"], vocab_size, run, run["micro_batch_size"])
     gib = 2**30
     if use_cuda:
-        avail, what = _gpu_memory_bytes(), "GPU memory per device"
-        need = est["total"]
+        name, total = _gpu_name_and_memory()
+        if not total:
+            return
+        card = plan.card_for_device(name)
+        pred = plan.predict(rc["model"], vocab_size, run, tc, card)
+        need, avail = pred["peak_gib"], total / gib
+        what = f"{name} memory per device"
     else:
-        avail, what = psutil.virtual_memory().available, f"available host memory for {local_procs} processes"
-        need = est["total"] * local_procs
-    if avail and need > 0.9 * avail:
+        pred = plan.predict(rc["model"], vocab_size, run, {**tc, "device": "cpu"}, None)
+        need, avail = pred["peak_gib"] * local_procs, psutil.virtual_memory().available / gib
+        what = f"available host memory for {local_procs} processes"
+    if not plan.fits(need, avail):
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in pred["memory_gib"].items() if v >= 0.05)
         raise ExpectedFailure(
             "invalid",
-            f"estimated memory {need / gib:.1f} GiB (model states {est['model_states'] / gib:.1f} GiB + "
-            f"activations {est['activations'] / gib:.1f} GiB per process, x{1 if use_cuda else local_procs}) "
-            f"exceeds 90% of the {avail / gib:.1f} GiB of {what}; use a smaller --model_size, more "
-            f"processes for sharded strategies, or set train.memory_check: false",
+            f"predicted peak memory {need:.1f} GiB (rank {pred['peak_rank']}: {parts} GiB"
+            f"{'' if use_cuda else f', x{local_procs} processes'}) exceeds {1 - plan.FIT_MARGIN:.0%} of the "
+            f"{avail:.1f} GiB of {what}; use a smaller micro_batch_size (or micro_batch_size: auto), "
+            f"more processes for sharded strategies, or set train.memory_check: false",
         )
 
 
@@ -185,14 +194,17 @@ def cuda_device_count() -> int:
     return count.value
 
 
-def _gpu_memory_bytes() -> int | None:
+def _gpu_name_and_memory() -> tuple[str | None, int | None]:
+    """Name and total memory (bytes) of the first visible GPU, from NVML ((None, None) without it)."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).total
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        name = pynvml.nvmlDeviceGetName(handle)
+        return (name.decode() if isinstance(name, bytes) else name), pynvml.nvmlDeviceGetMemoryInfo(handle).total
     except Exception:
-        return None
+        return None, None
 
 
 # --------------------------------------------------------------------------- launching

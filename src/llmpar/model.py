@@ -1,7 +1,7 @@
 """The model: a plain `transformers` Llama built from a LlamaConfig (no download).
 
 Nothing here knows about parallelism; strategies take the built model and shard or wrap it.
-Also the model arithmetic the metrics and the pre-launch memory check need.
+Also the model arithmetic the metrics and the plan (llmpar.plan) need.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from llmpar.config import model_dims
+from llmpar.errors import ConfigError
 
 
 def model_vocab(model_cfg: dict, tokenizer_vocab: int) -> int:
@@ -17,8 +18,6 @@ def model_vocab(model_cfg: dict, tokenizer_vocab: int) -> int:
     if want is None:
         return tokenizer_vocab
     if want < tokenizer_vocab:
-        from llmpar.errors import ConfigError
-
         raise ConfigError(f"model.vocab_size {want} is smaller than the tokenizer's vocabulary {tokenizer_vocab}")
     return want
 
@@ -155,35 +154,31 @@ def flops_per_token(model_cfg: dict, vocab_size: int) -> float:
     return 6.0 * n + 6.0 * d["num_layers"] * d["hidden_size"] * model_cfg["seq_len"]
 
 
-def estimate_memory_bytes(model_cfg: dict, vocab_size: int, run: dict, micro_batch_size: int) -> dict:
-    """Rough per-rank memory a run needs, to refuse layouts that cannot fit before launch.
+def balanced_split(weights: list[int], parts: int) -> list[tuple[int, int]]:
+    """Contiguous split of ``weights`` into ``parts`` non-empty ranges minimising the largest sum.
 
-    Model states: fp32 parameters + gradients (4 + 4 bytes) and AdamW moments (8 bytes), divided by
-    the shards the strategy creates; activations: ~ (34·h + 5·a·s) bytes per token per layer for
-    fp32 (Korthikanti et al. 2022, scaled ×2 from their 16-bit count), the logits (4·V bytes per token, ×3
-    for softmax and gradient), divided by tp.
+    Returns [start, end) index ranges. Exact dynamic programme, O(parts * n^2) (n = layers <= ~100).
     """
-    d = model_dims(model_cfg)
-    vocab_size = model_vocab(model_cfg, vocab_size)
-    total = param_counts(model_cfg, vocab_size)["total"]
-    shard_params = run["tp"] * run["stages"]
-    states = {"params": 4.0, "grads": 4.0, "optim": 8.0}
-    strategy, zero = run["strategy"], run.get("zero_stage", 0)
-    full_shard = run["dp"] if strategy == "fsdp" else 1
-    per_rank = 0.0
-    for kind, bytes_per in states.items():
-        shard = shard_params * full_shard
-        if strategy == "zero":
-            if kind == "optim" and zero >= 1 or kind == "grads" and zero >= 2 or kind == "params" and zero >= 3:
-                shard *= run["dp"]
-            if run.get("offload", "none") != "none" and kind == "optim":
-                bytes_per = 0.0
-        per_rank += total * bytes_per / shard
-    s, h, a = model_cfg["seq_len"], d["hidden_size"], d["num_heads"]
-    layers_here = max(1, d["num_layers"] // run["stages"])
-    act_per_token = layers_here * (34 * h + 5 * a * s) * 2 / run["tp"] + 12 * vocab_size / run["tp"]
-    if run.get("activation_checkpointing", "none") == "full":
-        act_per_token = layers_here * 2 * h * 4 + 12 * vocab_size / run["tp"]
-    in_flight = micro_batch_size * (run["stages"] if run["stages"] > 1 else 1)
-    activations = act_per_token * s * in_flight
-    return {"model_states": per_rank, "activations": activations, "total": per_rank + activations}
+    n = len(weights)
+    if parts > n:
+        raise ConfigError(f"{n} layers cannot fill {parts} pipeline chunks")
+    prefix = [0]
+    for w in weights:
+        prefix.append(prefix[-1] + w)
+    inf = float("inf")
+    # best[k][i]: smallest max-chunk sum splitting the first i items into k chunks; cut[k][i]: last cut
+    best = [[inf] * (n + 1) for _ in range(parts + 1)]
+    cut = [[0] * (n + 1) for _ in range(parts + 1)]
+    best[0][0] = 0
+    for k in range(1, parts + 1):
+        for i in range(k, n - (parts - k) + 1):
+            for j in range(k - 1, i):
+                cost = max(best[k - 1][j], prefix[i] - prefix[j])
+                if cost < best[k][i]:
+                    best[k][i], cut[k][i] = cost, j
+    bounds, i = [], n
+    for k in range(parts, 0, -1):
+        j = cut[k][i]
+        bounds.append((j, i))
+        i = j
+    return bounds[::-1]

@@ -81,6 +81,19 @@ DEFINITIONS: dict[str, str] = {
     "drain falls after it (into the gradient-norm all-reduce that follows) and is not counted: a lower "
     "bound for the last stage. Summaries recorded before it existed leave it empty and their breakdowns "
     "include the warm-up steps.",
+    # results/<study>/plan.csv (llmpar.plan: model output, compared with the recorded runs)
+    "predicted_peak_gib": "Plan: predicted peak memory of the run's fullest rank (GiB): model states as the "
+    "engine shards them, communication buffers, activations saved per micro-batch times the micro-batches the "
+    "schedule keeps alive, the logits' gradient, allocator overhead (llmpar.plan, constants in cards.yaml).",
+    "measured_peak_gib": "Plan: the recorded run's peak_mem_gib (max_memory_allocated, max over ranks).",
+    "peak_error": "Plan: (predicted_peak_gib - measured_peak_gib) / measured_peak_gib; bound 10 %.",
+    "predicted_step_s": "Plan: predicted seconds per optimizer step: GEMM and attention FLOPs over the card's "
+    "measured rates, elementwise traffic over its bandwidth, fixed costs per micro-batch and step, the pipeline "
+    "bubble, communication not hidden behind compute, the optimizer's bytes.",
+    "measured_step_s": "Plan: global batch tokens / the recorded run's tokens_per_s (steady state).",
+    "step_error": "Plan: (predicted_step_s - measured_step_s) / measured_step_s; bound 15 %.",
+    "predicted_tokens_per_s": "Plan: global batch tokens / predicted_step_s.",
+    "predicted_mfu": "Plan: MFU (as defined for mfu) at predicted_tokens_per_s.",
 }
 
 # bf16 dense tensor-core peak FLOP/s per device, by a substring of the device name (first match wins).

@@ -50,7 +50,7 @@ from torch.distributed.pipelining import (
 )
 
 from llmpar.errors import ConfigError
-from llmpar.model import decoder_layer_kwargs
+from llmpar.model import balanced_split, decoder_layer_kwargs
 from llmpar.strategies.base import TorchEngine, autocast, cross_entropy_for, decoder_layers, prepare_model
 from llmpar.strategies.torch_common import allreduce_grads_, clip_grad_norm_
 
@@ -58,36 +58,6 @@ SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": S
 
 
 # --------------------------------------------------------------------------- splitting
-
-
-def balanced_split(weights: list[int], parts: int) -> list[tuple[int, int]]:
-    """Contiguous split of ``weights`` into ``parts`` non-empty ranges minimising the largest sum.
-
-    Returns [start, end) index ranges. Exact dynamic programme, O(parts * n^2) (n = layers <= ~100).
-    """
-    n = len(weights)
-    if parts > n:
-        raise ConfigError(f"{n} layers cannot fill {parts} pipeline chunks")
-    prefix = [0]
-    for w in weights:
-        prefix.append(prefix[-1] + w)
-    inf = float("inf")
-    # best[k][i]: smallest max-chunk sum splitting the first i items into k chunks; cut[k][i]: last cut
-    best = [[inf] * (n + 1) for _ in range(parts + 1)]
-    cut = [[0] * (n + 1) for _ in range(parts + 1)]
-    best[0][0] = 0
-    for k in range(1, parts + 1):
-        for i in range(k, n - (parts - k) + 1):
-            for j in range(k - 1, i):
-                cost = max(best[k - 1][j], prefix[i] - prefix[j])
-                if cost < best[k][i]:
-                    best[k][i], cut[k][i] = cost, j
-    bounds, i = [], n
-    for k in range(parts, 0, -1):
-        j = cut[k][i]
-        bounds.append((j, i))
-        i = j
-    return bounds[::-1]
 
 
 def numel(module) -> int:
