@@ -228,6 +228,13 @@ class Engine:
     def grad_norm(self) -> torch.Tensor | None:
         return self._grad_norm
 
+    def _reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        """The mean of ``t`` over the data-parallel group (the loss each replica computed on its slice)."""
+        if self.dp_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.dp_group)
+            t = t / self.dp_size
+        return t
+
     def time_breakdown(self) -> dict[str, float] | None:
         """Accumulated seconds per phase (forward, backward, optimizer), or None where not measurable."""
         return None
@@ -324,13 +331,8 @@ class TorchEngine(Engine):
         self.timer = PhaseTimer(ctx.device, enabled=train_cfg.get("metrics", True))
         self.watch_optimizer(self.optimizer)
 
-    # -- stepping
-    def _reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
-        if self.dp_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.dp_group)
-            t = t / self.dp_size
-        return t
-
+    # -- stepping: the one torch step. Engines differ in how gradients are synchronised (inside backward
+    # for DDP and FSDP2, by :meth:`sync_grads` for plain replicas) and clipped (:meth:`clip_grads`).
     def train_step(self, micro_batches):
         n = len(micro_batches)
         total = torch.zeros((), device=self.ctx.device)
@@ -346,13 +348,26 @@ class TorchEngine(Engine):
             self.capture_states()
             total += loss.detach().float()
         self.timer.start()
+        self.sync_grads()
+        self.step_optimizer()
+        return self._reduce_mean(total)
+
+    def sync_grads(self) -> None:
+        """Average the gradients over data-parallel replicas where backward did not (DDP's hooks and FSDP2's
+        reduce-scatter do it inside backward: nothing to do here)."""
+
+    def clip_grads(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """Clip to ``train.grad_clip``; returns the global norm before clipping."""
+        return torch.nn.utils.clip_grad_norm_(params, self.train_cfg["grad_clip"])
+
+    def step_optimizer(self) -> None:
+        """Clip (keeping the norm before clipping), step AdamW, clear the gradients, advance the schedule."""
         if self.train_cfg["grad_clip"] > 0:
-            self._grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg["grad_clip"])
+            self._grad_norm = self.clip_grads(list(self.model.parameters()))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.timer.stop("optimizer")
-        return self._reduce_mean(total)
 
     @torch.no_grad()
     def eval_loss(self, inputs, labels):

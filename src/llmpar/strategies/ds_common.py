@@ -332,12 +332,6 @@ class DeepSpeedEngine(Engine):
         self.watch_optimizer(ds_torch_optimizer(engine))
         keep_clip_norm(engine)
 
-    def _reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
-        if self.dp_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.dp_group)
-            t = t / self.dp_size
-        return t
-
     def train_step(self, micro_batches):
         n = len(micro_batches)
         total = torch.zeros((), device=self.ctx.device)

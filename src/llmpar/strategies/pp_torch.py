@@ -201,16 +201,16 @@ class PipelineEngine(TorchEngine):
             self.timing, self.loss.timer = False, None
         self.timer.span("schedule", t0)
         self.timer.start()
-        params = list(self.model.parameters())
-        allreduce_grads_(params, self.dp_group, self.dp_size)
-        self.timer.stop("grad_sync")
-        if self.train_cfg["grad_clip"] > 0:
-            self._grad_norm = clip_grad_norm_(params, self.train_cfg["grad_clip"], pp_group=self.pp_group)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.timer.stop("optimizer")
+        self.sync_grads()
+        self.step_optimizer()
         return self._global_mean(losses)
+
+    def sync_grads(self) -> None:
+        allreduce_grads_(list(self.model.parameters()), self.dp_group, self.dp_size)
+        self.timer.stop("grad_sync")
+
+    def clip_grads(self, params):
+        return clip_grad_norm_(params, self.train_cfg["grad_clip"], pp_group=self.pp_group)
 
     @torch.no_grad()
     def eval_loss(self, inputs, labels):

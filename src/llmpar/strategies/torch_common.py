@@ -9,14 +9,13 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from llmpar.strategies.base import TorchEngine, autocast, causal_lm_loss
+from llmpar.strategies.base import TorchEngine
 
 BUCKET_ELEMENTS = 25_000_000  # elements per all-reduce bucket (100 MB in fp32)
 
@@ -114,29 +113,9 @@ class MeshEngine(TorchEngine):
         super().__init__(model, spec, ctx, train_cfg, **kwargs)
         self.grad_sync_group, self.grad_sync_size = grad_sync_group, grad_sync_size
 
-    def train_step(self, micro_batches):
-        n = len(micro_batches)
-        total = torch.zeros((), device=self.ctx.device)
-        for i, (x, y) in enumerate(micro_batches):
-            skip_sync = self.no_sync is not None and i < n - 1
-            sync_ctx = self.no_sync() if skip_sync else contextlib.nullcontext()
-            with sync_ctx:
-                self.timer.start()
-                with autocast(self.spec.precision, self.ctx.device):
-                    loss = causal_lm_loss(self.model, x, y) / n
-                self.timer.stop("forward")
-                loss.backward()
-                self.timer.stop("backward")
-            self.capture_states()
-            total += loss.detach().float()
-        self.timer.start()
-        params = list(self.model.parameters())
-        allreduce_grads_(params, self.grad_sync_group, self.grad_sync_size)
+    def sync_grads(self) -> None:
+        allreduce_grads_(list(self.model.parameters()), self.grad_sync_group, self.grad_sync_size)
         self.timer.stop("backward")  # the gradient all-reduce is part of backward (as inside DDP)
-        if self.train_cfg["grad_clip"] > 0:
-            self._grad_norm = clip_grad_norm_(params, self.train_cfg["grad_clip"])
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.timer.stop("optimizer")
-        return self._reduce_mean(total)
+
+    def clip_grads(self, params):
+        return clip_grad_norm_(params, self.train_cfg["grad_clip"])
