@@ -86,3 +86,19 @@ def assert_same_losses(steps, ref_steps, rtol: float, min_steps: int = 5):
         assert a["step"] == b["step"]
         rel = abs(a["loss"] - b["loss"]) / abs(b["loss"])
         assert rel <= rtol, f"step {a['step']}: loss {a['loss']} vs baseline {b['loss']} (rel {rel:.2e} > {rtol})"
+
+
+@pytest.fixture(scope="session")
+def shared_two(tiny_tokens, tmp_path_factory):
+    """The 2-process runs of tests/shared_study.py (killed and resumed runs, their references, extras)."""
+    from shared_study import train_layout
+
+    return train_layout("two", tiny_tokens, tmp_path_factory.mktemp("shared-two"))
+
+
+@pytest.fixture(scope="session")
+def shared_four(tiny_tokens, tmp_path_factory):
+    """The 4-process runs of tests/shared_study.py."""
+    from shared_study import train_layout
+
+    return train_layout("four", tiny_tokens, tmp_path_factory.mktemp("shared-four"))
