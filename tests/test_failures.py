@@ -19,15 +19,15 @@ pytestmark = pytest.mark.slow
 
 RESUME = copy.deepcopy(BASE_CONFIG)
 RESUME["study"] = "resume"
-RESUME["train"].update(steps=12, checkpoint_every=5, log_every=1, eval_every=6)
-RESUME["runs"]["single"]["fault"] = {"kind": "stall", "at_step": 8}  # first attempt only
+RESUME["train"].update(checkpoint_every=3, log_every=1)
+RESUME["runs"]["single"]["fault"] = {"kind": "stall", "at_step": 5}  # first attempt only
 
 
-def test_sigkill_mid_run_then_rerun_resumes(tmp_path, tiny_tokens):
-    """The workflow killed mid-run (SIGKILL to Snakemake, the launcher and the workers once the step-5
-    checkpoint is complete and step 7 logged; the run stalls at step 8), then run again: the training
-    job resumes from step 5 and the study's tables hold each step once, with the uninterrupted run's
-    losses."""
+def test_sigkill_mid_run_then_rerun_resumes(tmp_path, baseline):
+    """The workflow killed mid-run (SIGKILL to Snakemake, the launcher and the worker once the step-3
+    checkpoint is complete and step 4 logged; the run stalls at step 5), then run again: the training
+    job resumes from step 3 and the study's tables hold each step once, with the losses of the same
+    run uninterrupted (the session's baseline: BASE_CONFIG's single, no checkpoints, no fault)."""
     work = tmp_path / "wf"
     work.mkdir()
     write_config(work, RESUME)
@@ -35,27 +35,21 @@ def test_sigkill_mid_run_then_rerun_resumes(tmp_path, tiny_tokens):
     proc = subprocess.Popen(workflow_command(work), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=workflow_env(), start_new_session=True)
     log = work / "logs" / "resume" / "train" / "single.log"
-    killed = kill_when_stalled(proc, run_dir, checkpoint_step=5, stall_step=8, log=log)
-    assert killed == list(range(1, 8)) and not (run_dir / "summary.json").exists()
+    killed = kill_when_stalled(proc, run_dir, checkpoint_step=3, stall_step=5, log=log)
+    assert killed == [1, 2, 3, 4] and not (run_dir / "summary.json").exists()
 
     snakemake(work, "--unlock")
     snakemake(work)
-    assert "resumed from checkpoint step_00000005 (step 5), attempt 1" in log.read_text(), log.read_text()[-3000:]
+    assert "resumed from checkpoint step_00000003 (step 3), attempt 1" in log.read_text(), log.read_text()[-3000:]
 
     steps = pd.read_csv(work / "results" / "resume" / "steps.csv")
     assert list(steps["step"]) == list(range(1, RESUME["train"]["steps"] + 1))
-    assert list(steps["attempt"]) == [0] * 5 + [1] * 7
+    assert list(steps["attempt"]) == [0, 0, 0, 1, 1, 1]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["attempts"] == 2 and summary["redone_steps"] == 2
-
-    # the same run uninterrupted (no checkpoints, no fault): identical losses
-    cfg = copy.deepcopy(RESUME)
-    cfg["train"]["checkpoint_every"] = 0
-    del cfg["runs"]["single"]["fault"]
-    _, ref, _ = train_run(cfg, "single", tiny_tokens, tmp_path / "ref")
-    ref_tokens = json.loads((tmp_path / "ref" / "summary.json").read_text())["data"]
-    assert ref_tokens["tokens"] == summary["data"]["tokens"]  # same corpus and tokenizer
-    assert list(steps["loss"]) == [r["loss"] for r in ref]
+    assert summary["attempts"] == 2 and summary["redone_steps"] == 1
+    assert baseline[0]["data"]["tokens"] == summary["data"]["tokens"]  # same corpus and tokenizer
+    assert list(steps["loss"]) == [r["loss"] for r in baseline[1]]
+    assert summary["final_val_loss"] == baseline[0]["final_val_loss"]
 
 
 def test_oom_and_divergence_are_rows_and_the_study_completes(tmp_path):
