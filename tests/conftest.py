@@ -148,3 +148,19 @@ def assert_same_first_update(summary, ref_summary, rtol: float):
     for name, value in ref.items():
         rel = abs(got[name] - value) / value
         assert rel <= rtol, f"first update of {name}: {got[name]} vs baseline {value} (rel {rel:.2e} > {rtol})"
+
+
+@pytest.fixture(scope="session")
+def shared_two(tiny_tokens, tmp_path_factory):
+    """The 2-process runs of tests/shared_study.py (killed and resumed runs, their references, extras)."""
+    from shared_study import train_layout
+
+    return train_layout("two", tiny_tokens, tmp_path_factory.mktemp("shared-two"))
+
+
+@pytest.fixture(scope="session")
+def shared_four(tiny_tokens, tmp_path_factory):
+    """The 4-process runs of tests/shared_study.py."""
+    from shared_study import train_layout
+
+    return train_layout("four", tiny_tokens, tmp_path_factory.mktemp("shared-four"))

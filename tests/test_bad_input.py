@@ -11,10 +11,11 @@ from workflow_util import snakemake, write_config
 
 
 def _study(tmp_path, mutate):
+    """Run the workflow (not a dry run: nothing under results/ must mean no job started)."""
     cfg = copy.deepcopy(BASE_CONFIG)
     mutate(cfg)
     write_config(tmp_path, cfg)
-    return snakemake(tmp_path, "--dry-run", check=False)
+    return snakemake(tmp_path, check=False, timeout=300)
 
 
 def _empty(tmp_path):

@@ -16,7 +16,10 @@ pytestmark = pytest.mark.slow
 ], ids=["single", "zero3"])
 def test_compiled_run_matches_eager_baseline(tiny_tokens, baseline, tmp_path, run):
     summary, steps, _ = train_run(make_config({"c": run | {"compile": True}}), "c", tiny_tokens, tmp_path)
-    assert summary["status"] == "ok" and summary["spec"]["compile"] is True
+    assert summary["status"] == "ok"
+    # compiled, observed: every rank made graphs; the eager baseline made none (CPU: no fused loss)
+    assert all(r["compiled_graphs"] > 0 for r in summary["per_rank"]), summary["per_rank"]
+    assert all(r["compiled_graphs"] == 0 for r in baseline[0]["per_rank"])
     rel = max(abs(a["loss"] - b["loss"]) / abs(b["loss"]) for a, b in zip(steps, baseline[1]))
     print("max rel loss diff, compiled vs eager:", rel)
     assert_same_steps(steps, baseline[1], rtol=1e-4, min_steps=6)

@@ -91,3 +91,42 @@ def test_study_names_that_would_leave_results_are_refused(study):
 def test_names_in_the_allowed_alphabet_pass():
     c = prepare(cfg({"zero-1.b_2": {"strategy": "single"}, "single": {"strategy": "single"}}, study="h100x2-1b"))
     assert "zero-1.b_2" in c["runs"]
+
+
+@pytest.mark.parametrize("run,match", [
+    ({"strategy": "data_parallel", "tp": 2, "gpus_per_node": 2}, r"runs\.bad: data_parallel takes no tp or stages"),
+    ({"strategy": "tensor_parallel", "tp": 1, "gpus_per_node": 2}, r"runs\.bad: tensor_parallel needs tp > 1"),
+    ({"strategy": "pipeline_parallel", "stages": 2, "gpus_per_node": 4}, "runs one pipeline: world size 4"),
+    ({"strategy": "hybrid_parallel", "stages": 1, "gpus_per_node": 2}, "hybrid_parallel needs stages > 1"),
+    ({"strategy": "fsdp", "stages": 2, "gpus_per_node": 2}, "fsdp composes with tp, not with stages"),
+    ({"strategy": "zero", "tp": 2, "gpus_per_node": 2}, "zero composes with stages"),
+    ({"strategy": "zero", "zero_stage": 4, "gpus_per_node": 2}, r"runs\.bad\.zero_stage must be 0, 1, 2 or 3"),
+    ({"strategy": "data_parallel", "zero_stage": 1, "gpus_per_node": 2}, "zero_stage applies to strategy zero"),
+    ({"strategy": "data_parallel", "gpus_per_node": 0}, r"runs\.bad\.gpus_per_node must be >= 1, got 0"),
+    ({"strategy": "data_parallel", "gpus_per_node": 2, "micro_batch_size": 3}, "micro_batch_size 3"),
+    ({"strategy": "pipeline_parallel", "stages": 2, "micro_batches": 3, "schedule": "interleaved_1f1b",
+      "pp_engine": "torch"}, r"global batch 8 is not divisible by dp 1 x micro-batches 3"),
+    ({"strategy": "pipeline_parallel", "stages": 2, "micro_batches": 1, "schedule": "interleaved_1f1b",
+      "pp_engine": "torch"}, r"interleaved_1f1b needs micro-batches \(1\) divisible by stages \(2\)"),
+    ({"strategy": "pipeline_parallel", "stages": 4, "micro_batches": 2, "schedule": "interleaved_1f1b",
+      "pp_engine": "torch", "gpus_per_node": 4}, "layers cannot fill 8 pipeline chunks"),
+    ({"strategy": "data_parallel", "pp_engine": "torch", "gpus_per_node": 2},
+     r"runs\.bad\.pp_engine does not apply to strategy data_parallel"),
+    ({"strategy": "zero", "tp_engine": "torch", "gpus_per_node": 2}, r"tp_engine does not apply to strategy zero"),
+])
+def test_semantic_checks_name_the_run_and_the_problem(run, match):
+    """The checks a schema cannot express (llmpar.config.resolve_run), each refusing before any job."""
+    with pytest.raises(ConfigError, match=match):
+        prepare(cfg({"single": {"strategy": "single"}, "bad": run}))
+
+
+@pytest.mark.parametrize("raw,match", [
+    (cfg(data={"source": "text"}), r"data\.files.*no files are listed"),
+    (cfg(tokenizer={"kind": "pretrained"}), r"tokenizer\.pretrained.*no path is given"),
+    (cfg(model={"hidden_size": 100, "num_heads": 3}), "hidden_size 100 is not divisible by num_heads 3"),
+    (cfg({"single": {"strategy": "single"}, "d": {"strategy": "data_parallel", "gpus_per_node": [2, 4]},
+          "d-g2": {"strategy": "data_parallel"}}), "expanded run name 'd-g2' collides"),
+])
+def test_study_level_checks(raw, match):
+    with pytest.raises(ConfigError, match=match):
+        prepare(raw)

@@ -1,6 +1,7 @@
 """The launcher's pieces that decide where workers run, and runs that share one launch (--batch)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -82,3 +83,35 @@ def test_batch_refuses_mixed_layouts(tiny_tokens, tmp_path):
                            "--tokens", str(tiny_tokens)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "another process layout" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "single").exists()
+
+
+def test_workers_share_the_jobs_threads():
+    """4 workers on a 2-thread budget get 1 thread each, also in torch, which reads MKL_NUM_THREADS
+    before OMP_NUM_THREADS: with 2 each, gloo runs of 4 workers on 2 cores were 13x slower."""
+    from llmpar.launch import share_threads
+
+    env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")
+    share_threads(env, 4)
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == env["OPENBLAS_NUM_THREADS"] == "1"
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "1", out.stderr[-2000:]
+    wide = {"OMP_NUM_THREADS": "8"}
+    share_threads(wide, 2)
+    assert wide["OMP_NUM_THREADS"] == wide["MKL_NUM_THREADS"] == "4"
+
+
+def test_record_invalid_writes_a_result_instead_of_failing(tiny_tokens, tmp_path):
+    """--record-invalid (the workflow's flag): a layout that cannot fit becomes a summary with status
+    'invalid' and the estimate as its message, which aggregation takes as a row."""
+    from llmpar.analysis.aggregate import load_run
+
+    out = tmp_path / "runs" / "big"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "train.py"), "--strategy", "data_parallel", "--model_size", "1B",
+         "--device", "cpu", "--tokens", str(tiny_tokens), "--out", str(out), "--record-invalid"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = load_run(out)["summary"]
+    assert summary["status"] == "invalid" and "estimated memory" in summary["message"]
+    assert summary["steps_completed"] == 0 and summary["world_size"] == 2

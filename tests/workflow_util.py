@@ -42,11 +42,14 @@ def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 900)
 
 
 def planned_jobs(workdir: Path) -> dict[str, int]:
-    """Rule -> job count of a dry run ({} when there is nothing to do)."""
+    """Rule -> job count of a dry run ({} when Snakemake says there is nothing to do). Fails when the
+    output has neither that sentence nor a job table it can read (Snakemake changed its format)."""
     proc = snakemake(workdir, "--dry-run")
     out = proc.stdout + proc.stderr
     if "Nothing to be done" in out:
         return {}
+    if "Job stats:" not in out:
+        raise AssertionError(f"no 'Job stats:' table in the dry run's output:\n{out[-3000:]}")
     table = out.split("Job stats:", 1)[1]
     jobs = {}
     for line in table.splitlines()[3:]:
@@ -55,4 +58,6 @@ def planned_jobs(workdir: Path) -> dict[str, int]:
             break
         if m.group(1) != "total":
             jobs[m.group(1)] = int(m.group(2))
+    if not jobs:
+        raise AssertionError(f"could not read the dry run's job table:\n{table[:3000]}")
     return jobs

@@ -7,6 +7,7 @@ is written last and atomically, so its presence means the run is complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -28,11 +29,13 @@ from llmpar.errors import ExpectedFailure
 from llmpar.io import read_appended_jsonl, write_json, write_jsonl
 from llmpar.metrics import definitions as D
 from llmpar.metrics.env import environment
+from llmpar.metrics.probe import LayerProbe, compiled_graphs
 from llmpar.metrics.recorder import Recorder
 from llmpar.metrics.sampler import Sampler
 from llmpar.metrics.updates import FirstUpdate
 from llmpar.model import build_model, flops_per_token, param_counts
 from llmpar.strategies import parallelize
+from llmpar.strategies.base import decoder_layers
 
 FAILURE_FILE = ".failure-rank{rank}.json"
 
@@ -93,6 +96,8 @@ def run(run_cfg: dict, tokens_dir: str | Path, out_dir: str | Path, t0: float | 
     data = TokenData(tokens_dir, mc["seq_len"], seed)
     model = build_model(mc, data.vocab_size, seed, device=ctx.device)
     first = FirstUpdate(model)  # the tracked parameters' full sizes, before the strategy shards them
+    graphs_before = compiled_graphs()
+    probe = LayerProbe(decoder_layers(model)) if tc["metrics"] and not spec.compile else None
     engine = parallelize(model, spec, ctx, tc)
 
     # ---- resume
@@ -154,9 +159,15 @@ def run(run_cfg: dict, tokens_dir: str | Path, out_dir: str | Path, t0: float | 
                 raise torch.OutOfMemoryError(f"injected out-of-memory fault at step {step}")
             if fault["kind"] == "crash":
                 raise RuntimeError(f"injected crash at step {step}")
+            if fault["kind"] == "stall" and attempt == 0:
+                log(ctx, f"[{spec.name}] injected stall at step {step}: waiting to be killed")
+                while True:
+                    time.sleep(60)
         if step == tc["steps"]:
             engine.arm_state_capture()  # model-state bytes at the last step's optimizer step
-        loss = engine.train_step(micro)
+        watching = probe is not None and step == min(start_step + 2, tc["steps"])
+        with probe.watch() if watching else contextlib.nullcontext():
+            loss = engine.train_step(micro)
         if step == tc["warmup_steps_excluded"]:
             engine.reset_time_breakdown()  # the breakdown covers the steady steps, as throughput does
         if fault.get("kind") == "nan" and step >= fault.get("at_step", 1):
@@ -215,6 +226,10 @@ def run(run_cfg: dict, tokens_dir: str | Path, out_dir: str | Path, t0: float | 
         "samples": samples,
         "breakdown": breakdown,
         "nvml": None if sampler is None else sampler.nvml_reason,
+        # observed facts of what ran (llmpar.metrics.probe): graphs torch.compile made during this run,
+        # and the decoder layers' passes in the second step of this attempt (None: compiled or no metrics)
+        "compiled_graphs": compiled_graphs() - graphs_before,
+        "layer_probe": None if probe is None else probe.result(),
     })
     if ctx.is_main:
         write_outputs(out, run_cfg, spec, ctx, data, prior, steps, evals, first_update, per_rank, status, message,

@@ -223,10 +223,17 @@ def test_cancelled_training_job_is_rerun(study_run, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["steps_completed"] == steps, summary
     train_log = (LOGS / "train" / f"{run}.log").read_text()
-    resumed = re.search(r"resumed from checkpoint .*", train_log)
+    resumed = re.search(r"resumed from checkpoint step_(\d+) \(step (\d+)\), attempt 1", train_log)
     _record("cancel.txt", (
         f"scancel {cancelled} at step {at_step}/{steps}; retried as job {jobs[1]}\n"
         + "\n".join(f"{j}: {a['State']} {a['ExitCode']} {a['NodeList']}" for j, a in acct.items())
         + f"\nsummary: status={summary['status']} steps_completed={summary['steps_completed']} "
         f"attempts={summary.get('attempts')}\nretry: {resumed.group(0) if resumed else 'started from step 0'}\n"
         f"took {time.time() - t0:.0f}s\n"))
+    # the retry resumed from a checkpoint the cancelled attempt completed, and redid no step twice in
+    # the records
+    assert resumed, train_log[-3000:]
+    assert int(resumed.group(2)) % ckpt == 0 and ckpt <= int(resumed.group(2)) < steps, (resumed.group(0), at_step)
+    assert summary["attempts"] == 2
+    records = [json.loads(x)["step"] for x in (out / "steps.jsonl").read_text().splitlines()]
+    assert records == list(range(1, steps + 1))

@@ -26,11 +26,13 @@ FIGURES = {
 }
 
 
-def _save(fig, out_dir: Path, name: str) -> None:
+def _save(fig, out_dir: Path, name: str):
+    """Write ``fig`` as PNG and SVG and close it; returns it (its axes still hold the plotted data)."""
     for ext in ("png", "svg"):
         with atomic_path(out_dir / f"{name}.{ext}") as tmp:
             fig.savefig(tmp, format=ext, dpi=120, bbox_inches="tight")
     plt.close(fig)
+    return fig
 
 
 def _bar(metrics: pd.DataFrame, col: str, xlabel: str, out_dir: Path, name: str):
@@ -42,7 +44,7 @@ def _bar(metrics: pd.DataFrame, col: str, xlabel: str, out_dir: Path, name: str)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("")
     ax.set_title(FIGURES[name])
-    _save(fig, out_dir, name)
+    return _save(fig, out_dir, name)
 
 
 def memory_breakdown(metrics: pd.DataFrame, out_dir: Path) -> None:
@@ -55,7 +57,7 @@ def memory_breakdown(metrics: pd.DataFrame, out_dir: Path) -> None:
     ax.set_ylabel("")
     ax.invert_yaxis()
     ax.set_title(FIGURES["memory_breakdown"])
-    _save(fig, out_dir, "memory_breakdown")
+    return _save(fig, out_dir, "memory_breakdown")
 
 
 def loss_curves(steps: pd.DataFrame, x: str, xlabel: str, out_dir: Path, name: str) -> None:
@@ -65,7 +67,7 @@ def loss_curves(steps: pd.DataFrame, x: str, xlabel: str, out_dir: Path, name: s
     ax.set_xlabel(xlabel)
     ax.set_ylabel("training cross-entropy (nats/token)")
     ax.set_title(FIGURES[name])
-    _save(fig, out_dir, name)
+    return _save(fig, out_dir, name)
 
 
 def resources_over_time(samples: pd.DataFrame, metrics: pd.DataFrame, out_dir: Path) -> None:
@@ -83,7 +85,7 @@ def resources_over_time(samples: pd.DataFrame, metrics: pd.DataFrame, out_dir: P
     axes[1].set_ylabel("utilization % (" + ("process CPU" if util_kind == "cpu_process_percent" else "NVML GPU") + ")")
     axes[1].set_xlabel("seconds since process start (one line per rank)")
     axes[0].set_title(FIGURES["resources_over_time"])
-    _save(fig, out_dir, "resources_over_time")
+    return _save(fig, out_dir, "resources_over_time")
 
 
 def scaling(metrics: pd.DataFrame, out_dir: Path) -> None:
@@ -94,10 +96,11 @@ def scaling(metrics: pd.DataFrame, out_dir: Path) -> None:
     ax.set_ylabel("tokens/s (steady state, all ranks)")
     ax.set_xticks(sorted(df["world_size"].unique()))
     ax.set_title(FIGURES["scaling"])
-    _save(fig, out_dir, "scaling")
+    return _save(fig, out_dir, "scaling")
 
 
-def make_figures(metrics_csv, steps_csv, samples_csv, out_dir, names: list[str]) -> None:
+def make_figures(metrics_csv, steps_csv, samples_csv, out_dir, names: list[str]) -> dict:
+    """Write the figures ``names``; returns {name: matplotlib Figure} (closed, for reading back)."""
     sns.set_theme(style="whitegrid", context="paper")
     out_dir = Path(out_dir)
     metrics, steps, samples = read_table(metrics_csv), read_table(steps_csv), read_table(samples_csv)
@@ -112,5 +115,4 @@ def make_figures(metrics_csv, steps_csv, samples_csv, out_dir, names: list[str])
         "resources_over_time": lambda: resources_over_time(samples, metrics, out_dir),
         "scaling": lambda: scaling(metrics, out_dir),
     }
-    for name in names:
-        makers[name]()
+    return {name: makers[name]() for name in names}

@@ -1,0 +1,87 @@
+"""The runs that tests/test_resume.py and tests/test_observed.py check, trained in few launches.
+
+Per process layout (2 processes; 4 processes on one node), a chain of launches: each run of
+``VICTIMS`` checkpoints at step 3 and stalls at step 5 in its first attempt (fault ``stall``); the
+test SIGKILLs that launch once the step-3 checkpoint is complete and step 4 is logged, and the next
+launch resumes the run before starting the next victim. The first launch also trains, uninterrupted,
+a reference of every victim (``<name>_ref``: no checkpoints, no fault) and the runs in ``EXTRAS``,
+whose observed behaviour (compile, checkpointing, resharding, schedules, precision) the tests check.
+Every run is BASE_CONFIG's: 6 steps of global batch 8, fp32 unless it says otherwise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import make_config
+from launches import job, kill_when_stalled, run_batch, start_batch
+
+CHECKPOINT_STEP, STALL_STEP = 3, 5
+STALL_TRAIN = {"checkpoint_every": CHECKPOINT_STEP, "log_every": 1}
+
+TWO = {"gpus_per_node": 2}
+PP = {"strategy": "pipeline_parallel", "stages": 2, "micro_batches": 4}
+LAYOUTS = {
+    "two": {
+        "victims": {
+            "ddp": {"strategy": "data_parallel", **TWO},
+            "fsdp": {"strategy": "fsdp", **TWO},
+            "tp": {"strategy": "tensor_parallel", "tp": 2, "tp_engine": "torch"},
+            "zero2_offload": {"strategy": "zero", "zero_stage": 2, "offload": "optimizer", **TWO},
+            "pp_torch": {**PP, "schedule": "1f1b", "pp_engine": "torch"},
+            "pp_deepspeed": {**PP, "pp_engine": "deepspeed"},
+        },
+        "extras": {
+            "ddp_accumulate": {"strategy": "data_parallel", "micro_batches": 2, **TWO},
+            "fsdp_no_reshard": {"strategy": "fsdp", "reshard_after_forward": False, **TWO},
+            "pp_gpipe": {**PP, "schedule": "gpipe", "pp_engine": "torch"},
+            "fsdp_ac": {"strategy": "fsdp", "activation_checkpointing": "full", **TWO},
+            "pp_ac": {**PP, "schedule": "1f1b", "pp_engine": "torch", "activation_checkpointing": "selective"},
+            "fsdp_compile": {"strategy": "fsdp", "compile": True, **TWO},
+            "pp_compile": {**PP, "schedule": "1f1b", "pp_engine": "torch", "compile": True},
+            "tp_compile": {"strategy": "tensor_parallel", "tp": 2, "tp_engine": "torch", "compile": True},
+            "ddp_bf16": {"strategy": "data_parallel", "precision": "bf16", **TWO},
+            "fsdp_bf16": {"strategy": "fsdp", "precision": "bf16", **TWO},
+            "ddp_bf16_pure": {"strategy": "data_parallel", "precision": "bf16-pure", **TWO},
+        },
+    },
+    "four": {
+        "victims": {
+            "pp_tp_3d": {"strategy": "hybrid_parallel", "stages": 2, "tp": 2, "gpus_per_node": 4,
+                         "tp_engine": "torch", "pp_engine": "torch"},
+        },
+        "extras": {
+            "tp_dp": {"strategy": "tensor_parallel", "tp": 2, "tp_engine": "torch", "gpus_per_node": 4},
+        },
+    },
+}
+
+
+def stalled_config(victims: dict) -> dict:
+    runs = {name: entry | {"fault": {"kind": "stall", "at_step": STALL_STEP}} for name, entry in victims.items()}
+    return make_config(runs, train=STALL_TRAIN)
+
+
+def train_layout(layout: str, tokens: Path, root: Path) -> dict:
+    """Train one layout's chain. Returns {"dir": {run: output directory}, "killed_steps": {victim: steps
+    logged when killed}, "resume_log": {victim: log of the launch that resumed it}}."""
+    victims, extras = LAYOUTS[layout]["victims"], LAYOUTS[layout]["extras"]
+    plain = make_config({f"{n}_ref": e for n, e in victims.items()} | extras)
+    stalled = stalled_config(victims)
+    dirs = {n: root / n for n in [*victims, *(f"{n}_ref" for n in victims), *extras]}
+    result = {"dir": dirs, "killed_steps": {}, "resume_log": {}}
+    pending = [job(plain, n, dirs[n]) for n in plain["runs"] if n != "single"]  # trained uninterrupted
+    previous = None
+    for i, name in enumerate([*victims, None]):
+        jobs = pending + ([] if name is None else [job(stalled, name, dirs[name])])
+        if name is None:
+            log = run_batch(jobs, tokens, root, f"{layout}-{i}")
+        else:
+            proc, log_path = start_batch(jobs, tokens, root, f"{layout}-{i}")
+            result["killed_steps"][name] = kill_when_stalled(proc, dirs[name], CHECKPOINT_STEP, STALL_STEP, log_path)
+            log = log_path.read_text()
+        if previous is not None:
+            result["resume_log"][previous] = log
+        pending = [] if name is None else [job(stalled, name, dirs[name])]  # the next launch resumes it
+        previous = name
+    return result
