@@ -4,6 +4,8 @@ the first update and the validation loss within 1e-4 relative. The runs share on
 import pytest
 from conftest import assert_matches_single, make_config, train_batch
 
+from llmpar.config import MODEL_SIZES
+
 pytestmark = pytest.mark.slow
 
 DDP = {"strategy": "data_parallel", "gpus_per_node": 2}
@@ -21,13 +23,16 @@ def test_ddp_matches_single(runs, baseline):
     summary, steps = runs["ddp"]
     assert summary["world_size"] == 2
     assert_matches_single(summary, steps, baseline, rtol=1e-4)
-    # every rank holds the full replica
-    assert all(r["local_params"] == summary["per_rank"][0]["local_params"] for r in summary["per_rank"])
+    # every rank holds the full replica: the model's whole parameter count, not just the same count
+    assert [r["local_params"] for r in summary["per_rank"]] == [summary["params_total"]] * 2
 
 
 def test_ddp_with_gradient_accumulation_matches_single(runs, baseline):
     summary, steps = runs["ddp-accumulating"]
-    assert summary["spec"]["micro_batch_size"] == 2
+    # observed, not the config read back: two forward and two backward passes per step on every rank
+    layers = MODEL_SIZES["tiny"]["num_layers"]  # conftest.BASE_CONFIG's model
+    assert [(r["layer_probe"]["forwards"], r["layer_probe"]["passes"]) for r in summary["per_rank"]] == \
+        [(2 * layers, "FBFB")] * 2
     assert_matches_single(summary, steps, baseline, rtol=1e-4)
 
 
