@@ -468,13 +468,30 @@ def write_csv(rows: list[dict], path: Path) -> None:
     write_text(path, buf.getvalue())
 
 
-def plan_study(config_path: str, card_name: str, out: str | None = None) -> str:
-    """``scripts/plan.py``: predict every run of a study on ``card_name``, compare with its recorded runs,
-    write the comparison to ``out`` (default results/<study>/plan.csv) and return the printed table."""
+def study_card(cfg: dict, card_name: str | None = None) -> str:
+    """The card to predict a study on: ``card_name`` when given, else the study's ``train.card``. A study
+    that names none (the CPU study) has no calibrated card: a UserError, not a guess."""
+    from llmpar.errors import UserError
+
+    name = card_name or cfg["train"].get("card")
+    if not name:
+        raise UserError(f"study {cfg['study']} names no train.card and no card was given (--gpu h100|h200): the "
+                        "plan's constants are calibrated on GPU cards only (src/llmpar/cards.yaml)")
+    try:
+        card(name)
+    except KeyError as exc:
+        raise UserError(exc.args[0]) from None
+    return name
+
+
+def plan_study(config_path: str, card_name: str | None = None, out: str | None = None) -> str:
+    """``scripts/plan.py``: predict every run of a study on ``card_name`` (default: its ``train.card``),
+    compare with its recorded runs, write the comparison to ``out`` (default results/<study>/plan.csv) and
+    return the printed table."""
     from llmpar.config import REPO_ROOT, load_yaml, prepare
 
-    card(card_name)  # an unknown card fails before any work
     cfg = prepare(load_yaml(config_path))
+    card_name = study_card(cfg, card_name)  # an unknown or missing card fails before any work
     study_dir = REPO_ROOT / "results" / cfg["study"]
     rows = check_study(cfg, card_name, study_dir / "runs")
     if not rows:
