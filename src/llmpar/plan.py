@@ -282,6 +282,12 @@ def gather_s(nbytes: float, group: int, bw: float, latency: float) -> float:
     return 0.0 if group <= 1 else latency + (group - 1) / group * nbytes / bw
 
 
+def pipeline_bubble(stages: int, micro_batches: int, virtual: int = 1) -> float:
+    """Idle share of a pipeline's schedule: (p-1)/v extra micro-batch slots of m + (p-1)/v, i.e.
+    (p-1)/(v·m+p-1); 0 without stages."""
+    return (stages - 1) / (virtual * micro_batches + stages - 1)
+
+
 def step_time(sh: Shape, run: dict, compiled: bool, c: dict) -> dict:
     """Predicted seconds of one optimizer step (by component) on card constants ``c``."""
     tp, dp, p, m = run["tp"], run["dp"], run["stages"], run["micro_batches"]
@@ -305,7 +311,7 @@ def step_time(sh: Shape, run: dict, compiled: bool, c: dict) -> dict:
         per_rank.append(t)
     slowest = max(per_rank, key=lambda t: sum(t.values()))
     t_mb = sum(slowest.values())
-    slots = m + (p - 1) / virtual_stages(run)  # the pipeline bubble: (p-1)/v extra micro-batch slots
+    slots = m / (1 - pipeline_bubble(p, m, virtual_stages(run)))  # m + (p-1)/v micro-batch slots
     parts = {k: v * slots for k, v in slowest.items()}
 
     n_local = max(local_params(sh, run, s) for s in pipeline_ranks(sh, run))
