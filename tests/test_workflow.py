@@ -42,6 +42,7 @@ def test_study_outputs_are_complete(study):
             assert (res / "figures" / f"{name}.{ext}").stat().st_size > 1000
     html = (study / "report" / "wf" / "report.html").read_text()
     assert "time_reduction_x" in html and "data:image/png;base64," in html and "git_commit" in html
+    assert "not calibrated for CPU" in html and not (res / "plan.csv").exists()  # no card, no predictions
     summary = json.loads((res / "runs" / "ddp" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["status"] == "ok"
 

@@ -460,17 +460,20 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
+def write_csv(rows: list[dict], path: Path, columns: list[str] | None = None) -> None:
+    """Rows as CSV (floats to 4 significant digits); ``columns`` names the header when there are no rows."""
     import csv
     import io
 
     from llmpar.io import write_text
 
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else columns, lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        writer.writerow({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in r.items()})
+        # missing (None, NaN) as an empty cell: the study tables' one missing value (read_table)
+        writer.writerow({k: "" if v is None or (isinstance(v, float) and math.isnan(v))
+                         else f"{v:.4g}" if isinstance(v, float) else v for k, v in r.items()})
     write_text(path, buf.getvalue())
 
 

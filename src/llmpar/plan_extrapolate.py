@@ -123,7 +123,7 @@ def predict_row(shape: str, strategy: str, world: int, card_name: str,
     row = {"shape": shape, "seq_len": model["seq_len"], "strategy": strategy, "gpus": world,
            "nodes": max(1, world // plan.card(card_name)["cluster"]["gpus_per_node"]), "layout": "–",
            "inter_node": "–", "global_batch": cfg["train"]["global_batch"], "micro_batch_size": None,
-           "micro_batches": None, "predicted_peak_gib": math.nan, "predicted_fits": False,
+           "micro_batches": None, "predicted_peak_gib": math.nan, "predicted_fits": None,
            "predicted_step_s": math.nan, "predicted_tokens_per_s_per_gpu": math.nan, "predicted_mfu": math.nan,
            "predicted_comm_share": math.nan, "predicted_bubble": math.nan, "note": note}
     if run is None:
@@ -191,3 +191,15 @@ def assumptions(card_name: str) -> list[str]:
         "a 3-D layout does several times the GEMMs of the others, and the step waits for it. Torch "
         "pipelining allocates its receive buffers for every micro-batch up front (counted).",
     ]
+
+
+def write_tables(cfg: dict, card_name: str, runs_dir, plan_csv, extrapolation_csv) -> str:
+    """The workflow's plan step: predicted vs measured for a prepared study's recorded runs
+    (``plan_csv``) and the extrapolation table (``extrapolation_csv``), both on ``card_name``."""
+    from pathlib import Path
+
+    rows = plan.check_study(cfg, card_name, Path(runs_dir))
+    plan.write_csv(rows, Path(plan_csv), columns=["run", "card", "predicted_peak_gib", "measured_peak_gib"])
+    table = extrapolate(card_name)
+    plan.write_csv(table, Path(extrapolation_csv))
+    return plan.format_rows(rows) if rows else f"no recorded ok runs under {runs_dir}"
