@@ -1,6 +1,7 @@
 # Configuration (validated against schemas/config.schema.yaml, runs resolved) and input functions.
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -38,6 +39,9 @@ FIGURE_NAMES = [
     "loss_vs_tokens",
     "resources_over_time",
 ] + (["scaling"] if SWEEPS else [])
+# The card the study is planned for: with one, the plan step compares predictions with the recorded runs
+# and extrapolates; without (the CPU study) the report says the plan is not calibrated for CPU.
+CARD = CFG["train"].get("card")
 
 
 def as_json(obj):
@@ -59,11 +63,38 @@ def figures():
     )
 
 
+def plan_outputs():
+    """plan.csv, extrapolation.csv and the predicted-vs-measured figure (PNG, SVG) where the study names a card."""
+    if not CARD:
+        return {}
+    return {
+        "plan": f"{RES}/plan.csv",
+        "extrapolation": f"{RES}/extrapolation.csv",
+        "plan_figure": f"{RES}/figures/plan_vs_measured.png",
+        "plan_figure_svg": f"{RES}/figures/plan_vs_measured.svg",
+    }
+
+
+def plan_args(wildcards, input):
+    """The report's plan arguments: the plan files where the study has them, else none."""
+    keys = {
+        "plan": "--plan",
+        "extrapolation": "--extrapolation",
+        "plan_figure": "--plan-figure",
+    }
+    return " ".join(
+        f"{flag} {shlex.quote(input[key])}"
+        for key, flag in keys.items()
+        if key in input.keys()
+    )
+
+
 def final_outputs():
     return [
         f"{RES}/metrics.csv",
         f"{RES}/steps.csv",
         *figures(),
+        *plan_outputs().values(),
         f"report/{STUDY}/report.html",
     ]
 

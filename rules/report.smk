@@ -56,8 +56,57 @@ rule figures:
         "--samples {input.samples:q} --out-dir {params.out:q} --names {params.names:q} > {log:q} 2>&1"
 
 
+rule plan:
+    input:
+        summaries=summaries(),
+    output:
+        plan=report(
+            f"{RES}/plan.csv",
+            caption="../report/captions/plan.rst",
+            category="Tables",
+        ),
+        extrapolation=report(
+            f"{RES}/extrapolation.csv",
+            caption="../report/captions/extrapolation.rst",
+            category="Tables",
+        ),
+    log:
+        f"{LOGS}/plan.log",
+    conda:
+        ENV
+    params:
+        script=STUDY_PY,
+        config=as_json(CFG),
+        runs_dir=lambda wildcards, input: str(Path(input.summaries[0]).parent.parent),
+    shell:
+        "python {params.script:q} plan --config {params.config:q} --runs-dir {params.runs_dir:q} "
+        "--plan {output.plan:q} --extrapolation {output.extrapolation:q} > {log:q} 2>&1"
+
+
+rule plan_figure:
+    input:
+        plan=rules.plan.output.plan,
+    output:
+        png=report(
+            f"{RES}/figures/plan_vs_measured.png",
+            caption="../report/captions/plan_vs_measured.rst",
+            category="Figures",
+        ),
+        svg=f"{RES}/figures/plan_vs_measured.svg",
+    log:
+        f"{LOGS}/plan_figure.log",
+    conda:
+        ENV
+    params:
+        script=STUDY_PY,
+        out=parent("png"),
+    shell:
+        "python {params.script:q} plan-figure --plan {input.plan:q} --out-dir {params.out:q} > {log:q} 2>&1"
+
+
 rule html_report:
     input:
+        unpack(lambda wildcards: plan_outputs()),
         metrics=rules.aggregate.output.metrics,
         figures=figures(),
         summaries=summaries(),
@@ -73,7 +122,9 @@ rule html_report:
         names=FIGURE_NAMES,
         figures=lambda wildcards, input: str(Path(input.figures[0]).parent),
         captions=CAPTIONS,
+        plan=plan_args,
     shell:
         "python {params.script:q} report --config {params.config:q} --metrics {input.metrics:q} "
         "--figures-dir {params.figures:q} --captions-dir {params.captions:q} "
-        "--summaries {input.summaries:q} --names {params.names:q} --out {output.html:q} > {log:q} 2>&1"
+        "--summaries {input.summaries:q} --names {params.names:q} {params.plan} --out {output.html:q} "
+        "> {log:q} 2>&1"

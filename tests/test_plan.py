@@ -59,6 +59,18 @@ def test_plan_script_writes_the_table(tmp_path):
     assert all(c in DEFINITIONS for c in header if c.startswith(("predicted", "measured")) or "error" in c)
 
 
+def test_plan_script_defaults_to_the_study_card(tmp_path):
+    """Without a card, the study's train.card (h100 for the 2-GPU preset); a study that names none (the CPU
+    default) is refused rather than predicted on a GPU card."""
+    from llmpar.errors import UserError
+
+    text = plan.plan_study(str(REPO_ROOT / "configs/gpu2-1b.yaml"), out=str(tmp_path / "plan.csv"))
+    assert "on NVIDIA H100 80GB HBM3" in text
+    with pytest.raises(UserError, match="names no train.card"):
+        plan.plan_study(str(REPO_ROOT / "config.yaml"), out=str(tmp_path / "cpu.csv"))
+    assert not (tmp_path / "cpu.csv").exists()
+
+
 def ddp_rc(micro_batch_size: int) -> dict:
     raw = load_yaml(REPO_ROOT / "configs/gpu2-1b.yaml")
     raw["runs"]["ddp"]["micro_batch_size"] = micro_batch_size

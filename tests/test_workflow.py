@@ -42,6 +42,8 @@ def test_study_outputs_are_complete(study):
     steps = pd.read_csv(res / "steps.csv")
     assert {"run", "step", "loss", "tokens", "elapsed_s"} <= set(steps.columns)
     assert len(steps) == 2 * STUDY["train"]["steps"] and not steps.duplicated(["run", "step"]).any()
+    html = (study / "report" / "wf" / "report.html").read_text()
+    assert "not calibrated for CPU" in html and not (res / "plan.csv").exists()  # no card, no predictions
     summary = json.loads((res / "runs" / "ddp" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["status"] == "ok"
 

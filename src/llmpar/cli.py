@@ -48,7 +48,22 @@ def _report(a):
     from llmpar.analysis.report import build_report
 
     summaries = [json.loads(open(p).read()) for p in a.summaries]
-    build_report(json.loads(a.config), a.metrics, a.figures_dir, a.captions_dir, summaries, a.out, a.names)
+    build_report(json.loads(a.config), a.metrics, a.figures_dir, a.captions_dir, summaries, a.out, a.names,
+                 plan_files={"plan": a.plan, "extrapolation": a.extrapolation, "figure": a.plan_figure})
+
+
+def _plan(a):
+    from llmpar.plan import study_card
+    from llmpar.plan_extrapolate import write_tables
+
+    cfg = json.loads(a.config)
+    print(write_tables(cfg, study_card(cfg), a.runs_dir, a.plan, a.extrapolation))
+
+
+def _plan_figure(a):
+    from llmpar.analysis.figures import plan_vs_measured
+
+    plan_vs_measured(a.plan, a.out_dir)
 
 
 def main(argv=None) -> int:
@@ -82,6 +97,17 @@ def main(argv=None) -> int:
     s.add_argument("--out-dir", required=True)
     s.add_argument("--names", nargs="+", required=True)
     s.set_defaults(fn=_figures)
+    s = sub.add_parser("plan", help="recorded runs -> plan.csv (predicted vs measured) and extrapolation.csv, "
+                       "on the study's train.card")
+    s.add_argument("--config", required=True, help="the resolved study config (JSON)")
+    s.add_argument("--runs-dir", required=True)
+    s.add_argument("--plan", required=True, help="plan.csv to write")
+    s.add_argument("--extrapolation", required=True, help="extrapolation.csv to write")
+    s.set_defaults(fn=_plan)
+    s = sub.add_parser("plan-figure", help="plan.csv -> the predicted-vs-measured figure (PNG and SVG)")
+    s.add_argument("--plan", required=True)
+    s.add_argument("--out-dir", required=True)
+    s.set_defaults(fn=_plan_figure)
     s = sub.add_parser("report", help="the self-contained HTML report")
     s.add_argument("--config", required=True, help="the resolved study config (JSON)")
     s.add_argument("--metrics", required=True)
@@ -89,6 +115,9 @@ def main(argv=None) -> int:
     s.add_argument("--captions-dir", required=True)
     s.add_argument("--summaries", nargs="+", required=True)
     s.add_argument("--names", nargs="+", required=True)
+    s.add_argument("--plan", help="plan.csv (GPU studies with a train.card)")
+    s.add_argument("--extrapolation", help="extrapolation.csv (with --plan)")
+    s.add_argument("--plan-figure", help="the predicted-vs-measured PNG (with --plan)")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=_report)
     a = p.parse_args(argv)

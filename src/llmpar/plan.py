@@ -282,6 +282,12 @@ def gather_s(nbytes: float, group: int, bw: float, latency: float) -> float:
     return 0.0 if group <= 1 else latency + (group - 1) / group * nbytes / bw
 
 
+def pipeline_bubble(stages: int, micro_batches: int, virtual: int = 1) -> float:
+    """Idle share of a pipeline's schedule: (p-1)/v extra micro-batch slots of m + (p-1)/v, i.e.
+    (p-1)/(v·m+p-1); 0 without stages."""
+    return (stages - 1) / (virtual * micro_batches + stages - 1)
+
+
 def step_time(sh: Shape, run: dict, compiled: bool, c: dict) -> dict:
     """Predicted seconds of one optimizer step (by component) on card constants ``c``."""
     tp, dp, p, m = run["tp"], run["dp"], run["stages"], run["micro_batches"]
@@ -305,7 +311,7 @@ def step_time(sh: Shape, run: dict, compiled: bool, c: dict) -> dict:
         per_rank.append(t)
     slowest = max(per_rank, key=lambda t: sum(t.values()))
     t_mb = sum(slowest.values())
-    slots = m + (p - 1) / virtual_stages(run)  # the pipeline bubble: (p-1)/v extra micro-batch slots
+    slots = m / (1 - pipeline_bubble(p, m, virtual_stages(run)))  # m + (p-1)/v micro-batch slots
     parts = {k: v * slots for k, v in slowest.items()}
 
     n_local = max(local_params(sh, run, s) for s in pipeline_ranks(sh, run))
@@ -454,27 +460,47 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
+def write_csv(rows: list[dict], path: Path, columns: list[str] | None = None) -> None:
+    """Rows as CSV (floats to 4 significant digits); ``columns`` names the header when there are no rows."""
     import csv
     import io
 
     from llmpar.io import write_text
 
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else columns, lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        writer.writerow({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in r.items()})
+        # missing (None, NaN) as an empty cell: the study tables' one missing value (read_table)
+        writer.writerow({k: "" if v is None or (isinstance(v, float) and math.isnan(v))
+                         else f"{v:.4g}" if isinstance(v, float) else v for k, v in r.items()})
     write_text(path, buf.getvalue())
 
 
-def plan_study(config_path: str, card_name: str, out: str | None = None) -> str:
-    """``scripts/plan.py``: predict every run of a study on ``card_name``, compare with its recorded runs,
-    write the comparison to ``out`` (default results/<study>/plan.csv) and return the printed table."""
+def study_card(cfg: dict, card_name: str | None = None) -> str:
+    """The card to predict a study on: ``card_name`` when given, else the study's ``train.card``. A study
+    that names none (the CPU study) has no calibrated card: a UserError, not a guess."""
+    from llmpar.errors import UserError
+
+    name = card_name or cfg["train"].get("card")
+    if not name:
+        raise UserError(f"study {cfg['study']} names no train.card and no card was given (--gpu h100|h200): the "
+                        "plan's constants are calibrated on GPU cards only (src/llmpar/cards.yaml)")
+    try:
+        card(name)
+    except KeyError as exc:
+        raise UserError(exc.args[0]) from None
+    return name
+
+
+def plan_study(config_path: str, card_name: str | None = None, out: str | None = None) -> str:
+    """``scripts/plan.py``: predict every run of a study on ``card_name`` (default: its ``train.card``),
+    compare with its recorded runs, write the comparison to ``out`` (default results/<study>/plan.csv) and
+    return the printed table."""
     from llmpar.config import REPO_ROOT, load_yaml, prepare
 
-    card(card_name)  # an unknown card fails before any work
     cfg = prepare(load_yaml(config_path))
+    card_name = study_card(cfg, card_name)  # an unknown or missing card fails before any work
     study_dir = REPO_ROOT / "results" / cfg["study"]
     rows = check_study(cfg, card_name, study_dir / "runs")
     if not rows:

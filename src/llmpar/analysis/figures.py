@@ -23,6 +23,7 @@ FIGURES = {
     "loss_vs_tokens": "Training loss against trained tokens",
     "resources_over_time": "Memory and utilization over time per run",
     "scaling": "Throughput against process count per strategy",
+    "plan_vs_measured": "Predicted before run against measured, per run",
 }
 
 
@@ -97,6 +98,49 @@ def scaling(metrics: pd.DataFrame, out_dir: Path) -> None:
     ax.set_xticks(sorted(df["world_size"].unique()))
     ax.set_title(FIGURES["scaling"])
     return _save(fig, out_dir, "scaling")
+
+
+def plan_vs_measured(plan_csv, out_dir) -> None:
+    """plan.csv as two panels (peak GiB, step seconds): one point per recorded run, the identity line, the
+    ±10 % and ±15 % bands; a run outside its quantity's bound (memory 10 %, step 15 %) is labelled, and runs
+    the plan does not model (bounded false) are hollow."""
+    from llmpar.plan import MEMORY_BOUND, TIME_BOUND
+
+    sns.set_theme(style="whitegrid", context="paper")
+    df = read_table(plan_csv)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    panels = (("peak", "peak_gib", "peak GiB per rank (max over ranks)", MEMORY_BOUND),
+              ("step", "step_s", "seconds per optimizer step", TIME_BOUND))
+    for ax, (err, col, label, bound) in zip(axes, panels):
+        if df.empty:
+            ax.text(0.5, 0.5, "no recorded runs", ha="center", transform=ax.transAxes)
+            continue
+        meas, pred = df[f"measured_{col}"], df[f"predicted_{col}"]
+        hi = 1.1 * max(meas.max(), pred.max())
+        x = [0.0, hi]
+        for band, alpha in ((0.15, 0.12), (0.10, 0.22)):
+            ax.fill_between(x, [0, hi * (1 - band)], [0, hi * (1 + band)], color="tab:blue", alpha=alpha, lw=0,
+                            label=f"±{band:.0%}")
+        ax.plot(x, x, color="k", lw=0.8, label="predicted = measured")
+        bounded = df["bounded"].astype(str).str.lower() == "true"
+        ax.scatter(meas[bounded], pred[bounded], color="tab:orange", edgecolor="k", s=28, zorder=3,
+                   label="modelled run")
+        ax.scatter(meas[~bounded], pred[~bounded], facecolor="none", edgecolor="tab:gray", s=28, zorder=3,
+                   label="engine not modelled")
+        misses = df[df[f"{err}_error"].abs() > bound].sort_values(f"measured_{col}")
+        for k, (_, r) in enumerate(misses.iterrows()):  # alternate above / below so neighbours stay legible
+            ax.annotate(f"{r['run']} {r[f'{err}_error']:+.0%}", (r[f"measured_{col}"], r[f"predicted_{col}"]),
+                        xytext=(5, 5 if k % 2 else -11), textcoords="offset points", fontsize=7)
+        ax.set_xlim(0, hi)
+        ax.set_ylim(0, hi)
+        ax.set_aspect("equal")
+        ax.set_xlabel(f"measured {label}")
+        ax.set_ylabel(f"predicted {label}")
+        ax.set_title(f"{'Peak memory' if err == 'peak' else 'Step time'} (bound ±{bound:.0%})")
+    axes[0].legend(loc="upper left", fontsize=7)
+    card = df["card"].iloc[0] if not df.empty else ""
+    fig.suptitle(f"{FIGURES['plan_vs_measured']} (llmpar.plan on {card})")
+    _save(fig, Path(out_dir), "plan_vs_measured")
 
 
 def make_figures(metrics_csv, steps_csv, samples_csv, out_dir, names: list[str]) -> dict:

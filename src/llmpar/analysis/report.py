@@ -98,8 +98,60 @@ FULL_TABLE = ["run", "strategy", "engine", "nodes", "gpus_per_node", "tp", "stag
               "redone_steps", "message"]
 
 
+EXTRAPOLATION_TABLE = ["shape", "strategy", "gpus", "layout", "inter_node", "micro_batch_size", "micro_batches",
+                       "predicted_peak_gib", "predicted_fits", "predicted_step_s", "predicted_tokens_per_s_per_gpu",
+                       "predicted_mfu", "predicted_comm_share", "predicted_bubble", "note"]
+NO_CARD = ("The plan (llmpar.plan) is not calibrated for CPU: its constants are measured on GPU cards "
+           "(src/llmpar/cards.yaml) and this study names no <code>train.card</code>, so it shows no predictions "
+           "and no extrapolation (a GPU card's numbers would not describe these runs).")
+
+
+def _png(path) -> str:
+    return base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def plan_section(config: dict, plan_files: dict | None, captions_dir, number: int) -> str:
+    """Predicted before run (plan.csv and its figure) and beyond one machine on paper (extrapolation.csv),
+    or, for a study without a card, the sentence saying why there is neither."""
+    parts = [f"<h2>{number}. Predicted before run, and beyond one machine on paper</h2>"]
+    card_name = config["train"].get("card")
+    if not card_name or not plan_files or not plan_files.get("plan"):
+        return parts[0] + f"<p>{NO_CARD}</p>"
+    from llmpar import plan, plan_extrapolate
+
+    c = plan.card(card_name)
+    rows = read_table(plan_files["plan"])
+    bounded = rows[rows["bounded"].astype(str).str.lower() == "true"] if not rows.empty else rows
+    met = bounded[(bounded["peak_error"].abs() <= plan.MEMORY_BOUND) & (bounded["step_error"].abs() <= plan.TIME_BOUND)]
+    parts.append(
+        f"<p>Model output of <code>llmpar.plan</code> on the {html.escape(c['name'])} constants "
+        f"(<code>train.card: {html.escape(card_name)}</code>), computed from each run's shape, layout, precision, "
+        f"micro-batch and engine and set against what the run measured: {len(met)} of {len(bounded)} modelled "
+        f"runs within both bounds (peak memory ±{plan.MEMORY_BOUND:.0%}, step time ±{plan.TIME_BOUND:.0%}).</p>")
+    if plan_files.get("figure"):
+        cap = Path(captions_dir) / "plan_vs_measured.rst"
+        caption = rst_to_html(cap.read_text()) if cap.is_file() else ""
+        parts.append(f'<figure><img alt="plan_vs_measured" src="data:image/png;base64,{_png(plan_files["figure"])}"/>'
+                     f"<figcaption><b>Predicted against measured.</b> {caption}</figcaption></figure>")
+    notes = rows[rows["note"].notna()] if not rows.empty else rows
+    if not notes.empty:
+        parts.append("<ul>" + "".join(f"<li><b>{html.escape(r['run'])}</b>: {html.escape(str(r['note']))}</li>"
+                                      for _, r in notes.iterrows()) + "</ul>")
+    if plan_files.get("extrapolation"):
+        table_df = read_table(plan_files["extrapolation"])
+        parts.append(
+            "<h3>Beyond one machine, on paper (model output, never measured)</h3>"
+            f"<p><b>Nothing in this table was measured.</b> Every strategy for the 1.1B preset and an 8B Llama-3 "
+            f"shape at {', '.join(map(str, plan_extrapolate.WORLDS))} GPUs, {c['cluster']['gpus_per_node']} per "
+            "node, predicted by the same plan; <code>inter_node</code> names the groups whose collectives cross "
+            "nodes. Assumptions:</p><ol>"
+            + "".join(f"<li>{html.escape(a)}</li>" for a in plan_extrapolate.assumptions(card_name)) + "</ol>")
+        parts.append(table(table_df, EXTRAPOLATION_TABLE))
+    return "\n".join(parts)
+
+
 def build_report(config: dict, metrics_csv, figures_dir, captions_dir, summaries: list, out_html,
-                 figure_names: list[str]) -> None:
+                 figure_names: list[str], plan_files: dict | None = None) -> None:
     metrics = read_table(metrics_csv)
     baseline = config["baseline"]
     parts = [f"<h1>Parallelism study <code>{html.escape(config['study'])}</code></h1>"]
@@ -141,15 +193,17 @@ def build_report(config: dict, metrics_csv, figures_dir, captions_dir, summaries
             f"<figcaption><b>Figure {i}. {html.escape(FIGURES[name])}.</b> {caption}</figcaption></figure>"
         )
 
-    parts.append("<h2>4. Metric definitions</h2><dl>")
+    parts.append(plan_section(config, plan_files, captions_dir, 4))
+
+    parts.append("<h2>5. Metric definitions</h2><dl>")
     for k, v in DEFINITIONS.items():
         parts.append(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>")
     parts.append("</dl>")
 
-    parts.append("<h2>5. Configuration</h2>")
+    parts.append("<h2>6. Configuration</h2>")
     parts.append(f"<pre>{html.escape(yaml.safe_dump(config, sort_keys=False))}</pre>")
 
-    parts.append("<h2>6. Environment</h2>")
+    parts.append("<h2>7. Environment</h2>")
     envs = {s["run"]: s.get("environment") for s in summaries if s.get("environment")}
     if envs:
         first = next(iter(envs.values()))

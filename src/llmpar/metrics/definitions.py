@@ -94,6 +94,14 @@ DEFINITIONS: dict[str, str] = {
     "step_error": "Plan: (predicted_step_s - measured_step_s) / measured_step_s; bound 15 %.",
     "predicted_tokens_per_s": "Plan: global batch tokens / predicted_step_s.",
     "predicted_mfu": "Plan: MFU (as defined for mfu) at predicted_tokens_per_s.",
+    # results/<study>/extrapolation.csv (llmpar.plan_extrapolate: model output at 8-1024 GPUs, never measured)
+    "predicted_fits": "Extrapolation: whether predicted_peak_gib is at most 90 % of the card's memory (the "
+    "launcher's criterion); a layout that does not fit shows its peak at micro-batch 1 and no time.",
+    "predicted_tokens_per_s_per_gpu": "Extrapolation: global batch tokens / predicted_step_s / GPUs.",
+    "predicted_comm_share": "Extrapolation: share of predicted_step_s spent in communication the plan does not "
+    "hide behind compute (tensor-parallel all-reduces, pipeline transfers, exposed data-parallel collectives).",
+    "predicted_bubble": "Extrapolation: the pipeline bubble in the predicted step, (p-1)/(v·m+p-1); 0 without "
+    "stages.",
 }
 
 # bf16 dense tensor-core peak FLOP/s per device, by a substring of the device name (first match wins).
