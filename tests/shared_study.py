@@ -49,6 +49,8 @@ LAYOUTS = {
         "victims": {
             "pp_tp_3d": {"strategy": "hybrid_parallel", "stages": 2, "tp": 2, "gpus_per_node": 4,
                          "tp_engine": "torch", "pp_engine": "torch"},
+            "pp_dp_hybrid": {"strategy": "hybrid_parallel", "stages": 2, "micro_batches": 4, "gpus_per_node": 4,
+                             "pp_engine": "torch", "schedule": "1f1b"},
         },
         "extras": {
             "tp_dp": {"strategy": "tensor_parallel", "tp": 2, "tp_engine": "torch", "gpus_per_node": 4},

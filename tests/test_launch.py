@@ -103,7 +103,7 @@ def test_workers_share_the_jobs_threads():
 
 def test_record_invalid_writes_a_result_instead_of_failing(tiny_tokens, tmp_path):
     """--record-invalid (the workflow's flag): a layout that cannot fit becomes a summary with status
-    'invalid' and the estimate as its message, which aggregation takes as a row."""
+    'invalid' and the plan's prediction as its message, which aggregation takes as a row."""
     from llmpar.analysis.aggregate import load_run
 
     out = tmp_path / "runs" / "big"
@@ -113,5 +113,5 @@ def test_record_invalid_writes_a_result_instead_of_failing(tiny_tokens, tmp_path
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = load_run(out)["summary"]
-    assert summary["status"] == "invalid" and "estimated memory" in summary["message"]
+    assert summary["status"] == "invalid" and "predicted peak memory" in summary["message"]
     assert summary["steps_completed"] == 0 and summary["world_size"] == 2
