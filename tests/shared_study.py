@@ -30,6 +30,9 @@ LAYOUTS = {
             "zero2_offload": {"strategy": "zero", "zero_stage": 2, "offload": "optimizer", **TWO},
             "pp_torch": {**PP, "schedule": "1f1b", "pp_engine": "torch"},
             "pp_deepspeed": {**PP, "pp_engine": "deepspeed"},
+            "zero1": {"strategy": "zero", "zero_stage": 1, **TWO},
+            "zero3": {"strategy": "zero", "zero_stage": 3, **TWO},
+            "tp_deepspeed": {"strategy": "tensor_parallel", "tp": 2, "tp_engine": "deepspeed"},
         },
         "extras": {
             "ddp_accumulate": {"strategy": "data_parallel", "micro_batches": 2, **TWO},
@@ -51,6 +54,7 @@ LAYOUTS = {
                          "tp_engine": "torch", "pp_engine": "torch"},
             "pp_dp_hybrid": {"strategy": "hybrid_parallel", "stages": 2, "micro_batches": 4, "gpus_per_node": 4,
                              "pp_engine": "torch", "schedule": "1f1b"},
+            "fsdp_tp": {"strategy": "fsdp", "tp": 2, "tp_engine": "torch", "gpus_per_node": 4},
         },
         "extras": {
             "tp_dp": {"strategy": "tensor_parallel", "tp": 2, "tp_engine": "torch", "gpus_per_node": 4},
