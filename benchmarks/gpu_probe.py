@@ -15,12 +15,8 @@ import argparse
 import gc
 import json
 import os
-import sys
 import time
 import types
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 

@@ -22,7 +22,6 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
 
 from llmpar.config import load_yaml, prepare, run_config  # noqa: E402
 

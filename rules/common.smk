@@ -2,14 +2,11 @@
 import json
 import os
 import shlex
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))
-
-from llmpar.config import prepare, run_config  # noqa: E402
-from llmpar.data.corpus import check_source  # noqa: E402
-from llmpar.errors import UserError  # noqa: E402
+from llmpar.config import prepare, run_config
+from llmpar.data.corpus import check_source
+from llmpar.errors import UserError
 
 try:
     CFG = prepare(config)

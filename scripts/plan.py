@@ -8,12 +8,9 @@ with the recorded runs under results/<study>/runs/ where they exist.
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from llmpar.errors import UserError  # noqa: E402
-from llmpar.plan import plan_study  # noqa: E402
+from llmpar.errors import UserError
+from llmpar.plan import plan_study
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -9,11 +9,8 @@ Starts its own torchrun workers unless already launched by torchrun or srun. See
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from llmpar.launch import main  # noqa: E402
+from llmpar.launch import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,10 +25,6 @@ class DistContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def device_type(self) -> str:
-        return self.device.type
-
 
 def node_name() -> str:
     """The Slurm node name when inside a Slurm job, else the host name."""

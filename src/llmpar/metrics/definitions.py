@@ -143,7 +143,7 @@ def steady_steps(steps: list[dict], warmup: int) -> list[dict]:
     return rows or steps[-1:]
 
 
-def throughput(steps: list[dict], warmup: int, seq_len: int, world_size: int, t_first_start: float = 0.0):
+def throughput(steps: list[dict], warmup: int, seq_len: int, world_size: int):
     """Steady-state and overall throughput (see DEFINITIONS)."""
     if not steps:
         return {}
@@ -153,7 +153,7 @@ def throughput(steps: list[dict], warmup: int, seq_len: int, world_size: int, t_
     steady_time = sum(r["step_time_s"] for r in steady)
     tps = steady_tokens / steady_time if steady_time > 0 else math.nan
     last = steps[-1]
-    overall_time = last["elapsed_s"] - t_first_start
+    overall_time = last["elapsed_s"]
     return {
         "tokens_per_s": tps,
         "samples_per_s": tps / seq_len,

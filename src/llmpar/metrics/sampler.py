@@ -62,15 +62,11 @@ class Sampler(threading.Thread):
         self._stop_event = threading.Event()
         self.cuda = torch.cuda.is_available()
         self.nvml, self.nvml_reason = nvml_device()
-        if self.cuda:
-            self.mem_kind = "cuda_allocated"
-            self.util_kind = "nvml_gpu_util" if self.nvml else None
-        else:
+        if not self.cuda:
             import psutil
 
             self.proc = psutil.Process()
             self.proc.cpu_percent(None)
-            self.mem_kind, self.util_kind = "cpu_rss", "cpu_process_percent"
 
     def sample(self) -> dict:
         row = {"t_s": time.time() - self.t0 + self.offset, "rank": self.rank}
