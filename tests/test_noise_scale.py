@@ -50,3 +50,33 @@ def test_refusals_and_pollux():
     assert ratio_with_error([(1.0, 2.0)]) is None
     assert pollux_efficiency(10.0, 10.0, 10.0) == 1.0
     assert pollux_efficiency(10.0, 30.0, 10.0) == pytest.approx(0.5)  # (10 + 10) / (10 + 30)
+
+
+# --------------------------------------------------------------------------- measured in real runs
+
+@pytest.mark.slow
+def test_runs_measure_the_same_noise_scale_on_different_engines(shared_two, shared_four):
+    """DDP (its communication hook) and the torch PP2 x DP2 hybrid (the pipeline's own gradient over both
+    stages) measure the same training's noise scale at the same two batch sizes (4 and 8 sequences):
+    within their stated uncertainty of each other. One replica (TP) and engines that reduce inside
+    backward (FSDP2, DeepSpeed ZeRO) say why they measure nothing."""
+    from launches import read_run
+
+    ddp = read_run(shared_two["dir"]["ddp_ref"])[0]
+    hybrid = read_run(shared_four["dir"]["pp_dp_hybrid_ref"])[0]
+    for s in (ddp, hybrid):
+        assert s["noise_scale_reason"] is None, s["noise_scale_reason"]
+        assert s["gradient_noise_scale"] > 0 and s["gradient_noise_scale_se"] > 0
+        # Pollux at M = 8 against M0 = 4 sequences, and goodput = throughput x efficiency
+        b = s["gradient_noise_scale"]
+        assert s["pollux_efficiency"] == pytest.approx((b + 4) / (b + 8))
+        assert s["pollux_goodput"] == pytest.approx(s["tokens_per_s"] * s["pollux_efficiency"])
+    gap = abs(ddp["gradient_noise_scale_mean"] - hybrid["gradient_noise_scale_mean"])
+    print("noise scale: DDP", ddp["gradient_noise_scale_mean"], "+-", ddp["gradient_noise_scale_se"],
+          "| PP2 x DP2", hybrid["gradient_noise_scale_mean"], "+-", hybrid["gradient_noise_scale_se"])
+    assert gap <= math.hypot(ddp["gradient_noise_scale_se"], hybrid["gradient_noise_scale_se"])
+    for run, why in (("tp_ref", "one data-parallel replica"), ("fsdp_ref", "inside its backward"),
+                     ("zero2_offload_ref", "inside its backward")):
+        s = read_run(shared_two["dir"][run])[0]
+        assert s["gradient_noise_scale"] is None and s["pollux_goodput"] is None
+        assert why in s["noise_scale_reason"], (run, s["noise_scale_reason"])

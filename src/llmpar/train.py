@@ -28,6 +28,7 @@ from llmpar.data.loader import TokenData
 from llmpar.errors import ExpectedFailure
 from llmpar.io import read_appended_jsonl, write_json, write_jsonl
 from llmpar.metrics import definitions as D
+from llmpar.metrics import noise_scale
 from llmpar.metrics.env import environment
 from llmpar.metrics.probe import LayerProbe, compiled_graphs
 from llmpar.metrics.recorder import Recorder
@@ -137,6 +138,7 @@ def run(run_cfg: dict, tokens_dir: str | Path, out_dir: str | Path, t0: float | 
         return _micro_batches(x, y, spec.micro_batches, ctx.device, pin)
 
     steps, evals, first_update = [], [], None
+    local_sq: dict[int, torch.Tensor] = {}  # step -> this replica's squared gradient norm (noise scale)
     bad, status, message = 0, "ok", ""
     fault = spec.fault or {}
     def flush() -> list[dict]:
@@ -173,6 +175,8 @@ def run(run_cfg: dict, tokens_dir: str | Path, out_dir: str | Path, t0: float | 
         if fault.get("kind") == "nan" and step >= fault.get("at_step", 1):
             loss = loss * float("nan")
         rec.step_done(step, loss, engine.lr(), engine.grad_norm())
+        if engine.local_grad_sq() is not None:
+            local_sq[step] = engine.local_grad_sq()  # resolved once, after the last step (no per-step sync)
         if step == 1:  # host copies, outside the step's time (as an evaluation is)
             first_update = first.norms(model, ctx.device)
             if ctx.is_main:
@@ -230,10 +234,11 @@ def run(run_cfg: dict, tokens_dir: str | Path, out_dir: str | Path, t0: float | 
         # and the decoder layers' passes in the second step of this attempt (None: compiled or no metrics)
         "compiled_graphs": compiled_graphs() - graphs_before,
         "layer_probe": None if probe is None else probe.result(),
+        "local_grad_sq": {s: float(v) for s, v in local_sq.items()},
     })
     if ctx.is_main:
         write_outputs(out, run_cfg, spec, ctx, data, prior, steps, evals, first_update, per_rank, status, message,
-                      t0, offset, config_hash)
+                      t0, offset, config_hash, engine)
     dist.barrier()
     if status == "ok" and tc["delete_checkpoints_on_success"]:
         ckpts.delete_all()
@@ -242,7 +247,7 @@ def run(run_cfg: dict, tokens_dir: str | Path, out_dir: str | Path, t0: float | 
 
 
 def write_outputs(out, run_cfg, spec, ctx, data, prior, steps, evals, first_update, per_rank, status, message, t0,
-                  offset, config_hash):
+                  offset, config_hash, engine):
     tc, mc = run_cfg["train"], run_cfg["model"]
     prior_steps = [{k: v for k, v in r.items() if k != "kind"} for r in prior if r.get("kind") == "step"]
     prior_evals = [{k: v for k, v in r.items() if k != "kind"} for r in prior if r.get("kind") == "eval"]
@@ -286,8 +291,8 @@ def write_outputs(out, run_cfg, spec, ctx, data, prior, steps, evals, first_upda
         "finished_at": time.time(),
         **tput,
         "goodput_steps_per_s": D.goodput(len(all_steps), wall),
-        "pollux_goodput": None,
-        "pollux_goodput_reason": "gradient noise scale not estimated",
+        **noise_scale.summarize(all_steps, [r["local_grad_sq"] for r in per_rank], tc["global_batch"],
+                                engine.dp_size, warm, tput.get("tokens_per_s"), engine.noise_scale_reason),
         "final_loss": all_steps[-1]["loss"] if all_steps else None,
         "final_val_loss": all_evals[-1]["val_loss"] if all_evals else None,
         "final_val_ppl": all_evals[-1]["val_ppl"] if all_evals else None,

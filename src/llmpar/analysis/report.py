@@ -92,7 +92,8 @@ def seed_comparison(metrics) -> str:
             f"<table>{head}{''.join(rows)}</table>")
 FULL_TABLE = ["run", "strategy", "engine", "nodes", "gpus_per_node", "tp", "stages", "dp", "micro_batches",
               "schedule", "zero_stage", "precision", "status", "wall_time_s", "tokens_per_s",
-              "tokens_per_s_overall", "tokens_per_s_per_gpu", "goodput_steps_per_s", "peak_mem_gib",
+              "tokens_per_s_overall", "tokens_per_s_per_gpu", "goodput_steps_per_s", "gradient_noise_scale",
+              "gradient_noise_scale_se", "pollux_efficiency", "pollux_goodput", "peak_mem_gib",
               "memory_kind", "final_val_loss", "tokens_to_target", "seconds_to_target", "mfu", "util_mean_pct",
               "forward_share", "backward_share", "optimizer_share", "bubble_theoretical", "bubble_measured", "attempts",
               "redone_steps", "message"]

@@ -32,8 +32,23 @@ DEFINITIONS: dict[str, str] = {
     "tokens_per_s_per_gpu": "tokens_per_s divided by the number of processes (GPUs, or CPU processes).",
     "goodput_steps_per_s": "Goodput (system): applied optimizer steps per second of total wall time. A "
     "step that was skipped, overflowed or re-done after a restart does not count; the time it took does.",
-    "pollux_goodput": "Pollux goodput = throughput × statistical efficiency (Qiao et al., OSDI 2021). "
-    "Needs the gradient noise scale, which these runs do not estimate: reported as not estimated.",
+    "gradient_noise_scale": "Simple gradient noise scale B_simple = tr(Σ)/|G|² in sequences (McCandlish et al. "
+    "2018, App. A.1), measured at no extra passes from two batch sizes every data-parallel step has: each "
+    "replica's own gradient over its global_batch/dp sequences before the average (squared norm, mean over "
+    "replicas) and the averaged gradient over global_batch (its norm before clipping). The per-step unbiased "
+    "estimates of |G|² and tr(Σ) are smoothed by separate exponential moving averages (decay 0.95, "
+    "bias-corrected) and the value is their ratio at the run's last step: a ratio of averages, biased for few "
+    "steps (of order var/mean² of the |G|² average) but consistent. gradient_noise_scale_mean ± "
+    "gradient_noise_scale_se: mean tr(Σ) / mean |G|² over the steady steps, standard error by the delta "
+    "method over the per-step estimates (the uncertainty to compare runs with). Empty with noise_scale_reason "
+    "where the layout cannot measure it: one replica; engines that reduce inside backward (FSDP2, DeepSpeed); "
+    "train.grad_clip 0 (no norm computed). Steps of an earlier attempt of a resumed run do not count.",
+    "pollux_efficiency": "Pollux statistical efficiency E(M) = (B_noise + M0) / (B_noise + M) (Qiao et al., OSDI "
+    "2021) with B_noise = gradient_noise_scale, M the global batch and the reference M0 one replica's batch "
+    "(global_batch / dp): the progress per sequence of the data-parallel step relative to one replica "
+    "training alone on its slice.",
+    "pollux_goodput": "Pollux goodput = tokens_per_s × pollux_efficiency (Qiao et al., OSDI 2021): tokens per "
+    "second weighted by how much each still helps; empty with the noise scale's reason where it is empty.",
     "tokens_to_target": "Statistical efficiency: trained tokens at the first validation whose loss is at "
     "or below `train.target_loss` (no interpolation); 'not reached' when none is.",
     "seconds_to_target": "Wall seconds (elapsed_s) at that same first validation at or below the target.",

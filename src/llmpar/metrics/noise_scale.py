@@ -88,3 +88,45 @@ def ratio_with_error(samples: list[tuple[float, float]]) -> tuple[float, float] 
 def pollux_efficiency(noise_scale: float, batch: float, reference_batch: float) -> float:
     """E(M) = (B_noise + M0) / (B_noise + M): progress per sample at batch M relative to batch M0."""
     return (noise_scale + reference_batch) / (noise_scale + batch)
+
+
+def summarize(steps: list[dict], local_sq: list[dict[int, float]], global_batch: int, dp: int, warmup: int,
+              tokens_per_s: float | None, reason: str | None, decay: float = 0.95) -> dict:
+    """The run's noise-scale fields from its step rows (``grad_norm``: the averaged gradient's norm before
+    clipping, batch ``global_batch``) and each rank's {step: squared norm of its replica's own gradient}
+    (batch ``global_batch / dp``; the ranks of one replica hold the same value, so the mean over ranks
+    is the mean over replicas). Batches in sequences. ``reason``: why the engine measures nothing."""
+    fields = {"gradient_noise_scale": None, "gradient_noise_scale_mean": None, "gradient_noise_scale_se": None,
+              "pollux_efficiency": None, "pollux_goodput": None, "noise_scale_reason": None}
+    if dp < 2:
+        reason = "one data-parallel replica: one batch size, nothing to compare"
+    elif not any(r.get("grad_norm") is not None for r in steps):
+        reason = "needs the gradient norm before clipping, which runs with train.grad_clip 0 do not compute"
+    elif not local_sq or not all(local_sq):
+        reason = reason or "no replica gradient norms recorded"
+    else:
+        reason = None
+    if reason:
+        fields["noise_scale_reason"] = reason
+        return fields | {"pollux_goodput_reason": reason}
+    small = global_batch // dp
+    est = NoiseScale(decay)
+    steady = []
+    for r in steps:
+        if r.get("grad_norm") is None or any(r["step"] not in ranks for ranks in local_sq):
+            continue  # steps of an earlier attempt: their replica norms died with it
+        small_sq = sum(ranks[r["step"]] for ranks in local_sq) / len(local_sq)
+        est.update(small_sq, r["grad_norm"] ** 2, small, global_batch)
+        if r["step"] > warmup:
+            steady.append(est.samples[-1])
+    fields["gradient_noise_scale"] = est.value
+    mean = ratio_with_error(steady)
+    if mean is not None:
+        fields["gradient_noise_scale_mean"], fields["gradient_noise_scale_se"] = mean
+    if est.value is None:
+        fields["noise_scale_reason"] = "the averaged |G|^2 estimate is not positive yet (too few or too noisy steps)"
+        return fields | {"pollux_goodput_reason": fields["noise_scale_reason"]}
+    fields["pollux_efficiency"] = pollux_efficiency(est.value, global_batch, small)
+    if tokens_per_s:
+        fields["pollux_goodput"] = tokens_per_s * fields["pollux_efficiency"]
+    return fields | {"pollux_goodput_reason": None}

@@ -182,6 +182,10 @@ class Engine:
     captured_state_bytes: dict[str, int] | None = None
     _capture_armed: bool = False
     _grad_norm: torch.Tensor | None = None
+    _local_grad_sq: torch.Tensor | None = None
+    # why local_grad_sq is None for this engine (see llmpar.metrics.noise_scale)
+    noise_scale_reason = ("the engine reduces gradients inside its backward pass: no replica's own gradient "
+                          "is visible before the reduction")
 
     def arm_state_capture(self) -> None:
         self._capture_armed = True
@@ -227,6 +231,11 @@ class Engine:
 
     def grad_norm(self) -> torch.Tensor | None:
         return self._grad_norm
+
+    def local_grad_sq(self) -> torch.Tensor | None:
+        """The last step's squared norm of this rank's data-parallel replica's gradient before it was
+        averaged with the other replicas (0-d tensor, no host sync), or None (``noise_scale_reason``)."""
+        return self._local_grad_sq
 
     def _reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         """The mean of ``t`` over the data-parallel group (the loss each replica computed on its slice)."""

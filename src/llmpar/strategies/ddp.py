@@ -1,18 +1,46 @@
 """Data parallel: PyTorch DistributedDataParallel, every rank a full replica on its slice of the batch.
 
 Gradients are averaged by DDP's bucketed all-reduce, overlapped with the backward pass; with several
-micro-batches per step, the all-reduce runs only on the last one (``no_sync``).
+micro-batches per step, the all-reduce runs only on the last one (``no_sync``). The all-reduce goes
+through a communication hook that first adds each bucket's squared norm: the squared norm of this
+replica's own gradient before averaging, the small-batch half of the gradient noise scale
+(:mod:`llmpar.metrics.noise_scale`). The hook then does exactly what DDP does without one (divide by
+the world size, all-reduce).
 """
 
 from __future__ import annotations
 
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from llmpar.strategies.base import TorchEngine, prepare_model
+
+
+class LocalNorm:
+    """The hook's state: this step's squared norm of the replica's gradient, summed over the buckets."""
+
+    def __init__(self):
+        self.sq = None
+
+    def hook(self, _state, bucket):
+        sq = bucket.buffer().float().square().sum()
+        self.sq = sq if self.sq is None else self.sq + sq
+        return allreduce_hook(None, bucket)
+
+
+class DDPEngine(TorchEngine):
+    def __init__(self, ddp: DDP, *args, **kwargs):
+        super().__init__(ddp, *args, no_sync=ddp.no_sync, **kwargs)
+        self.local_norm = LocalNorm()
+        ddp.register_comm_hook(None, self.local_norm.hook)
+
+    def sync_grads(self) -> None:
+        # DDP averaged the gradients inside backward; keep what the hook saw before, for the next step clear it
+        self._local_grad_sq, self.local_norm.sq = self.local_norm.sq, None
 
 
 def parallelize(model, spec, ctx, train_cfg) -> TorchEngine:
     model = prepare_model(model, spec)
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     ddp = DDP(model, device_ids=device_ids, gradient_as_bucket_view=True)
-    return TorchEngine(ddp, spec, ctx, train_cfg, dp_rank=ctx.rank, dp_size=ctx.world_size, no_sync=ddp.no_sync)
+    return DDPEngine(ddp, spec, ctx, train_cfg, dp_rank=ctx.rank, dp_size=ctx.world_size)

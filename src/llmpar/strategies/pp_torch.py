@@ -52,7 +52,7 @@ from torch.distributed.pipelining import (
 from llmpar.errors import ConfigError
 from llmpar.model import balanced_split, decoder_layer_kwargs
 from llmpar.strategies.base import TorchEngine, autocast, cross_entropy_for, decoder_layers, prepare_model
-from llmpar.strategies.torch_common import allreduce_grads_, clip_grad_norm_
+from llmpar.strategies.torch_common import allreduce_grads_, clip_grad_norm_, total_grad_norm
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
 
@@ -206,7 +206,10 @@ class PipelineEngine(TorchEngine):
         return self._global_mean(losses)
 
     def sync_grads(self) -> None:
-        allreduce_grads_(list(self.model.parameters()), self.dp_group, self.dp_size)
+        params = list(self.model.parameters())
+        if self.dp_size > 1:  # this pipeline's own gradient (all stages), before the average (noise scale)
+            self._local_grad_sq = total_grad_norm(params, self.pp_group).square()
+        allreduce_grads_(params, self.dp_group, self.dp_size)
         self.timer.stop("grad_sync")
 
     def clip_grads(self, params):

@@ -114,7 +114,10 @@ class MeshEngine(TorchEngine):
         self.grad_sync_group, self.grad_sync_size = grad_sync_group, grad_sync_size
 
     def sync_grads(self) -> None:
-        allreduce_grads_(list(self.model.parameters()), self.grad_sync_group, self.grad_sync_size)
+        params = list(self.model.parameters())
+        if self.grad_sync_size > 1:  # a plain replica: its own gradient, before the average (noise scale)
+            self._local_grad_sq = total_grad_norm(params).square()
+        allreduce_grads_(params, self.grad_sync_group, self.grad_sync_size)
         self.timer.stop("backward")  # the gradient all-reduce is part of backward (as inside DDP)
 
     def clip_grads(self, params):
