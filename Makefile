@@ -42,7 +42,7 @@ test-slurm: setup
 	$(BIN)/python -m pytest -q -rA -m slurm tests/slurm
 
 # Every strategy and engine on 2 CUDA GPUs against `single` (tests/gpu, marker gpu; one launch per process
-# layout, ~10 minutes on 2 x H100). GPU_PYTHON is a Python whose torch has CUDA (the venv's is the CPU
+# layout, 7 minutes on 2 x H100). GPU_PYTHON is a Python whose torch has CUDA (the venv's is the CPU
 # build): e.g. `make test-gpu GPU_PYTHON=python3` on the lent GPU image (benchmarks/device_test_gpu.sh).
 GPU_PYTHON ?= $(BIN)/python
 test-gpu:
