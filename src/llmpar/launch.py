@@ -141,8 +141,6 @@ def check_fits(rc: dict, vocab_size: int, local_procs: int) -> None:
     starts: the plan's predicted peak of the fullest rank (``llmpar.plan``) against 90 % of one GPU's
     memory, or on CPU the predicted bytes of all local processes against 90 % of the available host
     memory (the plan's CPU figure counts tensors only: no allocator or interpreter overhead)."""
-    import psutil
-
     from llmpar import plan
 
     run, tc = rc["run"], rc["train"]
@@ -164,6 +162,8 @@ def check_fits(rc: dict, vocab_size: int, local_procs: int) -> None:
         need, avail = pred["peak_gib"], total / gib
         what = f"{name} memory per device"
     else:
+        import psutil  # only here: the CPU check needs it, a GPU image need not have it
+
         pred = plan.predict(rc["model"], vocab_size, run, {**tc, "device": "cpu"}, None)
         need, avail = pred["peak_gib"] * local_procs, psutil.virtual_memory().available / gib
         what = f"available host memory for {local_procs} processes"
