@@ -89,8 +89,3 @@ def kill_when_stalled(proc: subprocess.Popen, run_dir: Path, checkpoint_step: in
     raise AssertionError(f"{run_dir.name} never stalled after checkpoint {checkpoint_step} (exit {code}):\n"
                          f"{log.read_text()[-6000:] if log.is_file() else '(no log)'}")
 
-
-def read_run(out: Path) -> tuple[dict, list[dict]]:
-    summary = json.loads((out / "summary.json").read_text())
-    steps = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
-    return summary, steps

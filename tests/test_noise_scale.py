@@ -60,7 +60,7 @@ def test_runs_measure_the_same_noise_scale_on_different_engines(shared_two, shar
     stages) measure the same training's noise scale at the same two batch sizes (4 and 8 sequences):
     within their stated uncertainty of each other. One replica (TP) and engines that reduce inside
     backward (FSDP2, DeepSpeed ZeRO) say why they measure nothing."""
-    from launches import read_run
+    from conftest import read_run
 
     ddp = read_run(shared_two["dir"]["ddp_ref"])[0]
     hybrid = read_run(shared_four["dir"]["pp_dp_hybrid_ref"])[0]

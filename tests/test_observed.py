@@ -6,8 +6,7 @@ each also trains the same model as ``single`` where its numerics allow.
 """
 
 import pytest
-from conftest import assert_same_steps
-from launches import read_run
+from conftest import assert_same_steps, read_run
 
 from llmpar.config import MODEL_SIZES
 

@@ -11,7 +11,7 @@ give the uninterrupted run's losses bit for bit (CPU, fp32, deterministic reduct
 """
 
 import pytest
-from launches import read_run
+from conftest import read_run
 from shared_study import CHECKPOINT_STEP, LAYOUTS, STALL_STEP
 
 pytestmark = pytest.mark.slow

@@ -175,8 +175,9 @@ def run(run_cfg: dict, tokens_dir: str | Path, out_dir: str | Path, t0: float | 
         if fault.get("kind") == "nan" and step >= fault.get("at_step", 1):
             loss = loss * float("nan")
         rec.step_done(step, loss, engine.lr(), engine.grad_norm())
-        if engine.local_grad_sq() is not None:
-            local_sq[step] = engine.local_grad_sq()  # resolved once, after the last step (no per-step sync)
+        replica_sq = engine.local_grad_sq()
+        if replica_sq is not None:
+            local_sq[step] = replica_sq  # resolved once, after the last step (no per-step sync)
         if step == 1:  # host copies, outside the step's time (as an evaluation is)
             first_update = first.norms(model, ctx.device)
             if ctx.is_main:

@@ -12,7 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import read_run
+
 from llmpar.config import load_yaml, model_dims, prepare, run_config
+from llmpar.plan import engine_of
 
 REPO = Path(__file__).resolve().parents[2]
 GPU_PRESET = REPO / "configs" / "gpu2-1b.yaml"
@@ -106,12 +109,6 @@ def launch_batch(jobs: list[tuple[dict, Path]], tokens: Path, workdir: Path, tim
     return log
 
 
-def read_run(out: Path) -> tuple[dict, list[dict]]:
-    summary = json.loads((out / "summary.json").read_text())
-    steps = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
-    return summary, steps
-
-
 def train_all(tokens: Path, root: Path) -> dict[str, dict[str, tuple[dict, list[dict]] | str]]:
     """Every run of the equivalence study in fp32 and in bf16, then every run of the 1.1B preset for 3
     steps: {"fp32" | "bf16" | "1b": {run: (summary, steps)}}. A run that left no summary maps to the
@@ -129,7 +126,7 @@ def train_all(tokens: Path, root: Path) -> dict[str, dict[str, tuple[dict, list[
                 layouts.setdefault((rc["run"]["nodes"], rc["run"]["gpus_per_node"]), []).append((precision, name, rc))
     preset = preset_1b(steps=3)
     # DeepSpeed's 1.1B runs after the torch ones: the order in which each was seen to fit an 80 GB card
-    for name in sorted(preset["runs"], key=lambda n: deepspeed_engine(preset["runs"][n])):
+    for name in sorted(preset["runs"], key=lambda n: engine_of(preset["runs"][n]) == "deepspeed"):
         rc = run_config(preset, name)
         layouts.setdefault((rc["run"]["nodes"], rc["run"]["gpus_per_node"]), []).append(("1b", name, rc))
     results: dict[str, dict] = {g: {} for g in (*STEPS, "1b")}
@@ -143,11 +140,6 @@ def train_all(tokens: Path, root: Path) -> dict[str, dict[str, tuple[dict, list[
             out = root / group / name
             results[group][name] = read_run(out) if (out / "summary.json").exists() else error or "no summary"
     return results
-
-
-def deepspeed_engine(spec: dict) -> bool:
-    return (spec["strategy"] == "zero" or spec["strategy"] == "tensor_parallel" and spec["tp_engine"] == "deepspeed"
-            or spec["strategy"] in ("pipeline_parallel", "hybrid_parallel") and spec["pp_engine"] == "deepspeed")
 
 
 def result(results: dict, name: str) -> tuple[dict, list[dict]]:

@@ -10,6 +10,7 @@ the world size, all-reduce).
 
 from __future__ import annotations
 
+import torch
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -23,7 +24,7 @@ class LocalNorm:
         self.sq = None
 
     def hook(self, _state, bucket):
-        sq = bucket.buffer().float().square().sum()
+        sq = torch.linalg.vector_norm(bucket.buffer(), dtype=torch.float32).square()  # no bucket-sized temporary
         self.sq = sq if self.sq is None else self.sq + sq
         return allreduce_hook(None, bucket)
 

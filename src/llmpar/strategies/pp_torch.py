@@ -146,7 +146,6 @@ class PipelineEngine(TorchEngine):
         self.pp_group = mesh["pp"].get_group()
         # the loss is contributed once: by the last stage's first tp rank
         self.loss_source = has_last and mesh.get_local_rank("tp") == 0
-        self.timing = False  # true while train_step runs the schedule (evaluation is not timed)
         if self.timer.enabled:
             self._time_stage_calls()
 
@@ -160,7 +159,7 @@ class PipelineEngine(TorchEngine):
                 original = getattr(stage, method)
 
                 def timed(*args, _original=original, _phase=phase, **kwargs):
-                    if not self.timing:
+                    if self.loss.timer is None:  # evaluation, or timing off: not timed
                         return _original(*args, **kwargs)
                     self.timer.start()
                     out = _original(*args, **kwargs)
@@ -194,11 +193,11 @@ class PipelineEngine(TorchEngine):
         x = torch.cat([mb[0] for mb in micro_batches])
         y = torch.cat([mb[1] for mb in micro_batches])
         t0 = self.timer.mark()
-        self.timing, self.loss.timer = self.timer.enabled, self.timer if self.timer.enabled else None
+        self.loss.timer = self.timer if self.timer.enabled else None  # set only while the schedule trains
         try:
             losses = self._run(self.schedule.step, x, y)
         finally:
-            self.timing, self.loss.timer = False, None
+            self.loss.timer = None
         self.timer.span("schedule", t0)
         self.timer.start()
         self.sync_grads()
