@@ -8,6 +8,7 @@ another, so process, CUDA and NCCL start-up is paid once per layout instead of o
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -116,17 +117,23 @@ def train_all(tokens: Path, root: Path) -> dict[str, dict[str, tuple[dict, list[
 
     Three launches, one per process layout: one GPU (single), two GPUs on one node (every other run)
     and two local nodes of one GPU each (the hybrids). In each the small equivalence runs go first and
-    the 1.1B runs after them, so start-up (processes, CUDA, NCCL) is paid three times for the suite."""
+    the 1.1B runs after them, so start-up (processes, CUDA, NCCL) is paid three times for the suite.
+
+    ``GPU_SUITE_RUNS=fsdp,ddp`` (a development aid, to re-check engines without the whole suite) trains
+    ``single`` and the named equivalence runs only, no 1.1B run; select their tests with ``-k``."""
+    only = [n for n in os.environ.get("GPU_SUITE_RUNS", "").split(",") if n]
     groups = {p: study_config(p) for p in STEPS}
     layouts: dict[tuple, list] = {}
     for runs in LAUNCHES.values():
         for precision in STEPS:
             for name in runs:
+                if only and name not in ("single", *only):
+                    continue
                 rc = run_config(groups[precision], name)
                 layouts.setdefault((rc["run"]["nodes"], rc["run"]["gpus_per_node"]), []).append((precision, name, rc))
     preset = preset_1b(steps=3)
     # DeepSpeed's 1.1B runs after the torch ones: the order in which each was seen to fit an 80 GB card
-    for name in sorted(preset["runs"], key=lambda n: engine_of(preset["runs"][n]) == "deepspeed"):
+    for name in sorted(preset["runs"] if not only else [], key=lambda n: engine_of(preset["runs"][n]) == "deepspeed"):
         rc = run_config(preset, name)
         layouts.setdefault((rc["run"]["nodes"], rc["run"]["gpus_per_node"]), []).append(("1b", name, rc))
     results: dict[str, dict] = {g: {} for g in (*STEPS, "1b")}

@@ -15,6 +15,9 @@ lever would change.
     the order of its passes: ``F`` a forward, ``R`` a forward recomputed inside backward (activation
     checkpointing), ``B`` the gradient reaching its output (its backward starts). A pipeline
     schedule shows here: GPipe runs every micro-batch's forward before any backward, 1F1B alternates.
+  - ``input_dtype``: the dtype of the hidden states entering that layer (its first forward): the
+    residual stream's precision. bf16 autocast keeps it fp32 in every engine (FSDP2 included, whose
+    usual policy would cast it to bf16); ``bf16-pure`` carries it in bf16.
   - ``params_at_backward``: elements of that layer's parameters this rank holds when the step's
     first backward reaches a decoder layer, i.e. between forward and backward: FSDP with
     ``reshard_after_forward`` is back to its shard, without it the whole layer stays gathered.
@@ -52,13 +55,14 @@ class LayerProbe:
         self.forwards = 0
         self.passes: dict[int, list[str]] = {}
         self.params_at_backward: int | None = None
+        self.input_dtype: dict[int, str] = {}
 
     @contextlib.contextmanager
     def watch(self):
         """Record the layers' passes while the block runs (one training step)."""
         handles = []
         for i, layer in enumerate(self.layers):
-            handles.append(layer.register_forward_pre_hook(self._before_forward(i)))
+            handles.append(layer.register_forward_pre_hook(self._before_forward(i), with_kwargs=True))
             handles.append(layer.register_forward_hook(self._after_forward(i)))
         try:
             yield
@@ -69,9 +73,12 @@ class LayerProbe:
     def _before_forward(self, index: int):
         # a pre-hook: a recomputation may stop as soon as it has what backward needs, before the
         # layer's post-forward hooks
-        def hook(_module, _args):
+        def hook(_module, args, kwargs):
             self.forwards += 1
             self.passes.setdefault(index, []).append("R" if _in_backward() else "F")
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            if isinstance(hidden, torch.Tensor):
+                self.input_dtype.setdefault(index, str(hidden.dtype).removeprefix("torch."))
 
         return hook
 
@@ -93,4 +100,4 @@ class LayerProbe:
             return None
         first = min(self.passes)
         return {"forwards": self.forwards, "layer": first, "passes": "".join(self.passes[first]),
-                "params_at_backward": self.params_at_backward}
+                "params_at_backward": self.params_at_backward, "input_dtype": self.input_dtype.get(first)}
