@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Predict each run of a study (peak memory per rank, step time, tokens/s, MFU) on a card, and compare
-with the recorded runs under results/<study>/runs/ where they exist.
+with the recorded runs under results/<study>/runs/ where they exist; runs not yet recorded are listed
+with their predictions (and whether they fit the card).
 
     python scripts/plan.py --config configs/h200-1b.yaml   # on its train.card; table + results/h200-1b/plan.csv
     python scripts/plan.py --config configs/gpu2-1b.yaml --gpu h200   # another card than the study's

@@ -11,7 +11,7 @@ from llmpar import launch, plan
 from llmpar.config import REPO_ROOT, ConfigError, load_yaml, prepare, run_config
 from llmpar.errors import ExpectedFailure
 
-STUDIES = [("configs/h200-1b.yaml", "h200"), ("configs/gpu2-1b.yaml", "h100")]
+STUDIES = [("configs/h200-1b.yaml", "h200"), ("configs/gpu2-1b.yaml", "h100"), ("configs/gpu4-1b.yaml", "h100")]
 H100_80GB = ("NVIDIA H100 80GB HBM3", 81559 * 2**20)  # nvidia-smi on the lent H100s (KINDS.md)
 
 
@@ -123,3 +123,18 @@ def test_cpu_prediction_needs_no_card():
     rc = run_config(cfg, "ddp")
     pred = plan.predict(rc["model"], 512, rc["run"], rc["train"], None)
     assert 0 < pred["peak_gib"] < 0.1 and "step_s" not in pred
+
+
+def test_plan_script_predicts_runs_not_yet_recorded(tmp_path):
+    """Before anything ran (a study with no runs under results/), every run is predicted on the card, and
+    one predicted beyond the card's memory says it does not fit."""
+    raw = load_yaml(REPO_ROOT / "configs/gpu4-1b.yaml")
+    raw["study"] = "not-run-yet"
+    raw["runs"]["ddp-mb8x2"] = {"strategy": "data_parallel", "gpus_per_node": 2, "micro_batch_size": 16}
+    config = tmp_path / "study.yaml"
+    config.write_text(json.dumps(raw))
+    text = plan.plan_study(str(config), out=str(tmp_path / "plan.csv"))
+    assert "no ok run recorded" in text and not (tmp_path / "plan.csv").exists()
+    table = {line.split()[0]: line.split() for line in text.splitlines()[2:]}
+    assert set(table) == set(raw["runs"])
+    assert table["ddp-mb8x2"][2] == "no" and table["fsdp"][2] == "yes"  # DDP at 16 overflowed 80 GB
