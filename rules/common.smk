@@ -4,6 +4,7 @@ import os
 import shlex
 from pathlib import Path
 
+from llmpar.analysis.figure_list import study_figures
 from llmpar.config import prepare, run_config
 from llmpar.data.corpus import check_source
 from llmpar.errors import UserError
@@ -28,14 +29,7 @@ ENV = "../envs/llmpar.yaml"
 SWEEPS = any(
     isinstance(v, list) for entry in config["runs"].values() for v in entry.values()
 )
-FIGURE_NAMES = [
-    "throughput",
-    "memory",
-    "memory_breakdown",
-    "loss_vs_time",
-    "loss_vs_tokens",
-    "resources_over_time",
-] + (["scaling"] if SWEEPS else [])
+FIGURE_NAMES = study_figures(SWEEPS)
 # The card the study is planned for: with one, the plan step compares predictions with the recorded runs
 # and extrapolates; without (the CPU study) the report says the plan is not calibrated for CPU.
 CARD = CFG["train"].get("card")

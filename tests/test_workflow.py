@@ -9,8 +9,10 @@ from conftest import BASE_CONFIG
 from workflow_util import planned_jobs, snakemake, write_config
 
 from llmpar.analysis.aggregate import read_table
+from llmpar.analysis.figure_list import FIGURES, PLAN_FIGURE, study_figures
 from llmpar.analysis.figures import make_figures
 from llmpar.analysis.report import _fmt
+from llmpar.config import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -19,8 +21,18 @@ STUDY["runs"] = {
     "single": {"strategy": "single"},
     "ddp": {"strategy": "data_parallel", "gpus_per_node": 2},
 }
-# the figures of a study without sweeps (rules/common.smk: FIGURE_NAMES)
-STUDY_FIGURES = ["throughput", "memory", "memory_breakdown", "loss_vs_time", "loss_vs_tokens", "resources_over_time"]
+# the figures of a study without sweeps (the workflow's FIGURE_NAMES)
+STUDY_FIGURES = study_figures(sweeps=False)
+
+
+def test_every_figure_is_named_once_with_a_caption():
+    """One list names the figures: a study without sweeps draws six, a sweep adds scaling, the plan draws
+    its own; every one has a caption file for the report."""
+    assert len(STUDY_FIGURES) == 6 and "scaling" not in STUDY_FIGURES
+    assert study_figures(sweeps=True) == [*STUDY_FIGURES, "scaling"]
+    assert set(FIGURES) == {*study_figures(sweeps=True), PLAN_FIGURE}
+    captions = REPO_ROOT / "report" / "captions"
+    assert all((captions / f"{name}.rst").is_file() for name in FIGURES)
 
 
 @pytest.fixture(scope="module")

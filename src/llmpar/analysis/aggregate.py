@@ -13,6 +13,7 @@ import pandas as pd
 
 from llmpar.errors import UserError
 from llmpar.io import atomic_path
+from llmpar.plan import engine_of
 
 STATUSES = ("ok", "oom", "diverged", "invalid")
 REQUIRED_OK = ("run", "status", "strategy", "world_size", "wall_time_s", "tokens_per_s", "peak_mem_gib",
@@ -76,17 +77,7 @@ def metrics_row(s: dict) -> dict:
         vals = [st.get(key) for st in states if st.get(key) is not None]
         return max(vals) / gib if vals else None
 
-    engine = None
-    if s["strategy"] == "tensor_parallel" or (s["strategy"] == "fsdp" and spec.get("tp", 1) > 1):
-        engine = spec.get("tp_engine")
-    elif s["strategy"] in ("pipeline_parallel", "hybrid_parallel") or (
-        s["strategy"] == "zero" and spec.get("stages", 1) > 1
-    ):
-        engine = spec.get("pp_engine")
-    elif s["strategy"] == "zero":
-        engine = "deepspeed"
-    elif s["strategy"] in ("data_parallel", "fsdp", "single"):
-        engine = "torch"
+    engine = engine_of({**spec, "strategy": s["strategy"]}) if spec else None
     breakdown = s.get("time_breakdown") or {}
     return {
         "run": s["run"],

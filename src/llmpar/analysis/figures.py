@@ -12,19 +12,8 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from llmpar.analysis.aggregate import read_table  # noqa: E402
+from llmpar.analysis.figure_list import FIGURES  # noqa: E402
 from llmpar.io import atomic_path  # noqa: E402
-
-# figure name -> one-line title; the captions (report/captions/<name>.rst) say what is plotted and how.
-FIGURES = {
-    "throughput": "Steady-state throughput per run",
-    "memory": "Peak memory per rank per run",
-    "memory_breakdown": "Parameter, gradient and optimizer-state memory per rank",
-    "loss_vs_time": "Training loss against wall time",
-    "loss_vs_tokens": "Training loss against trained tokens",
-    "resources_over_time": "Memory and utilization over time per run",
-    "scaling": "Throughput against process count per strategy",
-    "plan_vs_measured": "Predicted before run against measured, per run",
-}
 
 
 def _save(fig, out_dir: Path, name: str):

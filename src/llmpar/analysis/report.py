@@ -13,7 +13,7 @@ import pandas as pd
 import yaml
 
 from llmpar.analysis.aggregate import RATIO_DEFINITIONS, read_table, study_wall_time
-from llmpar.analysis.figures import FIGURES
+from llmpar.analysis.figure_list import FIGURES
 from llmpar.io import write_text
 from llmpar.metrics.definitions import DEFINITIONS
 
