@@ -8,7 +8,7 @@
 # config's (e.g. h200x2-1b when the 2-GPU call came on H200s) gets a copy of the carried token shards.
 #
 #   probe            first time `single`'s step with flash and with cuDNN attention (fresh compiles,
-#                    inductor caches off) and keep the faster backend for the study (LLMPAR_SDPA)
+#                    inductor caches off) and keep the faster backend for the study (train.attention)
 #   trainer          HF Trainer, eager (its defaults + bf16), same model/batch/sequence/data
 #   trainer-compile  the same with torch_compile=True
 #
@@ -35,17 +35,24 @@ if [[ $OPTS == *" probe "* ]]; then
   TORCHINDUCTOR_FX_GRAPH_CACHE=0 TORCHINDUCTOR_AUTOGRAD_CACHE=0 timeout 200 \
     python3 benchmarks/gpu_probe.py --no-micro --variants flash16,cudnn16 --out $OUT/probe_$PART.jsonl \
     > $OUT/probe_$PART.log 2>&1
-  LLMPAR_SDPA=$(python3 - "$OUT/probe_$PART.jsonl" <<'EOF'
+  ATTENTION=$(python3 - "$OUT/probe_$PART.jsonl" <<'EOF'
 import json, sys
 rows = {r["name"]: r for r in map(json.loads, open(sys.argv[1])) if r.get("kind") == "step"}
 f, c = (rows.get(n, {}).get("tokens_per_s") or 0 for n in ("flash16", "cudnn16"))
 print("flash" if f > c else "cudnn")
 EOF
 )
-  export LLMPAR_SDPA
   grep '"kind": "step"' $OUT/probe_$PART.jsonl | cut -c1-400
+  # the study's config with train.attention set to the faster backend (part of every run's config hash)
+  python3 - "$CONFIG" "$ATTENTION" > /tmp/study_config.yaml <<'EOF'
+import sys, yaml
+cfg = yaml.safe_load(open(sys.argv[1]))
+cfg["train"]["attention"] = sys.argv[2]
+print(yaml.safe_dump(cfg, sort_keys=False))
+EOF
+  CONFIG=/tmp/study_config.yaml
 fi
-echo "attention backend: ${LLMPAR_SDPA:-cudnn (default)}"
+echo "attention backend: $(python3 -c "import yaml, sys; print(yaml.safe_load(open(sys.argv[1]))['train'].get('attention', 'cudnn (default)'))" "$CONFIG")"
 
 targets=()
 for r in $RUNS; do targets+=("$STUDY/runs/$r/summary.json"); done

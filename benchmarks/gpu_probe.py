@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import time
 import types
 
 import torch  # noqa: E402
 
 from llmpar.config import RunSpec  # noqa: E402
-from llmpar.model import build_model, flops_per_token  # noqa: E402
+from llmpar.model import attention_backends, build_model, flops_per_token  # noqa: E402
 
 MODEL = {"size": "1B", "seq_len": 2048, "vocab_size": 32000}
 TOKENIZER_VOCAB = 660
@@ -109,11 +108,9 @@ def attention_bench(out):
 def step_bench(out, name, mbs=8, fused_ce=True, backend=None, compile_mode="layers", steps=6, warm=3):
     from llmpar.strategies.base import TorchEngine, prepare_model
 
-    # Attention backend priority is set by build_model from LLMPAR_SDPA (cudnn | flash | default).
+    # The attention backend order (train.attention: cudnn | flash | default) holds around the steps.
     # Run with TORCHINDUCTOR_FX_GRAPH_CACHE=0 TORCHINDUCTOR_AUTOGRAD_CACHE=0 when comparing backends:
     # the caches' keys do not include the SDPA choice, so a cached graph keeps its first backend.
-    os.environ["LLMPAR_FUSED_CE"] = "1" if fused_ce else "0"
-    os.environ["LLMPAR_SDPA"] = backend or "default"
     torch._dynamo.reset()
     import llmpar.strategies.base as base
 
@@ -131,7 +128,7 @@ def step_bench(out, name, mbs=8, fused_ce=True, backend=None, compile_mode="laye
     model = prepare_model(model, spec)
     if compile_mode == "model":
         model = torch.compile(model)
-    engine = TorchEngine(model, spec, ctx, TRAIN)
+    engine = TorchEngine(model, spec, ctx, {**TRAIN, "fused_loss": fused_ce})
     g = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(4):
@@ -140,30 +137,31 @@ def step_bench(out, name, mbs=8, fused_ce=True, backend=None, compile_mode="laye
         batches.append(list(zip(xs.chunk(m), ys.chunk(m))))
     row = {"kind": "step", "name": name, "mbs": mbs, "m": m, "fused_ce": fused_ce, "backend": backend,
            "compile": compile_mode}
-    try:
-        losses = []
-        for i in range(warm):
-            losses.append(engine.train_step(batches[i % 4]))
-        torch.cuda.synchronize()
-        row["warmup_s"] = time.time() - t0
-        evs = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
-        evs[0].record()
-        for i in range(steps):
-            losses.append(engine.train_step(batches[i % 4]))
-            evs[i + 1].record()
-        torch.cuda.synchronize()
-        if PROFILE:
-            row["profile"] = profile_steps(engine, batches, 2)
-        times = [evs[i].elapsed_time(evs[i + 1]) / 1000 for i in range(steps)]
-        t = sum(times)
-        tps = steps * gb * seq / t
-        fpt = flops_per_token(MODEL, TOKENIZER_VOCAB)
-        row.update(step_s=[round(x, 4) for x in times], tokens_per_s=tps, mfu=tps * fpt / PEAK,
-                   peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30,
-                   peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30,
-                   loss_first=float(losses[0]), loss_last=float(losses[-1]))
-    except Exception as exc:
-        row["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
+    with attention_backends(backend or "default", "cuda"):  # the backend order holds around the steps
+        try:
+            losses = []
+            for i in range(warm):
+                losses.append(engine.train_step(batches[i % 4]))
+            torch.cuda.synchronize()
+            row["warmup_s"] = time.time() - t0
+            evs = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+            evs[0].record()
+            for i in range(steps):
+                losses.append(engine.train_step(batches[i % 4]))
+                evs[i + 1].record()
+            torch.cuda.synchronize()
+            if PROFILE:
+                row["profile"] = profile_steps(engine, batches, 2)
+            times = [evs[i].elapsed_time(evs[i + 1]) / 1000 for i in range(steps)]
+            t = sum(times)
+            tps = steps * gb * seq / t
+            fpt = flops_per_token(MODEL, TOKENIZER_VOCAB)
+            row.update(step_s=[round(x, 4) for x in times], tokens_per_s=tps, mfu=tps * fpt / PEAK,
+                       peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30,
+                       peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30,
+                       loss_first=float(losses[0]), loss_last=float(losses[-1]))
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
     emit(out, row)
     del engine, model, batches
     gc.collect()

@@ -6,8 +6,6 @@ Also the model arithmetic the metrics and the plan (llmpar.plan) need.
 
 from __future__ import annotations
 
-import os
-
 from llmpar.config import model_dims
 from llmpar.errors import ConfigError
 
@@ -52,33 +50,31 @@ def build_model(model_cfg: dict, vocab_size: int, seed: int, device="cpu", attn_
 
     cfg = llama_config(model_cfg, vocab_size)
     cfg._attn_implementation = attn_implementation
-    if torch.device(device).type == "cuda":
-        prefer_attention_backend(os.environ.get("LLMPAR_SDPA", "cudnn"))
     torch.manual_seed(seed)
     with torch.device(device):
         model = LlamaForCausalLM(cfg)
     return model
 
 
-def prefer_attention_backend(name: str) -> None:
-    """SDPA's backend priority on CUDA: ``cudnn`` puts cuDNN's fused attention first (PyTorch's default
-    order is flash, efficient, math, cuDNN: cuDNN is never picked). On an H200, causal attention of
-    the 1.1B shape (B 8, s 2048, 32 query / 4 KV heads, d 64) forward + backward took 1.57 ms with
-    cuDNN and 2.45 ms with flash (benchmarks/gpu_probe.py). Inputs cuDNN refuses fall through to the
-    next backend. ``default`` (= ``flash``) restores PyTorch's order. Set by LLMPAR_SDPA (default cudnn).
-    It matters for eager runs: compiled graphs ran cuDNN's kernels under either order on the H200
-    (benchmarks/device_profile.sh)."""
-    import torch
-    from torch.nn.attention import SDPBackend
+def attention_backends(name: str, device_type: str):
+    """Context in which SDPA on CUDA tries ``name`` first (``train.attention``): ``cudnn`` puts cuDNN's
+    fused attention first (PyTorch's default order is flash, efficient, math, cuDNN: cuDNN is never
+    picked). On an H200, causal attention of the 1.1B shape (B 8, s 2048, 32 query / 4 KV heads, d 64)
+    forward + backward took 1.57 ms with cuDNN and 2.45 ms with flash (benchmarks/gpu_probe.py). Every
+    backend stays enabled: inputs one refuses fall through to the next. ``default`` keeps PyTorch's
+    order. It matters for eager runs: compiled graphs ran cuDNN's kernels under either order on the
+    H200 (benchmarks/device_profile.sh). On CPU nothing changes."""
+    import contextlib
 
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if device_type != "cuda" or name == "default":
+        return contextlib.nullcontext()
+    first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[name]
     default = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH,
                SDPBackend.CUDNN_ATTENTION]
-    if name == "default":
-        order = default
-    else:
-        first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[name]
-        order = [first] + [b for b in default if b != first]
-    torch._C._set_sdp_priority_order([int(b) for b in order] + [int(SDPBackend.OVERRIDEABLE)])
+    return sdpa_kernel([first] + [b for b in default if b != first] + [SDPBackend.OVERRIDEABLE],
+                       set_priority=True)
 
 
 def decoder_layer_kwargs(config, rotary_emb, hidden_states):

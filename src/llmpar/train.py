@@ -34,7 +34,7 @@ from llmpar.metrics.probe import LayerProbe, compiled_graphs
 from llmpar.metrics.recorder import Recorder
 from llmpar.metrics.sampler import Sampler
 from llmpar.metrics.updates import FirstUpdate
-from llmpar.model import build_model, flops_per_token, param_counts
+from llmpar.model import attention_backends, build_model, flops_per_token, param_counts
 from llmpar.strategies import parallelize
 from llmpar.strategies.base import decoder_layers
 
@@ -84,10 +84,14 @@ def run(run_cfg: dict, tokens_dir: str | Path, out_dir: str | Path, t0: float | 
     """Train one run in this process group (created here when there is none; left for the caller to
     destroy, so that a batch of runs shares one launch). ``t0``: when the run's wall clock starts."""
     t0 = float(os.environ.get("LLMPAR_T0", time.time())) if t0 is None else t0
-    spec = RunSpec.from_dict(run_cfg["run"])
+    ctx = distributed.init(run_cfg["train"]["device"])
+    # the attention backend order (train.attention) holds for the whole run, backward passes included
+    with attention_backends(run_cfg["train"]["attention"], ctx.device.type):
+        _train(run_cfg, RunSpec.from_dict(run_cfg["run"]), ctx, tokens_dir, Path(out_dir), t0)
+
+
+def _train(run_cfg: dict, spec: RunSpec, ctx, tokens_dir: str | Path, out: Path, t0: float) -> None:
     tc, mc, seed = run_cfg["train"], run_cfg["model"], run_cfg["seed"]
-    out = Path(out_dir)
-    ctx = distributed.init(tc["device"])
     log(ctx, f"[{spec.name}] strategy={spec.strategy} world={ctx.world_size} tp={spec.tp} stages={spec.stages} "
              f"dp={spec.dp} micro_batches={spec.micro_batches}x{spec.micro_batch_size} device={ctx.device} "
              f"backend={ctx.backend} threads/process={torch.get_num_threads()}")

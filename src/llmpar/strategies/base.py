@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -138,21 +137,19 @@ def _fused_cross_entropy():
     return _FUSED_CE
 
 
-def cross_entropy_for(device: torch.device):
-    """The one loss function of every engine: the compiled cross-entropy on CUDA (``LLMPAR_FUSED_CE``
-    not 0), the eager one elsewhere. ``(logits, labels) -> mean loss``; labels already shifted."""
-    if device.type == "cuda" and os.environ.get("LLMPAR_FUSED_CE", "1") != "0":
-        return _fused_cross_entropy()
-    return _cross_entropy
+def cross_entropy_for(device: torch.device, fused: bool):
+    """The one loss function of every engine: the compiled cross-entropy on CUDA where ``fused``
+    (``train.fused_loss``), the eager one elsewhere. ``(logits, labels) -> mean loss``; labels already
+    shifted."""
+    return _fused_cross_entropy() if device.type == "cuda" and fused else _cross_entropy
 
 
-def causal_lm_loss(model, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of ``model`` (labels are already shifted by the data loader).
-
-    DTensor logits (a TP-sharded lm_head) take the eager function."""
+def causal_lm_loss(model, inputs: torch.Tensor, labels: torch.Tensor, loss_fn=_cross_entropy) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``model`` with ``loss_fn`` (the engine's :func:`cross_entropy_for`;
+    labels are already shifted by the data loader). DTensor logits (a TP-sharded lm_head) take the eager
+    function."""
     logits = model(input_ids=inputs).logits
-    loss_fn = cross_entropy_for(logits.device) if type(logits) is torch.Tensor else _cross_entropy
-    return loss_fn(logits, labels)
+    return (loss_fn if type(logits) is torch.Tensor else _cross_entropy)(logits, labels)
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -338,6 +335,7 @@ class TorchEngine(Engine):
         self.optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], train_cfg)
         self.scheduler = make_scheduler(self.optimizer, train_cfg)
         self.timer = PhaseTimer(ctx.device, enabled=train_cfg.get("metrics", True))
+        self.loss_fn = cross_entropy_for(ctx.device, train_cfg["fused_loss"])
         self.watch_optimizer(self.optimizer)
 
     # -- stepping: the one torch step. Engines differ in how gradients are synchronised (inside backward
@@ -350,7 +348,7 @@ class TorchEngine(Engine):
             with sync_ctx:
                 self.timer.start()
                 with autocast(self.spec.precision, self.ctx.device):
-                    loss = causal_lm_loss(self.model, x, y) / n
+                    loss = causal_lm_loss(self.model, x, y, self.loss_fn) / n
                 self.timer.stop("forward")
                 loss.backward()
                 self.timer.stop("backward")
@@ -382,7 +380,7 @@ class TorchEngine(Engine):
     def eval_loss(self, inputs, labels):
         self.model.eval()
         with autocast(self.spec.precision, self.ctx.device):
-            loss = causal_lm_loss(self.model, inputs, labels).float()
+            loss = causal_lm_loss(self.model, inputs, labels, self.loss_fn).float()
         self.model.train()
         return self._reduce_mean(loss)
 

@@ -46,6 +46,7 @@ from llmpar.strategies.base import (
     apply_activation_checkpointing,
     apply_compile,
     causal_lm_loss,
+    cross_entropy_for,
     make_optimizer,
     make_scheduler,
 )
@@ -329,6 +330,7 @@ class DeepSpeedEngine(Engine):
             raise ConfigError(f"run {spec.name}: DeepSpeed accumulates {engine.gradient_accumulation_steps()} "
                               f"micro-batches, the run asks for {spec.micro_batches}")
         self.timer = PhaseTimer(ctx.device, enabled=train_cfg.get("metrics", True))
+        self.loss_fn = cross_entropy_for(ctx.device, train_cfg["fused_loss"])
         self.watch_optimizer(ds_torch_optimizer(engine))
         keep_clip_norm(engine)
 
@@ -337,7 +339,7 @@ class DeepSpeedEngine(Engine):
         total = torch.zeros((), device=self.ctx.device)
         for x, y in micro_batches:
             self.timer.start()
-            loss = causal_lm_loss(self.engine, x, y)
+            loss = causal_lm_loss(self.engine, x, y, self.loss_fn)
             self.timer.stop("forward")
             self.engine.backward(loss)
             self.timer.stop("backward")
@@ -350,7 +352,7 @@ class DeepSpeedEngine(Engine):
     @torch.no_grad()
     def eval_loss(self, inputs, labels):
         self.engine.eval()
-        loss = causal_lm_loss(self.engine, inputs, labels).float()
+        loss = causal_lm_loss(self.engine, inputs, labels, self.loss_fn).float()
         self.engine.train()
         if self.engine.zero_optimization_stage() == 3:
             # ZeRO-3's inference-mode parameter coordinator leaves the gathered parameters cached after an

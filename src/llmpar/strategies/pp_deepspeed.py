@@ -118,7 +118,7 @@ def parallelize(model, spec, ctx, train_cfg):
     module = PipelineModule(
         layers=layers,
         topology=PipeDataParallelTopology(num_pp=spec.stages, num_dp=spec.dp),
-        loss_fn=cross_entropy_for(ctx.device),  # the loss of every engine
+        loss_fn=cross_entropy_for(ctx.device, train_cfg["fused_loss"]),  # the loss of every engine
         partition_method="parameters",
     )
     # Release the other stages' modules: the loop still references the full HF model.

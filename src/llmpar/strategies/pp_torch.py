@@ -324,7 +324,7 @@ def parallelize(model, spec, ctx, train_cfg) -> PipelineEngine:
     group = mesh["pp"].get_group()
     stages = [PipelineStage(chunk, c, n_chunks, ctx.device, group=group) for chunk, c in zip(chunks, mine)]
 
-    loss = MicroBatchLoss(cross_entropy_for(ctx.device), m)
+    loss = MicroBatchLoss(cross_entropy_for(ctx.device, train_cfg["fused_loss"]), m)
     cls = SCHEDULES[spec.schedule]
     schedule = cls(stages if virtual > 1 else stages[0], m, loss_fn=loss, scale_grads=False)
     return PipelineEngine(holder, chunks, schedule, loss, spec, ctx, train_cfg, mesh=mesh,
