@@ -113,6 +113,25 @@ def test_names_in_the_allowed_alphabet_pass():
     ({"strategy": "data_parallel", "pp_engine": "torch", "gpus_per_node": 2},
      r"runs\.bad\.pp_engine does not apply to strategy data_parallel"),
     ({"strategy": "zero", "tp_engine": "torch", "gpus_per_node": 2}, r"tp_engine does not apply to strategy zero"),
+    # what an engine cannot run: refused here, not after the processes have started
+    ({"strategy": "zero", "zero_stage": 0, "gpus_per_node": 2}, r"runs\.bad\.zero_stage: strategy zero needs"),
+    ({"strategy": "pipeline_parallel", "stages": 2, "schedule": "gpipe", "pp_engine": "deepspeed"},
+     "runs only its 1F1B TrainSchedule, not gpipe"),
+    ({"strategy": "pipeline_parallel", "stages": 2, "schedule": "interleaved_1f1b", "pp_engine": "deepspeed"},
+     "runs only its 1F1B TrainSchedule, not interleaved_1f1b"),
+    ({"strategy": "hybrid_parallel", "stages": 2, "tp": 2, "gpus_per_node": 4, "pp_engine": "deepspeed"},
+     "cannot run AutoTP inside its stages"),
+    ({"strategy": "hybrid_parallel", "stages": 2, "tp": 2, "gpus_per_node": 4, "pp_engine": "torch",
+      "tp_engine": "deepspeed"}, "tensor parallel inside pipeline stages runs on the torch"),
+    ({"strategy": "fsdp", "tp": 2, "gpus_per_node": 2, "tp_engine": "deepspeed"}, "fsdp x tp runs on the torch"),
+    ({"strategy": "pipeline_parallel", "stages": 4, "gpus_per_node": 4, "micro_batches": 2, "pp_engine": "torch"},
+     r"1f1b needs at least as many micro-batches \(2\) as stages \(4\)"),
+    ({"strategy": "data_parallel", "offload": "optimizer", "gpus_per_node": 2},
+     r"runs\.bad\.offload: offload optimizer needs DeepSpeed ZeRO"),
+    ({"strategy": "zero", "zero_stage": 2, "offload": "parameters", "gpus_per_node": 2},
+     "offload parameters needs ZeRO stage 3"),
+    ({"strategy": "tensor_parallel", "tp": 2, "tp_engine": "deepspeed", "precision": "bf16-pure"},
+     "bf16-pure .* requires ZeRO stage 1-3"),
 ])
 def test_semantic_checks_name_the_run_and_the_problem(run, match):
     """The checks a schema cannot express (llmpar.config.resolve_run), each refusing before any job."""

@@ -22,7 +22,6 @@ import torch
 from conftest import assert_matches_single, assert_same_steps, make_config, max_rel_gap, train_batch, train_run
 
 from llmpar.config import model_dims, prepare
-from llmpar.errors import ConfigError
 
 pytestmark = pytest.mark.slow
 
@@ -296,22 +295,10 @@ def _spec(**kw):
     return RunSpec(name="x", **kw)
 
 
-@pytest.mark.parametrize("kw, why", [
-    (dict(strategy="pipeline_parallel", stages=2, schedule="gpipe"), "pp_engine: torch"),
-    (dict(strategy="pipeline_parallel", stages=2, schedule="interleaved_1f1b"), "pp_engine: torch"),
-    (dict(strategy="hybrid_parallel", stages=2, tp=2), "AutoTP"),
-])
-def test_pipeline_rejects_what_deepspeed_lacks(kw, why):
-    from llmpar.strategies import pp_deepspeed
-
-    with pytest.raises(ConfigError, match=why):
-        pp_deepspeed.check_spec(_spec(**kw))
-
-
-def test_bf16_pure_needs_zero():
+def test_bf16_pure_is_deepspeeds_bf16_master_mode():
+    """bf16-pure on ZeRO: DeepSpeed's bf16 weights with bf16 master weights, gradients and optimizer states
+    (what DeepSpeed cannot run, bf16-pure without ZeRO, the config refuses: tests/test_config.py)."""
     from llmpar.strategies import ds_common
 
-    with pytest.raises(ConfigError, match="ZeRO stage"):
-        ds_common.precision_config(_spec(strategy="tensor_parallel", tp=2, precision="bf16-pure"), 0, "AutoTP")
     assert ds_common.precision_config(_spec(strategy="zero", precision="bf16-pure"), 1, "ZeRO-1")["bf16"][
         "bf16_master_weights_and_grads"]

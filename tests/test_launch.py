@@ -8,9 +8,24 @@ import sys
 import pytest
 from conftest import REPO, assert_same_first_update, assert_same_steps, make_config
 
-from llmpar.config import prepare, run_config
+from llmpar.config import load_schema, prepare, run_config
 from llmpar.errors import ExpectedFailure
-from llmpar.launch import local_node_gpus
+from llmpar.launch import cli_run_keys, local_node_gpus, parse_args
+
+
+def test_cli_flags_are_the_schemas_keys():
+    """The train CLI's layout flags, their choices and types come from the config schema: a strategy, engine
+    or schedule added there is a flag here, and a value the schema refuses the CLI refuses too."""
+    run = load_schema()["properties"]["runs"]["additionalProperties"]["properties"]
+    assert set(cli_run_keys()) == set(run) - {"fault", "runtime_min", "reshard_after_forward"}
+    for key, prop in run.items():
+        if "enum" in prop and key in cli_run_keys():
+            assert getattr(parse_args([f"--{key}", prop["enum"][-1]]), key) == prop["enum"][-1]
+            with pytest.raises(SystemExit):
+                parse_args([f"--{key}", "not-a-" + key])
+    a = parse_args(["--strategy", "hybrid_parallel", "--nodes", "2", "--gpus_per_node", "1", "--model_size", "1B",
+                    "--compile", "--lr", "0.001"])
+    assert (a.nodes, a.gpus_per_node, a.model_size, a.compile, a.lr) == (2, 1, "1B", True, 0.001)
 
 
 def test_local_nodes_get_their_own_gpus():

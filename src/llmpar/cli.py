@@ -66,61 +66,38 @@ def _plan_figure(a):
     plan_vs_measured(a.plan, a.out_dir)
 
 
-def main(argv=None) -> int:
+# subcommand -> (function, help, arguments): ``name`` a required path or value, ``name:json`` settings
+# as JSON, ``name:int`` an integer, ``name+`` one or more, ``name?`` optional
+COMMANDS = {
+    "corpus": (_corpus, "build train/val text from the configured source", "data:json seed:int out"),
+    "tokenizer": (_tokenizer, "train a BPE or save a pretrained tokenizer", "tokenizer:json train-txt out"),
+    "tokenize": (_tokenize, "pack token shards", "tokenizer-json corpus-dir out"),
+    "aggregate": (_aggregate, "run summaries -> metrics.csv, steps.csv, evals.csv, samples.csv",
+                  "runs-dir runs+ baseline out-dir"),
+    "figures": (_figures, "tables -> PNG and SVG figures", "metrics steps samples out-dir names+"),
+    "plan": (_plan, "recorded runs -> plan.csv (predicted vs measured) and extrapolation.csv, on the study's "
+             "train.card", "config:json runs-dir plan extrapolation"),
+    "plan-figure": (_plan_figure, "plan.csv -> the predicted-vs-measured figure (PNG and SVG)", "plan out-dir"),
+    "report": (_report, "the self-contained HTML report", "config:json metrics figures-dir captions-dir "
+               "summaries+ names+ plan? extrapolation? plan-figure? out"),
+}
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scripts/study.py")
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("corpus", help="build train/val text from the configured source")
-    s.add_argument("--data", required=True, help="data settings (JSON)")
-    s.add_argument("--seed", type=int, required=True)
-    s.add_argument("--out", required=True)
-    s.set_defaults(fn=_corpus)
-    s = sub.add_parser("tokenizer", help="train a BPE or save a pretrained tokenizer")
-    s.add_argument("--tokenizer", required=True, help="tokenizer settings (JSON)")
-    s.add_argument("--train-txt", required=True)
-    s.add_argument("--out", required=True)
-    s.set_defaults(fn=_tokenizer)
-    s = sub.add_parser("tokenize", help="pack token shards")
-    s.add_argument("--tokenizer-json", required=True)
-    s.add_argument("--corpus-dir", required=True)
-    s.add_argument("--out", required=True)
-    s.set_defaults(fn=_tokenize)
-    s = sub.add_parser("aggregate", help="run summaries -> metrics.csv, steps.csv, evals.csv, samples.csv")
-    s.add_argument("--runs-dir", required=True)
-    s.add_argument("--runs", nargs="+", required=True)
-    s.add_argument("--baseline", required=True)
-    s.add_argument("--out-dir", required=True)
-    s.set_defaults(fn=_aggregate)
-    s = sub.add_parser("figures", help="tables -> PNG and SVG figures")
-    s.add_argument("--metrics", required=True)
-    s.add_argument("--steps", required=True)
-    s.add_argument("--samples", required=True)
-    s.add_argument("--out-dir", required=True)
-    s.add_argument("--names", nargs="+", required=True)
-    s.set_defaults(fn=_figures)
-    s = sub.add_parser("plan", help="recorded runs -> plan.csv (predicted vs measured) and extrapolation.csv, "
-                       "on the study's train.card")
-    s.add_argument("--config", required=True, help="the resolved study config (JSON)")
-    s.add_argument("--runs-dir", required=True)
-    s.add_argument("--plan", required=True, help="plan.csv to write")
-    s.add_argument("--extrapolation", required=True, help="extrapolation.csv to write")
-    s.set_defaults(fn=_plan)
-    s = sub.add_parser("plan-figure", help="plan.csv -> the predicted-vs-measured figure (PNG and SVG)")
-    s.add_argument("--plan", required=True)
-    s.add_argument("--out-dir", required=True)
-    s.set_defaults(fn=_plan_figure)
-    s = sub.add_parser("report", help="the self-contained HTML report")
-    s.add_argument("--config", required=True, help="the resolved study config (JSON)")
-    s.add_argument("--metrics", required=True)
-    s.add_argument("--figures-dir", required=True)
-    s.add_argument("--captions-dir", required=True)
-    s.add_argument("--summaries", nargs="+", required=True)
-    s.add_argument("--names", nargs="+", required=True)
-    s.add_argument("--plan", help="plan.csv (GPU studies with a train.card)")
-    s.add_argument("--extrapolation", help="extrapolation.csv (with --plan)")
-    s.add_argument("--plan-figure", help="the predicted-vs-measured PNG (with --plan)")
-    s.add_argument("--out", required=True)
-    s.set_defaults(fn=_report)
-    a = p.parse_args(argv)
+    for cmd, (fn, help_text, args) in COMMANDS.items():
+        s = sub.add_parser(cmd, help=help_text)
+        for arg in args.split():
+            name, _, kind = arg.rstrip("+?").partition(":")
+            s.add_argument(f"--{name}", required=not arg.endswith("?"), nargs="+" if arg.endswith("+") else None,
+                           type=int if kind == "int" else str, help="settings (JSON)" if kind == "json" else None)
+        s.set_defaults(fn=fn)
+    return p
+
+
+def main(argv=None) -> int:
+    a = parser().parse_args(argv)
     try:
         a.fn(a)
     except UserError as exc:

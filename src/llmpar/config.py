@@ -260,6 +260,45 @@ def resolve_run(name: str, entry: dict, cfg: dict, default_procs: int = 2) -> Ru
     if schedule == "interleaved_1f1b" and m % stages:
         raise ConfigError(f"{where}: interleaved_1f1b needs micro-batches ({m}) divisible by stages ({stages})")
 
+    # What each engine can run: checked here, once (the engines trust the spec)
+    pp_engine = get("pp_engine", "deepspeed")
+    # FSDP x TP and TP inside torch pipeline stages only exist on the torch engine.
+    tp_engine = get("tp_engine", "torch" if strategy == "fsdp" or pp_engine == "torch" and stages > 1
+                    else "deepspeed")
+    if strategy == "zero" and zero_stage == 0:
+        raise ConfigError(f"{where}.zero_stage: strategy zero needs ZeRO stage 1, 2 or 3, got 0")
+    if stages > 1 and pp_engine == "deepspeed":
+        if tp > 1:
+            raise ConfigError(
+                f"{where}: DeepSpeed's pipeline engine cannot run AutoTP inside its stages (tp {tp}): AutoTP "
+                "builds its own (data, tensor) mesh over the whole world and replaces the engine's mpu, while "
+                "the PipelineEngine takes its groups from the PipelineModule's topology. Use pp_engine: torch "
+                "for pipeline x tensor parallelism")
+        if schedule != "1f1b":
+            raise ConfigError(
+                f"{where}: DeepSpeed's PipelineEngine runs only its 1F1B TrainSchedule, not {schedule}; gpipe "
+                "and interleaved_1f1b are implemented by the torch engine (pp_engine: torch)")
+    if tp > 1 and tp_engine != "torch" and (strategy == "fsdp" or stages > 1):
+        where_tp = "fsdp x tp" if strategy == "fsdp" else "tensor parallel inside pipeline stages"
+        raise ConfigError(f"{where}: {where_tp} runs on the torch tensor-parallel engine only (tp_engine: torch)")
+    if stages > 1 and pp_engine == "torch" and schedule == "1f1b" and m < stages:
+        raise ConfigError(f"{where}: 1f1b needs at least as many micro-batches ({m}) as stages ({stages})")
+    offload = get("offload", "none")
+    if offload != "none" and zero_stage < 1:
+        raise ConfigError(f"{where}.offload: offload {offload} needs DeepSpeed ZeRO (strategy zero); "
+                          f"{strategy} runs no ZeRO stage")
+    if offload == "parameters" and zero_stage != 3:
+        raise ConfigError(f"{where}.offload: offload parameters needs ZeRO stage 3 (only stage 3 partitions "
+                          f"parameters), got zero_stage {zero_stage}; use offload optimizer")
+    precision = get("precision", train["precision"])
+    deepspeed = strategy == "zero" or (strategy == "tensor_parallel" and tp_engine == "deepspeed") or (
+        stages > 1 and pp_engine == "deepspeed")
+    if precision == "bf16-pure" and deepspeed and zero_stage < 1:
+        raise ConfigError(
+            f"{where}: precision bf16-pure (bf16 weights and optimizer states, no fp32 master) is available in "
+            "DeepSpeed only through bf16_master_weights_and_grads, which requires ZeRO stage 1-3; this run's "
+            "DeepSpeed engine runs none. Use precision bf16 (fp32 weights under torch autocast) or a torch engine")
+
     engine_keys = {
         "tp_engine": ("tensor_parallel", "hybrid_parallel", "fsdp"),
         "pp_engine": ("pipeline_parallel", "hybrid_parallel", "zero"),
@@ -279,14 +318,12 @@ def resolve_run(name: str, entry: dict, cfg: dict, default_procs: int = 2) -> Ru
         micro_batches=m,
         micro_batch_size=mbs,
         schedule=schedule,
-        # FSDP x TP and TP inside torch pipeline stages only exist on the torch engine.
-        tp_engine=get("tp_engine", "torch" if strategy == "fsdp" or get("pp_engine", "deepspeed") == "torch"
-                      and stages > 1 else "deepspeed"),
-        pp_engine=get("pp_engine", "deepspeed"),
+        tp_engine=tp_engine,
+        pp_engine=pp_engine,
         zero_stage=zero_stage,
-        offload=get("offload", "none"),
+        offload=offload,
         reshard_after_forward=get("reshard_after_forward", True),
-        precision=get("precision", train["precision"]),
+        precision=precision,
         compile=get("compile", train["compile"]),
         activation_checkpointing=get("activation_checkpointing", train["activation_checkpointing"]),
         runtime_min=get("runtime_min", cfg["launch"]["runtime_min"]),

@@ -26,14 +26,34 @@ import sys
 import time
 from pathlib import Path
 
-from llmpar.config import REPO_ROOT, load_yaml, prepare, run_config
+from llmpar.config import REPO_ROOT, load_schema, load_yaml, prepare, run_config
 from llmpar.errors import ConfigError, ExpectedFailure, UserError
 from llmpar.io import read_appended_jsonl, write_json, write_jsonl
 
-CLI_RUN_KEYS = (
-    "strategy", "nodes", "gpus_per_node", "tp", "stages", "micro_batches", "micro_batch_size", "schedule",
-    "tp_engine", "pp_engine", "zero_stage", "offload", "precision", "activation_checkpointing",
-)
+# The CLI's flags are the schema's keys (choices, types and help from schemas/config.schema.yaml).
+# the run keys a one-run CLI has no use for (tests' faults, Slurm time, a lever the default gets right)
+CLI_SKIPPED_RUN_KEYS = ("fault", "runtime_min", "reshard_after_forward")
+# study settings the CLI can set: flag -> (section, key)
+CLI_STUDY_FLAGS = {"model_size": ("model", "size"), "seq_len": ("model", "seq_len"), "steps": ("train", "steps"),
+                   "global_batch": ("train", "global_batch"), "lr": ("train", "lr"), "device": ("train", "device")}
+
+
+def _schema_flag(p: argparse.ArgumentParser, flag: str, prop: dict) -> None:
+    """One flag from a schema property: its enum as choices, its type, its description as the help."""
+    help_text = prop.get("description")
+    if "enum" in prop:
+        p.add_argument(f"--{flag}", choices=prop["enum"], help=help_text)
+    elif prop.get("type") == "boolean":
+        p.add_argument(f"--{flag}", action="store_true", default=None, help=help_text)
+    elif prop.get("type") == "number":
+        p.add_argument(f"--{flag}", type=float, help=help_text)
+    else:  # integers, and sizes a study may sweep ($defs/ints): one integer on the CLI
+        p.add_argument(f"--{flag}", type=int, help=help_text)
+
+
+def cli_run_keys() -> list[str]:
+    run = load_schema()["properties"]["runs"]["additionalProperties"]["properties"]
+    return [k for k in run if k not in CLI_SKIPPED_RUN_KEYS]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,29 +61,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="scripts/train.py",
         description="Train one run of the parallelism study (starts its own torchrun workers).",
     )
-    p.add_argument("--strategy", choices=["single", "data_parallel", "tensor_parallel", "pipeline_parallel",
-                                          "hybrid_parallel", "fsdp", "zero"])
-    p.add_argument("--model_size", choices=["tiny", "125M", "350M", "1B"])
-    p.add_argument("--nodes", type=int)
-    p.add_argument("--gpus_per_node", type=int, help="processes per node (GPUs, or CPU processes)")
-    p.add_argument("--tp", type=int, help="tensor-parallel size")
-    p.add_argument("--stages", type=int, help="pipeline stages")
-    p.add_argument("--micro_batches", type=int, help="micro-batches per step and replica")
-    p.add_argument("--micro_batch_size", type=int)
-    p.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved_1f1b"])
-    p.add_argument("--tp_engine", choices=["deepspeed", "torch"])
-    p.add_argument("--pp_engine", choices=["deepspeed", "torch"])
-    p.add_argument("--zero_stage", type=int)
-    p.add_argument("--offload", choices=["none", "optimizer", "parameters"])
-    p.add_argument("--precision", choices=["fp32", "bf16", "bf16-pure"])
-    p.add_argument("--activation_checkpointing", choices=["none", "full", "selective"])
-    p.add_argument("--compile", action="store_true", default=None)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--global_batch", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seq_len", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    schema = load_schema()["properties"]
+    run = schema["runs"]["additionalProperties"]["properties"]
+    for key in cli_run_keys():
+        _schema_flag(p, key, run[key])
+    for flag, (section, key) in CLI_STUDY_FLAGS.items():
+        _schema_flag(p, flag, schema[section]["properties"][key])
+    _schema_flag(p, "seed", schema["seed"])
     p.add_argument("--config", help="study config to take data/model/train settings (and --run) from")
     p.add_argument("--run", help="name of a run in --config")
     p.add_argument("--run-config", dest="run_config", help="resolved run config as JSON (used by the workflow)")
@@ -91,20 +95,15 @@ def _cli_config(args) -> tuple[dict, str]:
         if not args.strategy:
             raise ConfigError("--strategy is required (or --config with --run)")
         entry = {}
-    for key in CLI_RUN_KEYS:
+    for key in cli_run_keys():
         if getattr(args, key, None) is not None:
             entry[key] = getattr(args, key)
-    if args.compile:
-        entry["compile"] = True
     name = args.run or entry["strategy"]
     raw["runs"], raw["baseline"] = {name: entry}, name
     raw.setdefault("study", "cli")
-    for section, keys in (("model", {"model_size": "size", "seq_len": "seq_len"}),
-                          ("train", {"steps": "steps", "global_batch": "global_batch", "lr": "lr",
-                                     "device": "device"})):
-        for arg, key in keys.items():
-            if getattr(args, arg, None) is not None:
-                raw.setdefault(section, {})[key] = getattr(args, arg)
+    for flag, (section, key) in CLI_STUDY_FLAGS.items():
+        if getattr(args, flag, None) is not None:
+            raw.setdefault(section, {})[key] = getattr(args, flag)
     if args.seed is not None:
         raw["seed"] = args.seed
     device_pref = raw.get("train", {}).get("device", "auto")

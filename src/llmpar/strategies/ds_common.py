@@ -3,8 +3,8 @@
 * :func:`init_deepspeed` – ``deepspeed.init_distributed`` on the process group the loop already
   created (gloo on CPU, NCCL on GPUs), without JIT-compiling DeepSpeed's shared-memory comm op on CPU.
 * :func:`ds_config` – the DeepSpeed config of a run, built from its RunSpec and train config. Batch
-  sizes, gradient clipping, ZeRO stage/offload and precision map one to one; what does not map raises
-  :class:`~llmpar.errors.ConfigError` naming why.
+  sizes, gradient clipping, ZeRO stage/offload and precision map one to one; what does not map
+  (offload without ZeRO, bf16-pure without ZeRO) the config refuses first (``config.resolve_run``).
 * :func:`initialize` – ``deepspeed.initialize`` with the *client* optimizer and scheduler of
   :mod:`llmpar.strategies.base` (AdamW 0.9/0.95, warmup + cosine), so the hyperparameters are the
   ones the torch engines use, not DeepSpeed's config-built ones.
@@ -76,26 +76,13 @@ def precision_config(spec, zero_stage: int, engine_name: str) -> dict:
     if spec.precision == "bf16":
         # fp32 weights under torch.autocast; no module's gradients are communicated in bf16
         return {"torch_autocast": {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}}
-    if spec.precision == "bf16-pure":
-        if zero_stage < 1:
-            raise ConfigError(
-                f"run {spec.name}: precision bf16-pure (bf16 weights and optimizer states, no fp32 master) is "
-                f"available in DeepSpeed only through bf16_master_weights_and_grads, which requires ZeRO stage "
-                f"1-3; {engine_name} runs ZeRO stage {zero_stage}. Use precision bf16 (fp32 weights under "
-                "torch autocast) or the torch engine"
-            )
+    if spec.precision == "bf16-pure":  # needs ZeRO stage 1-3 (checked by config)
         return {"bf16": {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}}
     raise ConfigError(f"run {spec.name}: unknown precision {spec.precision!r}")
 
 
 def ds_config(spec, train_cfg: dict, *, zero_stage: int, model=None, engine_name: str = "DeepSpeed") -> dict:
     """The DeepSpeed config of a run. ``model`` (the HF model) sizes ZeRO's buckets and thresholds."""
-    if spec.offload != "none" and zero_stage < 1:
-        raise ConfigError(f"run {spec.name}: offload {spec.offload} needs ZeRO (stage >= 1); {engine_name} "
-                          f"runs ZeRO stage {zero_stage}")
-    if spec.offload == "parameters" and zero_stage != 3:
-        raise ConfigError(f"run {spec.name}: offload parameters needs ZeRO stage 3 (only stage 3 partitions "
-                          f"parameters), got zero_stage {zero_stage}; use offload optimizer")
     cfg = {
         "train_batch_size": train_cfg["global_batch"],
         "train_micro_batch_size_per_gpu": spec.micro_batch_size,

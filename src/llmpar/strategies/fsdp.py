@@ -30,7 +30,6 @@ import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from llmpar.errors import ConfigError
 from llmpar.strategies.base import decoder_layers, prepare_model
 from llmpar.strategies.torch_common import MeshEngine
 
@@ -52,19 +51,10 @@ class FSDPEngine(MeshEngine):
 
 
 def parallelize(model, spec, ctx, train_cfg) -> FSDPEngine:
-    if spec.stages != 1:
-        raise ConfigError("fsdp composes with tp, not with pipeline stages")
-    tp = spec.tp
-    if ctx.world_size % tp:
-        raise ConfigError(f"world size {ctx.world_size} is not divisible by tp {tp}")
-    dp = ctx.world_size // tp
+    tp, dp = spec.tp, spec.dp
     if tp > 1:
-        if spec.tp_engine != "torch":
-            raise ConfigError("fsdp x tp composes with the torch tensor-parallel engine only "
-                              "(tp_engine: torch)")
-        from llmpar.strategies.tp_torch import apply_tp, check_heads
+        from llmpar.strategies.tp_torch import apply_tp
 
-        check_heads(model, tp)
         mesh = init_device_mesh(ctx.device.type, (dp, tp), mesh_dim_names=("dp_shard", "tp"))
         apply_tp(decoder_layers(model), mesh["tp"])
         dp_mesh = mesh["dp_shard"]

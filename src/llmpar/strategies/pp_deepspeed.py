@@ -20,12 +20,13 @@ pipeline has the same data-parallel index and loads the same slice of the global
 first stage reads inputs and the last stage labels). ZeRO-1 (strategy zero with stages > 1)
 partitions each stage's optimizer state over its dp replicas; ZeRO-2/3 are rejected by DeepSpeed.
 
-Not supported, with a ConfigError: AutoTP inside the stages (3D). DeepSpeed's AutoTP builds its own
-(data, tensor) device mesh over the whole world (``deepspeed.utils.groups._init_tp_mesh_device``)
-and replaces the engine's ``mpu`` with it, while the PipelineEngine takes its data-parallel and pipe
-groups from the PipelineModule's grid; the two cannot be combined. DeepSpeed's pipeline only composes
-with a Megatron-style ``PipeModelDataParallelTopology`` whose tensor-parallel layers the model
-implements itself. Use ``pp_engine: torch`` for pipeline x tensor parallelism.
+Not supported (the config refuses it, ``config.resolve_run``): AutoTP inside the stages (3D).
+DeepSpeed's AutoTP builds its own (data, tensor) device mesh over the whole world
+(``deepspeed.utils.groups._init_tp_mesh_device``) and replaces the engine's ``mpu`` with it, while the
+PipelineEngine takes its data-parallel and pipe groups from the PipelineModule's grid; the two cannot be
+combined. DeepSpeed's pipeline only composes with a Megatron-style ``PipeModelDataParallelTopology``
+whose tensor-parallel layers the model implements itself. Use ``pp_engine: torch`` for pipeline x tensor
+parallelism.
 """
 
 from __future__ import annotations
@@ -86,28 +87,8 @@ def pipeline_layers(model) -> list[nn.Module]:
             + [HeadStage(inner.norm, model.lm_head)])
 
 
-def check_spec(spec) -> None:
-    if spec.tp > 1:
-        raise ConfigError(
-            f"run {spec.name}: DeepSpeed's pipeline engine cannot run AutoTP inside its stages (tp {spec.tp}): "
-            "AutoTP builds its own (data, tensor) mesh over the whole world and replaces the engine's mpu, "
-            "while the PipelineEngine takes its groups from the PipelineModule's topology. "
-            "Use pp_engine: torch for pipeline x tensor parallelism"
-        )
-    if spec.schedule != "1f1b":
-        raise ConfigError(
-            f"run {spec.name}: DeepSpeed's PipelineEngine runs only its 1F1B TrainSchedule, not {spec.schedule}; "
-            "gpipe and interleaved_1f1b are implemented by the torch engine (pp_engine: torch)"
-        )
-    if spec.zero_stage > 1:
-        raise ConfigError(f"run {spec.name}: ZeRO stage {spec.zero_stage} is rejected by DeepSpeed with pipeline "
-                          "parallelism; use zero_stage 1")
-
 
 def parallelize(model, spec, ctx, train_cfg):
-    check_spec(spec)
-    if spec.stages * spec.dp != ctx.world_size:
-        raise ConfigError(f"run {spec.name}: stages {spec.stages} x dp {spec.dp} != world size {ctx.world_size}")
     ds_common.init_deepspeed(ctx)
     from deepspeed.pipe import PipelineModule
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology

@@ -19,16 +19,10 @@ engine's data-parallel coordinates are read back from DeepSpeed's own data-paral
 
 from __future__ import annotations
 
-from llmpar.errors import ConfigError
 from llmpar.strategies import ds_common
 
 
 def parallelize(model, spec, ctx, train_cfg):
-    if spec.stages > 1:
-        raise ConfigError(f"run {spec.name}: DeepSpeed AutoTP inside pipeline stages is not supported "
-                          "(see pp_deepspeed); use pp_engine: torch for 3D parallelism")
-    if ctx.world_size % spec.tp:
-        raise ConfigError(f"run {spec.name}: tp {spec.tp} does not divide the world size {ctx.world_size}")
     ds_common.init_deepspeed(ctx)
     ds_common.apply_levers(model, spec)
     config = ds_common.ds_config(spec, train_cfg, zero_stage=spec.zero_stage, model=model,

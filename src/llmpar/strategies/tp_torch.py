@@ -23,7 +23,6 @@ from __future__ import annotations
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from llmpar.errors import ConfigError
 from llmpar.strategies.base import decoder_layers, prepare_model
 from llmpar.strategies.torch_common import MeshEngine
 
@@ -35,14 +34,6 @@ def layer_plan() -> dict:
     return {**{name: ColwiseParallel() for name in COLWISE}, **{name: RowwiseParallel() for name in ROWWISE}}
 
 
-def check_heads(model, tp: int) -> None:
-    cfg = model.config
-    if cfg.num_attention_heads % tp or cfg.num_key_value_heads % tp:
-        raise ConfigError(
-            f"tp {tp} must divide the attention heads ({cfg.num_attention_heads}) and the KV heads "
-            f"({cfg.num_key_value_heads})"
-        )
-
 
 def apply_tp(layers, tp_mesh) -> None:
     """Shard the attention and MLP projections of each (unwrapped) decoder layer over ``tp_mesh``."""
@@ -51,13 +42,7 @@ def apply_tp(layers, tp_mesh) -> None:
 
 
 def parallelize(model, spec, ctx, train_cfg) -> MeshEngine:
-    if spec.stages != 1:
-        raise ConfigError("tensor_parallel (torch) takes no pipeline stages; use hybrid_parallel")
-    tp = spec.tp
-    if ctx.world_size % tp:
-        raise ConfigError(f"world size {ctx.world_size} is not divisible by tp {tp}")
-    dp = ctx.world_size // tp
-    check_heads(model, tp)
+    tp, dp = spec.tp, spec.dp
     mesh = init_device_mesh(ctx.device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
     apply_tp(decoder_layers(model), mesh["tp"])
     model = prepare_model(model, spec)  # precision / checkpointing / compile wrap the sharded layers

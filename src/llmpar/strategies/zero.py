@@ -16,15 +16,10 @@ pipeline are rejected at config time (DeepSpeed rejects them by design).
 
 from __future__ import annotations
 
-from llmpar.errors import ConfigError
 from llmpar.strategies import ds_common
 
 
 def parallelize(model, spec, ctx, train_cfg):
-    if spec.tp != 1:
-        raise ConfigError(f"run {spec.name}: strategy zero composes with stages (ZeRO-1), not with tp")
-    if spec.zero_stage not in (1, 2, 3):
-        raise ConfigError(f"run {spec.name}: strategy zero needs zero_stage 1, 2 or 3, got {spec.zero_stage}")
     if spec.stages > 1:
         from llmpar.strategies import pp_deepspeed
 
