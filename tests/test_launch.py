@@ -10,7 +10,8 @@ from conftest import REPO, assert_same_first_update, assert_same_steps, make_con
 
 from llmpar.config import load_schema, prepare, run_config
 from llmpar.errors import ExpectedFailure
-from llmpar.launch import cli_run_keys, local_node_gpus, parse_args
+from llmpar.launch import local_node_gpus
+from llmpar.run_cli import cli_run_keys, parse_args
 
 
 def test_cli_flags_are_the_schemas_keys():

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from llmpar import launch, plan
+from llmpar import launch, plan, run_cli
 from llmpar.config import REPO_ROOT, ConfigError, load_yaml, prepare, run_config
 from llmpar.errors import ExpectedFailure
 
@@ -83,7 +83,7 @@ def ddp_rc(micro_batch_size: int) -> dict:
 def on_two_h100s(monkeypatch):
     monkeypatch.setattr(launch, "uses_cuda", lambda rc: True)
     monkeypatch.setattr(launch, "cuda_device_count", lambda: 2)
-    monkeypatch.setattr(launch, "_gpu_name_and_memory", lambda: H100_80GB)
+    monkeypatch.setattr(plan, "_gpu_name_and_memory", lambda: H100_80GB)
 
 
 def test_launcher_refuses_ddp_at_micro_batch_16_on_80gb(on_two_h100s):
@@ -91,17 +91,17 @@ def test_launcher_refuses_ddp_at_micro_batch_16_on_80gb(on_two_h100s):
     plan predicts 74.0 GiB and the launcher refuses it with the predicted and available memory; at 8 it
     measured 52.6 GiB and is let through."""
     with pytest.raises(ExpectedFailure) as exc:
-        launch.check_fits(ddp_rc(16), 660, 2)
+        plan.check_fits(ddp_rc(16), 660, 2)
     message = exc.value.message
     assert exc.value.status == "invalid"
     assert "predicted peak memory 7" in message and "79.6 GiB of NVIDIA H100 80GB HBM3" in message, message
-    launch.check_fits(ddp_rc(8), 660, 2)
+    plan.check_fits(ddp_rc(8), 660, 2)
 
 
 def test_record_invalid_writes_the_prediction(on_two_h100s, tmp_path, tiny_tokens):
     """The workflow's --record-invalid path: a summary with status invalid and the prediction, no process."""
     out = tmp_path / "ddp"
-    code = launch.main(["--run-config", json.dumps(ddp_rc(16)), "--tokens", str(tiny_tokens), "--out", str(out),
+    code = run_cli.main(["--run-config", json.dumps(ddp_rc(16)), "--tokens", str(tiny_tokens), "--out", str(out),
                         "--record-invalid"])
     summary = json.loads((out / "summary.json").read_text())
     assert code == 0 and summary["status"] == "invalid" and "predicted peak memory" in summary["message"]
