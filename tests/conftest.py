@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from launches import run_batch  # the one batch launcher of the CPU tests
 
 from llmpar.config import prepare, run_config
 
@@ -88,20 +89,14 @@ def train_batch(configs: dict[str, dict], tokens: Path, root: Path, sum_grads: t
     ``sum_grads``: runs trained with the test-only mutation of tests/mutants (data-parallel gradients
     summed instead of averaged)."""
     runs = list(configs)
-    root.mkdir(parents=True, exist_ok=True)
-    batch = root / "batch.json"
-    batch.write_text(json.dumps([{"run_config": run_config(prepare(cfg), r), "out": str(root / r)}
-                                 for r, cfg in configs.items()]))
+    jobs = [{"run_config": run_config(prepare(cfg), r), "out": str(root / r)} for r, cfg in configs.items()]
     env = dict(os.environ)
     if sum_grads:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(MUTANTS), env.get("PYTHONPATH")]))
         env["LLMPAR_TEST_SUM_GRADS"] = ",".join(sum_grads)
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--batch", str(batch),
-                           "--tokens", str(tokens)], capture_output=True, text=True, timeout=timeout, env=env)
-    if proc.returncode != 0:
-        raise AssertionError(f"{runs} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    log = run_batch(jobs, tokens, root, "batch", timeout=timeout, env=env)
     for r in sum_grads:
-        assert f"[{r}] test mutation" in proc.stdout, f"the mutation did not reach run {r}"
+        assert f"[{r}] test mutation" in log, f"the mutation did not reach run {r}"
     return {r: read_run(root / r) for r in runs}
 
 

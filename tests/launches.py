@@ -27,22 +27,30 @@ def job(cfg: dict, run: str, out: Path) -> dict:
     return {"run_config": run_config(prepare(cfg), run), "out": str(out)}
 
 
-def start_batch(jobs: list[dict], tokens: Path, workdir: Path, name: str) -> tuple[subprocess.Popen, Path]:
+def start_batch(jobs: list[dict], tokens: Path, workdir: Path, name: str,
+                env: dict | None = None) -> tuple[subprocess.Popen, Path]:
     """Start one launch training ``jobs`` in order, in its own session; its output goes to a log file."""
+    workdir.mkdir(parents=True, exist_ok=True)
     batch = workdir / f"{name}.json"
     batch.write_text(json.dumps(jobs))
     log = workdir / f"{name}.log"
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "train.py"), "--batch", str(batch),
                                  "--tokens", str(tokens)], stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, env=env)
     return proc, log
 
 
-def run_batch(jobs: list[dict], tokens: Path, workdir: Path, name: str, timeout: int = 600) -> str:
-    """Train ``jobs`` in one launch to the end; returns its log (fails with its tail)."""
-    proc, log = start_batch(jobs, tokens, workdir, name)
-    code = proc.wait(timeout=timeout)
+def run_batch(jobs: list[dict], tokens: Path, workdir: Path, name: str, timeout: int = 600,
+              env: dict | None = None) -> str:
+    """Train ``jobs`` in one launch to the end; returns its log (fails with its tail). The one way the
+    CPU tests launch runs (conftest.train_batch and the resume study use it)."""
+    proc, log = start_batch(jobs, tokens, workdir, name, env)
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)
+        raise
     text = log.read_text()
     assert code == 0, f"launch {name} failed ({code}):\n{text[-6000:]}"
     return text

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 from conftest import read_run
+from launches import run_batch
 
 from llmpar.config import load_yaml, model_dims, prepare, run_config
 from llmpar.plan import engine_of
@@ -96,18 +95,11 @@ def build_tokens(cfg: dict, root: Path) -> Path:
 
 
 def launch_batch(jobs: list[tuple[dict, Path]], tokens: Path, workdir: Path, timeout: int = 600) -> str:
-    """Train the (run config, output directory) pairs in one launch; returns the launcher's output."""
+    """Train the (run config, output directory) pairs in one launch (tests/launches.py's ``run_batch``, as
+    the CPU tests do); returns the launcher's output, fails with its tail."""
     first_rc, first_out = jobs[0]
-    batch = workdir / f"batch-{first_out.parent.name}-{first_rc['run']['name']}.json"  # one per launch
-    batch.write_text(json.dumps([{"run_config": rc, "out": str(out)} for rc, out in jobs]))
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--batch", str(batch),
-                           "--tokens", str(tokens)], capture_output=True, text=True, timeout=timeout)
-    log = proc.stdout + proc.stderr
-    (workdir / f"{batch.stem}.log").write_text(log)
-    if proc.returncode != 0:
-        raise AssertionError(f"launch of {[rc['run']['name'] for rc, _ in jobs]} failed ({proc.returncode}):\n"
-                             f"{log[-6000:]}")
-    return log
+    name = f"batch-{first_out.parent.name}-{first_rc['run']['name']}"  # one per launch
+    return run_batch([{"run_config": rc, "out": str(out)} for rc, out in jobs], tokens, workdir, name, timeout)
 
 
 def train_all(tokens: Path, root: Path) -> dict[str, dict[str, tuple[dict, list[dict]] | str]]:
