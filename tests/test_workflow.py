@@ -28,7 +28,7 @@ STUDY_FIGURES = study_figures(sweeps=False)
 def test_every_figure_is_named_once_with_a_caption():
     """One list names the figures: a study without sweeps draws six, a sweep adds scaling, the plan draws
     its own; every one has a caption file for the report."""
-    assert len(STUDY_FIGURES) == 6 and "scaling" not in STUDY_FIGURES
+    assert len(STUDY_FIGURES) == 7 and "scaling" not in STUDY_FIGURES
     assert study_figures(sweeps=True) == [*STUDY_FIGURES, "scaling"]
     assert set(FIGURES) == {*study_figures(sweeps=True), PLAN_FIGURE}
     captions = REPO_ROOT / "report" / "captions"
@@ -99,6 +99,8 @@ def test_figures_plot_the_tables(study, tmp_path):
     m = read_table(res / "metrics.csv").set_index("run")
     assert _bars(figs["throughput"]) == m["tokens_per_s"].to_dict()
     assert _bars(figs["memory"]) == m["peak_mem_gib"].to_dict()
+    noise = m["gradient_noise_scale_mean"].dropna()  # ddp (2 replicas) measures it, single cannot
+    assert list(noise.index) == ["ddp"] and _bars(figs["noise_scale"]) == noise.to_dict()
     steps = read_table(res / "steps.csv")
     for name, x in (("loss_vs_time", "elapsed_s"), ("loss_vs_tokens", "tokens")):
         lines = _lines(figs[name])

@@ -12,6 +12,7 @@ FIGURES = {
     "loss_vs_time": "Training loss against wall time",
     "loss_vs_tokens": "Training loss against trained tokens",
     "resources_over_time": "Memory and utilization over time per run",
+    "noise_scale": "Gradient noise scale and Pollux goodput per run",
     "scaling": "Throughput against process count per strategy",
     "plan_vs_measured": "Predicted before run against measured, per run",
 }

@@ -37,6 +37,32 @@ def _bar(metrics: pd.DataFrame, col: str, xlabel: str, out_dir: Path, name: str)
     return _save(fig, out_dir, name)
 
 
+def noise_scale(metrics: pd.DataFrame, out_dir: Path):
+    """Left: the steady-state gradient noise scale (mean ± its standard error) of every run that measures
+    it; right: Pollux goodput beside the raw throughput. A run that measures nothing is left out (its
+    reason is in metrics.csv's noise_scale_reason and in the caption's count)."""
+    df = metrics[(metrics["status"] == "ok") & metrics["gradient_noise_scale_mean"].notna()]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * max(len(df), 2) + 1.5), sharey=True)
+    if df.empty:
+        axes[0].text(0.5, 0.5, "no run recorded a noise scale\n(why: noise_scale_reason in metrics.csv;\n"
+                     "runs recorded before the metric existed have none)",
+                     ha="center", va="center", transform=axes[0].transAxes)
+    else:
+        axes[0].barh(df["run"], df["gradient_noise_scale_mean"], xerr=df["gradient_noise_scale_se"].fillna(0),
+                     color=sns.color_palette("deep")[0], capsize=3)
+        pos = range(len(df))
+        axes[1].barh([p + 0.2 for p in pos], df["tokens_per_s"], height=0.4, label="throughput",
+                     color=sns.color_palette("deep")[7])
+        axes[1].barh([p - 0.2 for p in pos], df["pollux_goodput"], height=0.4, label="Pollux goodput",
+                     color=sns.color_palette("deep")[2])
+        axes[1].legend(loc="lower right", fontsize=7)
+        axes[0].invert_yaxis()
+    axes[0].set_xlabel("B_simple (sequences; mean ± s.e. over the steady steps)")
+    axes[1].set_xlabel("tokens/s (goodput = throughput × statistical efficiency)")
+    fig.suptitle(FIGURES["noise_scale"])
+    return _save(fig, out_dir, "noise_scale")
+
+
 def memory_breakdown(metrics: pd.DataFrame, out_dir: Path) -> None:
     cols = {"params_gib_per_rank": "parameters", "grads_gib_per_rank": "gradients",
             "optimizer_gib_per_rank": "optimizer state"}
@@ -146,6 +172,7 @@ def make_figures(metrics_csv, steps_csv, samples_csv, out_dir, names: list[str])
                                             "loss_vs_time"),
         "loss_vs_tokens": lambda: loss_curves(steps, "tokens", "trained tokens", out_dir, "loss_vs_tokens"),
         "resources_over_time": lambda: resources_over_time(samples, metrics, out_dir),
+        "noise_scale": lambda: noise_scale(metrics, out_dir),
         "scaling": lambda: scaling(metrics, out_dir),
     }
     return {name: makers[name]() for name in names}
