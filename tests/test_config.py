@@ -119,6 +119,12 @@ def test_names_in_the_allowed_alphabet_pass():
      "runs only its 1F1B TrainSchedule, not gpipe"),
     ({"strategy": "pipeline_parallel", "stages": 2, "schedule": "interleaved_1f1b", "pp_engine": "deepspeed"},
      "runs only its 1F1B TrainSchedule, not interleaved_1f1b"),
+    ({"strategy": "pipeline_parallel", "stages": 1, "schedule": "gpipe", "pp_engine": "deepspeed"},
+     "runs only its 1F1B TrainSchedule, not gpipe"),  # one stage is still DeepSpeed's pipeline engine
+    ({"strategy": "zero", "zero_stage": 1, "stages": 2, "gpus_per_node": 2, "pp_engine": "torch"},
+     r"runs\.bad\.pp_engine: ZeRO-1 with pipeline stages runs on DeepSpeed's pipeline engine"),
+    ({"strategy": "pipeline_parallel", "stages": 1, "pp_engine": "deepspeed", "precision": "bf16-pure"},
+     "bf16-pure .* requires ZeRO stage 1-3"),
     ({"strategy": "hybrid_parallel", "stages": 2, "tp": 2, "gpus_per_node": 4, "pp_engine": "deepspeed"},
      "cannot run AutoTP inside its stages"),
     ({"strategy": "hybrid_parallel", "stages": 2, "tp": 2, "gpus_per_node": 4, "pp_engine": "torch",

@@ -300,5 +300,5 @@ def test_bf16_pure_is_deepspeeds_bf16_master_mode():
     (what DeepSpeed cannot run, bf16-pure without ZeRO, the config refuses: tests/test_config.py)."""
     from llmpar.strategies import ds_common
 
-    assert ds_common.precision_config(_spec(strategy="zero", precision="bf16-pure"), 1, "ZeRO-1")["bf16"][
+    assert ds_common.precision_config(_spec(strategy="zero", zero_stage=1, precision="bf16-pure"))["bf16"][
         "bf16_master_weights_and_grads"]

@@ -83,7 +83,7 @@ def ddp_rc(micro_batch_size: int) -> dict:
 def on_two_h100s(monkeypatch):
     monkeypatch.setattr(launch, "uses_cuda", lambda rc: True)
     monkeypatch.setattr(launch, "cuda_device_count", lambda: 2)
-    monkeypatch.setattr(plan, "_gpu_name_and_memory", lambda: H100_80GB)
+    monkeypatch.setattr(launch, "gpu_name_and_memory", lambda: H100_80GB)
 
 
 def test_launcher_refuses_ddp_at_micro_batch_16_on_80gb(on_two_h100s):

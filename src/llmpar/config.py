@@ -145,6 +145,16 @@ def expand_runs(runs: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
+def engine_of(run: dict) -> str:
+    """Which library's engine runs the layout: 'deepspeed' or 'torch'."""
+    s = run["strategy"]
+    if s == "zero" or (s == "tensor_parallel" and run["tp_engine"] == "deepspeed"):
+        return "deepspeed"
+    if s in ("pipeline_parallel", "hybrid_parallel") and run["pp_engine"] == "deepspeed":
+        return "deepspeed"
+    return "torch"
+
+
 def resolve_run(name: str, entry: dict, cfg: dict, default_procs: int = 2) -> RunSpec:
     """Fill the sizes a run leaves out and check the layout. Raises ConfigError naming the run.
 
@@ -265,9 +275,15 @@ def resolve_run(name: str, entry: dict, cfg: dict, default_procs: int = 2) -> Ru
     # FSDP x TP and TP inside torch pipeline stages only exist on the torch engine.
     tp_engine = get("tp_engine", "torch" if strategy == "fsdp" or pp_engine == "torch" and stages > 1
                     else "deepspeed")
+    engine = engine_of({"strategy": strategy, "tp_engine": tp_engine, "pp_engine": pp_engine})
     if strategy == "zero" and zero_stage == 0:
         raise ConfigError(f"{where}.zero_stage: strategy zero needs ZeRO stage 1, 2 or 3, got 0")
-    if stages > 1 and pp_engine == "deepspeed":
+    if strategy == "zero" and stages > 1 and pp_engine != "deepspeed":
+        raise ConfigError(f"{where}.pp_engine: ZeRO-1 with pipeline stages runs on DeepSpeed's pipeline engine "
+                          "(pp_engine: deepspeed)")
+    # DeepSpeed's pipeline engine: a pipeline or hybrid on pp_engine deepspeed (one stage included), ZeRO-1
+    # with stages
+    if engine == "deepspeed" and (strategy in ("pipeline_parallel", "hybrid_parallel") or stages > 1):
         if tp > 1:
             raise ConfigError(
                 f"{where}: DeepSpeed's pipeline engine cannot run AutoTP inside its stages (tp {tp}): AutoTP "
@@ -291,9 +307,7 @@ def resolve_run(name: str, entry: dict, cfg: dict, default_procs: int = 2) -> Ru
         raise ConfigError(f"{where}.offload: offload parameters needs ZeRO stage 3 (only stage 3 partitions "
                           f"parameters), got zero_stage {zero_stage}; use offload optimizer")
     precision = get("precision", train["precision"])
-    deepspeed = strategy == "zero" or (strategy == "tensor_parallel" and tp_engine == "deepspeed") or (
-        stages > 1 and pp_engine == "deepspeed")
-    if precision == "bf16-pure" and deepspeed and zero_stage < 1:
+    if precision == "bf16-pure" and engine == "deepspeed" and zero_stage < 1:
         raise ConfigError(
             f"{where}: precision bf16-pure (bf16 weights and optimizer states, no fp32 master) is available in "
             "DeepSpeed only through bf16_master_weights_and_grads, which requires ZeRO stage 1-3; this run's "

@@ -49,6 +49,19 @@ def cuda_device_count() -> int:
     return count.value
 
 
+def gpu_name_and_memory() -> tuple[str | None, int | None]:
+    """Name and total memory (bytes) of the first visible GPU, from NVML ((None, None) without it)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        name = pynvml.nvmlDeviceGetName(handle)
+        return (name.decode() if isinstance(name, bytes) else name), pynvml.nvmlDeviceGetMemoryInfo(handle).total
+    except Exception:
+        return None, None
+
+
 # --------------------------------------------------------------------------- launching
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from llmpar.config import model_dims
+from llmpar.config import engine_of, model_dims
 from llmpar.model import balanced_split, flops_per_token, model_vocab
 
 GIB = 2**30
@@ -95,16 +95,6 @@ def shape_of(model_cfg: dict, vocab_size: int) -> Shape:
     return Shape(h=d["hidden_size"], f=d["intermediate_size"], heads=d["num_heads"],
                  kv=d["num_kv_heads"] * d["hidden_size"] // d["num_heads"], layers=d["num_layers"],
                  vocab=model_vocab(model_cfg, vocab_size), seq=model_cfg["seq_len"])
-
-
-def engine_of(run: dict) -> str:
-    """Which library's engine runs the layout: 'deepspeed' or 'torch'."""
-    s = run["strategy"]
-    if s == "zero" or (s == "tensor_parallel" and run["tp_engine"] == "deepspeed"):
-        return "deepspeed"
-    if s in ("pipeline_parallel", "hybrid_parallel") and run["pp_engine"] == "deepspeed":
-        return "deepspeed"
-    return "torch"
 
 
 def virtual_stages(run: dict) -> int:
@@ -561,7 +551,7 @@ def check_fits(rc: dict, vocab_size: int, local_procs: int) -> None:
     memory, or on CPU the predicted bytes of all local processes against 90 % of the available host
     memory (the plan's CPU figure counts tensors only: no allocator or interpreter overhead)."""
     from llmpar.errors import ExpectedFailure
-    from llmpar.launch import cuda_device_count, uses_cuda
+    from llmpar.launch import cuda_device_count, gpu_name_and_memory, uses_cuda
 
     run, tc = rc["run"], rc["train"]
     use_cuda = uses_cuda(rc)
@@ -574,7 +564,7 @@ def check_fits(rc: dict, vocab_size: int, local_procs: int) -> None:
         return
     gib = 2**30
     if use_cuda:
-        name, total = _gpu_name_and_memory()
+        name, total = gpu_name_and_memory()
         if not total:
             return
         card = card_for_device(name)
@@ -596,16 +586,3 @@ def check_fits(rc: dict, vocab_size: int, local_procs: int) -> None:
             f"{avail:.1f} GiB of {what}; use a smaller micro_batch_size (or micro_batch_size: auto), "
             f"more processes for sharded strategies, or set train.memory_check: false",
         )
-
-
-def _gpu_name_and_memory() -> tuple[str | None, int | None]:
-    """Name and total memory (bytes) of the first visible GPU, from NVML ((None, None) without it)."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        name = pynvml.nvmlDeviceGetName(handle)
-        return (name.decode() if isinstance(name, bytes) else name), pynvml.nvmlDeviceGetMemoryInfo(handle).total
-    except Exception:
-        return None, None

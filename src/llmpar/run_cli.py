@@ -20,13 +20,12 @@ from llmpar.errors import ConfigError, ExpectedFailure, UserError
 from llmpar.launch import cuda_device_count, failure_summary, finish, launch, slurm_nodes
 from llmpar.plan import check_fits
 
-# The CLI's flags are the schema's keys (choices, types and help from schemas/config.schema.yaml).
-# the run keys a one-run CLI has no use for (tests' faults, Slurm time, a lever the default gets right)
+# The CLI's flags are the schema's keys (choices, types and help from schemas/config.schema.yaml), but
+# for the run keys a one-run CLI has no use for (tests' faults, Slurm time, a lever the default gets right)
 CLI_SKIPPED_RUN_KEYS = ("fault", "runtime_min", "reshard_after_forward")
 # study settings the CLI can set: flag -> (section, key)
 CLI_STUDY_FLAGS = {"model_size": ("model", "size"), "seq_len": ("model", "seq_len"), "steps": ("train", "steps"),
                    "global_batch": ("train", "global_batch"), "lr": ("train", "lr"), "device": ("train", "device")}
-
 
 
 def _schema_flag(p: argparse.ArgumentParser, flag: str, prop: dict) -> None:
@@ -42,8 +41,9 @@ def _schema_flag(p: argparse.ArgumentParser, flag: str, prop: dict) -> None:
         p.add_argument(f"--{flag}", type=int, help=help_text)
 
 
-def cli_run_keys() -> list[str]:
-    run = load_schema()["properties"]["runs"]["additionalProperties"]["properties"]
+def cli_run_keys(schema: dict | None = None) -> list[str]:
+    """The run keys that are flags, in the schema's order (``schema``: the loaded schema, if at hand)."""
+    run = (schema or load_schema())["properties"]["runs"]["additionalProperties"]["properties"]
     return [k for k in run if k not in CLI_SKIPPED_RUN_KEYS]
 
 
@@ -52,13 +52,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="scripts/train.py",
         description="Train one run of the parallelism study (starts its own torchrun workers).",
     )
-    schema = load_schema()["properties"]
-    run = schema["runs"]["additionalProperties"]["properties"]
-    for key in cli_run_keys():
+    schema = load_schema()
+    props = schema["properties"]
+    run = props["runs"]["additionalProperties"]["properties"]
+    for key in cli_run_keys(schema):
         _schema_flag(p, key, run[key])
     for flag, (section, key) in CLI_STUDY_FLAGS.items():
-        _schema_flag(p, flag, schema[section]["properties"][key])
-    _schema_flag(p, "seed", schema["seed"])
+        _schema_flag(p, flag, props[section]["properties"][key])
+    _schema_flag(p, "seed", props["seed"])
     p.add_argument("--config", help="study config to take data/model/train settings (and --run) from")
     p.add_argument("--run", help="name of a run in --config")
     p.add_argument("--run-config", dest="run_config", help="resolved run config as JSON (used by the workflow)")

@@ -14,8 +14,7 @@ from pathlib import Path
 from conftest import read_run
 from launches import run_batch
 
-from llmpar.config import load_yaml, model_dims, prepare, run_config
-from llmpar.plan import engine_of
+from llmpar.config import engine_of, load_yaml, model_dims, prepare, run_config
 
 REPO = Path(__file__).resolve().parents[2]
 GPU_PRESET = REPO / "configs" / "gpu2-1b.yaml"

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from llmpar.config import engine_of
 from llmpar.errors import UserError
 from llmpar.io import atomic_path
-from llmpar.plan import engine_of
 
 STATUSES = ("ok", "oom", "diverged", "invalid")
 REQUIRED_OK = ("run", "status", "strategy", "world_size", "wall_time_s", "tokens_per_s", "peak_mem_gib",

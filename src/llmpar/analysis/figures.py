@@ -40,7 +40,7 @@ def _bar(metrics: pd.DataFrame, col: str, xlabel: str, out_dir: Path, name: str)
 def noise_scale(metrics: pd.DataFrame, out_dir: Path):
     """Left: the steady-state gradient noise scale (mean ± its standard error) of every run that measures
     it; right: Pollux goodput beside the raw throughput. A run that measures nothing is left out (its
-    reason is in metrics.csv's noise_scale_reason and in the caption's count)."""
+    reason is in metrics.csv's noise_scale_reason)."""
     df = metrics[(metrics["status"] == "ok") & metrics["gradient_noise_scale_mean"].notna()]
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * max(len(df), 2) + 1.5), sharey=True)
     if df.empty:

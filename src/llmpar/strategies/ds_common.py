@@ -70,7 +70,7 @@ def init_deepspeed(ctx) -> None:
     deepspeed.init_distributed(dist_backend=ctx.backend)
 
 
-def precision_config(spec, zero_stage: int, engine_name: str) -> dict:
+def precision_config(spec) -> dict:
     if spec.precision == "fp32":
         return {}
     if spec.precision == "bf16":
@@ -81,8 +81,9 @@ def precision_config(spec, zero_stage: int, engine_name: str) -> dict:
     raise ConfigError(f"run {spec.name}: unknown precision {spec.precision!r}")
 
 
-def ds_config(spec, train_cfg: dict, *, zero_stage: int, model=None, engine_name: str = "DeepSpeed") -> dict:
+def ds_config(spec, train_cfg: dict, model=None) -> dict:
     """The DeepSpeed config of a run. ``model`` (the HF model) sizes ZeRO's buckets and thresholds."""
+    zero_stage = spec.zero_stage
     cfg = {
         "train_batch_size": train_cfg["global_batch"],
         "train_micro_batch_size_per_gpu": spec.micro_batch_size,
@@ -96,7 +97,7 @@ def ds_config(spec, train_cfg: dict, *, zero_stage: int, model=None, engine_name
         "zero_allow_untested_optimizer": True,
         "zero_optimization": {"stage": zero_stage},
     }
-    cfg.update(precision_config(spec, zero_stage, engine_name))
+    cfg.update(precision_config(spec))
     zero = cfg["zero_optimization"]
     if zero_stage >= 1 and model is not None:
         n_params = sum(p.numel() for p in model.parameters())

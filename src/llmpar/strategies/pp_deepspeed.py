@@ -87,7 +87,6 @@ def pipeline_layers(model) -> list[nn.Module]:
             + [HeadStage(inner.norm, model.lm_head)])
 
 
-
 def parallelize(model, spec, ctx, train_cfg):
     ds_common.init_deepspeed(ctx)
     from deepspeed.pipe import PipelineModule
@@ -116,9 +115,7 @@ def parallelize(model, spec, ctx, train_cfg):
     # across stages (the embedding and lm_head are untied), so mark all of them.
     for p in module.parameters():
         p.model_parallel = True
-    engine_name = "the DeepSpeed pipeline engine" + (f" with ZeRO-{spec.zero_stage}" if spec.zero_stage else "")
-    config = ds_common.ds_config(spec, train_cfg, zero_stage=spec.zero_stage, model=module,
-                                 engine_name=engine_name)
+    config = ds_common.ds_config(spec, train_cfg, model=module)
     engine = ds_common.initialize(module, config, train_cfg)
     return DeepSpeedPipelineEngine(engine, spec, ctx, train_cfg)
 

@@ -25,8 +25,7 @@ from llmpar.strategies import ds_common
 def parallelize(model, spec, ctx, train_cfg):
     ds_common.init_deepspeed(ctx)
     ds_common.apply_levers(model, spec)
-    config = ds_common.ds_config(spec, train_cfg, zero_stage=spec.zero_stage, model=model,
-                                 engine_name="DeepSpeed AutoTP")
+    config = ds_common.ds_config(spec, train_cfg, model=model)
     config["tensor_parallel"] = {"autotp_size": spec.tp}
     # Build DeepSpeed's (data, tensor) mesh now and hand it over as the mpu: DeepSpeed's config checks
     # train_batch_size = micro_batch * accumulation * data-parallel size, and without an mpu it takes the

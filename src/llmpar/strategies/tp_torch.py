@@ -34,7 +34,6 @@ def layer_plan() -> dict:
     return {**{name: ColwiseParallel() for name in COLWISE}, **{name: RowwiseParallel() for name in ROWWISE}}
 
 
-
 def apply_tp(layers, tp_mesh) -> None:
     """Shard the attention and MLP projections of each (unwrapped) decoder layer over ``tp_mesh``."""
     for layer in layers:

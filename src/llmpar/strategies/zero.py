@@ -26,7 +26,6 @@ def parallelize(model, spec, ctx, train_cfg):
         return pp_deepspeed.parallelize(model, spec, ctx, train_cfg)
     ds_common.init_deepspeed(ctx)
     ds_common.apply_levers(model, spec)
-    config = ds_common.ds_config(spec, train_cfg, zero_stage=spec.zero_stage, model=model,
-                                 engine_name=f"ZeRO-{spec.zero_stage}")
+    config = ds_common.ds_config(spec, train_cfg, model=model)
     engine = ds_common.initialize(model, config, train_cfg)
     return ds_common.DeepSpeedEngine(engine, spec, ctx, train_cfg)
