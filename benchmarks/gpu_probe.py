@@ -105,7 +105,8 @@ def attention_bench(out):
     return best
 
 
-def step_bench(out, name, mbs=8, fused_ce=True, backend=None, compile_mode="layers", steps=6, warm=3):
+def step_bench(out, name, mbs=8, fused_ce=True, backend=None, compile_mode="layers", precision="bf16", steps=6,
+               warm=3):
     from llmpar.strategies.base import TorchEngine, prepare_model
 
     # The attention backend order (train.attention: cudnn | flash | default) holds around the steps.
@@ -120,7 +121,7 @@ def step_bench(out, name, mbs=8, fused_ce=True, backend=None, compile_mode="laye
     torch.cuda.reset_peak_memory_stats()
     gb, seq = 32, MODEL["seq_len"]
     m = gb // mbs
-    spec = RunSpec(name=name, strategy="single", micro_batches=m, micro_batch_size=mbs, precision="bf16",
+    spec = RunSpec(name=name, strategy="single", micro_batches=m, micro_batch_size=mbs, precision=precision,
                    compile=compile_mode == "layers")
     ctx = types.SimpleNamespace(device=torch.device("cuda"), is_main=True, rank=0, world_size=1)
     t0 = time.time()
@@ -128,6 +129,12 @@ def step_bench(out, name, mbs=8, fused_ce=True, backend=None, compile_mode="laye
     model = prepare_model(model, spec)
     if compile_mode == "model":
         model = torch.compile(model)
+    elif compile_mode == "layers-autotune":  # per-layer, with Triton GEMM templates autotuned against cuBLAS
+        from llmpar.strategies.base import decoder_layers
+
+        layers = decoder_layers(model)
+        for i in range(len(layers)):
+            layers[i] = torch.compile(layers[i], mode="max-autotune-no-cudagraphs")
     engine = TorchEngine(model, spec, ctx, {**TRAIN, "fused_loss": fused_ce})
     g = torch.Generator().manual_seed(0)
     batches = []
@@ -136,7 +143,7 @@ def step_bench(out, name, mbs=8, fused_ce=True, backend=None, compile_mode="laye
         xs, ys = x[:, :-1].contiguous().cuda(), x[:, 1:].contiguous().cuda()
         batches.append(list(zip(xs.chunk(m), ys.chunk(m))))
     row = {"kind": "step", "name": name, "mbs": mbs, "m": m, "fused_ce": fused_ce, "backend": backend,
-           "compile": compile_mode}
+           "compile": compile_mode, "precision": precision}
     with attention_backends(backend or "default", "cuda"):  # the backend order holds around the steps
         try:
             losses = []
@@ -212,6 +219,13 @@ VARIANTS = {
     "mbs4": dict(mbs=4, backend="best"),
     "eager": dict(mbs=8, compile_mode="none", backend="best"),
     "wholemodel": dict(mbs=8, compile_mode="model", backend="best"),
+    # the levers of issue 14 at the preset's micro-batch 16 (cudnn16 is the preset's own setting)
+    "noce16": dict(mbs=16, backend="cudnn", fused_ce=False),
+    "whole16": dict(mbs=16, backend="cudnn", compile_mode="model"),
+    "autotune16": dict(mbs=16, backend="cudnn", compile_mode="layers-autotune"),
+    # not a lever the study may take (bf16 weights and residual stream: another numerics class), the bound
+    # of what the fp32 master weights and the fp32 residual stream cost
+    "bf16pure16": dict(mbs=16, backend="cudnn", precision="bf16-pure"),
 }
 
 
@@ -222,6 +236,7 @@ def main():
     p.add_argument("--deadline", type=float, default=1e9, help="seconds from start: skip variants after it")
     p.add_argument("--no-micro", action="store_true", help="skip the matmul and attention micro-benchmarks")
     p.add_argument("--profile", action="store_true", help="also profile 2 steps per variant (kernel time)")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per variant (after 3 warm-up steps)")
     a = p.parse_args()
     global PROFILE
     PROFILE = a.profile
@@ -244,7 +259,7 @@ def main():
         kw = dict(VARIANTS[v])
         if kw.get("backend") == "best":
             kw["backend"] = best_backend
-        step_bench(a.out, v, **kw)
+        step_bench(a.out, v, steps=a.steps, **kw)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -60,6 +61,10 @@ def main():
     p.add_argument("--compile", action="store_true")
     p.add_argument("--size", default="1B", help="model size preset (tiny for a CPU smoke test)")
     a = p.parse_args()
+    if torch.cuda.device_count() > 1 and "LOCAL_RANK" not in os.environ:
+        # one process seeing several GPUs: the Trainer would wrap the model in nn.DataParallel and
+        # split each batch over all of them, which is not the one-GPU baseline this script measures
+        p.error(f"{torch.cuda.device_count()} GPUs visible: set CUDA_VISIBLE_DEVICES to one GPU")
 
     mc = {"size": a.size, "seq_len": a.seq_len, "vocab_size": 32000}
     vocab = read_meta(a.tokens)["vocab_size"]

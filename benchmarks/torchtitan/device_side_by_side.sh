@@ -54,9 +54,14 @@ limit() {  # a part's timeout: its own limit, cut to the budget left less 30 s (
   (( l < $1 )) && echo $(( l > 10 ? l : 10 )) || echo "$1"
 }
 gpu_cleanup() {  # processes of this call's parts still on a GPU after a kill (torchrun's workers run in their
-  # own sessions): only PIDs whose command line is ours (scripts/train.py, llmpar.train, torchrun, tt_launch.py)
-  local p
-  for p in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null | tr -d ' '); do
+  # own sessions): only PIDs whose command line is ours (scripts/train.py, llmpar.train, torchrun, tt_launch.py),
+  # and only on this job's GPUs (CUDA_VISIBLE_DEVICES): nvidia-smi lists every GPU's processes, and another job
+  # may run ours on the others (benchmarks/device_suite_beside_peers.sh)
+  local p uuids
+  uuids=$(nvidia-smi ${CUDA_VISIBLE_DEVICES:+-i $CUDA_VISIBLE_DEVICES} --query-gpu=uuid --format=csv,noheader | tr -d ' ')
+  [ -n "$uuids" ] || return 0
+  for p in $(nvidia-smi --query-compute-apps=pid,gpu_uuid --format=csv,noheader 2>/dev/null | tr -d ' ' \
+             | grep -F "$uuids" | cut -d, -f1 | sort -u); do
     if tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | grep -qE "llmpar|scripts/train.py|tt_launch.py|torch.distributed.run"; then
       echo "killing leftover GPU process $p: $(tr '\0' ' ' < /proc/$p/cmdline | cut -c1-120)"
       kill -9 "$p" 2>/dev/null
