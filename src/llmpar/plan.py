@@ -409,6 +409,7 @@ KNOWN_MISSES = {
     ("h100x4-1b", "zero3", "step"): "as at 2 GPUs: module-by-module fp32 gathers on the critical path "
     "(forward 53 % of a 0.78 s step)",
     ("h100x4-1b", "tp2-deepspeed", "step"): "as tp-deepspeed at 2 GPUs (0.10 s unexplained per step)",
+    ("h100x4-1b", "tp2-torch", "step"): "as tp-torch at 2 GPUs (0.09 s unexplained per step)",
     ("h100x4-1b", "tp4-torch", "step"): "as tp-torch at 2 GPUs, larger at TP4 (0.28 s unexplained): quarter-"
     "width GEMMs run below the full-width rate the plan assumes; not profiled",
     ("h100x4-1b", "tp4-deepspeed", "step"): "as tp4-torch (0.29 s unexplained)",
