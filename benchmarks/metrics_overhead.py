@@ -3,8 +3,9 @@
 steady-state throughput of each and the slowdown ratio (goal: under 1% on GPU; printed for CPU too).
 
 "Metric collection" here is everything the study adds beyond the loss log: the background sampler
-thread (NVML or psutil, every train.sample_period_s) and the forward/backward/optimizer phase timer
-(CUDA events or host clocks). With `train.metrics: false` both are off; the step clock the loop needs
+thread (NVML or psutil, every train.sample_period_s), the forward/backward/optimizer phase timer
+(CUDA events or host clocks) and each data-parallel replica's gradient norm for the noise scale (DDP's
+communication hook). With `train.metrics: false` all three are off; the step clock the loop needs
 for its own log stays on in both arms, so the comparison isolates the added collection.
 
     python benchmarks/metrics_overhead.py                       # tiny model on CPU

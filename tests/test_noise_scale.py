@@ -9,7 +9,9 @@ import math
 
 import pytest
 import torch
+from conftest import make_config
 
+from llmpar.config import RunSpec
 from llmpar.metrics.noise_scale import NoiseScale, pollux_efficiency, ratio_with_error, two_batch_estimates
 
 
@@ -80,3 +82,35 @@ def test_runs_measure_the_same_noise_scale_on_different_engines(shared_two, shar
         s = read_run(shared_two["dir"][run])[0]
         assert s["gradient_noise_scale"] is None and s["pollux_goodput"] is None
         assert why in s["noise_scale_reason"], (run, s["noise_scale_reason"])
+
+
+def test_metrics_off_measures_no_noise_scale(tmp_path):
+    """``train.metrics: false`` (the overhead benchmark's off arm) turns the replica's gradient norm off
+    too: DDP keeps its own all-reduce without the communication hook and the engine says why; with
+    metrics on the hook measures it. In process, one gloo rank."""
+    import types
+
+    import torch.distributed as dist
+
+    from llmpar.config import prepare, run_config
+    from llmpar.model import build_model
+    from llmpar.strategies import ddp
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        cfg = prepare(make_config({"ddp": {"strategy": "data_parallel", "gpus_per_node": 1}}))
+        rc = run_config(cfg, "ddp")
+        spec = cfg["runs"]["ddp"]
+        ctx = types.SimpleNamespace(device=torch.device("cpu"), rank=0, world_size=1, is_main=True)
+        x = torch.randint(0, 50, (2, cfg["model"]["seq_len"]))
+        for metrics in (True, False):
+            model = build_model(cfg["model"], 50, seed=0)
+            engine = ddp.parallelize(model, RunSpec(**spec), ctx, {**rc["train"], "metrics": metrics})
+            engine.train_step([(x, x)])
+            sq = engine.local_grad_sq()
+            if metrics:
+                assert sq is not None and sq.item() > 0
+            else:
+                assert sq is None and engine.noise_scale_reason == "train.metrics is off"
+    finally:
+        dist.destroy_process_group()

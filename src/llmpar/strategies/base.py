@@ -335,6 +335,10 @@ class TorchEngine(Engine):
         self.optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], train_cfg)
         self.scheduler = make_scheduler(self.optimizer, train_cfg)
         self.timer = PhaseTimer(ctx.device, enabled=train_cfg.get("metrics", True))
+        # the replica's own gradient norm for the noise scale is metric collection too: off with train.metrics
+        self.measure_noise_scale = train_cfg.get("metrics", True)
+        if not self.measure_noise_scale:
+            self.noise_scale_reason = "train.metrics is off"
         self.loss_fn = cross_entropy_for(ctx.device, train_cfg["fused_loss"])
         self.watch_optimizer(self.optimizer)
 

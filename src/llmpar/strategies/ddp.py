@@ -33,7 +33,8 @@ class DDPEngine(TorchEngine):
     def __init__(self, ddp: DDP, *args, **kwargs):
         super().__init__(ddp, *args, no_sync=ddp.no_sync, **kwargs)
         self.local_norm = LocalNorm()
-        ddp.register_comm_hook(None, self.local_norm.hook)
+        if self.measure_noise_scale:  # else DDP's own all-reduce, without the hook (train.metrics: false)
+            ddp.register_comm_hook(None, self.local_norm.hook)
 
     def sync_grads(self) -> None:
         # DDP averaged the gradients inside backward; keep what the hook saw before, for the next step clear it

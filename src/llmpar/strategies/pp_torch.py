@@ -205,7 +205,8 @@ class PipelineEngine(TorchEngine):
 
     def sync_grads(self) -> None:
         params = list(self.model.parameters())
-        if self.dp_size > 1:  # this pipeline's own gradient (all stages), before the average (noise scale)
+        # this pipeline's own gradient (all stages), before the average (noise scale)
+        if self.dp_size > 1 and self.measure_noise_scale:
             self._local_grad_sq = total_grad_norm(params, self.pp_group).square()
         allreduce_grads_(params, self.dp_group, self.dp_size)
         self.timer.stop("grad_sync")

@@ -115,7 +115,8 @@ class MeshEngine(TorchEngine):
 
     def sync_grads(self) -> None:
         params = list(self.model.parameters())
-        if self.grad_sync_size > 1:  # a plain replica: its own gradient, before the average (noise scale)
+        # a plain replica: its own gradient, before the average (noise scale)
+        if self.grad_sync_size > 1 and self.measure_noise_scale:
             self._local_grad_sq = total_grad_norm(params).square()
         allreduce_grads_(params, self.grad_sync_group, self.grad_sync_size)
         self.timer.stop("backward")  # the gradient all-reduce is part of backward (as inside DDP)
