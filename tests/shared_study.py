@@ -36,6 +36,7 @@ LAYOUTS = {
         },
         "extras": {
             "ddp_accumulate": {"strategy": "data_parallel", "micro_batches": 2, **TWO},
+            "fsdp_accumulate": {"strategy": "fsdp", "micro_batches": 2, **TWO},
             "fsdp_no_reshard": {"strategy": "fsdp", "reshard_after_forward": False, **TWO},
             "pp_gpipe": {**PP, "schedule": "gpipe", "pp_engine": "torch"},
             "fsdp_ac": {"strategy": "fsdp", "activation_checkpointing": "full", **TWO},

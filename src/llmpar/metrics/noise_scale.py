@@ -91,11 +91,12 @@ def pollux_efficiency(noise_scale: float, batch: float, reference_batch: float) 
 
 
 def summarize(steps: list[dict], local_sq: list[dict[int, float]], global_batch: int, dp: int, warmup: int,
-              tokens_per_s: float | None, reason: str | None, decay: float = 0.95) -> dict:
+              tokens_per_s: float | None, reason: str | None, decay: float = 0.95, splits: int | None = None) -> dict:
     """The run's noise-scale fields from its step rows (``grad_norm``: the averaged gradient's norm before
     clipping, batch ``global_batch``) and each rank's {step: squared norm of its replica's own gradient}
-    (batch ``global_batch / dp``; the ranks of one replica hold the same value, so the mean over ranks
-    is the mean over replicas). Batches in sequences. ``reason``: why the engine measures nothing."""
+    (batch ``global_batch / splits``, ``splits`` = dp unless the engine measures smaller parts, e.g. FSDP2
+    per micro-batch; the ranks of one replica hold the same value, so the mean over ranks is the mean over
+    replicas). Batches in sequences. ``reason``: why the engine measures nothing."""
     fields = {"gradient_noise_scale": None, "gradient_noise_scale_mean": None, "gradient_noise_scale_se": None,
               "pollux_efficiency": None, "pollux_goodput": None, "noise_scale_reason": None}
     if dp < 2:
@@ -109,7 +110,7 @@ def summarize(steps: list[dict], local_sq: list[dict[int, float]], global_batch:
     if reason:
         fields["noise_scale_reason"] = reason
         return fields | {"pollux_goodput_reason": reason}
-    small = global_batch // dp
+    small = global_batch // (splits or dp)
     est = NoiseScale(decay)
     steady = []
     for r in steps:
@@ -126,7 +127,7 @@ def summarize(steps: list[dict], local_sq: list[dict[int, float]], global_batch:
     if est.value is None:
         fields["noise_scale_reason"] = "the averaged |G|^2 estimate is not positive yet (too few or too noisy steps)"
         return fields | {"pollux_goodput_reason": fields["noise_scale_reason"]}
-    fields["pollux_efficiency"] = pollux_efficiency(est.value, global_batch, small)
+    fields["pollux_efficiency"] = pollux_efficiency(est.value, global_batch, global_batch // dp)  # M0: one replica
     if tokens_per_s:
         fields["pollux_goodput"] = tokens_per_s * fields["pollux_efficiency"]
     return fields | {"pollux_goodput_reason": None}

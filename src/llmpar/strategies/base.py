@@ -183,6 +183,9 @@ class Engine:
     # why local_grad_sq is None for this engine (see llmpar.metrics.noise_scale)
     noise_scale_reason = ("the engine reduces gradients inside its backward pass: no replica's own gradient "
                           "is visible before the reduction")
+    # local_grad_sq is the squared norm of the mean gradient over 1/noise_scale_splits of the global batch
+    # (None: dp_size, one replica's share)
+    noise_scale_splits: int | None = None
 
     def arm_state_capture(self) -> None:
         self._capture_armed = True

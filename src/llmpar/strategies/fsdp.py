@@ -22,11 +22,20 @@ residual stream in bf16, a different rounding path that on the GPU suite's model
 norm 3.4 % from ``single``'s where every other engine stays within 0.7 % (2 x H100; on CPU 1.9 %
 against DDP's 0.5 %). What remains is the layers' norm weights rounded to bf16 on the way in, as
 autocast rounds every projection's. ``bf16-pure`` shards bf16 weights.
+
+Noise scale: every reduce-scatter goes through :class:`ReplicaNormReduceScatter` (FSDP2's public
+``set_custom_reduce_scatter``), which adds the squared norm of its input, this rank's own unsharded
+gradient of one parameter group for one micro-batch, before reducing it as FSDP2 would. Summed over
+the groups that is the micro-batch's local gradient norm; the engine reports the mean over micro-batches
+of the micro-batch mean gradient's squared norm, at batch global / (dp · micro-batches)
+(``noise_scale_splits``). FSDP2 divides before the reduction only for fp16 reductions (overflow), which
+no precision here uses, so the input is the raw gradient.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -34,13 +43,48 @@ from llmpar.strategies.base import decoder_layers, prepare_model
 from llmpar.strategies.torch_common import MeshEngine
 
 
+class ReplicaNormReduceScatter:
+    """FSDP2's reduce-scatter (``dist.reduce_scatter_tensor``, the op FSDP2 chose) that first adds the squared
+    norm of its input to :attr:`sq`; runs on FSDP2's reduce-scatter stream, which the optimizer step waits
+    for."""
+
+    def __init__(self):
+        self.sq: torch.Tensor | None = None
+
+    def allocate(self, size, *, dtype, device) -> torch.Tensor:
+        return torch.empty(size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+        sq = torch.linalg.vector_norm(input_tensor, dtype=torch.float32).square()
+        self.sq = sq if self.sq is None else self.sq + sq
+        return dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
+
+    def take(self) -> torch.Tensor | None:
+        sq, self.sq = self.sq, None
+        return sq
+
+
 class FSDPEngine(MeshEngine):
-    """:class:`MeshEngine` that reshards after evaluation.
+    """:class:`MeshEngine` that reshards after evaluation and measures each rank's own gradient norm in
+    FSDP2's reduce-scatter (module docstring).
 
     A forward without backward leaves groups with ``reshard_after_forward=False`` unsharded (the
     backward would reshard them); resharding explicitly keeps memory, the parameter count and
     checkpoints in the sharded state between evaluation and the next step.
     """
+
+    def __init__(self, *args, replica_norm: ReplicaNormReduceScatter | None = None, reason: str = "", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.replica_norm = replica_norm if self.measure_noise_scale else None
+        self.noise_scale_splits = self.dp_size * self.spec.micro_batches
+        if self.measure_noise_scale and replica_norm is None:
+            self.noise_scale_reason = reason
+
+    def sync_grads(self) -> None:
+        if self.replica_norm is not None:
+            sq = self.replica_norm.take()  # summed over micro-batches k of |g_k|², g_k = grad(L_k) / m
+            self._local_grad_sq = None if sq is None else sq * self.spec.micro_batches  # mean_k |m g_k|²
+        super().sync_grads()
 
     def eval_loss(self, inputs, labels):
         loss = super().eval_loss(inputs, labels)
@@ -71,5 +115,15 @@ def parallelize(model, spec, ctx, train_cfg) -> FSDPEngine:
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=layer_mp, **kwargs)
     fully_shard(model, mp_policy=root_mp, **kwargs)
+    replica_norm, reason = None, ""
+    if tp > 1:
+        reason = "FSDP x TP: each rank holds a tensor-parallel slice of its replica's gradient"
+    elif not hasattr(FSDPModule, "set_custom_reduce_scatter"):  # the hook is recent public API of FSDP2
+        reason = "this torch's FSDP2 has no custom reduce-scatter (set_custom_reduce_scatter)"
+    elif train_cfg.get("metrics", True):
+        replica_norm = ReplicaNormReduceScatter()
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.set_custom_reduce_scatter(replica_norm)
     return FSDPEngine(model, spec, ctx, train_cfg, dp_rank=dp_mesh.get_local_rank(), dp_size=dp,
-                      dp_group=dp_mesh.get_group())
+                      dp_group=dp_mesh.get_group(), replica_norm=replica_norm, reason=reason)
