@@ -132,6 +132,31 @@ def assert_matches_single(summary, steps, baseline, rtol: float, min_steps: int 
     assert abs(val - ref_val) <= rtol * abs(ref_val), f"final val_loss {val} vs baseline {ref_val}"
 
 
+def run_matches_single(results: dict, name: str, baseline, rtol: float) -> dict:
+    """Run ``name`` of a launch's ``{run: (summary, steps)}`` against ``single``: prints its largest gaps,
+    asserts :func:`assert_matches_single`; returns its summary."""
+    summary, steps = results[name]
+    print(f"{name}: max rel gap to single: loss {max_rel_gap(steps, baseline[1]):.1e}, "
+          f"grad_norm {max_rel_gap(steps, baseline[1], 'grad_norm'):.1e}")
+    assert_matches_single(summary, steps, baseline, rtol)
+    return summary
+
+
+def layout_fixtures(launch):
+    """An equivalence module's module-scoped fixtures ``w2``, ``w4`` and ``nodes2``: one launch per process
+    layout, ``launch(layout, tiny_tokens, root)``, trained when a test first asks for it. Assign them at
+    module level: ``w2, w4, nodes2 = layout_fixtures(launch)``."""
+
+    def fixture(layout: str):
+        @pytest.fixture(scope="module", name=layout)
+        def trained(tiny_tokens, root):
+            return launch(layout, tiny_tokens, root)
+
+        return trained
+
+    return tuple(fixture(layout) for layout in ("w2", "w4", "nodes2"))
+
+
 def max_rel_gap(steps, ref_steps, key: str = "loss") -> float:
     return max(abs(a[key] - b[key]) / abs(b[key]) for a, b in zip(steps, ref_steps))
 

@@ -19,7 +19,16 @@ import pickle
 
 import pytest
 import torch
-from conftest import assert_matches_single, assert_same_steps, make_config, max_rel_gap, train_batch, train_run
+from conftest import (
+    assert_matches_single,
+    assert_same_steps,
+    layout_fixtures,
+    make_config,
+    max_rel_gap,
+    run_matches_single,
+    train_batch,
+    train_run,
+)
 
 from llmpar.config import model_dims, prepare
 
@@ -70,19 +79,7 @@ def launch(layout: str, tiny_tokens, root) -> dict:
                        sum_grads=("zero2-summed",) if layout == "w2" else ())
 
 
-@pytest.fixture(scope="module")
-def w2(tiny_tokens, root):
-    return launch("w2", tiny_tokens, root)
-
-
-@pytest.fixture(scope="module")
-def w4(tiny_tokens, root):
-    return launch("w4", tiny_tokens, root)
-
-
-@pytest.fixture(scope="module")
-def nodes2(tiny_tokens, root):
-    return launch("nodes2", tiny_tokens, root)
+w2, w4, nodes2 = layout_fixtures(launch)
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +90,7 @@ def resumed(w2, tiny_tokens, root):
 
 def matches_single(results, name: str, baseline, world: int):
     """Compare run ``name`` with the baseline; returns its summary and its per-rank records by rank."""
-    summary, steps = results[name]
-    print(f"{name}: max rel gap to single: loss {max_rel_gap(steps, baseline[1]):.1e}, "
-          f"grad_norm {max_rel_gap(steps, baseline[1], 'grad_norm'):.1e}")
-    assert_matches_single(summary, steps, baseline, RTOL)
+    summary = run_matches_single(results, name, baseline, RTOL)
     assert summary["world_size"] == world
     ranks = sorted(summary["per_rank"], key=lambda r: r["rank"])
     assert [r["rank"] for r in ranks] == list(range(world))

@@ -16,7 +16,15 @@ Measured on the 2-core CPU machine: the largest relative step-loss difference of
 """
 
 import pytest
-from conftest import assert_matches_single, assert_same_steps, make_config, max_rel_gap, train_batch, train_run
+from conftest import (
+    assert_same_steps,
+    layout_fixtures,
+    make_config,
+    max_rel_gap,
+    run_matches_single,
+    train_batch,
+    train_run,
+)
 
 from llmpar.config import MODEL_SIZES
 
@@ -64,27 +72,11 @@ def launch(layout: str, tiny_tokens, root) -> dict:
                        sum_grads=("hybrid-summed",) if layout == "nodes2" else ())
 
 
-@pytest.fixture(scope="module")
-def w2(tiny_tokens, root):
-    return launch("w2", tiny_tokens, root)
-
-
-@pytest.fixture(scope="module")
-def w4(tiny_tokens, root):
-    return launch("w4", tiny_tokens, root)
-
-
-@pytest.fixture(scope="module")
-def nodes2(tiny_tokens, root):
-    return launch("nodes2", tiny_tokens, root)
+w2, w4, nodes2 = layout_fixtures(launch)
 
 
 def matches_single(results, name, baseline):
-    summary, steps = results[name]
-    print(f"{name}: max rel gap to single: loss {max_rel_gap(steps, baseline[1]):.1e}, "
-          f"grad_norm {max_rel_gap(steps, baseline[1], 'grad_norm'):.1e}")
-    assert_matches_single(summary, steps, baseline, RTOL)
-    return summary
+    return run_matches_single(results, name, baseline, RTOL)
 
 
 def tp_sharded_params() -> int:
