@@ -37,6 +37,7 @@ LAYOUTS = {
         "extras": {
             "ddp_accumulate": {"strategy": "data_parallel", "micro_batches": 2, **TWO},
             "fsdp_accumulate": {"strategy": "fsdp", "micro_batches": 2, **TWO},
+            "zero1_accumulate": {"strategy": "zero", "zero_stage": 1, "micro_batches": 2, **TWO},
             "fsdp_no_reshard": {"strategy": "fsdp", "reshard_after_forward": False, **TWO},
             "pp_gpipe": {**PP, "schedule": "gpipe", "pp_engine": "torch"},
             "fsdp_ac": {"strategy": "fsdp", "activation_checkpointing": "full", **TWO},
@@ -59,6 +60,8 @@ LAYOUTS = {
         },
         "extras": {
             "tp_dp": {"strategy": "tensor_parallel", "tp": 2, "tp_engine": "torch", "gpus_per_node": 4},
+            "pp_dp_hybrid_deepspeed": {"strategy": "hybrid_parallel", "stages": 2, "micro_batches": 4,
+                                       "gpus_per_node": 4, "pp_engine": "deepspeed"},
         },
     },
 }

@@ -58,16 +58,19 @@ def test_refusals_and_pollux():
 
 @pytest.mark.slow
 def test_runs_measure_the_same_noise_scale_on_different_engines(shared_two, shared_four):
-    """DDP (its communication hook), FSDP2 (its reduce-scatter's input) and the torch PP2 x DP2 hybrid (the
-    pipeline's own gradient over both stages) measure the same training's noise scale at the same two
-    batch sizes (4 and 8 sequences): within their stated uncertainty of each other. One replica (TP) and
-    engines that reduce inside backward (DeepSpeed ZeRO) say why they measure nothing."""
+    """DDP (its communication hook), FSDP2 (its reduce-scatter's input), DeepSpeed ZeRO-1/2/3 (parameter
+    gradient hooks), the torch PP2 x DP2 hybrid (the pipeline's own gradient over both stages) and
+    DeepSpeed's (hooks per micro-batch, summed over the stages) measure the same training's noise scale:
+    within their stated uncertainty of each other. Layouts of one replica (TP, DeepSpeed's pipeline at 2
+    stages) say why they measure nothing."""
     from conftest import read_run
 
     ddp = read_run(shared_two["dir"]["ddp_ref"])[0]
     fsdp = read_run(shared_two["dir"]["fsdp_ref"])[0]
+    zero = [read_run(shared_two["dir"][f"{r}_ref"])[0] for r in ("zero1", "zero2_offload", "zero3")]
     hybrid = read_run(shared_four["dir"]["pp_dp_hybrid_ref"])[0]
-    for s in (ddp, fsdp, hybrid):
+    ds_hybrid = read_run(shared_four["dir"]["pp_dp_hybrid_deepspeed"])[0]  # per micro-batch of 1 sequence
+    for s in (ddp, fsdp, *zero, hybrid, ds_hybrid):
         assert s["noise_scale_reason"] is None, s["noise_scale_reason"]
         assert s["gradient_noise_scale"] > 0 and s["gradient_noise_scale_se"] > 0
         # Pollux at M = 8 against M0 = 4 sequences, and goodput = throughput x efficiency
@@ -77,19 +80,26 @@ def test_runs_measure_the_same_noise_scale_on_different_engines(shared_two, shar
     print("noise scale: DDP", ddp["gradient_noise_scale_mean"], "+-", ddp["gradient_noise_scale_se"],
           "| FSDP2", fsdp["gradient_noise_scale_mean"], "+-", fsdp["gradient_noise_scale_se"],
           "| PP2 x DP2", hybrid["gradient_noise_scale_mean"], "+-", hybrid["gradient_noise_scale_se"])
-    for other in (fsdp, hybrid):
+    print("ZeRO-1/2 (optimizer offload)/3:", [(z["gradient_noise_scale_mean"], z["gradient_noise_scale_se"])
+                                                for z in zero])
+    print("DeepSpeed PP2 x DP2:", ds_hybrid["gradient_noise_scale_mean"], "+-", ds_hybrid["gradient_noise_scale_se"])
+    for other in (fsdp, *zero, hybrid, ds_hybrid):
         gap = abs(ddp["gradient_noise_scale_mean"] - other["gradient_noise_scale_mean"])
         assert gap <= math.hypot(ddp["gradient_noise_scale_se"], other["gradient_noise_scale_se"])
-    # with 2 micro-batches FSDP2 reduce-scatters each: its small batch is one micro-batch (2 sequences, not
-    # DDP's 4 of an accumulated replica), another estimator of the same quantity
-    ddp_acc, fsdp_acc = (read_run(shared_two["dir"][r])[0] for r in ("ddp_accumulate", "fsdp_accumulate"))
-    print("with 2 micro-batches: DDP", ddp_acc["gradient_noise_scale_mean"], "+-", ddp_acc["gradient_noise_scale_se"],
-          "| FSDP2", fsdp_acc["gradient_noise_scale_mean"], "+-", fsdp_acc["gradient_noise_scale_se"])
-    gap = abs(ddp_acc["gradient_noise_scale_mean"] - fsdp_acc["gradient_noise_scale_mean"])
-    assert gap <= math.hypot(ddp_acc["gradient_noise_scale_se"], fsdp_acc["gradient_noise_scale_se"])
-    assert fsdp_acc["pollux_efficiency"] == pytest.approx((fsdp_acc["gradient_noise_scale"] + 4)
-                                                          / (fsdp_acc["gradient_noise_scale"] + 8))
-    for run, why in (("tp_ref", "one data-parallel replica"), ("zero2_offload_ref", "inside its backward")):
+    # with 2 micro-batches FSDP2 and ZeRO measure each micro-batch's gradient: their small batch is one
+    # micro-batch (2 sequences, not DDP's 4 of an accumulated replica), another estimator of the same quantity
+    ddp_acc, fsdp_acc, zero_acc = (read_run(shared_two["dir"][r])[0]
+                                   for r in ("ddp_accumulate", "fsdp_accumulate", "zero1_accumulate"))
+    print("with 2 micro-batches:", *(f"{n} {s['gradient_noise_scale_mean']} +- {s['gradient_noise_scale_se']}"
+                                     for n, s in (("DDP", ddp_acc), ("FSDP2", fsdp_acc), ("ZeRO-1", zero_acc))))
+    for other in (fsdp_acc, zero_acc):
+        gap = abs(ddp_acc["gradient_noise_scale_mean"] - other["gradient_noise_scale_mean"])
+        assert gap <= math.hypot(ddp_acc["gradient_noise_scale_se"], other["gradient_noise_scale_se"])
+        assert other["pollux_efficiency"] == pytest.approx((other["gradient_noise_scale"] + 4)
+                                                           / (other["gradient_noise_scale"] + 8))
+    # the same estimator on the same training: FSDP2's reduce-scatter inputs and ZeRO's parameter hooks agree
+    assert zero_acc["gradient_noise_scale_mean"] == pytest.approx(fsdp_acc["gradient_noise_scale_mean"], rel=1e-3)
+    for run, why in (("tp_ref", "one data-parallel replica"), ("pp_deepspeed_ref", "one data-parallel replica")):
         s = read_run(shared_two["dir"][run])[0]
         assert s["gradient_noise_scale"] is None and s["pollux_goodput"] is None
         assert why in s["noise_scale_reason"], (run, s["noise_scale_reason"])

@@ -307,6 +307,12 @@ class DeepSpeedEngine(Engine):
     gradients over the engine's data-parallel group (ZeRO: reduce-scatter into partitions, at the
     accumulation boundary or overlapped in backward); ``engine.step`` only steps the optimizer (with
     clipping and the LR scheduler) at the boundary, i.e. after the last micro-batch.
+
+    Noise scale: DeepSpeed offers no hook on a replica's own gradient before its reduction, so a tensor
+    hook on every parameter adds the squared norm of the gradient autograd hands it (this rank's, this
+    micro-batch's, before DeepSpeed's accumulate-grad hooks see it). As for FSDP2 the small batch is one
+    micro-batch (``noise_scale_splits``); AutoTP ranks hold slices of a replica's gradient and measure
+    nothing.
     """
 
     def __init__(self, engine, spec, ctx, train_cfg):
@@ -321,6 +327,21 @@ class DeepSpeedEngine(Engine):
         self.loss_fn = cross_entropy_for(ctx.device, train_cfg["fused_loss"])
         self.watch_optimizer(ds_torch_optimizer(engine))
         keep_clip_norm(engine)
+        self.noise_scale_splits = self.dp_size * spec.micro_batches
+        self._micro_sq: torch.Tensor | None = None  # sum over this step's micro-batches k of |g_k|²
+        if not train_cfg.get("metrics", True):
+            self.noise_scale_reason = "train.metrics is off"
+        elif spec.tp > 1:
+            self.noise_scale_reason = ("DeepSpeed AutoTP: each rank holds a tensor-parallel slice of its replica's "
+                                       "gradient")
+        elif self.dp_size > 1:  # one replica: nothing to compare (llmpar.metrics.noise_scale says so)
+            for p in engine.module.parameters():
+                if p.requires_grad:
+                    p.register_hook(self._add_grad_sq)
+
+    def _add_grad_sq(self, grad: torch.Tensor) -> None:
+        sq = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+        self._micro_sq = sq if self._micro_sq is None else self._micro_sq + sq
 
     def train_step(self, micro_batches):
         n = len(micro_batches)
@@ -335,6 +356,8 @@ class DeepSpeedEngine(Engine):
             self.engine.step()  # optimizer step at the accumulation boundary only (bookkeeping otherwise)
             self.timer.stop("optimizer")
             total += loss.detach().float()
+        if self._micro_sq is not None:  # g_k = grad(L_k) / n: the mean over k of |n g_k|²
+            self._local_grad_sq, self._micro_sq = self._micro_sq * n, None
         return self._reduce_mean(total / n)
 
     @torch.no_grad()

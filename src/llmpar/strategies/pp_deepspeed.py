@@ -32,6 +32,7 @@ parallelism.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from llmpar.errors import ConfigError
@@ -133,6 +134,17 @@ class DeepSpeedPipelineEngine(ds_common.DeepSpeedEngine):
                               f"the run asks for {spec.micro_batches}")
         self.watch_optimizer(ds_common.ds_torch_optimizer(engine))
         ds_common.keep_clip_norm(engine)
+        # noise scale as in ds_common.DeepSpeedEngine (parameter gradient hooks, per micro-batch), the stages'
+        # squared norms summed over the pipeline: a replica's gradient spans every stage
+        self.noise_scale_splits = self.dp_size * spec.micro_batches
+        self._micro_sq, self.pp_group = None, None
+        if not train_cfg.get("metrics", True):
+            self.noise_scale_reason = "train.metrics is off"
+        elif self.dp_size > 1:
+            self.pp_group = grid.get_pipe_parallel_group()
+            for p in engine.module.parameters():
+                if p.requires_grad:
+                    p.register_hook(self._add_grad_sq)
 
     def train_step(self, micro_batches):
         if len(micro_batches) != self.engine.micro_batches:
@@ -140,6 +152,10 @@ class DeepSpeedPipelineEngine(ds_common.DeepSpeedEngine):
         # train_batch: the 1F1B schedule, DP gradient all-reduce, clipping, AdamW and LR step; it returns
         # the loss averaged over micro-batches and DP replicas, broadcast from the last stage to all.
         loss = self.engine.train_batch(data_iter=iter(micro_batches))
+        if self.pp_group is not None:  # every stage joins the sum, hooked or not
+            sq = self._micro_sq if self._micro_sq is not None else torch.zeros((), device=self.ctx.device)
+            dist.all_reduce(sq, group=self.pp_group)
+            self._local_grad_sq, self._micro_sq = sq * len(micro_batches), None  # mean_k |m g_k|²
         return loss.reshape(())
 
     @torch.no_grad()
