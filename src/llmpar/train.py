@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from llmpar import distributed
+from llmpar import distributed, faults
 from llmpar.checkpoint import Checkpoints
 from llmpar.config import RunSpec, stable_hash
 from llmpar.data.loader import TokenData
@@ -144,7 +144,9 @@ def _train(run_cfg: dict, spec: RunSpec, ctx, tokens_dir: str | Path, out: Path,
     steps, evals, first_update = [], [], None
     local_sq: dict[int, torch.Tensor] = {}  # step -> this replica's squared gradient norm (noise scale)
     bad, status, message = 0, "ok", ""
-    fault = spec.fault or {}
+    if spec.fault:
+        faults.inject(engine, spec.fault, start_step, attempt, ctx.is_main, lambda m: log(ctx, f"[{spec.name}] {m}"))
+
     def flush() -> list[dict]:
         """Resolve pending steps into rows; rank 0 appends them to progress.jsonl (what a resume restores)."""
         rows = rec.flush()
@@ -160,15 +162,6 @@ def _train(run_cfg: dict, spec: RunSpec, ctx, tokens_dir: str | Path, out: Path,
         micro = nxt.result()
         if step < tc["steps"]:
             nxt = pool.submit(fetch, step)
-        if fault.get("at_step") == step and ctx.is_main:
-            if fault["kind"] == "oom":
-                raise torch.OutOfMemoryError(f"injected out-of-memory fault at step {step}")
-            if fault["kind"] == "crash":
-                raise RuntimeError(f"injected crash at step {step}")
-            if fault["kind"] == "stall" and attempt == 0:
-                log(ctx, f"[{spec.name}] injected stall at step {step}: waiting to be killed")
-                while True:
-                    time.sleep(60)
         if step == tc["steps"]:
             engine.arm_state_capture()  # model-state bytes at the last step's optimizer step
         watching = probe is not None and step == min(start_step + 2, tc["steps"])
@@ -176,8 +169,6 @@ def _train(run_cfg: dict, spec: RunSpec, ctx, tokens_dir: str | Path, out: Path,
             loss = engine.train_step(micro)
         if step == tc["warmup_steps_excluded"]:
             engine.reset_time_breakdown()  # the breakdown covers the steady steps, as throughput does
-        if fault.get("kind") == "nan" and step >= fault.get("at_step", 1):
-            loss = loss * float("nan")
         rec.step_done(step, loss, engine.lr(), engine.grad_norm())
         replica_sq = engine.local_grad_sq()
         if replica_sq is not None:
