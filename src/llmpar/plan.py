@@ -263,6 +263,16 @@ def link_bw(card_c: dict, group: int, stride: int) -> float:
     return cl["inter_node_busbw_gbps"] * 1e9
 
 
+def tp_link_bw(card_c: dict, tp: int) -> float:
+    """Effective bus bandwidth (bytes/s) of tensor parallelism's activation all-reduces: inside a node the
+    card's fitted ``tp_allreduce_busbw_gbps`` (they sit on the critical path between the layer's GEMMs,
+    each a separate ~MB-to-100-MB collective, far below a 1 GiB all-reduce's rate); across nodes the
+    inter-node link, as :func:`link_bw`."""
+    if tp <= card_c["cluster"]["gpus_per_node"]:
+        return card_c["tp_allreduce_busbw_gbps"] * 1e9
+    return link_bw(card_c, tp, 1)
+
+
 def allreduce_s(nbytes: float, group: int, bw: float, latency: float) -> float:
     return 0.0 if group <= 1 else latency + 2 * (group - 1) / group * nbytes / bw
 
@@ -284,8 +294,12 @@ def step_time(sh: Shape, run: dict, compiled: bool, c: dict) -> dict:
     tokens = run["micro_batch_size"] * sh.seq
     gemm, attn, elem = c["gemm_tflops"] * 1e12, c["attention_tflops"] * 1e12, c["elementwise_tbps"] * 1e12
     lat = c["cluster"]["collective_latency_s"]
-    bw_tp, bw_dp, bw_pp = link_bw(c, tp, 1), link_bw(c, dp, tp), link_bw(c, 2, tp * dp)
+    bw_tp, bw_dp, bw_pp = tp_link_bw(c, tp), link_bw(c, dp, tp), link_bw(c, 2, tp * dp)
     compute = 4 if run["precision"] == "fp32" else 2
+    # tensor parallel all-reduces: the row-parallel outputs in the forward (compute dtype) and the gradients
+    # of the column-parallel inputs in the backward, which under bf16 autocast are the fp32 residual
+    # stream's (fp32 unless the weights and stream are bf16)
+    grad_bytes_tp = 2 if run["precision"] == "bf16-pure" else 4
     per_rank = []
     for share in pipeline_ranks(sh, run):
         head = sh.vocab * sh.h // (tp if engine_of(run) == "deepspeed" else 1) if share["last"] else 0
@@ -295,7 +309,8 @@ def step_time(sh: Shape, run: dict, compiled: bool, c: dict) -> dict:
         t = {"gemm": flops_gemm / gemm, "attention": flops_attn / attn, "elementwise": 4 * saved / elem,
              "micro_batch_fixed": c["micro_batch_overhead_s"] * share["layers"] / sh.layers}
         # Tensor parallel: two all-reduces of the activations per layer in the forward, two in the backward.
-        t["tp_comm"] = 4 * share["layers"] * allreduce_s(tokens * sh.h * compute, tp, bw_tp, lat)
+        t["tp_comm"] = 2 * share["layers"] * (allreduce_s(tokens * sh.h * compute, tp, bw_tp, lat)
+                                              + allreduce_s(tokens * sh.h * grad_bytes_tp, tp, bw_tp, lat))
         if p > 1:  # the fp32 hidden state forward and its gradient backward, on the critical path
             t["pp_p2p"] = 2 * (lat + tokens * sh.h * 4 / bw_pp)
         per_rank.append(t)
@@ -396,11 +411,6 @@ KNOWN_MISSES = {
     "the plan counts only as bytes over NVLink (40 ms)",
     ("h100x2-1b", "zero3", "memory"): "DeepSpeed ZeRO-3 holds 8 GiB more than its counted states, buckets and "
     "live parameters (state_bytes shows full-size gradient buffers); not profiled",
-    ("h100x2-1b", "tp-torch", "step"): "TP forward+backward per sequence only 14 % below single-mb8's although "
-    "the GEMMs halve (time_breakdown); the plan's 4 all-reduces per layer over NVLink (79 ms) and half-width "
-    "GEMMs at the full-width rate leave 0.18 s unexplained; not profiled",
-    ("h100x2-1b", "tp-deepspeed", "step"): "as tp-torch (DeepSpeed AutoTP, same all-reduces): 0.21 s "
-    "unexplained; not profiled",
     # the 4-GPU study, predicted before it ran (constants fitted on the 1- and 2-GPU runs only)
     ("h100x4-1b", "zero1", "memory"): "DeepSpeed ZeRO-1 at 4 ranks holds a quarter of the fp32 gradients "
     "(state_bytes 1.06 GiB; full size, 4.1 GiB, at 2 ranks), which the plan counts as replicated",
@@ -408,11 +418,6 @@ KNOWN_MISSES = {
     "profiled",
     ("h100x4-1b", "zero3", "step"): "as at 2 GPUs: module-by-module fp32 gathers on the critical path "
     "(forward 53 % of a 0.78 s step)",
-    ("h100x4-1b", "tp2-deepspeed", "step"): "as tp-deepspeed at 2 GPUs (0.10 s unexplained per step)",
-    ("h100x4-1b", "tp2-torch", "step"): "as tp-torch at 2 GPUs (0.09 s unexplained per step)",
-    ("h100x4-1b", "tp4-torch", "step"): "as tp-torch at 2 GPUs, larger at TP4 (0.28 s unexplained): quarter-"
-    "width GEMMs run below the full-width rate the plan assumes; not profiled",
-    ("h100x4-1b", "tp4-deepspeed", "step"): "as tp4-torch (0.29 s unexplained)",
     ("h100x4-1b", "pp4-interleaved", "step"): "measured idle share 0.32 against the (p-1)/(v*m+p-1) = 0.16 "
     "the plan charges for interleaved 1F1B at 4 stages",
     ("h100x4-1b", "hybrid-deepspeed", "step"): "DeepSpeed's pipeline at micro-batches of 2 (8 per replica): "
