@@ -156,14 +156,17 @@ def assumptions(card_name: str) -> list[str]:
         f"sequence {m['seq_len']}"
         for name, m in SHAPES.items() for d in [model_dims(m)])
     return [
-        "Model output of llmpar.plan, never measured: no recorded run crosses a node or uses more than 2 GPUs. "
+        "Model output of llmpar.plan, never measured: no recorded run crosses a node or uses more than 4 GPUs. "
         f"Card constants: {c['name']} (src/llmpar/cards.yaml, each with its source), fitted on single-GPU runs "
-        "and checked on the 2-GPU runs (the predicted-vs-measured figure).",
+        "(the TP all-reduce rate on the 2-GPU TP runs) and checked on the other 2- and 4-GPU runs (the "
+        "predicted-vs-measured figure).",
         f"Shapes: {shapes}.",
         f"Weak scaling: {TOKENS_PER_GPU:,} tokens per GPU per optimizer step (8 × 2048 for the 1.1B, 2 × 8192 for "
         "the 8B), so the global batch is GPUs × that; tokens/s per GPU and MFU are comparable across columns.",
         f"{cl['gpus_per_node']} GPUs per node. Intra-node all-reduce bus bandwidth {c['link_busbw_gbps']} GB/s "
-        f"(NVLink, measured on the 2 x H100 machines); inter-node {cl['inter_node_busbw_gbps']} GB/s per GPU "
+        f"(NVLink, measured on the 2 x H100 machines), {c['tp_allreduce_busbw_gbps']} GB/s effective for tensor "
+        "parallelism's activation all-reduces (fitted); inter-node "
+        f"{cl['inter_node_busbw_gbps']} GB/s per GPU "
         "(400 Gb/s InfiniBand, one NIC per GPU, ~90 % achieved: an assumption); "
         f"{cl['collective_latency_s'] * 1e6:.0f} µs per collective. A collective whose group spans nodes runs at "
         "the inter-node rate (a ring is as slow as its slowest hop; no tree or hierarchical all-reduce, no "
