@@ -20,19 +20,12 @@ import jsonschema
 import yaml
 
 from llmpar.errors import ConfigError
+from llmpar.strategies import PRESETS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_PATH = REPO_ROOT / "schemas" / "config.schema.yaml"
 
-STRATEGIES = (
-    "single",
-    "data_parallel",
-    "tensor_parallel",
-    "pipeline_parallel",
-    "hybrid_parallel",
-    "fsdp",
-    "zero",
-)
+STRATEGIES = tuple(PRESETS)  # the strategy names: presets of one layout (llmpar.strategies.PRESETS)
 # Run keys whose value may be a list: each list expands into one run per value (a sweep).
 SWEEPABLE = ("nodes", "gpus_per_node", "tp", "stages", "micro_batches", "micro_batch_size", "zero_stage")
 # Short tags used in the deterministic names of expanded runs.
@@ -102,7 +95,11 @@ def _validator_with_defaults():
 
 
 def load_schema() -> dict:
-    return yaml.safe_load(SCHEMA_PATH.read_text())
+    """The config schema, with the strategy names of ``llmpar.strategies.PRESETS`` as the choices of a
+    run's ``strategy`` (the schema file lists none, so the names live in one table)."""
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    schema["properties"]["runs"]["additionalProperties"]["properties"]["strategy"]["enum"] = list(STRATEGIES)
+    return schema
 
 
 def validate_schema(cfg: dict) -> dict:
@@ -146,13 +143,8 @@ def expand_runs(runs: dict[str, dict]) -> dict[str, dict]:
 
 
 def engine_of(run: dict) -> str:
-    """Which library's engine runs the layout: 'deepspeed' or 'torch'."""
-    s = run["strategy"]
-    if s == "zero" or (s == "tensor_parallel" and run["tp_engine"] == "deepspeed"):
-        return "deepspeed"
-    if s in ("pipeline_parallel", "hybrid_parallel") and run["pp_engine"] == "deepspeed":
-        return "deepspeed"
-    return "torch"
+    """Which library's engine runs the layout: 'deepspeed' or 'torch' (its strategy preset says)."""
+    return PRESETS[run["strategy"]].engine(run)
 
 
 def resolve_run(name: str, entry: dict, cfg: dict, default_procs: int = 2) -> RunSpec:
@@ -162,11 +154,12 @@ def resolve_run(name: str, entry: dict, cfg: dict, default_procs: int = 2) -> Ru
     study config (so a config resolves the same on every machine), the visible GPUs on the CLI.
     """
     strategy = entry["strategy"]
+    preset = PRESETS[strategy]
     train, model = cfg["train"], cfg["model"]
     where = f"runs.{name}"
     if entry.get("micro_batch_size") == "auto" or (
             train.get("micro_batch_size") == "auto" and entry.get("micro_batch_size") is None
-            and entry.get("micro_batches") is None and strategy not in ("pipeline_parallel", "hybrid_parallel")
+            and entry.get("micro_batches") is None and not preset.pipelined
             and entry.get("stages", 1) == 1):  # as a number, train.micro_batch_size applies without stages
         return auto_micro_batch(name, entry, cfg, default_procs)
 
@@ -175,19 +168,11 @@ def resolve_run(name: str, entry: dict, cfg: dict, default_procs: int = 2) -> Ru
         return default if v is None else v
 
     tp = get("tp", 1)
-    stages = get("stages", 2 if strategy in ("pipeline_parallel", "hybrid_parallel") else 1)
+    stages = get("stages", preset.stages)
     nodes = get("nodes", 1)
-    if "gpus_per_node" in entry:
-        gpn = entry["gpus_per_node"]
-    elif strategy in ("tensor_parallel",) and "tp" in entry:
-        gpn = max(1, tp * stages // nodes)
-    elif strategy == "pipeline_parallel":
-        gpn = max(1, tp * stages // nodes)
-    elif strategy == "hybrid_parallel":
-        gpn = max(1, 2 * tp * stages // nodes)
-    else:
-        gpn = 1 if strategy == "single" else default_procs
-    if strategy == "tensor_parallel" and "tp" not in entry:
+    gpn = entry["gpus_per_node"] if "gpus_per_node" in entry else \
+        preset.gpus_per_node(tp, stages, nodes, default_procs, "tp" in entry)
+    if preset.tp_fills_world and "tp" not in entry:
         tp = nodes * gpn
     for key, val in (("nodes", nodes), ("gpus_per_node", gpn), ("tp", tp), ("stages", stages)):
         if val < 1:
@@ -200,28 +185,16 @@ def resolve_run(name: str, entry: dict, cfg: dict, default_procs: int = 2) -> Ru
         )
     dp = world // (tp * stages)
 
-    # strategy-specific shape
-    rules = {
-        "single": (world == 1, "strategy single runs one process: nodes and gpus_per_node must be 1"),
-        "data_parallel": (tp == 1 and stages == 1, "data_parallel takes no tp or stages (use hybrid_parallel)"),
-        "tensor_parallel": (tp > 1 and stages == 1, "tensor_parallel needs tp > 1 and no stages"),
-        "pipeline_parallel": (
-            tp == 1 and dp == 1,
-            f"pipeline_parallel runs one pipeline: world size {world} must equal stages {stages} "
-            "(use hybrid_parallel for pipeline x data parallel)",
-        ),
-        "hybrid_parallel": (stages > 1, "hybrid_parallel needs stages > 1"),
-        "fsdp": (stages == 1, "fsdp composes with tp, not with stages"),
-        "zero": (tp == 1, "zero composes with stages (ZeRO-1), not with tp"),
-    }
-    ok, why = rules[strategy]
-    if not ok:
-        raise ConfigError(f"{where}: {why} (got nodes={nodes}, gpus_per_node={gpn}, tp={tp}, stages={stages})")
+    # the layouts the strategy name stands for
+    degrees = dict(nodes=nodes, gpus_per_node=gpn, tp=tp, stages=stages, dp=dp, world=world)
+    if not preset.accepts(degrees):
+        raise ConfigError(f"{where}: {preset.refusal.format(**degrees)} (got nodes={nodes}, gpus_per_node={gpn}, "
+                          f"tp={tp}, stages={stages})")
 
-    zero_stage = get("zero_stage", 1 if strategy == "zero" else 0)
+    zero_stage = get("zero_stage", 1 if preset.zero else 0)
     if zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"{where}.zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
-    if strategy != "zero" and "zero_stage" in entry:
+    if not preset.zero and "zero_stage" in entry:
         raise ConfigError(f"{where}.zero_stage applies to strategy zero only")
     if stages > 1 and zero_stage > 1:
         raise ConfigError(
@@ -247,7 +220,7 @@ def resolve_run(name: str, entry: dict, cfg: dict, default_procs: int = 2) -> Ru
     # batch split
     gb = train["global_batch"]
     mbs = entry.get("micro_batch_size")
-    default_m = max(4, 2 * stages) if stages > 1 or strategy == "pipeline_parallel" else 1
+    default_m = max(4, 2 * stages) if stages > 1 or preset.pipelined else 1
     m = entry.get("micro_batches")
     if m is None and mbs is None:
         mbs_cfg = train.get("micro_batch_size")
@@ -283,7 +256,7 @@ def resolve_run(name: str, entry: dict, cfg: dict, default_procs: int = 2) -> Ru
                           "(pp_engine: deepspeed)")
     # DeepSpeed's pipeline engine: a pipeline or hybrid on pp_engine deepspeed (one stage included), ZeRO-1
     # with stages
-    if engine == "deepspeed" and (strategy in ("pipeline_parallel", "hybrid_parallel") or stages > 1):
+    if engine == "deepspeed" and (preset.pipelined or stages > 1):
         if tp > 1:
             raise ConfigError(
                 f"{where}: DeepSpeed's pipeline engine cannot run AutoTP inside its stages (tp {tp}): AutoTP "
@@ -313,12 +286,8 @@ def resolve_run(name: str, entry: dict, cfg: dict, default_procs: int = 2) -> Ru
             "DeepSpeed only through bf16_master_weights_and_grads, which requires ZeRO stage 1-3; this run's "
             "DeepSpeed engine runs none. Use precision bf16 (fp32 weights under torch autocast) or a torch engine")
 
-    engine_keys = {
-        "tp_engine": ("tensor_parallel", "hybrid_parallel", "fsdp"),
-        "pp_engine": ("pipeline_parallel", "hybrid_parallel", "zero"),
-    }
-    for key, allowed in engine_keys.items():
-        if key in entry and strategy not in allowed:
+    for key in ("tp_engine", "pp_engine"):
+        if key in entry and key not in preset.engine_keys:
             raise ConfigError(f"{where}.{key} does not apply to strategy {strategy}")
 
     return RunSpec(
