@@ -13,6 +13,7 @@ import pytest
 from launches import run_batch  # the one batch launcher of the CPU tests
 
 from llmpar.config import prepare, run_config
+from llmpar.io import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 MUTANTS = REPO / "tests" / "mutants"  # a sitecustomize that breaks gradient averaging (see its docstring)
@@ -63,9 +64,7 @@ def read_run(out: Path) -> tuple[dict | None, list[dict]]:
     """A run directory's summary (None before it is written) and step rows."""
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    steps_path = out / "steps.jsonl"
-    steps = [json.loads(x) for x in steps_path.read_text().splitlines()] if steps_path.is_file() else []
-    return summary, steps
+    return summary, read_jsonl(out / "steps.jsonl")
 
 
 def train_run(cfg: dict, run: str, tokens: Path, out: Path, timeout: int = 600, check: bool = True):

@@ -33,6 +33,12 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Rows of a complete JSONL file (a finished run's steps, evals, samples); none if it does not exist."""
+    path = Path(path)
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
 def read_appended_jsonl(path: str | Path) -> list[dict]:
     """Rows of a JSONL file that is appended to while a run lives (progress.jsonl): a last line a kill
     tore mid-write (no newline yet, not valid JSON) is dropped; any other bad line is an error."""

@@ -13,7 +13,7 @@ import pandas as pd
 
 from llmpar.config import engine_of
 from llmpar.errors import UserError
-from llmpar.io import atomic_path
+from llmpar.io import atomic_path, read_jsonl
 
 STATUSES = ("ok", "oom", "diverged", "invalid")
 REQUIRED_OK = ("run", "status", "strategy", "world_size", "wall_time_s", "tokens_per_s", "peak_mem_gib",
@@ -35,10 +35,6 @@ class IncompleteRun(UserError):
     pass
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def load_run(run_dir: Path) -> dict:
     """A run's summary and records; raises IncompleteRun naming what is missing."""
     summary_path = run_dir / "summary.json"
@@ -55,15 +51,15 @@ def load_run(run_dir: Path) -> dict:
     missing = [k for k in required if k not in summary]
     if missing:
         raise IncompleteRun(f"{summary_path} is incomplete: missing {', '.join(missing)}")
-    steps = _read_jsonl(run_dir / "steps.jsonl") if (run_dir / "steps.jsonl").is_file() else []
+    steps = read_jsonl(run_dir / "steps.jsonl")
     if status == "ok":
         if len(steps) != summary["steps_completed"] or summary["steps_completed"] != summary["steps_planned"]:
             raise IncompleteRun(
                 f"{run_dir}: summary says {summary['steps_completed']}/{summary['steps_planned']} steps but "
                 f"steps.jsonl has {len(steps)} rows: incomplete run"
             )
-    evals = _read_jsonl(run_dir / "evals.jsonl") if (run_dir / "evals.jsonl").is_file() else []
-    samples = _read_jsonl(run_dir / "samples.jsonl") if (run_dir / "samples.jsonl").is_file() else []
+    evals = read_jsonl(run_dir / "evals.jsonl")
+    samples = read_jsonl(run_dir / "samples.jsonl")
     return {"summary": summary, "steps": steps, "evals": evals, "samples": samples}
 
 
