@@ -9,11 +9,15 @@ The equivalence study (``gpu_util.GPU_STUDY``): the 125M shape with GQA (12/4 he
 * bf16, the study's mode (autocast, fp32 master weights; DeepSpeed through its torch_autocast mode):
   per-step losses within 2 % of ``single`` in bf16 for 20 steps, DeepSpeed engines included;
 * the per-rank parameter split and model-state bytes each strategy claims, from the model's shape;
+* the gradient noise scale of DDP, FSDP2 and ZeRO 1-3 (each engine's own measurement) within its
+  stated uncertainty of DDP's;
 * the 1.1B preset (configs/gpu2-1b.yaml): every run trains 3 steps without error on the two cards.
 
 Runs of one process layout share one launch of the real launcher (``scripts/train.py --batch``):
 three launches for the whole suite (``gpu_util.train_all``).
 """
+
+import math
 
 import pytest
 from gpu_util import (
@@ -108,6 +112,24 @@ def test_bf16_is_applied(fp32, bf16):
     fp32_spread = max(max(rel_gaps(result(fp32, n)[1], result(fp32, "single")[1])) for n in ALL_RUNS)
     print(f"single bf16 vs fp32: max rel gap {max(gaps):.2e}; largest fp32 engine gap {fp32_spread:.2e}")
     assert max(gaps) > 100 * fp32_spread
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_noise_scale_agrees_across_engines(fp32, bf16, precision):
+    """On CUDA each data-parallel engine's measurement of a replica's own gradient (DDP's communication
+    hook, FSDP2's reduce-scatter input, DeepSpeed ZeRO's parameter gradient hooks) gives the same
+    training's noise scale as DDP's, within their stated uncertainty (tests/test_noise_scale.py on gloo)."""
+    results = fp32 if precision == "fp32" else bf16
+    ref = result(results, "ddp")[0]
+    assert ref["noise_scale_reason"] is None, ref["noise_scale_reason"]
+    for name in ("fsdp", "zero1", "zero2", "zero3"):
+        s = result(results, name)[0]
+        assert s["noise_scale_reason"] is None, (name, s["noise_scale_reason"])
+        print(f"noise scale {precision} {name}: {s['gradient_noise_scale_mean']:.3f} +- "
+              f"{s['gradient_noise_scale_se']:.3f} (ddp {ref['gradient_noise_scale_mean']:.3f} +- "
+              f"{ref['gradient_noise_scale_se']:.3f})")
+        gap = abs(s["gradient_noise_scale_mean"] - ref["gradient_noise_scale_mean"])
+        assert gap <= math.hypot(s["gradient_noise_scale_se"], ref["gradient_noise_scale_se"]), name
 
 
 # --------------------------------------------------------------------------- what each rank holds
