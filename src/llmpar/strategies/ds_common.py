@@ -327,17 +327,26 @@ class DeepSpeedEngine(Engine):
         self.loss_fn = cross_entropy_for(ctx.device, train_cfg["fused_loss"])
         self.watch_optimizer(ds_torch_optimizer(engine))
         keep_clip_norm(engine)
-        self.noise_scale_splits = self.dp_size * spec.micro_batches
+        self.hook_grad_norms(train_cfg)
+
+    def hook_grad_norms(self, train_cfg: dict) -> bool:
+        """Set up the noise scale's per-micro-batch gradient hooks (class docstring) on this rank's parameters;
+        returns whether they measure (else ``noise_scale_reason`` says why, or the run has one replica)."""
+        self.noise_scale_splits = self.dp_size * self.spec.micro_batches
         self._micro_sq: torch.Tensor | None = None  # sum over this step's micro-batches k of |g_k|²
         if not train_cfg.get("metrics", True):
             self.noise_scale_reason = "train.metrics is off"
-        elif spec.tp > 1:
+            return False
+        if self.spec.tp > 1:
             self.noise_scale_reason = ("DeepSpeed AutoTP: each rank holds a tensor-parallel slice of its replica's "
                                        "gradient")
-        elif self.dp_size > 1:  # one replica: nothing to compare (llmpar.metrics.noise_scale says so)
-            for p in engine.module.parameters():
-                if p.requires_grad:
-                    p.register_hook(self._add_grad_sq)
+            return False
+        if self.dp_size < 2:  # one replica: nothing to compare (llmpar.metrics.noise_scale says so)
+            return False
+        for p in self.engine.module.parameters():
+            if p.requires_grad:
+                p.register_hook(self._add_grad_sq)
+        return True
 
     def _add_grad_sq(self, grad: torch.Tensor) -> None:
         sq = torch.linalg.vector_norm(grad, dtype=torch.float32).square()

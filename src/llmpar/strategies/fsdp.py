@@ -73,12 +73,21 @@ class FSDPEngine(MeshEngine):
     checkpoints in the sharded state between evaluation and the next step.
     """
 
-    def __init__(self, *args, replica_norm: ReplicaNormReduceScatter | None = None, reason: str = "", **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.replica_norm = replica_norm if self.measure_noise_scale else None
         self.noise_scale_splits = self.dp_size * self.spec.micro_batches
-        if self.measure_noise_scale and replica_norm is None:
-            self.noise_scale_reason = reason
+        self.replica_norm: ReplicaNormReduceScatter | None = None
+        if not self.measure_noise_scale:
+            return
+        if self.spec.tp > 1:
+            self.noise_scale_reason = "FSDP x TP: each rank holds a tensor-parallel slice of its replica's gradient"
+        elif not hasattr(FSDPModule, "set_custom_reduce_scatter"):  # the hook is recent public API of FSDP2
+            self.noise_scale_reason = "this torch's FSDP2 has no custom reduce-scatter (set_custom_reduce_scatter)"
+        else:
+            self.replica_norm = ReplicaNormReduceScatter()
+            for m in self.model.modules():
+                if isinstance(m, FSDPModule):
+                    m.set_custom_reduce_scatter(self.replica_norm)
 
     def sync_grads(self) -> None:
         if self.replica_norm is not None:
@@ -115,15 +124,5 @@ def parallelize(model, spec, ctx, train_cfg) -> FSDPEngine:
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=layer_mp, **kwargs)
     fully_shard(model, mp_policy=root_mp, **kwargs)
-    replica_norm, reason = None, ""
-    if tp > 1:
-        reason = "FSDP x TP: each rank holds a tensor-parallel slice of its replica's gradient"
-    elif not hasattr(FSDPModule, "set_custom_reduce_scatter"):  # the hook is recent public API of FSDP2
-        reason = "this torch's FSDP2 has no custom reduce-scatter (set_custom_reduce_scatter)"
-    elif train_cfg.get("metrics", True):
-        replica_norm = ReplicaNormReduceScatter()
-        for m in model.modules():
-            if isinstance(m, FSDPModule):
-                m.set_custom_reduce_scatter(replica_norm)
     return FSDPEngine(model, spec, ctx, train_cfg, dp_rank=dp_mesh.get_local_rank(), dp_size=dp,
-                      dp_group=dp_mesh.get_group(), replica_norm=replica_norm, reason=reason)
+                      dp_group=dp_mesh.get_group())

@@ -134,17 +134,9 @@ class DeepSpeedPipelineEngine(ds_common.DeepSpeedEngine):
                               f"the run asks for {spec.micro_batches}")
         self.watch_optimizer(ds_common.ds_torch_optimizer(engine))
         ds_common.keep_clip_norm(engine)
-        # noise scale as in ds_common.DeepSpeedEngine (parameter gradient hooks, per micro-batch), the stages'
-        # squared norms summed over the pipeline: a replica's gradient spans every stage
-        self.noise_scale_splits = self.dp_size * spec.micro_batches
-        self._micro_sq, self.pp_group = None, None
-        if not train_cfg.get("metrics", True):
-            self.noise_scale_reason = "train.metrics is off"
-        elif self.dp_size > 1:
-            self.pp_group = grid.get_pipe_parallel_group()
-            for p in engine.module.parameters():
-                if p.requires_grad:
-                    p.register_hook(self._add_grad_sq)
+        # noise scale as in ds_common.DeepSpeedEngine, the stages' squared norms summed over the pipeline: a
+        # replica's gradient spans every stage
+        self.pp_group = grid.get_pipe_parallel_group() if self.hook_grad_norms(train_cfg) else None
 
     def train_step(self, micro_batches):
         if len(micro_batches) != self.engine.micro_batches:
