@@ -168,6 +168,25 @@ def optimizer_state_tensors(optimizer) -> list[torch.Tensor]:
     return [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
 
 
+class SquaredNorms:
+    """The sum of squared L2 norms of tensors a hook sees one at a time (DDP's buckets, FSDP2's
+    reduce-scatter inputs, DeepSpeed's parameter gradients) for the noise scale: each :meth:`add` is one
+    norm kernel on the caller's stream, no host sync; :meth:`take` squares and sums them in one go."""
+
+    def __init__(self):
+        self._norms: list[torch.Tensor] = []
+
+    def add(self, t: torch.Tensor) -> None:
+        self._norms.append(torch.linalg.vector_norm(t, dtype=torch.float32))
+
+    def take(self) -> torch.Tensor | None:
+        """The sum of the squared norms added since the last take (0-d tensor), or None if none was."""
+        if not self._norms:
+            return None
+        norms, self._norms = self._norms, []
+        return torch.stack(norms).square().sum()
+
+
 # --------------------------------------------------------------------------- engine
 
 

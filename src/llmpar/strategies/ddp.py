@@ -10,22 +10,17 @@ the world size, all-reduce).
 
 from __future__ import annotations
 
-import torch
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from llmpar.strategies.base import TorchEngine, prepare_model
+from llmpar.strategies.base import SquaredNorms, TorchEngine, prepare_model
 
 
-class LocalNorm:
-    """The hook's state: this step's squared norm of the replica's gradient, summed over the buckets."""
-
-    def __init__(self):
-        self.sq = None
+class LocalNorm(SquaredNorms):
+    """The communication hook: adds each bucket's squared norm, then DDP's own average."""
 
     def hook(self, _state, bucket):
-        sq = torch.linalg.vector_norm(bucket.buffer(), dtype=torch.float32).square()  # no bucket-sized temporary
-        self.sq = sq if self.sq is None else self.sq + sq
+        self.add(bucket.buffer())
         return allreduce_hook(None, bucket)
 
 
@@ -37,8 +32,8 @@ class DDPEngine(TorchEngine):
             ddp.register_comm_hook(None, self.local_norm.hook)
 
     def sync_grads(self) -> None:
-        # DDP averaged the gradients inside backward; keep what the hook saw before, for the next step clear it
-        self._local_grad_sq, self.local_norm.sq = self.local_norm.sq, None
+        # DDP averaged the gradients inside backward; keep what the hook saw before
+        self._local_grad_sq = self.local_norm.take()
 
 
 def parallelize(model, spec, ctx, train_cfg) -> TorchEngine:

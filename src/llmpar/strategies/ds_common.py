@@ -43,6 +43,7 @@ from llmpar.errors import ConfigError
 from llmpar.strategies.base import (
     Engine,
     PhaseTimer,
+    SquaredNorms,
     apply_activation_checkpointing,
     apply_compile,
     causal_lm_loss,
@@ -333,7 +334,7 @@ class DeepSpeedEngine(Engine):
         """Set up the noise scale's per-micro-batch gradient hooks (class docstring) on this rank's parameters;
         returns whether they measure (else ``noise_scale_reason`` says why, or the run has one replica)."""
         self.noise_scale_splits = self.dp_size * self.spec.micro_batches
-        self._micro_sq: torch.Tensor | None = None  # sum over this step's micro-batches k of |g_k|²
+        self.micro_sq = SquaredNorms()  # sum over this step's micro-batches k of |g_k|²
         if not train_cfg.get("metrics", True):
             self.noise_scale_reason = "train.metrics is off"
             return False
@@ -345,12 +346,8 @@ class DeepSpeedEngine(Engine):
             return False
         for p in self.engine.module.parameters():
             if p.requires_grad:
-                p.register_hook(self._add_grad_sq)
+                p.register_hook(self.micro_sq.add)
         return True
-
-    def _add_grad_sq(self, grad: torch.Tensor) -> None:
-        sq = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
-        self._micro_sq = sq if self._micro_sq is None else self._micro_sq + sq
 
     def train_step(self, micro_batches):
         n = len(micro_batches)
@@ -365,8 +362,9 @@ class DeepSpeedEngine(Engine):
             self.engine.step()  # optimizer step at the accumulation boundary only (bookkeeping otherwise)
             self.timer.stop("optimizer")
             total += loss.detach().float()
-        if self._micro_sq is not None:  # g_k = grad(L_k) / n: the mean over k of |n g_k|²
-            self._local_grad_sq, self._micro_sq = self._micro_sq * n, None
+        sq = self.micro_sq.take()
+        if sq is not None:  # g_k = grad(L_k) / n: the mean over k of |n g_k|²
+            self._local_grad_sq = sq * n
         return self._reduce_mean(total / n)
 
     @torch.no_grad()

@@ -39,29 +39,20 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from llmpar.strategies.base import decoder_layers, prepare_model
+from llmpar.strategies.base import SquaredNorms, decoder_layers, prepare_model
 from llmpar.strategies.torch_common import MeshEngine
 
 
-class ReplicaNormReduceScatter:
+class ReplicaNormReduceScatter(SquaredNorms):
     """FSDP2's reduce-scatter (``dist.reduce_scatter_tensor``, the op FSDP2 chose) that first adds the squared
-    norm of its input to :attr:`sq`; runs on FSDP2's reduce-scatter stream, which the optimizer step waits
-    for."""
-
-    def __init__(self):
-        self.sq: torch.Tensor | None = None
+    norm of its input; runs on FSDP2's reduce-scatter stream, which the optimizer step waits for."""
 
     def allocate(self, size, *, dtype, device) -> torch.Tensor:
         return torch.empty(size, dtype=dtype, device=device)
 
     def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
-        sq = torch.linalg.vector_norm(input_tensor, dtype=torch.float32).square()
-        self.sq = sq if self.sq is None else self.sq + sq
+        self.add(input_tensor)
         return dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
-
-    def take(self) -> torch.Tensor | None:
-        sq, self.sq = self.sq, None
-        return sq
 
 
 class FSDPEngine(MeshEngine):

@@ -145,9 +145,10 @@ class DeepSpeedPipelineEngine(ds_common.DeepSpeedEngine):
         # the loss averaged over micro-batches and DP replicas, broadcast from the last stage to all.
         loss = self.engine.train_batch(data_iter=iter(micro_batches))
         if self.pp_group is not None:  # every stage joins the sum, hooked or not
-            sq = self._micro_sq if self._micro_sq is not None else torch.zeros((), device=self.ctx.device)
+            sq = self.micro_sq.take()
+            sq = sq if sq is not None else torch.zeros((), device=self.ctx.device)
             dist.all_reduce(sq, group=self.pp_group)
-            self._local_grad_sq, self._micro_sq = sq * len(micro_batches), None  # mean_k |m g_k|²
+            self._local_grad_sq = sq * len(micro_batches)  # mean_k |m g_k|²
         return loss.reshape(())
 
     @torch.no_grad()
