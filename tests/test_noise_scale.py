@@ -105,10 +105,12 @@ def test_runs_measure_the_same_noise_scale_on_different_engines(shared_two, shar
         assert why in s["noise_scale_reason"], (run, s["noise_scale_reason"])
 
 
-def test_metrics_off_measures_no_noise_scale(tmp_path):
-    """``train.metrics: false`` (the overhead benchmark's off arm) turns the replica's gradient norm off
-    too: DDP keeps its own all-reduce without the communication hook and the engine says why; with
-    metrics on the hook measures it. In process, one gloo rank."""
+def test_ddp_measures_replica_gradient_and_metrics_off_measures_nothing(tmp_path):
+    """DDP's replica gradient norm, from its communication hook, is that of the gradient it averages: the
+    whole step's local gradient (with two micro-batches, accumulated under ``no_sync`` over both), equal
+    to the squared norm of the gradient of the step's mean loss, computed here on a plain copy of the
+    model. ``train.metrics: false`` (the overhead benchmark's off arm) turns it off too: DDP keeps its own
+    all-reduce without the hook and the engine says why. In process, one gloo rank."""
     import types
 
     import torch.distributed as dist
@@ -116,22 +118,33 @@ def test_metrics_off_measures_no_noise_scale(tmp_path):
     from llmpar.config import prepare, run_config
     from llmpar.model import build_model
     from llmpar.strategies import ddp
+    from llmpar.strategies.base import causal_lm_loss
+
+    def grad_sq(x, loss_fn):  # |grad of the mean loss on x|² of an unwrapped copy of the same model
+        model = build_model(cfg["model"], 50, seed=0)
+        causal_lm_loss(model, x, x, loss_fn).backward()
+        return sum(p.grad.double().square().sum().item() for p in model.parameters())
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
-        cfg = prepare(make_config({"ddp": {"strategy": "data_parallel", "gpus_per_node": 1}}))
-        rc = run_config(cfg, "ddp")
-        spec = cfg["runs"]["ddp"]
-        ctx = types.SimpleNamespace(device=torch.device("cpu"), rank=0, world_size=1, is_main=True)
-        x = torch.randint(0, 50, (2, cfg["model"]["seq_len"]))
-        for metrics in (True, False):
-            model = build_model(cfg["model"], 50, seed=0)
-            engine = ddp.parallelize(model, RunSpec(**spec), ctx, {**rc["train"], "metrics": metrics})
-            engine.train_step([(x, x)])
-            sq = engine.local_grad_sq()
-            if metrics:
-                assert sq is not None and sq.item() > 0
-            else:
-                assert sq is None and engine.noise_scale_reason == "train.metrics is off"
+        torch.manual_seed(0)
+        for m in (1, 2):
+            cfg = prepare(make_config({"ddp": {"strategy": "data_parallel", "gpus_per_node": 1,
+                                               "micro_batches": m}}))
+            rc = run_config(cfg, "ddp")
+            spec = RunSpec(**cfg["runs"]["ddp"])
+            ctx = types.SimpleNamespace(device=torch.device("cpu"), rank=0, world_size=1, is_main=True)
+            x = torch.randint(0, 50, (4, cfg["model"]["seq_len"]))
+            micro = [(x, x)] if m == 1 else [(x[:2], x[:2]), (x[2:], x[2:])]
+            for metrics in (True, False):
+                model = build_model(cfg["model"], 50, seed=0)
+                engine = ddp.parallelize(model, spec, ctx, {**rc["train"], "metrics": metrics})
+                engine.train_step(micro)
+                sq = engine.local_grad_sq()
+                if metrics:
+                    # 1e-4: fp32 norms of ~1e5 elements (this CPU's fp32 reduction is off the fp64 sum by ~2e-5)
+                    assert sq.item() == pytest.approx(grad_sq(x, engine.loss_fn), rel=1e-4)
+                else:
+                    assert sq is None and engine.noise_scale_reason == "train.metrics is off"
     finally:
         dist.destroy_process_group()
