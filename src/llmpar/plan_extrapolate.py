@@ -158,14 +158,15 @@ def assumptions(card_name: str) -> list[str]:
     return [
         "Model output of llmpar.plan, never measured: no recorded run crosses a node or uses more than 4 GPUs. "
         f"Card constants: {c['name']} (src/llmpar/cards.yaml, each with its source), fitted on single-GPU runs "
-        "(the TP all-reduce rate on the 2-GPU TP runs) and checked on the other 2- and 4-GPU runs (the "
-        "predicted-vs-measured figure).",
+        "(the TP all-reduce rate on the 2-GPU TP runs, ZeRO-3's gather rate on the 2-GPU ZeRO-3 run) and checked on "
+        "the other 2- and 4-GPU runs (the predicted-vs-measured figure).",
         f"Shapes: {shapes}.",
         f"Weak scaling: {TOKENS_PER_GPU:,} tokens per GPU per optimizer step (8 × 2048 for the 1.1B, 2 × 8192 for "
         "the 8B), so the global batch is GPUs × that; tokens/s per GPU and MFU are comparable across columns.",
         f"{cl['gpus_per_node']} GPUs per node. Intra-node all-reduce bus bandwidth {c['link_busbw_gbps']} GB/s "
         f"(NVLink, measured on the 2 x H100 machines), {c['tp_allreduce_busbw_gbps']} GB/s effective for tensor "
-        "parallelism's activation all-reduces (fitted); inter-node "
+        f"parallelism's activation all-reduces and {c['zero3_busbw_gbps']} GB/s for DeepSpeed ZeRO-3's "
+        "module-by-module gathers and reduce-scatters (both fitted); inter-node "
         f"{cl['inter_node_busbw_gbps']} GB/s per GPU "
         "(400 Gb/s InfiniBand, one NIC per GPU, ~90 % achieved: an assumption); "
         f"{cl['collective_latency_s'] * 1e6:.0f} µs per collective. A collective whose group spans nodes runs at "
@@ -186,8 +187,9 @@ def assumptions(card_name: str) -> list[str]:
         "micro-batch's backward; FSDP prefetches its gathers; ZeRO-3's gathers, tensor-parallel all-reduces "
         "and pipeline transfers are on the critical path. Attention runs at the rate measured at sequence "
         "2048 (the 8B uses 8192).",
-        "Known misses at 2 GPUs carry over: the plan under-predicts ZeRO-3's and tensor parallel's step time "
-        "(plan.csv notes); those rows are optimistic. Not modelled: stragglers, failures and restarts, data "
+        "Known misses of the recorded runs carry over (plan.csv notes): the plan under-predicts ZeRO-3's peak "
+        "memory (by 12-16 % at 2 and 4 GPUs) and the idle share of interleaved 1F1B at 4 stages; those rows "
+        "are optimistic. Not modelled: stragglers, failures and restarts, data "
         "loading, NCCL's algorithm choice, hierarchical sharding (HSDP).",
         "As the code runs them: torch tensor parallel replicates the output head (DeepSpeed AutoTP splits it), "
         "and the pipeline cut balances parameters, not work; with the 8B's 128,256-row head the last stage of "
