@@ -59,6 +59,7 @@ rule figures:
 rule plan:
     input:
         summaries=summaries(),
+        model=PLAN_MODEL,
     output:
         plan=report(
             f"{RES}/plan.csv",
