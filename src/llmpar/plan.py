@@ -269,21 +269,13 @@ def link_bw(card_c: dict, group: int, stride: int) -> float:
     return cl["inter_node_busbw_gbps"] * 1e9
 
 
-def tp_link_bw(card_c: dict, tp: int) -> float:
-    """Effective bus bandwidth (bytes/s) of tensor parallelism's activation all-reduces: inside a node the
-    card's fitted ``tp_allreduce_busbw_gbps`` (they sit on the critical path between the layer's GEMMs,
-    each a separate ~MB-to-100-MB collective, far below a 1 GiB all-reduce's rate); across nodes the
-    inter-node link, as :func:`link_bw`."""
-    if tp <= card_c["cluster"]["gpus_per_node"]:
-        return card_c["tp_allreduce_busbw_gbps"] * 1e9
-    return link_bw(card_c, tp, 1)
-
-
-def zero3_link_bw(card_c: dict, dp: int, stride: int) -> float:
-    """Effective bus bandwidth (bytes/s) of DeepSpeed ZeRO-3's parameter gathers and gradient
-    reduce-scatters: the card's fitted ``zero3_busbw_gbps`` (module by module, each behind host-side
-    hooks on the critical path), or the link's rate where that is slower (across nodes)."""
-    return min(card_c["zero3_busbw_gbps"] * 1e9, link_bw(card_c, dp, stride))
+def fitted_bw(card_c: dict, key: str, group: int, stride: int) -> float:
+    """Effective bus bandwidth (bytes/s) of collectives that sit on the critical path one by one, fitted per
+    card as ``key``: tensor parallelism's activation all-reduces (``tp_allreduce_busbw_gbps``: ~MB-to-100-MB
+    collectives between a layer's GEMMs, far below a 1 GiB all-reduce's rate) and DeepSpeed ZeRO-3's
+    module-by-module gathers and reduce-scatters (``zero3_busbw_gbps``: each behind host-side hooks); the
+    link's rate (:func:`link_bw`) where that is slower, across nodes."""
+    return min(card_c[key] * 1e9, link_bw(card_c, group, stride))
 
 
 def allreduce_s(nbytes: float, group: int, bw: float, latency: float) -> float:
@@ -307,7 +299,7 @@ def step_time(sh: Shape, run: dict, compiled: bool, c: dict) -> dict:
     tokens = run["micro_batch_size"] * sh.seq
     gemm, attn, elem = c["gemm_tflops"] * 1e12, c["attention_tflops"] * 1e12, c["elementwise_tbps"] * 1e12
     lat = c["cluster"]["collective_latency_s"]
-    bw_tp, bw_dp, bw_pp = tp_link_bw(c, tp), link_bw(c, dp, tp), link_bw(c, 2, tp * dp)
+    bw_tp, bw_dp, bw_pp = fitted_bw(c, "tp_allreduce_busbw_gbps", tp, 1), link_bw(c, dp, tp), link_bw(c, 2, tp * dp)
     compute = 4 if run["precision"] == "fp32" else 2
     # tensor parallel all-reduces: the row-parallel outputs in the forward (compute dtype) and the gradients
     # of the column-parallel inputs in the backward, which under bf16 autocast are the fp32 residual
@@ -346,7 +338,7 @@ def step_time(sh: Shape, run: dict, compiled: bool, c: dict) -> dict:
         per_mb = 2 * gather_s(2 * n_local, dp, bw_dp, lat) + gather_s(4 * n_local, dp, bw_dp, lat)
         exposed = m * max(0.0, per_mb - t_mb) + gather_s(2 * sh.layer_params / tp, dp, bw_dp, lat)
     elif s == "zero" and zero == 3:  # DeepSpeed fetches each module's fp32 weights on the critical path
-        bw_z3 = zero3_link_bw(c, dp, tp)
+        bw_z3 = fitted_bw(c, "zero3_busbw_gbps", dp, tp)
         exposed = m * (2 * gather_s(4 * n_local, dp, bw_z3, lat) + gather_s(4 * n_local, dp, bw_z3, lat))
     elif dp > 1:  # TP x DP and PP x DP: one bucketed all-reduce after the backward (torch_common)
         exposed = allreduce_s(grad_bytes, dp, bw_dp, lat)
