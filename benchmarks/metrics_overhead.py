@@ -9,11 +9,13 @@ communication hook, FSDP2's reduce-scatter, DeepSpeed's gradient hooks). With `t
 all three are off; the step clock the loop needs for its own log stays on in every arm, so the
 comparison isolates the added collection. The arm `no-sampler` keeps metrics on but sets the sampler's
 period beyond the run (it never samples): on / no-sampler / off separates the sampler thread from the
-timer and the noise-scale hooks.
+timer and the noise-scale hooks. `on` measures the noise scale on every step; `every<k>` (e.g. `every4`)
+on every k-th (train.noise_scale_every), the other steps without its gradient hooks.
 
     python benchmarks/metrics_overhead.py                       # tiny model on CPU
     python benchmarks/metrics_overhead.py --config configs/h200-1b.yaml --run single --steps 30 --repeats 2
     python benchmarks/metrics_overhead.py --config configs/gpu2-1b.yaml --run ddp --steps 20 --arms on,no-sampler,off
+    python benchmarks/metrics_overhead.py --config configs/gpu2-1b.yaml --run zero2 --steps 18 --arms on,every4,off
 """
 
 from __future__ import annotations
@@ -27,9 +29,17 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# each arm's train overrides; a period of a day: the sampler thread starts and waits, never sampling
-ARMS = {"on": {"metrics": True}, "no-sampler": {"metrics": True, "sample_period_s": 86400.0},
+# each arm's train overrides; a period of a day: the sampler thread starts and waits, never sampling;
+# `every<k>`: metrics on, the noise scale's gradient hooks on every k-th step only (train.noise_scale_every)
+ARMS = {"on": {"metrics": True, "noise_scale_every": 1}, "no-sampler": {"metrics": True, "sample_period_s": 86400.0},
         "off": {"metrics": False}}
+
+
+def arm_overrides(arm: str) -> dict | None:
+    if arm in ARMS:
+        return ARMS[arm]
+    k = arm.removeprefix("every")
+    return {"metrics": True, "noise_scale_every": int(k)} if arm.startswith("every") and k.isdigit() else None
 
 from llmpar.config import load_yaml, prepare, run_config  # noqa: E402
 
@@ -43,12 +53,13 @@ def main() -> int:
     p.add_argument("--tokens", help="token shards (default: the study's results/<study>/data/tokens)")
     p.add_argument("--no-compile", action="store_true", help="train eager (skips compilation in every run)")
     p.add_argument("--micro-batch-size", type=int, help="override train.micro_batch_size")
-    p.add_argument("--arms", default="on,off", help=f"comma-separated, from {', '.join(ARMS)} (first: the baseline)")
+    p.add_argument("--arms", default="on,off",
+                   help=f"comma-separated, from {', '.join(ARMS)}, every<k> (first: the baseline)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     a = p.parse_args()
     arms = a.arms.split(",")
-    if len(arms) < 2 or any(x not in ARMS for x in arms):
-        p.error(f"--arms: two or more of {', '.join(ARMS)}, comma-separated; got {a.arms!r}")
+    if len(arms) < 2 or any(arm_overrides(x) is None for x in arms):
+        p.error(f"--arms: two or more of {', '.join(ARMS)}, every<k>, comma-separated; got {a.arms!r}")
     raw = load_yaml(a.config)
     raw["recorded"] = False
     raw.setdefault("train", {}).update(steps=a.steps, checkpoint_every=0, eval_every=a.steps, log_every=50)
@@ -66,7 +77,7 @@ def main() -> int:
         for i in range(a.repeats):
             for arm in arms:
                 rc = run_config(cfg, a.run)
-                rc["train"] = dict(rc["train"], **ARMS[arm])
+                rc["train"] = dict(rc["train"], **arm_overrides(arm))
                 out = Path(tmp) / f"{arm}{i}"
                 subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--run-config", json.dumps(rc),
                                 "--tokens", str(tokens), "--out", str(out)], check=True,

@@ -45,6 +45,7 @@ LAYOUTS = {
             "fsdp_compile": {"strategy": "fsdp", "compile": True, **TWO},
             "pp_compile": {**PP, "schedule": "1f1b", "pp_engine": "torch", "compile": True},
             "tp_compile": {"strategy": "tensor_parallel", "tp": 2, "tp_engine": "torch", "compile": True},
+            "tp_accumulate": {"strategy": "tensor_parallel", "tp": 2, "tp_engine": "torch", "micro_batches": 2},
             "ddp_bf16": {"strategy": "data_parallel", "precision": "bf16", **TWO},
             "fsdp_bf16": {"strategy": "fsdp", "precision": "bf16", **TWO},
             "ddp_bf16_pure": {"strategy": "data_parallel", "precision": "bf16-pure", **TWO},

@@ -58,11 +58,11 @@ def test_refusals_and_pollux():
 
 @pytest.mark.slow
 def test_runs_measure_the_same_noise_scale_on_different_engines(shared_two, shared_four):
-    """DDP (its communication hook), FSDP2 (its reduce-scatter's input), DeepSpeed ZeRO-1/2/3 (parameter
-    gradient hooks), the torch PP2 x DP2 hybrid (the pipeline's own gradient over both stages) and
-    DeepSpeed's (hooks per micro-batch, summed over the stages) measure the same training's noise scale:
-    within their stated uncertainty of each other. Layouts of one replica (TP, DeepSpeed's pipeline at 2
-    stages) say why they measure nothing."""
+    """DDP and DeepSpeed ZeRO-1/2/3 (parameter gradient hooks), FSDP2 (its reduce-scatter's input), the torch
+    PP2 x DP2 hybrid (the pipeline's own gradient over both stages) and DeepSpeed's (hooks per micro-batch,
+    summed over the stages), and layouts of one replica with several micro-batches (pipelines, TP with
+    accumulation: hooks per micro-batch) measure the same training's noise scale: within their stated
+    uncertainty of each other. TP of one micro-batch (either engine) says why it measures nothing."""
     from conftest import read_run
 
     ddp = read_run(shared_two["dir"]["ddp_ref"])[0]
@@ -86,65 +86,146 @@ def test_runs_measure_the_same_noise_scale_on_different_engines(shared_two, shar
     for other in (fsdp, *zero, hybrid, ds_hybrid):
         gap = abs(ddp["gradient_noise_scale_mean"] - other["gradient_noise_scale_mean"])
         assert gap <= math.hypot(ddp["gradient_noise_scale_se"], other["gradient_noise_scale_se"])
-    # with 2 micro-batches FSDP2 and ZeRO measure each micro-batch's gradient: their small batch is one
-    # micro-batch (2 sequences, not DDP's 4 of an accumulated replica), another estimator of the same quantity
+    # with 2 micro-batches every engine measures each micro-batch's gradient: the small batch is one
+    # micro-batch (2 sequences), the same estimator on the same training, so DDP's and ZeRO's parameter hooks
+    # and FSDP2's reduce-scatter inputs agree to rounding
     ddp_acc, fsdp_acc, zero_acc = (read_run(shared_two["dir"][r])[0]
                                    for r in ("ddp_accumulate", "fsdp_accumulate", "zero1_accumulate"))
     print("with 2 micro-batches:", *(f"{n} {s['gradient_noise_scale_mean']} +- {s['gradient_noise_scale_se']}"
                                      for n, s in (("DDP", ddp_acc), ("FSDP2", fsdp_acc), ("ZeRO-1", zero_acc))))
-    for other in (fsdp_acc, zero_acc):
-        gap = abs(ddp_acc["gradient_noise_scale_mean"] - other["gradient_noise_scale_mean"])
-        assert gap <= math.hypot(ddp_acc["gradient_noise_scale_se"], other["gradient_noise_scale_se"])
-        assert other["pollux_efficiency"] == pytest.approx((other["gradient_noise_scale"] + 4)
-                                                           / (other["gradient_noise_scale"] + 8))
-    # the same estimator on the same training: FSDP2's reduce-scatter inputs and ZeRO's parameter hooks agree
-    assert zero_acc["gradient_noise_scale_mean"] == pytest.approx(fsdp_acc["gradient_noise_scale_mean"], rel=1e-3)
-    for run, why in (("tp_ref", "one data-parallel replica"), ("pp_deepspeed_ref", "one data-parallel replica")):
+    for other in (ddp_acc, zero_acc):
+        assert other["gradient_noise_scale_mean"] == pytest.approx(fsdp_acc["gradient_noise_scale_mean"], rel=1e-3)
+    for s in (ddp_acc, fsdp_acc, zero_acc):
+        b = s["gradient_noise_scale"]
+        assert s["pollux_efficiency"] == pytest.approx((b + 4) / (b + 8))
+    # one replica of several micro-batches (the pipelines, TP with accumulation): per micro-batch, from hooks;
+    # Pollux's reference batch is the replica's, the global batch: efficiency 1
+    one_replica = {r: read_run(shared_two["dir"][r])[0]
+                   for r in ("pp_torch_ref", "pp_gpipe", "pp_deepspeed_ref", "tp_accumulate")}
+    print("one replica, per micro-batch:", *(f"{n} {s['gradient_noise_scale_mean']} +- {s['gradient_noise_scale_se']}"
+                                             for n, s in one_replica.items()))
+    for s in one_replica.values():
+        assert s["noise_scale_reason"] is None, s["noise_scale_reason"]
+        assert s["pollux_efficiency"] == 1.0 and s["pollux_goodput"] == pytest.approx(s["tokens_per_s"])
+        gap = abs(ddp["gradient_noise_scale_mean"] - s["gradient_noise_scale_mean"])
+        assert gap <= math.hypot(ddp["gradient_noise_scale_se"], s["gradient_noise_scale_se"])
+    for run, why in (("tp_ref", "one data-parallel replica of one micro-batch"),
+                     ("tp_deepspeed_ref", "one data-parallel replica of one micro-batch")):
         s = read_run(shared_two["dir"][run])[0]
         assert s["gradient_noise_scale"] is None and s["pollux_goodput"] is None
         assert why in s["noise_scale_reason"], (run, s["noise_scale_reason"])
 
 
-def test_ddp_measures_replica_gradient_and_metrics_off_measures_nothing(tmp_path):
-    """DDP's replica gradient norm, from its communication hook, is that of the gradient it averages: the
-    whole step's local gradient (with two micro-batches, accumulated under ``no_sync`` over both), equal
-    to the squared norm of the gradient of the step's mean loss, computed here on a plain copy of the
-    model. ``train.metrics: false`` (the overhead benchmark's off arm) turns it off too: DDP keeps its own
-    all-reduce without the hook and the engine says why. In process, one gloo rank."""
+# which small batch each layout measures: "micro" (each micro-batch's gradient: parameter hooks, FSDP2's
+# reduce-scatter input) or "replica" (the replica's gradient over all its micro-batches, after backward)
+MEASURES = {
+    "two": {"ddp_ref": "micro", "ddp_accumulate": "micro", "fsdp_accumulate": "micro", "zero1_accumulate": "micro",
+            "zero3_ref": "micro", "zero2_offload_ref": "micro", "pp_torch_ref": "micro", "pp_compile": "micro",
+            "pp_deepspeed_ref": "micro", "tp_accumulate": "micro"},
+    "four": {"pp_dp_hybrid_ref": "replica", "tp_dp": "replica", "pp_dp_hybrid_deepspeed": "micro",
+             "pp_tp_3d_ref": "micro"},
+}
+
+
+@pytest.mark.slow
+def test_every_layout_measures_the_gradient_its_estimator_assumes(shared_two, shared_four, tiny_tokens):
+    """At step 1 every rank's recorded replica norm is exactly what the estimator takes it for: the mean over
+    its replica's micro-batches k of |grad L_k|² (per-micro-batch layouts) or |grad L|² of the replica's whole
+    batch, computed here on a plain copy of the model from the same data. Pipeline stages and
+    tensor-parallel shards (the 3-D run: both) hold parts of one replica: their parts must add up to it
+    once, no part missed or counted twice. fp32, 1e-4 relative (fp32 norms against fp64 sums)."""
+    from conftest import read_run
+
+    from llmpar.config import prepare
+    from llmpar.data.loader import TokenData
+
+    cfg = prepare(make_config())
+    data = TokenData(tiny_tokens, cfg["model"]["seq_len"], cfg["seed"])
+    gb = cfg["train"]["global_batch"]
+    for layout, runs in MEASURES.items():
+        shared = shared_two if layout == "two" else shared_four
+        for run, kind in runs.items():
+            summary = read_run(shared["dir"][run])[0]
+            dp, m = summary["spec"]["dp"], summary["spec"]["micro_batches"]
+            want = []
+            for r in range(dp):
+                x, y = data.train_batch(0, gb, r, dp)
+                micro = list(zip(x.chunk(m), y.chunk(m))) if kind == "micro" else [(x, y)]
+                want.append(_micro_grad_sq(cfg["model"], data.vocab_size, cfg["seed"], micro))
+            got = [rank["local_grad_sq"]["1"] for rank in summary["per_rank"]]
+            print(run, kind, "recorded", got, "expected per replica", want)
+            for g in got:  # each rank holds its replica's value ...
+                assert min(abs(g - w) / w for w in want) <= 1e-4, (run, g, want)
+            assert sum(got) / len(got) == pytest.approx(sum(want) / dp, rel=1e-4)  # ... every replica as often
+
+
+def _micro_grad_sq(model_cfg, vocab, seed, micro, loss_fn=None, state=None) -> float:
+    """mean over the micro-batches (x, y) of |grad of the mean loss on (x, y)|², on a plain copy of the model
+    (its initial weights, or ``state``; fp64 sums): what per-micro-batch gradient hooks measure."""
+    from llmpar.model import build_model
+    from llmpar.strategies.base import _cross_entropy, causal_lm_loss
+
+    model = build_model(model_cfg, vocab, seed=seed)
+    if state is not None:
+        model.load_state_dict(state)
+    total = 0.0
+    for x, y in micro:
+        model.zero_grad(set_to_none=True)
+        causal_lm_loss(model, x, y, loss_fn or _cross_entropy).backward()
+        total += sum(p.grad.double().square().sum().item() for p in model.parameters())
+    return total / len(micro)
+
+
+def test_hooks_measure_each_micro_batch_only_on_measured_steps(tmp_path):
+    """DDP and ``single`` measure the small batch of the noise scale per micro-batch, from parameter hooks:
+    the mean over micro-batches of the squared norm of each one's mean-loss gradient, as a plain copy of the
+    model computes it. One process of one micro-batch has one batch size and measures nothing (DDP's
+    replicas of one micro-batch: the exactness test over the shared runs). The hooks exist only on measured steps
+    (``train.noise_scale_every``: 2 here): step 1 registers none and reports nothing, step 2 measures, and
+    no hook outlives its step. ``train.metrics: false`` (the overhead benchmark's off arm) turns it off
+    and says why. In process, one gloo rank."""
+    import copy
     import types
 
     import torch.distributed as dist
 
     from llmpar.config import prepare, run_config
     from llmpar.model import build_model
-    from llmpar.strategies import ddp
-    from llmpar.strategies.base import causal_lm_loss
-
-    def grad_sq(x, loss_fn):  # |grad of the mean loss on x|² of an unwrapped copy of the same model
-        model = build_model(cfg["model"], 50, seed=0)
-        causal_lm_loss(model, x, x, loss_fn).backward()
-        return sum(p.grad.double().square().sum().item() for p in model.parameters())
+    from llmpar.strategies import ddp, single
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
         torch.manual_seed(0)
-        for m in (1, 2):
-            cfg = prepare(make_config({"ddp": {"strategy": "data_parallel", "gpus_per_node": 1,
-                                               "micro_batches": m}}))
-            rc = run_config(cfg, "ddp")
-            spec = RunSpec(**cfg["runs"]["ddp"])
-            ctx = types.SimpleNamespace(device=torch.device("cpu"), rank=0, world_size=1, is_main=True)
+        ctx = types.SimpleNamespace(device=torch.device("cpu"), rank=0, world_size=1, is_main=True)
+        for module, strategy, m in ((ddp, "data_parallel", 1), (ddp, "data_parallel", 2), (single, "single", 2),
+                                    (single, "single", 1)):
+            cfg = prepare(make_config({"run": {"strategy": strategy, "gpus_per_node": 1, "micro_batches": m}}))
+            rc = run_config(cfg, "run")
+            spec = RunSpec(**cfg["runs"]["run"])
             x = torch.randint(0, 50, (4, cfg["model"]["seq_len"]))
-            micro = [(x, x)] if m == 1 else [(x[:2], x[:2]), (x[2:], x[2:])]
+            micro = list(zip(x.chunk(m), x.chunk(m)))
             for metrics in (True, False):
-                model = build_model(cfg["model"], 50, seed=0)
-                engine = ddp.parallelize(model, spec, ctx, {**rc["train"], "metrics": metrics})
-                engine.train_step(micro)
-                sq = engine.local_grad_sq()
-                if metrics:
-                    # 1e-4: fp32 norms of ~1e5 elements (this CPU's fp32 reduction is off the fp64 sum by ~2e-5)
-                    assert sq.item() == pytest.approx(grad_sq(x, engine.loss_fn), rel=1e-4)
-                else:
-                    assert sq is None and engine.noise_scale_reason == "train.metrics is off"
+                train = {**rc["train"], "metrics": metrics, "noise_scale_every": 2}
+                engine = module.parallelize(build_model(cfg["model"], 50, seed=0), spec, ctx, train)
+                plain = getattr(engine.model, "module", engine.model)  # DDP's wrapped module
+                params = list(plain.parameters())
+                for step in (1, 2):
+                    state = copy.deepcopy(plain.state_dict())  # the weights this step's gradients are taken at
+                    engine.begin_step(step)
+                    hooked = sum(len(p._backward_hooks or {}) for p in params)
+                    engine.train_step(micro)
+                    sq = engine.local_grad_sq()
+                    assert all(not p._backward_hooks for p in params)  # none outlives its step
+                    if not metrics:
+                        assert sq is None and hooked == 0 and engine.noise_scale_reason == "train.metrics is off"
+                    elif m == 1:  # one process, one micro-batch: one batch size, no hooks, nothing measured
+                        assert sq is None and engine.grad_hooks is None and engine.noise_scale_splits == 1
+                    elif step == 1:  # not a multiple of noise_scale_every
+                        assert sq is None and hooked == 0
+                    else:
+                        assert hooked == len(params) and engine.noise_scale_splits == m
+                        want = _micro_grad_sq(cfg["model"], 50, 0, micro, engine.loss_fn, state)
+                        # 1e-4: fp32 norms of ~1e5 elements (this CPU's fp32 reduction is off the fp64 sum by ~2e-5)
+                        assert sq.item() == pytest.approx(want, rel=1e-4)
     finally:
         dist.destroy_process_group()

@@ -165,6 +165,7 @@ def _train(run_cfg: dict, spec: RunSpec, ctx, tokens_dir: str | Path, out: Path,
         if step == tc["steps"]:
             engine.arm_state_capture()  # model-state bytes at the last step's optimizer step
         watching = probe is not None and step == min(start_step + 2, tc["steps"])
+        engine.begin_step(step)
         with probe.watch() if watching else contextlib.nullcontext():
             loss = engine.train_step(micro)
         if step == tc["warmup_steps_excluded"]:

@@ -9,8 +9,8 @@ The equivalence study (``gpu_util.GPU_STUDY``): the 125M shape with GQA (12/4 he
 * bf16, the study's mode (autocast, fp32 master weights; DeepSpeed through its torch_autocast mode):
   per-step losses within 2 % of ``single`` in bf16 for 20 steps, DeepSpeed engines included;
 * the per-rank parameter split and model-state bytes each strategy claims, from the model's shape;
-* the gradient noise scale of DDP, FSDP2 and ZeRO 1-3 (each engine's own measurement) within its
-  stated uncertainty of DDP's;
+* the gradient noise scale of every engine that measures it (FSDP2, ZeRO 1-3, and per micro-batch with
+  one replica: single, torch TP, the pipelines) within its stated uncertainty of DDP's;
 * the 1.1B preset (configs/gpu2-1b.yaml): every run trains 3 steps without error on the two cards.
 
 Runs of one process layout share one launch of the real launcher (``scripts/train.py --batch``):
@@ -116,13 +116,16 @@ def test_bf16_is_applied(fp32, bf16):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_noise_scale_agrees_across_engines(fp32, bf16, precision):
-    """On CUDA each data-parallel engine's measurement of a replica's own gradient (DDP's communication
-    hook, FSDP2's reduce-scatter input, DeepSpeed ZeRO's parameter gradient hooks) gives the same
-    training's noise scale as DDP's, within their stated uncertainty (tests/test_noise_scale.py on gloo)."""
+    """On CUDA every engine's measurement of a replica's own gradient per micro-batch (DDP's and ZeRO's
+    parameter gradient hooks, FSDP2's reduce-scatter input; with one replica, hooks on ``single``, torch
+    TP's shards and the pipelines' stages, summed over the ranks) gives the same training's noise scale as
+    DDP's, within their stated uncertainty (tests/test_noise_scale.py on gloo). DeepSpeed AutoTP says why
+    it measures nothing."""
     results = fp32 if precision == "fp32" else bf16
     ref = result(results, "ddp")[0]
     assert ref["noise_scale_reason"] is None, ref["noise_scale_reason"]
-    for name in ("fsdp", "zero1", "zero2", "zero3"):
+    for name in ("fsdp", "zero1", "zero2", "zero3", "single", "tp-torch", "pp-gpipe", "pp-1f1b", "pp-interleaved",
+                 "pp-deepspeed"):
         s = result(results, name)[0]
         assert s["noise_scale_reason"] is None, (name, s["noise_scale_reason"])
         print(f"noise scale {precision} {name}: {s['gradient_noise_scale_mean']:.3f} +- "
@@ -130,6 +133,7 @@ def test_noise_scale_agrees_across_engines(fp32, bf16, precision):
               f"{ref['gradient_noise_scale_se']:.3f})")
         gap = abs(s["gradient_noise_scale_mean"] - ref["gradient_noise_scale_mean"])
         assert gap <= math.hypot(s["gradient_noise_scale_se"], ref["gradient_noise_scale_se"]), name
+    assert "AutoTP" in result(results, "tp-deepspeed")[0]["noise_scale_reason"]
 
 
 # --------------------------------------------------------------------------- what each rank holds

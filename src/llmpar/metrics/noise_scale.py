@@ -99,8 +99,8 @@ def summarize(steps: list[dict], local_sq: list[dict[int, float]], global_batch:
     replicas). Batches in sequences. ``reason``: why the engine measures nothing."""
     fields = {"gradient_noise_scale": None, "gradient_noise_scale_mean": None, "gradient_noise_scale_se": None,
               "pollux_efficiency": None, "pollux_goodput": None, "noise_scale_reason": None}
-    if dp < 2:
-        reason = "one data-parallel replica: one batch size, nothing to compare"
+    if (splits or dp) < 2:
+        reason = "one data-parallel replica of one micro-batch: one batch size, nothing to compare"
     elif not any(r.get("grad_norm") is not None for r in steps):
         reason = "needs the gradient norm before clipping, which runs with train.grad_clip 0 do not compute"
     elif not local_sq or not all(local_sq):

@@ -4,6 +4,8 @@ The training loop only calls:
 
 * ``engine.dp_rank`` / ``engine.dp_size`` – which slice of the global batch this rank loads (every
   rank of a tensor- or pipeline-parallel group loads the same slice);
+* ``engine.begin_step(step)`` – before each ``train_step``: whether that step measures the noise scale's
+  replica gradient norm (every ``train.noise_scale_every``-th step);
 * ``engine.train_step(micro_batches)`` – one optimizer step over this replica's micro-batches;
   returns the loss of the whole global batch (mean over its tokens) as a 0-d tensor on the device,
   already averaged over data-parallel replicas and valid on every rank, without a host sync;
@@ -169,14 +171,16 @@ def optimizer_state_tensors(optimizer) -> list[torch.Tensor]:
 
 
 class SquaredNorms:
-    """The sum of squared L2 norms of tensors a hook sees one at a time (DDP's buckets, FSDP2's
-    reduce-scatter inputs, DeepSpeed's parameter gradients) for the noise scale: each :meth:`add` is one
-    norm kernel on the caller's stream, no host sync; :meth:`take` squares and sums them in one go."""
+    """The sum of squared L2 norms of tensors a hook sees one at a time (FSDP2's reduce-scatter inputs,
+    parameter gradients) for the noise scale: each :meth:`add` is one norm kernel on the caller's stream,
+    no host sync; :meth:`take` squares and sums them in one go. A DTensor adds its local shard."""
 
     def __init__(self):
         self._norms: list[torch.Tensor] = []
 
     def add(self, t: torch.Tensor) -> None:
+        if hasattr(t, "to_local"):
+            t = t.to_local()
         self._norms.append(torch.linalg.vector_norm(t, dtype=torch.float32))
 
     def take(self) -> torch.Tensor | None:
@@ -185,6 +189,40 @@ class SquaredNorms:
             return None
         norms, self._norms = self._norms, []
         return torch.stack(norms).square().sum()
+
+
+class GradNormHooks(SquaredNorms):
+    """Sum over a step's micro-batches k and the given parameters of |g_k|², g_k the gradient autograd
+    hands a parameter: this rank's, this micro-batch's, before it is accumulated or reduced by anyone
+    (DDP's and DeepSpeed's hooks run after it, on the accumulated gradient). The tensor hooks exist only
+    on measured steps: :meth:`arm` registers them, :meth:`take` removes them, so a step that measures
+    nothing runs exactly as without metrics.
+
+    ``group``: the ranks that hold disjoint parts of one replica (pipeline stages, tensor-parallel
+    shards; None: this rank holds its whole replica); :meth:`take` sums their parts, so every rank of it
+    must take on the same steps. Pass each parameter of the replica on exactly one of them.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor], group=None):
+        super().__init__()
+        self.params = [p for p in params if p.requires_grad]
+        self.group = group
+        self._handles: list = []
+
+    def arm(self) -> None:
+        if not self._handles:
+            self._handles = [p.register_hook(self.add) for p in self.params]
+
+    def take(self, device: torch.device) -> torch.Tensor:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        sq = super().take()
+        if sq is None:  # no parameter of this rank took part (or none was given)
+            sq = torch.zeros((), device=device)
+        if self.group is not None:
+            dist.all_reduce(sq, group=self.group)
+        return sq
 
 
 # --------------------------------------------------------------------------- engine
@@ -205,6 +243,45 @@ class Engine:
     # local_grad_sq is the squared norm of the mean gradient over 1/noise_scale_splits of the global batch
     # (None: dp_size, one replica's share)
     noise_scale_splits: int | None = None
+    measure_noise_scale: bool = False  # train.metrics: whether the engine may measure (see init_metrics)
+    noise_scale_every: int = 1  # train.noise_scale_every: measure on steps k, 2k, ...
+    measuring: bool = False  # this step measures (begin_step)
+    grad_hooks: GradNormHooks | None = None  # per-micro-batch parameter hooks, where the engine uses them
+
+    def init_metrics(self, train_cfg: dict, device: torch.device) -> bool:
+        """The one switch of metric collection, ``train.metrics``, for every engine: the phase timer
+        (``self.timer``) and the noise scale's replica gradient norms (measured on every
+        ``train.noise_scale_every``-th step) are on or off together; off says so in ``noise_scale_reason``."""
+        on = train_cfg.get("metrics", True)
+        self.timer = PhaseTimer(device, enabled=on)
+        self.measure_noise_scale = on
+        self.noise_scale_every = train_cfg.get("noise_scale_every", 1)
+        if not on:
+            self.noise_scale_reason = "train.metrics is off"
+        return on
+
+    def begin_step(self, step: int) -> None:
+        """Called by the loop before :meth:`train_step` of ``step`` (1-based): whether this step measures
+        the replica gradient norm; arms the engine's gradient hooks if it does. An unmeasured step leaves
+        :meth:`local_grad_sq` None."""
+        self.measuring = self.measure_noise_scale and step % self.noise_scale_every == 0
+        self._local_grad_sq = None
+        if self.measuring and self.grad_hooks is not None:
+            self.grad_hooks.arm()
+
+    def hook_micro_batches(self, params: Iterable[torch.Tensor], group=None) -> None:
+        """Measure the noise scale's small batch per micro-batch, from :class:`GradNormHooks` on ``params``
+        (``group``: see there): batch global / (dp · micro-batches). Nothing to measure with one replica
+        of one micro-batch (one batch size; :mod:`llmpar.metrics.noise_scale` says so)."""
+        self.noise_scale_splits = self.dp_size * self.spec.micro_batches
+        if self.measure_noise_scale and self.noise_scale_splits > 1:
+            self.grad_hooks = GradNormHooks(params, group)
+
+    def take_micro_batch_norms(self, n: int) -> None:
+        """After a measured step's ``n`` micro-batches: keep the mean over k of |n g_k|² (each micro-batch's
+        loss is divided by n, so g_k = grad(L_k) / n and n g_k is micro-batch k's mean-loss gradient)."""
+        if self.measuring and self.grad_hooks is not None:
+            self._local_grad_sq = self.grad_hooks.take(self.ctx.device) * n
 
     def arm_state_capture(self) -> None:
         self._capture_armed = True
@@ -356,11 +433,7 @@ class TorchEngine(Engine):
         self.no_sync = no_sync  # context manager factory skipping gradient sync on non-final micro-batches
         self.optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], train_cfg)
         self.scheduler = make_scheduler(self.optimizer, train_cfg)
-        self.timer = PhaseTimer(ctx.device, enabled=train_cfg.get("metrics", True))
-        # the replica's own gradient norm for the noise scale is metric collection too: off with train.metrics
-        self.measure_noise_scale = train_cfg.get("metrics", True)
-        if not self.measure_noise_scale:
-            self.noise_scale_reason = "train.metrics is off"
+        self.init_metrics(train_cfg, ctx.device)
         self.loss_fn = cross_entropy_for(ctx.device, train_cfg["fused_loss"])
         self.watch_optimizer(self.optimizer)
 
@@ -380,10 +453,20 @@ class TorchEngine(Engine):
                 self.timer.stop("backward")
             self.capture_states()
             total += loss.detach().float()
+        self.take_micro_batch_norms(n)
         self.timer.start()
         self.sync_grads()
         self.step_optimizer()
         return self._reduce_mean(total)
+
+    def hook_replica(self, tp_rank: int) -> None:
+        """With one replica (dp 1) spread over the world's ranks (tensor-parallel shards, pipeline stages):
+        the noise scale per micro-batch from hooks on this rank's part of it. A DTensor parameter is this
+        rank's shard; a plain one is replicated over the tp ranks (the same gradient on each), so only tp
+        rank 0 hooks it. Summed over the world, each part counts once."""
+        if self.dp_size == 1:
+            params = [p for p in self.model.parameters() if hasattr(p, "to_local") or tp_rank == 0]
+            self.hook_micro_batches(params, dist.group.WORLD if dist.get_world_size() > 1 else None)
 
     def sync_grads(self) -> None:
         """Average the gradients over data-parallel replicas where backward did not (DDP's hooks and FSDP2's

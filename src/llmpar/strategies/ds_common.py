@@ -42,8 +42,6 @@ import torch.distributed as dist
 from llmpar.errors import ConfigError
 from llmpar.strategies.base import (
     Engine,
-    PhaseTimer,
-    SquaredNorms,
     apply_activation_checkpointing,
     apply_compile,
     causal_lm_loss,
@@ -309,11 +307,11 @@ class DeepSpeedEngine(Engine):
     accumulation boundary or overlapped in backward); ``engine.step`` only steps the optimizer (with
     clipping and the LR scheduler) at the boundary, i.e. after the last micro-batch.
 
-    Noise scale: DeepSpeed offers no hook on a replica's own gradient before its reduction, so a tensor
-    hook on every parameter adds the squared norm of the gradient autograd hands it (this rank's, this
-    micro-batch's, before DeepSpeed's accumulate-grad hooks see it). As for FSDP2 the small batch is one
-    micro-batch (``noise_scale_splits``); AutoTP ranks hold slices of a replica's gradient and measure
-    nothing.
+    Noise scale: DeepSpeed offers no hook on a replica's own gradient before its reduction, so on measured
+    steps a tensor hook on every parameter adds the squared norm of the gradient autograd hands it (this
+    rank's, this micro-batch's, before DeepSpeed's accumulate-grad hooks see it;
+    :class:`~llmpar.strategies.base.GradNormHooks`). As for FSDP2 the small batch is one micro-batch
+    (``noise_scale_splits``); AutoTP ranks hold slices of a replica's gradient and measure nothing.
     """
 
     def __init__(self, engine, spec, ctx, train_cfg):
@@ -324,30 +322,21 @@ class DeepSpeedEngine(Engine):
         if engine.gradient_accumulation_steps() != spec.micro_batches:
             raise ConfigError(f"run {spec.name}: DeepSpeed accumulates {engine.gradient_accumulation_steps()} "
                               f"micro-batches, the run asks for {spec.micro_batches}")
-        self.timer = PhaseTimer(ctx.device, enabled=train_cfg.get("metrics", True))
+        self.init_metrics(train_cfg, ctx.device)
         self.loss_fn = cross_entropy_for(ctx.device, train_cfg["fused_loss"])
         self.watch_optimizer(ds_torch_optimizer(engine))
         keep_clip_norm(engine)
-        self.hook_grad_norms(train_cfg)
+        self.hook_grad_norms()
 
-    def hook_grad_norms(self, train_cfg: dict) -> bool:
-        """Set up the noise scale's per-micro-batch gradient hooks (class docstring) on this rank's parameters;
-        returns whether they measure (else ``noise_scale_reason`` says why, or the run has one replica)."""
-        self.noise_scale_splits = self.dp_size * self.spec.micro_batches
-        self.micro_sq = SquaredNorms()  # sum over this step's micro-batches k of |g_k|²
-        if not train_cfg.get("metrics", True):
-            self.noise_scale_reason = "train.metrics is off"
-            return False
+    def hook_grad_norms(self, group=None) -> None:
+        """The noise scale's per-micro-batch gradient hooks (class docstring) on this rank's parameters;
+        ``group``: the ranks holding the other parts of this rank's replica (a pipeline's stages)."""
         if self.spec.tp > 1:
+            self.noise_scale_splits = self.dp_size * self.spec.micro_batches
             self.noise_scale_reason = ("DeepSpeed AutoTP: each rank holds a tensor-parallel slice of its replica's "
                                        "gradient")
-            return False
-        if self.dp_size < 2:  # one replica: nothing to compare (llmpar.metrics.noise_scale says so)
-            return False
-        for p in self.engine.module.parameters():
-            if p.requires_grad:
-                p.register_hook(self.micro_sq.add)
-        return True
+            return
+        self.hook_micro_batches(self.engine.module.parameters(), group)
 
     def train_step(self, micro_batches):
         n = len(micro_batches)
@@ -362,9 +351,7 @@ class DeepSpeedEngine(Engine):
             self.engine.step()  # optimizer step at the accumulation boundary only (bookkeeping otherwise)
             self.timer.stop("optimizer")
             total += loss.detach().float()
-        sq = self.micro_sq.take()
-        if sq is not None:  # g_k = grad(L_k) / n: the mean over k of |n g_k|²
-            self._local_grad_sq = sq * n
+        self.take_micro_batch_norms(n)  # DeepSpeed divides each micro-batch's loss by n before its backward
         return self._reduce_mean(total / n)
 
     @torch.no_grad()

@@ -50,8 +50,11 @@ class ReplicaNormReduceScatter(SquaredNorms):
     def allocate(self, size, *, dtype, device) -> torch.Tensor:
         return torch.empty(size, dtype=dtype, device=device)
 
+    active = False  # on the steps that measure (FSDPEngine.begin_step)
+
     def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
-        self.add(input_tensor)
+        if self.active:
+            self.add(input_tensor)
         return dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
 
 
@@ -80,8 +83,13 @@ class FSDPEngine(MeshEngine):
                 if isinstance(m, FSDPModule):
                     m.set_custom_reduce_scatter(self.replica_norm)
 
-    def sync_grads(self) -> None:
+    def begin_step(self, step: int) -> None:
+        super().begin_step(step)
         if self.replica_norm is not None:
+            self.replica_norm.active = self.measuring
+
+    def sync_grads(self) -> None:
+        if self.replica_norm is not None and self.measuring:
             sq = self.replica_norm.take()  # summed over micro-batches k of |g_k|², g_k = grad(L_k) / m
             self._local_grad_sq = None if sq is None else sq * self.spec.micro_batches  # mean_k |m g_k|²
         super().sync_grads()

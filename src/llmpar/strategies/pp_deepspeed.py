@@ -32,7 +32,6 @@ parallelism.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from llmpar.errors import ConfigError
@@ -134,9 +133,10 @@ class DeepSpeedPipelineEngine(ds_common.DeepSpeedEngine):
                               f"the run asks for {spec.micro_batches}")
         self.watch_optimizer(ds_common.ds_torch_optimizer(engine))
         ds_common.keep_clip_norm(engine)
+        self.init_metrics(train_cfg, ctx.device)  # the phase timer stays unused: see time_breakdown
         # noise scale as in ds_common.DeepSpeedEngine, the stages' squared norms summed over the pipeline: a
         # replica's gradient spans every stage
-        self.pp_group = grid.get_pipe_parallel_group() if self.hook_grad_norms(train_cfg) else None
+        self.hook_grad_norms(grid.get_pipe_parallel_group())
 
     def train_step(self, micro_batches):
         if len(micro_batches) != self.engine.micro_batches:
@@ -144,11 +144,7 @@ class DeepSpeedPipelineEngine(ds_common.DeepSpeedEngine):
         # train_batch: the 1F1B schedule, DP gradient all-reduce, clipping, AdamW and LR step; it returns
         # the loss averaged over micro-batches and DP replicas, broadcast from the last stage to all.
         loss = self.engine.train_batch(data_iter=iter(micro_batches))
-        if self.pp_group is not None:  # every stage joins the sum, hooked or not
-            sq = self.micro_sq.take()
-            sq = sq if sq is not None else torch.zeros((), device=self.ctx.device)
-            dist.all_reduce(sq, group=self.pp_group)
-            self._local_grad_sq = sq * len(micro_batches)  # mean_k |m g_k|²
+        self.take_micro_batch_norms(len(micro_batches))  # DeepSpeed divides each micro-batch's loss by m
         return loss.reshape(())
 
     @torch.no_grad()

@@ -147,6 +147,7 @@ class PipelineEngine(TorchEngine):
         self.loss_source = has_last and mesh.get_local_rank("tp") == 0
         if self.timer.enabled:
             self._time_stage_calls()
+        self.hook_replica(mesh.get_local_rank("tp"))  # dp 1: the noise scale per micro-batch (dp > 1: sync_grads)
 
     def _time_stage_calls(self):
         """Time this rank's compute inside the schedule: every call of a stage's ``forward_one_chunk``
@@ -198,6 +199,7 @@ class PipelineEngine(TorchEngine):
         finally:
             self.loss.timer = None
         self.timer.span("schedule", t0)
+        self.take_micro_batch_norms(len(micro_batches))
         self.timer.start()
         self.sync_grads()
         self.step_optimizer()
@@ -206,7 +208,7 @@ class PipelineEngine(TorchEngine):
     def sync_grads(self) -> None:
         params = list(self.model.parameters())
         # this pipeline's own gradient (all stages), before the average (noise scale)
-        if self.dp_size > 1 and self.measure_noise_scale:
+        if self.dp_size > 1 and self.measuring:
             self._local_grad_sq = total_grad_norm(params, self.pp_group).square()
         allreduce_grads_(params, self.dp_group, self.dp_size)
         self.timer.stop("grad_sync")

@@ -8,4 +8,6 @@ from llmpar.strategies.base import TorchEngine, prepare_model
 def parallelize(model, spec, ctx, train_cfg) -> TorchEngine:
     if ctx.world_size != 1:
         raise ValueError(f"strategy single runs one process, got world size {ctx.world_size}")
-    return TorchEngine(prepare_model(model, spec), spec, ctx, train_cfg)
+    engine = TorchEngine(prepare_model(model, spec), spec, ctx, train_cfg)
+    engine.hook_micro_batches(engine.model.parameters())  # several micro-batches: the noise scale's small batch
+    return engine

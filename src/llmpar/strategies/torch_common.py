@@ -116,10 +116,11 @@ class MeshEngine(TorchEngine):
     def sync_grads(self) -> None:
         params = list(self.model.parameters())
         # a plain replica: its own gradient, before the average (noise scale)
-        if self.grad_sync_size > 1 and self.measure_noise_scale:
+        if self.grad_sync_size > 1 and self.measuring:
             self._local_grad_sq = total_grad_norm(params).square()
         allreduce_grads_(params, self.grad_sync_group, self.grad_sync_size)
         self.timer.stop("backward")  # the gradient all-reduce is part of backward (as inside DDP)
 
     def clip_grads(self, params):
         return clip_grad_norm_(params, self.train_cfg["grad_clip"])
+

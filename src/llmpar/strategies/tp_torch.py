@@ -46,8 +46,10 @@ def parallelize(model, spec, ctx, train_cfg) -> MeshEngine:
     apply_tp(decoder_layers(model), mesh["tp"])
     model = prepare_model(model, spec)  # precision / checkpointing / compile wrap the sharded layers
     dp_group = mesh["dp"].get_group()
-    return MeshEngine(
+    engine = MeshEngine(
         model, spec, ctx, train_cfg,
         dp_rank=mesh.get_local_rank("dp"), dp_size=dp, dp_group=dp_group,
         grad_sync_group=dp_group, grad_sync_size=dp,
     )
+    engine.hook_replica(mesh.get_local_rank("tp"))  # dp 1: the noise scale per micro-batch
+    return engine
