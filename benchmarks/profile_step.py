@@ -1,0 +1,131 @@
+#!/usr/bin/env python
+"""Where a run's step time goes on each GPU: kernel time on the compute streams, NCCL kernels alone, and
+time with no kernel at all (the device waits for the host), from torch.profiler over a few steady steps.
+
+Launch it as the run would be (one process per GPU of the run's layout, one node):
+
+    torchrun --nproc-per-node 4 benchmarks/profile_step.py --config configs/gpu4-1b.yaml \
+        --run-name pp4-interleaved --tokens results/h100x4-1b/data/tokens --out $OUT/profile
+
+Each rank builds the run exactly as the training loop does (data, model, strategy engine), trains
+``--warmup`` steps (compilation, allocator warm-up), then ``--steps`` steps under the profiler with a
+device sync before and after. Per rank it writes ``<out>/rank<r>.json``: the steps' wall time, and over
+the window from the first to the last kernel the shares of (CUDA only; on CPU the wall time alone)
+
+* ``compute``: some kernel other than NCCL's (or a copy) runs;
+* ``nccl_only``: only NCCL kernels run (a transfer the compute waits for, or one not overlapped);
+* ``idle``: nothing runs on the device (the host has not launched the next work yet).
+
+A pipeline's measured idle share (``bubble_measured``, from the engine's phase timers, also recorded per
+rank as ``breakdown`` over the same steps) counts both of the last two; this separates them.
+Rank 0 prints a table of all ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from llmpar import distributed
+from llmpar.config import RunSpec, load_yaml, prepare, run_config
+from llmpar.data.loader import TokenData
+from llmpar.model import attention_backends, build_model
+from llmpar.strategies import parallelize
+from llmpar.train import _micro_batches
+
+
+def union(intervals: list[tuple[float, float]]) -> float:
+    """Total length covered by ``intervals`` (start, end)."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def device_shares(trace_path: Path) -> dict:
+    """Compute / NCCL-only / idle shares of the window covered by the trace's device activity."""
+    events = json.loads(trace_path.read_text())["traceEvents"]
+    device = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    if not device:
+        return {}
+    spans = [(e["ts"], e["ts"] + e["dur"]) for e in device]
+    nccl = [(e["ts"], e["ts"] + e["dur"]) for e in device if "nccl" in e["name"].lower()]
+    other = [(e["ts"], e["ts"] + e["dur"]) for e in device if "nccl" not in e["name"].lower()]
+    window = max(b for _, b in spans) - min(a for a, _ in spans)
+    busy, compute = union(spans), union(other)
+    return {"window_s": window / 1e6, "compute": compute / window, "nccl_only": (busy - compute) / window,
+            "idle": 1 - busy / window, "nccl_kernel_s": union(nccl) / 1e6, "kernels": len(device)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--run-name", required=True, help="the run of the config")
+    p.add_argument("--tokens", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=2)
+    a = p.parse_args()
+    cfg = prepare(load_yaml(a.config))
+    rc = run_config(cfg, a.run_name)
+    spec, tc = RunSpec.from_dict(rc["run"]), rc["train"]
+    ctx = distributed.init(tc["device"])
+    cuda = ctx.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with attention_backends(tc["attention"], ctx.device.type):
+        data = TokenData(a.tokens, rc["model"]["seq_len"], rc["seed"])
+        engine = parallelize(build_model(rc["model"], data.vocab_size, rc["seed"], device=ctx.device), spec, ctx, tc)
+        gb = tc["global_batch"]
+
+        def step(i):
+            x, y = data.train_batch(i, gb, engine.dp_rank, engine.dp_size)
+            engine.begin_step(i + 1)
+            return engine.train_step(_micro_batches(x, y, spec.micro_batches, ctx.device, False))
+
+        for i in range(a.warmup):
+            step(i)
+        engine.reset_time_breakdown()  # the engine's own phase timers over the profiled steps only
+        sync()
+        dist.barrier()
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            t0 = time.perf_counter()
+            for i in range(a.warmup, a.warmup + a.steps):
+                step(i)
+            sync()
+            wall = (time.perf_counter() - t0) / a.steps
+        with tempfile.TemporaryDirectory() as tmp:
+            trace = Path(tmp) / "trace.json"
+            prof.export_chrome_trace(str(trace))
+            shares = device_shares(trace)
+    row = {"run": a.run_name, "rank": ctx.rank, "step_s": wall, "steps": a.steps, **shares,
+           "breakdown": engine.time_breakdown(),
+           "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
+    (out / f"rank{ctx.rank}.json").write_text(json.dumps(row, indent=1))
+    rows = distributed.all_gather_object(row)
+    if ctx.is_main:
+        print(f"{a.run_name}: {a.steps} profiled steps after {a.warmup}, {os.environ.get('WORLD_SIZE')} ranks")
+        print("rank  step_s  window_s  compute  nccl_only  idle  nccl_kernel_s")
+        for r in rows:
+            print(f"{r['rank']:>4}  {r['step_s']:.3f}  {r.get('window_s', 0):.3f}  {r.get('compute', 0):.3f}  "
+                  f"{r.get('nccl_only', 0):.3f}  {r.get('idle', 0):.3f}  {r.get('nccl_kernel_s', 0):.3f}")
+    engine.close()
+    distributed.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
