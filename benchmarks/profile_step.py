@@ -9,7 +9,7 @@ Launch it as the run would be (one process per GPU of the run's layout, one node
 
 Each rank builds the run exactly as the training loop does (data, model, strategy engine), trains
 ``--warmup`` steps (compilation, allocator warm-up), then ``--steps`` steps under the profiler with a
-device sync before and after. Per rank it writes ``<out>/rank<r>.json``: the steps' wall time, and over
+device sync before and after. It writes ``<out>/<run>.json``, per rank: the steps' wall time, and over
 the window from the first to the last kernel the shares of (CUDA only; on CPU the wall time alone)
 
 * ``compute``: some kernel other than NCCL's (or a copy) runs;
@@ -18,7 +18,7 @@ the window from the first to the last kernel the shares of (CUDA only; on CPU th
 
 A pipeline's measured idle share (``bubble_measured``, from the engine's phase timers, also recorded per
 rank as ``breakdown`` over the same steps) counts both of the last two; this separates them.
-Rank 0 prints a table of all ranks.
+and the device timeline (compute spans, NCCL kernels). Rank 0 prints a table of all ranks.
 """
 
 from __future__ import annotations
@@ -52,19 +52,37 @@ def union(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def merged(intervals: list[tuple[float, float]], gap: float) -> list[tuple[float, float]]:
+    """``intervals`` merged where they overlap or are less than ``gap`` apart."""
+    out: list[list[float]] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1] + gap:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
 def device_shares(trace_path: Path) -> dict:
-    """Compute / NCCL-only / idle shares of the window covered by the trace's device activity."""
+    """Compute / NCCL-only / idle shares of the window covered by the trace's device activity, and the
+    timeline (ms from the window's start): compute busy spans (merged across gaps under 50 us) and every
+    NCCL kernel with its name."""
     events = json.loads(trace_path.read_text())["traceEvents"]
     device = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     if not device:
         return {}
     spans = [(e["ts"], e["ts"] + e["dur"]) for e in device]
-    nccl = [(e["ts"], e["ts"] + e["dur"]) for e in device if "nccl" in e["name"].lower()]
+    nccl = [e for e in device if "nccl" in e["name"].lower()]
     other = [(e["ts"], e["ts"] + e["dur"]) for e in device if "nccl" not in e["name"].lower()]
-    window = max(b for _, b in spans) - min(a for a, _ in spans)
+    t0 = min(a for a, _ in spans)
+    window = max(b for _, b in spans) - t0
     busy, compute = union(spans), union(other)
+    ms = lambda t: round((t - t0) / 1e3, 3)  # noqa: E731
     return {"window_s": window / 1e6, "compute": compute / window, "nccl_only": (busy - compute) / window,
-            "idle": 1 - busy / window, "nccl_kernel_s": union(nccl) / 1e6, "kernels": len(device)}
+            "idle": 1 - busy / window, "nccl_kernel_s": union([(e["ts"], e["ts"] + e["dur"]) for e in nccl]) / 1e6,
+            "kernels": len(device),
+            "timeline": {"compute_ms": [(ms(a), ms(b)) for a, b in merged(other, 50.0)],
+                         "nccl_ms": [(ms(e["ts"]), ms(e["ts"] + e["dur"]), e["name"][:40]) for e in nccl]}}
 
 
 def main() -> int:
@@ -114,9 +132,9 @@ def main() -> int:
     row = {"run": a.run_name, "rank": ctx.rank, "step_s": wall, "steps": a.steps, **shares,
            "breakdown": engine.time_breakdown(),
            "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
-    (out / f"rank{ctx.rank}.json").write_text(json.dumps(row, indent=1))
     rows = distributed.all_gather_object(row)
     if ctx.is_main:
+        (out / f"{a.run_name}.json").write_text(json.dumps(rows))
         print(f"{a.run_name}: {a.steps} profiled steps after {a.warmup}, {os.environ.get('WORLD_SIZE')} ranks")
         print("rank  step_s  window_s  compute  nccl_only  idle  nccl_kernel_s")
         for r in rows:
