@@ -229,3 +229,30 @@ def test_hooks_measure_each_micro_batch_only_on_measured_steps(tmp_path):
                         assert sq.item() == pytest.approx(want, rel=1e-4)
     finally:
         dist.destroy_process_group()
+
+
+def test_fsdp_on_one_rank_says_why_it_measures_nothing(tmp_path):
+    """FSDP2 on one rank issues no reduce-scatter, where it reads each micro-batch's gradient: with two
+    micro-batches it measures nothing and says so (not the generic reason of engines that reduce inside
+    backward). In process, one gloo rank."""
+    import types
+
+    import torch.distributed as dist
+
+    from llmpar.config import prepare, run_config
+    from llmpar.model import build_model
+    from llmpar.strategies import fsdp
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        cfg = prepare(make_config({"run": {"strategy": "fsdp", "gpus_per_node": 1, "micro_batches": 2}}))
+        ctx = types.SimpleNamespace(device=torch.device("cpu"), rank=0, world_size=1, is_main=True)
+        engine = fsdp.parallelize(build_model(cfg["model"], 50, seed=0), RunSpec(**cfg["runs"]["run"]), ctx,
+                                  run_config(cfg, "run")["train"])
+        x = torch.randint(0, 50, (4, cfg["model"]["seq_len"]))
+        engine.begin_step(1)
+        engine.train_step(list(zip(x.chunk(2), x.chunk(2))))
+        assert engine.local_grad_sq() is None
+        assert engine.noise_scale_reason.startswith("FSDP2 on one rank")
+    finally:
+        dist.destroy_process_group()

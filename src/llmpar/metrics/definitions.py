@@ -48,7 +48,8 @@ DEFINITIONS: dict[str, str] = {
     "gradient_noise_scale_se: mean tr(Σ) / mean |G|² over the steady measured steps, standard error by the "
     "delta method over the per-step estimates (the uncertainty to compare runs with). Empty with "
     "noise_scale_reason where the layout cannot measure it: one replica of one micro-batch (one batch size); "
-    "FSDP2 x TP and DeepSpeed AutoTP (a rank holds a slice of its replica's gradient); train.metrics off; "
+    "FSDP2 x TP and DeepSpeed AutoTP (a rank holds a slice of its replica's gradient); FSDP2 on one rank (no "
+    "reduce-scatter to read); train.metrics off; "
     "train.grad_clip 0 (no norm computed). Steps of an earlier attempt of a resumed run do not count.",
     "pollux_efficiency": "Pollux statistical efficiency E(M) = (B_noise + M0) / (B_noise + M) (Qiao et al., OSDI "
     "2021) with B_noise = gradient_noise_scale, M the global batch and the reference M0 one replica's batch "

@@ -75,6 +75,9 @@ class FSDPEngine(MeshEngine):
             return
         if self.spec.tp > 1:
             self.noise_scale_reason = "FSDP x TP: each rank holds a tensor-parallel slice of its replica's gradient"
+        elif self.dp_size == 1:  # FSDP2 calls no reduce-scatter on one rank (measured on CPU and gloo)
+            self.noise_scale_reason = ("FSDP2 on one rank: no reduce-scatter, so no micro-batch's gradient is seen "
+                                       "before it accumulates")
         elif not hasattr(FSDPModule, "set_custom_reduce_scatter"):  # the hook is recent public API of FSDP2
             self.noise_scale_reason = "this torch's FSDP2 has no custom reduce-scatter (set_custom_reduce_scatter)"
         else:
