@@ -66,7 +66,8 @@ def merged(intervals: list[tuple[float, float]], gap: float) -> list[tuple[float
 def device_shares(trace_path: Path) -> dict:
     """Compute / NCCL-only / idle shares of the window covered by the trace's device activity, and the
     timeline (ms from the window's start): compute busy spans (merged across gaps under 50 us) and every
-    NCCL kernel with its name."""
+    NCCL kernel with its name and CUDA stream (point-to-point kernels of different communicators run on
+    different streams; each rank's times start at its own first kernel)."""
     events = json.loads(trace_path.read_text())["traceEvents"]
     device = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     if not device:
@@ -82,7 +83,8 @@ def device_shares(trace_path: Path) -> dict:
             "idle": 1 - busy / window, "nccl_kernel_s": union([(e["ts"], e["ts"] + e["dur"]) for e in nccl]) / 1e6,
             "kernels": len(device),
             "timeline": {"compute_ms": [(ms(a), ms(b)) for a, b in merged(other, 50.0)],
-                         "nccl_ms": [(ms(e["ts"]), ms(e["ts"] + e["dur"]), e["name"][:40]) for e in nccl]}}
+                         "nccl_ms": [(ms(e["ts"]), ms(e["ts"] + e["dur"]), e["name"][:40],
+                                      e.get("args", {}).get("stream")) for e in nccl]}}
 
 
 def main() -> int:
