@@ -419,8 +419,8 @@ KNOWN_MISSES = {
     # the 4-GPU study, predicted before it ran (constants fitted on the 1- and 2-GPU runs only)
     ("h100x4-1b", "zero3", "memory"): "as at 2 GPUs: ZeRO-3 holds ~7 GiB more than counted; not profiled",
     ("h100x4-1b", "pp4-interleaved", "step"): "measured idle share 0.32 against the (p-1)/(v*m+p-1) = 0.16 "
-    "the plan charges for interleaved 1F1B at 4 stages; profiled, the idle time is spent in receive kernels "
-    "(warm-up micro-batches ~20 ms apart), not on the host; mechanism not identified",
+    "the plan charges for interleaved 1F1B at 4 stages; profiled, the idle time is spent in NCCL point-to-point "
+    "kernels (warm-up micro-batches ~20 ms apart), not on the host; mechanism not identified",
     ("h100x4-1b", "hybrid-deepspeed", "step"): "DeepSpeed's pipeline at micro-batches of 2 (8 per replica): "
     "0.09 s per step more than predicted; profiled, no kernel runs on any GPU for 29-41 % of the step (host "
     "between pipeline instructions), which the plan does not model",
