@@ -46,6 +46,8 @@ LAYOUTS = {
             "pp_compile": {**PP, "schedule": "1f1b", "pp_engine": "torch", "compile": True},
             "tp_compile": {"strategy": "tensor_parallel", "tp": 2, "tp_engine": "torch", "compile": True},
             "tp_accumulate": {"strategy": "tensor_parallel", "tp": 2, "tp_engine": "torch", "micro_batches": 2},
+            "tp_deepspeed_accumulate": {"strategy": "tensor_parallel", "tp": 2, "tp_engine": "deepspeed",
+                                        "micro_batches": 2},
             "ddp_bf16": {"strategy": "data_parallel", "precision": "bf16", **TWO},
             "fsdp_bf16": {"strategy": "fsdp", "precision": "bf16", **TWO},
             "ddp_bf16_pure": {"strategy": "data_parallel", "precision": "bf16-pure", **TWO},
@@ -61,6 +63,7 @@ LAYOUTS = {
         },
         "extras": {
             "tp_dp": {"strategy": "tensor_parallel", "tp": 2, "tp_engine": "torch", "gpus_per_node": 4},
+            "tp_deepspeed_dp": {"strategy": "tensor_parallel", "tp": 2, "tp_engine": "deepspeed", "gpus_per_node": 4},
             "pp_dp_hybrid_deepspeed": {"strategy": "hybrid_parallel", "stages": 2, "micro_batches": 4,
                                        "gpus_per_node": 4, "pp_engine": "deepspeed"},
         },

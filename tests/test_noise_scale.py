@@ -62,7 +62,8 @@ def test_runs_measure_the_same_noise_scale_on_different_engines(shared_two, shar
     PP2 x DP2 hybrid (the pipeline's own gradient over both stages) and DeepSpeed's (hooks per micro-batch,
     summed over the stages), and layouts of one replica with several micro-batches (pipelines, TP with
     accumulation: hooks per micro-batch) measure the same training's noise scale: within their stated
-    uncertainty of each other. TP of one micro-batch (either engine) says why it measures nothing."""
+    uncertainty of each other (torch TP and DeepSpeed AutoTP: their shards summed over the tensor-parallel
+    group). TP of one micro-batch (either engine) says why it measures nothing."""
     from conftest import read_run
 
     ddp = read_run(shared_two["dir"]["ddp_ref"])[0]
@@ -101,7 +102,8 @@ def test_runs_measure_the_same_noise_scale_on_different_engines(shared_two, shar
     # one replica of several micro-batches (the pipelines, TP with accumulation): per micro-batch, from hooks;
     # Pollux's reference batch is the replica's, the global batch: efficiency 1
     one_replica = {r: read_run(shared_two["dir"][r])[0]
-                   for r in ("pp_torch_ref", "pp_gpipe", "pp_deepspeed_ref", "tp_accumulate")}
+                   for r in ("pp_torch_ref", "pp_gpipe", "pp_deepspeed_ref", "tp_accumulate",
+                             "tp_deepspeed_accumulate")}
     print("one replica, per micro-batch:", *(f"{n} {s['gradient_noise_scale_mean']} +- {s['gradient_noise_scale_se']}"
                                              for n, s in one_replica.items()))
     for s in one_replica.values():
@@ -121,9 +123,9 @@ def test_runs_measure_the_same_noise_scale_on_different_engines(shared_two, shar
 MEASURES = {
     "two": {"ddp_ref": "micro", "ddp_accumulate": "micro", "fsdp_accumulate": "micro", "zero1_accumulate": "micro",
             "zero3_ref": "micro", "zero2_offload_ref": "micro", "pp_torch_ref": "micro", "pp_compile": "micro",
-            "pp_deepspeed_ref": "micro", "tp_accumulate": "micro"},
+            "pp_deepspeed_ref": "micro", "tp_accumulate": "micro", "tp_deepspeed_accumulate": "micro"},
     "four": {"pp_dp_hybrid_ref": "replica", "tp_dp": "replica", "pp_dp_hybrid_deepspeed": "micro",
-             "pp_tp_3d_ref": "micro"},
+             "pp_tp_3d_ref": "micro", "tp_deepspeed_dp": "micro"},
 }
 
 
@@ -132,8 +134,9 @@ def test_every_layout_measures_the_gradient_its_estimator_assumes(shared_two, sh
     """At step 1 every rank's recorded replica norm is exactly what the estimator takes it for: the mean over
     its replica's micro-batches k of |grad L_k|² (per-micro-batch layouts) or |grad L|² of the replica's whole
     batch, computed here on a plain copy of the model from the same data. Pipeline stages and
-    tensor-parallel shards (the 3-D run: both) hold parts of one replica: their parts must add up to it
-    once, no part missed or counted twice. fp32, 1e-4 relative (fp32 norms against fp64 sums)."""
+    tensor-parallel shards (the 3-D run: both; AutoTP's slices, alone and with 2 replicas) hold parts of
+    one replica: their parts must add up to it once, no part missed or counted twice. fp32, 1e-4 relative
+    (fp32 norms against fp64 sums)."""
     from conftest import read_run
 
     from llmpar.config import prepare

@@ -311,7 +311,7 @@ class DeepSpeedEngine(Engine):
     steps a tensor hook on every parameter adds the squared norm of the gradient autograd hands it (this
     rank's, this micro-batch's, before DeepSpeed's accumulate-grad hooks see it;
     :class:`~llmpar.strategies.base.GradNormHooks`). As for FSDP2 the small batch is one micro-batch
-    (``noise_scale_splits``); AutoTP ranks hold slices of a replica's gradient and measure nothing.
+    (``noise_scale_splits``); under AutoTP the tensor-parallel ranks' parts are summed (``hook_grad_norms``).
     """
 
     def __init__(self, engine, spec, ctx, train_cfg):
@@ -330,13 +330,19 @@ class DeepSpeedEngine(Engine):
 
     def hook_grad_norms(self, group=None) -> None:
         """The noise scale's per-micro-batch gradient hooks (class docstring) on this rank's parameters;
-        ``group``: the ranks holding the other parts of this rank's replica (a pipeline's stages)."""
+        ``group``: the ranks holding the other parts of this rank's replica (a pipeline's stages).
+
+        AutoTP: the ranks of a tensor-parallel group hold one replica. DeepSpeed marks the slices it cut
+        (``tensor_model_parallel``, set by its ``TensorParallel_Layer``s); every other parameter is whole
+        on each of them with the same gradient, so only tp rank 0 hooks it, and the group sums the parts."""
+        params = list(self.engine.module.parameters())
         if self.spec.tp > 1:
-            self.noise_scale_splits = self.dp_size * self.spec.micro_batches
-            self.noise_scale_reason = ("DeepSpeed AutoTP: each rank holds a tensor-parallel slice of its replica's "
-                                       "gradient")
-            return
-        self.hook_micro_batches(self.engine.module.parameters(), group)
+            from deepspeed.utils import groups
+
+            group = groups.get_tensor_model_parallel_group()
+            first = groups.get_tensor_model_parallel_rank() == 0
+            params = [p for p in params if getattr(p, "tensor_model_parallel", False) or first]
+        self.hook_micro_batches(params, group)
 
     def train_step(self, micro_batches):
         n = len(micro_batches)
