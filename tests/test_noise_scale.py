@@ -227,6 +227,7 @@ def test_hooks_measure_each_micro_batch_only_on_measured_steps(tmp_path):
                         assert sq is None and hooked == 0
                     else:
                         assert hooked == len(params) and engine.noise_scale_splits == m
+                        assert engine.noise_scale_reason is None
                         want = _micro_grad_sq(cfg["model"], 50, 0, micro, engine.loss_fn, state)
                         # 1e-4: fp32 norms of ~1e5 elements (this CPU's fp32 reduction is off the fp64 sum by ~2e-5)
                         assert sq.item() == pytest.approx(want, rel=1e-4)

@@ -237,9 +237,9 @@ class Engine:
     _capture_armed: bool = False
     _grad_norm: torch.Tensor | None = None
     _local_grad_sq: torch.Tensor | None = None
-    # why local_grad_sq is None for this engine (see llmpar.metrics.noise_scale)
-    noise_scale_reason = ("the engine reduces gradients inside its backward pass: no replica's own gradient "
-                          "is visible before the reduction")
+    # why local_grad_sq is None for this engine, where the layout cannot measure it (None: it can; see
+    # llmpar.metrics.noise_scale)
+    noise_scale_reason: str | None = None
     # local_grad_sq is the squared norm of the mean gradient over 1/noise_scale_splits of the global batch
     # (None: dp_size, one replica's share)
     noise_scale_splits: int | None = None
@@ -248,7 +248,7 @@ class Engine:
     measuring: bool = False  # this step measures (begin_step)
     grad_hooks: GradNormHooks | None = None  # per-micro-batch parameter hooks, where the engine uses them
 
-    def init_metrics(self, train_cfg: dict, device: torch.device) -> bool:
+    def init_metrics(self, train_cfg: dict, device: torch.device) -> None:
         """The one switch of metric collection, ``train.metrics``, for every engine: the phase timer
         (``self.timer``) and the noise scale's replica gradient norms (measured on every
         ``train.noise_scale_every``-th step) are on or off together; off says so in ``noise_scale_reason``."""
@@ -258,7 +258,6 @@ class Engine:
         self.noise_scale_every = train_cfg.get("noise_scale_every", 1)
         if not on:
             self.noise_scale_reason = "train.metrics is off"
-        return on
 
     def begin_step(self, step: int) -> None:
         """Called by the loop before :meth:`train_step` of ``step`` (1-based): whether this step measures

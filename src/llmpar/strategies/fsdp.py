@@ -47,10 +47,10 @@ class ReplicaNormReduceScatter(SquaredNorms):
     """FSDP2's reduce-scatter (``dist.reduce_scatter_tensor``, the op FSDP2 chose) that first adds the squared
     norm of its input; runs on FSDP2's reduce-scatter stream, which the optimizer step waits for."""
 
+    active = False  # on the steps that measure (FSDPEngine.begin_step)
+
     def allocate(self, size, *, dtype, device) -> torch.Tensor:
         return torch.empty(size, dtype=dtype, device=device)
-
-    active = False  # on the steps that measure (FSDPEngine.begin_step)
 
     def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
         if self.active:
