@@ -41,17 +41,6 @@ from llmpar.strategies import parallelize
 from llmpar.train import _micro_batches
 
 
-def union(intervals: list[tuple[float, float]]) -> float:
-    """Total length covered by ``intervals`` (start, end)."""
-    total, end = 0.0, float("-inf")
-    for a, b in sorted(intervals):
-        if b <= end:
-            continue
-        total += b - max(a, end)
-        end = b
-    return total
-
-
 def merged(intervals: list[tuple[float, float]], gap: float) -> list[tuple[float, float]]:
     """``intervals`` merged where they overlap or are less than ``gap`` apart."""
     out: list[list[float]] = []
@@ -61,6 +50,11 @@ def merged(intervals: list[tuple[float, float]], gap: float) -> list[tuple[float
         else:
             out.append([a, b])
     return [(a, b) for a, b in out]
+
+
+def union(intervals: list[tuple[float, float]]) -> float:
+    """Total length covered by ``intervals`` (start, end)."""
+    return sum(b - a for a, b in merged(intervals, 0.0))
 
 
 def device_shares(trace_path: Path) -> dict:
