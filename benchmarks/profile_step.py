@@ -19,6 +19,12 @@ the window from the first to the last kernel the shares of (CUDA only; on CPU th
 A pipeline's measured idle share (``bubble_measured``, from the engine's phase timers, also recorded per
 rank as ``breakdown`` over the same steps) counts both of the last two; this separates them.
 and the device timeline (compute spans, NCCL kernels). Rank 0 prints a table of all ranks.
+
+With ``--memory`` (CUDA) it records the caching allocator's history instead of a profile, from before the
+model is built to the end of the profiled steps, replays it, and writes ``<out>/<run>_memory.json``: per
+rank the peak of allocated bytes (which ``torch.cuda.max_memory_allocated`` reports, the study's
+``peak_mem_gib``) and the blocks live at that moment, grouped by where they were allocated (the innermost
+Python frame outside torch itself: the model's code, DeepSpeed's, a compiled graph's wrapper).
 """
 
 from __future__ import annotations
@@ -59,9 +65,10 @@ def union(intervals: list[tuple[float, float]]) -> float:
 
 def device_shares(trace_path: Path) -> dict:
     """Compute / NCCL-only / idle shares of the window covered by the trace's device activity, and the
-    timeline (ms from the window's start): compute busy spans (merged across gaps under 50 us) and every
+    timeline (ms from the window's start): compute busy spans (merged across gaps under 50 us), every
     NCCL kernel with its name and CUDA stream (point-to-point kernels of different communicators run on
-    different streams; each rank's times start at its own first kernel)."""
+    different streams) and a pipeline's actions on the host and on the device. Each rank's times start at
+    its own first kernel, ``t0_us`` on the profiler's clock, which the ranks of one node share."""
     events = json.loads(trace_path.read_text())["traceEvents"]
     device = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     if not device:
@@ -73,12 +80,67 @@ def device_shares(trace_path: Path) -> dict:
     window = max(b for _, b in spans) - t0
     busy, compute = union(spans), union(other)
     ms = lambda t: round((t - t0) / 1e3, 3)  # noqa: E731
+    # torch's pipeline runtime names each action ("PP:4F0", "PP:0SEND_F1", ...): when the host ran it, and
+    # the device span of the kernels it launched
+    actions = {side: [(e["name"][3:], ms(e["ts"]), ms(e["ts"] + e["dur"])) for e in events
+                      if e.get("ph") == "X" and e.get("cat") == cat and e.get("name", "").startswith("PP:")]
+               for side, cat in (("host_ms", "user_annotation"), ("device_ms", "gpu_user_annotation"))}
     return {"window_s": window / 1e6, "compute": compute / window, "nccl_only": (busy - compute) / window,
             "idle": 1 - busy / window, "nccl_kernel_s": union([(e["ts"], e["ts"] + e["dur"]) for e in nccl]) / 1e6,
             "kernels": len(device),
-            "timeline": {"compute_ms": [(ms(a), ms(b)) for a, b in merged(other, 50.0)],
+            # t0_us: the profiler's clock (the host's, shared by the ranks of one node) at the first kernel
+            "timeline": {"t0_us": t0,
+                         "compute_ms": [(ms(a), ms(b)) for a, b in merged(other, 50.0)],
                          "nccl_ms": [(ms(e["ts"]), ms(e["ts"] + e["dur"]), e["name"][:40],
-                                      e.get("args", {}).get("stream")) for e in nccl]}}
+                                      e.get("args", {}).get("stream")) for e in nccl],
+                         "actions": actions}}
+
+
+def site(frames: list[dict]) -> str:
+    """Where a block was allocated: the innermost frame outside torch's own modules (the caller that
+    asked for it), e.g. ``deepspeed/runtime/zero/stage3.py:412 (_partition)``; a compiled graph's
+    wrapper (Inductor's generated module) counts as one site per graph."""
+    for f in frames:
+        name = f["filename"]
+        if "torchinductor" in name:
+            return f"compiled graph {Path(name).name}"
+        if "/torch/" in name:
+            continue
+        if name.endswith(".py"):
+            tail = "/".join(Path(name).parts[-3:])
+            return f"{tail}:{f['line']} ({f['name']})"
+    return "torch (no frame outside torch)" if frames else "unknown (allocated before recording)"
+
+
+def live_at_peak(trace: list[dict], top: int = 25) -> dict:
+    """Replay one device's allocator trace (``torch.cuda.memory._snapshot()["device_traces"][d]``):
+    the peak of allocated bytes and the blocks live at its first occurrence, grouped by ``site``."""
+    live: dict[int, dict] = {}
+    cur = peak = 0
+    at = -1
+    for i, e in enumerate(trace):
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+            cur += e["size"]
+        elif e["action"] == "free_completed" and e["addr"] in live:
+            cur -= live.pop(e["addr"])["size"]
+        if cur > peak:
+            peak, at = cur, i
+    live.clear()
+    for e in trace[: at + 1]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        elif e["action"] == "free_completed":
+            live.pop(e["addr"], None)
+    groups: dict[str, list[int]] = {}
+    for e in live.values():
+        g = groups.setdefault(site(e.get("frames", [])), [0, 0])
+        g[0] += e["size"]
+        g[1] += 1
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])
+    return {"peak_bytes": peak, "peak_event": at, "events": len(trace), "blocks_live": len(live),
+            "sites": [{"site": k, "bytes": b, "blocks": n} for k, (b, n) in ranked[:top]],
+            "other_bytes": sum(b for _, (b, _n) in ranked[top:])}
 
 
 def main() -> int:
@@ -89,6 +151,8 @@ def main() -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--memory", action="store_true", help="record the allocator's history instead (CUDA)")
+    p.add_argument("--max-entries", type=int, default=3_000_000, help="allocator events kept (--memory)")
     a = p.parse_args()
     cfg = prepare(load_yaml(a.config))
     rc = run_config(cfg, a.run_name)
@@ -98,6 +162,11 @@ def main() -> int:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.memory:
+        if not cuda:
+            raise SystemExit("--memory records the CUDA caching allocator: run it on a GPU")
+        torch.cuda.memory._record_memory_history(max_entries=a.max_entries, stacks="python")
+        torch.cuda.reset_peak_memory_stats()
     with attention_backends(tc["attention"], ctx.device.type):
         data = TokenData(a.tokens, rc["model"]["seq_len"], rc["seed"])
         engine = parallelize(build_model(rc["model"], data.vocab_size, rc["seed"], device=ctx.device), spec, ctx, tc)
@@ -110,6 +179,27 @@ def main() -> int:
 
         for i in range(a.warmup):
             step(i)
+        if a.memory:
+            for i in range(a.warmup, a.warmup + a.steps):
+                step(i)
+            sync()
+            trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+            torch.cuda.memory._record_memory_history(enabled=None)
+            row = {"run": a.run_name, "rank": ctx.rank, "max_memory_allocated": torch.cuda.max_memory_allocated(),
+                   "truncated": len(trace) >= a.max_entries, **live_at_peak(trace),
+                   "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+            rows = distributed.all_gather_object(row)
+            if ctx.is_main:
+                (out / f"{a.run_name}_memory.json").write_text(json.dumps(rows, indent=1))
+                for r in rows:
+                    print(f"rank {r['rank']}: peak {r['peak_bytes'] / 2**30:.2f} GiB replayed, "
+                          f"max_memory_allocated {r['max_memory_allocated'] / 2**30:.2f} GiB, {r['events']} events"
+                          + (" (TRUNCATED)" if r["truncated"] else ""))
+                    for g in r["sites"][:12]:
+                        print(f"  {g['bytes'] / 2**30:7.2f} GiB {g['blocks']:6d}  {g['site']}")
+            engine.close()
+            distributed.destroy()
+            return 0
         engine.reset_time_breakdown()  # the engine's own phase timers over the profiled steps only
         sync()
         dist.barrier()
