@@ -78,12 +78,13 @@ def test_pipeline_bubble_is_the_schedules(shape, strategy, world):
     """The bubble the step holds is (p-1)/(m+p-1) of its compute slots (1F1B, one chunk per rank)."""
     run, cfg, _ = pe.resolve(shape, strategy, world, CARD)
     p, m = run["stages"], run["micro_batches"]
-    assert p > 1 and pe.bubble(run) == pytest.approx((p - 1) / (m + p - 1))
     sh = plan.shape_of(pe.SHAPES[shape], pe.SHAPES[shape]["vocab_size"])
     t = plan.step_time(sh, run, True, plan.card(CARD))
+    assert p > 1 and t["bubble"] == pytest.approx((p - 1) / (m + p - 1))
+    assert pe.predict_row(shape, strategy, world, CARD)["predicted_bubble"] == t["bubble"]
     per_slot = ("gemm", "attention", "elementwise", "micro_batch_fixed", "tp_comm", "pp_p2p")
     busy = sum(t["parts"][k] for k in per_slot)
-    assert busy * (1 - pe.bubble(run)) == pytest.approx(m * t["micro_batch_s"])
+    assert busy * (1 - t["bubble"]) == pytest.approx(m * t["micro_batch_s"])
 
 
 def test_assumptions_state_the_bandwidths():

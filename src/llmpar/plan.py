@@ -10,9 +10,11 @@ The model counts what each rank holds and does, and takes rates from a card's me
   gradient of the logits at the start of the backward; and the allocator's overhead.
 * **Step time**: per micro-batch, GEMM FLOPs over the card's GEMM rate, attention FLOPs over its
   attention rate, elementwise traffic (4 x the saved activation bytes) over its measured elementwise
-  bandwidth, plus a fixed cost per micro-batch; times the micro-batches (plus the bubble for
-  pipelines); plus the communication that is not hidden behind compute (bytes per collective over
-  the link's bus bandwidth), the optimizer's bytes, and a fixed cost per step.
+  bandwidth, plus a fixed cost per micro-batch; times the micro-batches (plus the pipeline's idle
+  slots: the closed-form bubble of GPipe and 1F1B, torch's interleaved schedule simulated as its runtime
+  issues the transfers, :mod:`llmpar.plan_pipeline`); plus the communication that is not hidden behind
+  compute (bytes per collective over the link's bus bandwidth), the optimizer's bytes, and a fixed cost
+  per step.
 
 Activations saved per token and decoder layer under bf16 autocast with per-layer ``torch.compile``
 (fp32 residual stream; matmul inputs and outputs bf16), ``h`` hidden, ``kv`` KV width, ``f`` MLP width:
@@ -36,6 +38,7 @@ import yaml
 
 from llmpar.config import engine_of, model_dims
 from llmpar.model import balanced_split, flops_per_token, model_vocab
+from llmpar.plan_pipeline import interleaved_idle
 
 GIB = 2**30
 CARDS_PATH = Path(__file__).with_name("cards.yaml")
@@ -162,6 +165,15 @@ def saved_bytes_per_token(sh: Shape, run: dict, layers: int, last: bool, compile
         # Under DDP, Dynamo's DDPOptimizer splits each compiled layer at the 25 MB bucket boundaries
         # (every MLP weight is a bucket of its own), so SwiGLU's silu output is materialised and saved.
         split += compute * sh.f
+    elif zero3_linear(run):
+        # DeepSpeed ZeRO-3 runs every linear through its own autograd function, which saves its input as
+        # given: the two norms' outputs in the stream's dtype, where autocast's linear saves a bf16 copy;
+        # and the compiled layer breaks at each such call, so o_proj's copy of the attention output and
+        # SwiGLU's silu output are materialised and saved (as in eager layers). At the 1.1B shape
+        # 91,264 bytes, as the allocator's live blocks at the peak of results/h100x{2,4}-1b's zero3 runs
+        # (benchmarks/results/zero3_memory_gpu{2,4}_h100x4.json: 1.393 GiB per layer at micro-batch 8).
+        replicated += 2 * (residual - compute) * sh.h
+        split += compute * (sh.h + sh.f)
     layer = replicated + split / tp
     if run["activation_checkpointing"] == "full":
         total = layers * per_layer_kept + layer
@@ -173,7 +185,17 @@ def saved_bytes_per_token(sh: Shape, run: dict, layers: int, last: bool, compile
         # Final norm input and output, and the logits the cross-entropy saves: bf16 when compiled (the
         # CUDA loss; on every TP rank in full), else the eager loss's fp32 log-softmax.
         total += residual * sh.h + compute * sh.h + (compute if compiled else 4) * sh.vocab
+        if zero3_linear(run):
+            # the final norm (never compiled) keeps its normalised fp32 input, and lm_head's ZeRO-3
+            # linear its output in the stream's dtype instead of the bf16 copy
+            total += 4 * sh.h + (residual - compute) * sh.h
     return total
+
+
+def zero3_linear(run: dict) -> bool:
+    """Whether a run's linears are DeepSpeed ZeRO-3's autograd function (``LinearFunctionForZeroStage3``,
+    which ZeRO-3 swaps in for ``F.linear``): it saves a linear's input as given, not autocast's copy."""
+    return run["strategy"] == "zero" and run["zero_stage"] == 3
 
 
 def live_micro_batches(run: dict, rank: int) -> float:
@@ -204,10 +226,11 @@ def state_bytes(sh: Shape, run: dict, n_local: int) -> dict:
         return {"params": w * n_local / shard, "grads": w * n_local / shard, "optimizer": 2 * w * n_local / shard}
     # DeepSpeed under torch_autocast: fp32 module weights and gradients; ZeRO >= 1 adds an fp32 master
     # partition to the moments (12 bytes per partitioned parameter), ZeRO-0 keeps plain AdamW moments.
-    # ZeRO-3 holds two fp32 gradient partitions (state_bytes of results/h100x{2,4}-1b/runs/zero3: 2/dp of
-    # the model's gradient bytes at 2 and at 4 ranks).
+    # ZeRO-3 holds one fp32 gradient partition through the backward (its flat buffer: one 4n/dp block at
+    # the peak, benchmarks/results/zero3_memory_gpu{2,4}_h100x4.json); the optimizer step adds a second (state_bytes
+    # of results/h100x{2,4}-1b/runs/zero3, captured at the step: 2/dp), when the activations are gone.
     return {"params": w * n_local / (dp if zero >= 3 else 1),
-            "grads": w * n_local * (2 / dp if zero >= 3 else 1 / dp if zero == 2 else 1),
+            "grads": w * n_local / dp if zero >= 2 else w * n_local,
             "optimizer": (3 * w * n_local / dp) if zero >= 1 else 2 * w * n_local}
 
 
@@ -289,7 +312,8 @@ def gather_s(nbytes: float, group: int, bw: float, latency: float) -> float:
 
 def pipeline_bubble(stages: int, micro_batches: int, virtual: int = 1) -> float:
     """Idle share of a pipeline's schedule: (p-1)/v extra micro-batch slots of m + (p-1)/v, i.e.
-    (p-1)/(v·m+p-1); 0 without stages."""
+    (p-1)/(v·m+p-1); 0 without stages. The step time charges it for GPipe and 1F1B; torch's interleaved
+    schedule is simulated as torch issues its transfers (:func:`llmpar.plan_pipeline.interleaved_idle`)."""
     return (stages - 1) / (virtual * micro_batches + stages - 1)
 
 
@@ -321,7 +345,12 @@ def step_time(sh: Shape, run: dict, compiled: bool, c: dict) -> dict:
         per_rank.append(t)
     slowest = max(per_rank, key=lambda t: sum(t.values()))
     t_mb = sum(slowest.values())
-    slots = m / (1 - pipeline_bubble(p, m, virtual_stages(run)))  # m + (p-1)/v micro-batch slots
+    v = virtual_stages(run)
+    bubble = pipeline_bubble(p, m, v)
+    if v > 1:  # torch's interleaved 1F1B, its transfers as its runtime issues them (plan_pipeline)
+        chunk_fwd = (t_mb - slowest["pp_p2p"]) / (3 * v)
+        bubble = interleaved_idle(p, m, v, round(slowest["pp_p2p"] / 2 / chunk_fwd, 3))
+    slots = m / (1 - bubble)  # m micro-batch slots and the idle ones
     parts = {k: v * slots for k, v in slowest.items()}
 
     n_local = max(local_params(sh, run, s) for s in pipeline_ranks(sh, run))
@@ -351,7 +380,7 @@ def step_time(sh: Shape, run: dict, compiled: bool, c: dict) -> dict:
     copy_back = 8 * updated if engine_of(run) == "deepspeed" and zero >= 1 else 0.0
     parts["optimizer"] = (40 * updated + copy_back) / elem
     parts["step_fixed"] = c["step_overhead_s"]
-    return {"parts": parts, "total": sum(parts.values()), "micro_batch_s": t_mb}
+    return {"parts": parts, "total": sum(parts.values()), "micro_batch_s": t_mb, "bubble": bubble}
 
 
 # --------------------------------------------------------------------------- one run
@@ -372,7 +401,7 @@ def predict(model_cfg: dict, vocab_size: int, run: dict, train: dict, card_name:
         t = step_time(sh, run, compiled, c)
         tokens = train["global_batch"] * sh.seq
         world = run["nodes"] * run["gpus_per_node"]
-        out.update(step_s=t["total"], time_s=t["parts"], tokens_per_s=tokens / t["total"],
+        out.update(step_s=t["total"], time_s=t["parts"], bubble=t["bubble"], tokens_per_s=tokens / t["total"],
                    mfu=tokens / t["total"] / world * flops_per_token(model_cfg, vocab_size) / PEAK_FLOPS,
                    card_memory_gib=c["memory_gib"])
     return out
@@ -412,15 +441,6 @@ NOT_MODELLED = {
 # Known misses: (study, run, quantity) -> the measured reason. The test asserts that these still miss
 # (so a fix must update this list) and that every other run meets its bound.
 KNOWN_MISSES = {
-    ("h100x2-1b", "zero3", "memory"): "DeepSpeed ZeRO-3 holds ~6 GiB more than its counted states (two fp32 "
-    "gradient partitions included), buckets and live parameters. At 4 GPUs it made 30 compiled graphs where "
-    "ZeRO-1 made 4: its hooks break the layers' graphs, and its peak sits between the compiled (-12 %) and "
-    "the eager (+22 %) activation counts; not profiled",
-    # the 4-GPU study, predicted before it ran (constants fitted on the 1- and 2-GPU runs only)
-    ("h100x4-1b", "zero3", "memory"): "as at 2 GPUs: ZeRO-3 holds ~7 GiB more than counted; not profiled",
-    ("h100x4-1b", "pp4-interleaved", "step"): "measured idle share 0.32 against the (p-1)/(v*m+p-1) = 0.16 "
-    "the plan charges for interleaved 1F1B at 4 stages; profiled, the idle time is spent in NCCL point-to-point "
-    "kernels (warm-up micro-batches ~20 ms apart), not on the host; mechanism not identified",
     ("h100x4-1b", "hybrid-deepspeed", "step"): "DeepSpeed's pipeline at micro-batches of 2 (8 per replica): "
     "0.09 s per step more than predicted; profiled, no kernel runs on any GPU for 29-41 % of the step (host "
     "between pipeline instructions), which the plan does not model",

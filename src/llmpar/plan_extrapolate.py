@@ -110,11 +110,6 @@ def inter_node_groups(run: dict, c: dict) -> str:
     return ", ".join(out) or "none"
 
 
-def bubble(run: dict) -> float:
-    """The pipeline bubble the plan's step time holds: (p-1)/v idle slots of m + (p-1)/v."""
-    return plan.pipeline_bubble(run["stages"], run["micro_batches"], plan.virtual_stages(run))
-
-
 def predict_row(shape: str, strategy: str, world: int, card_name: str,
                 micro_batch_size: int | str = "auto") -> dict:
     """One row of the extrapolation table (model output)."""
@@ -133,7 +128,7 @@ def predict_row(shape: str, strategy: str, world: int, card_name: str,
     fits = plan.fits(pred["peak_gib"], c["memory_gib"])
     row.update(layout=layout_text(run), inter_node=inter_node_groups(run, c), micro_batch_size=run["micro_batch_size"],
                micro_batches=run["micro_batches"], predicted_peak_gib=pred["peak_gib"], predicted_fits=fits,
-               predicted_bubble=bubble(run))
+               predicted_bubble=pred["bubble"])
     if fits:  # a layout that does not fit does not run: no time for it
         comm = sum(pred["time_s"].get(k, 0.0) for k in ("tp_comm", "pp_p2p", "dp_comm"))
         row.update(predicted_step_s=pred["step_s"], predicted_tokens_per_s_per_gpu=pred["tokens_per_s"] / world,
@@ -187,9 +182,8 @@ def assumptions(card_name: str) -> list[str]:
         "micro-batch's backward; FSDP prefetches its gathers; ZeRO-3's gathers, tensor-parallel all-reduces "
         "and pipeline transfers are on the critical path. Attention runs at the rate measured at sequence "
         "2048 (the 8B uses 8192).",
-        "Known misses of the recorded runs carry over (plan.csv notes): the plan under-predicts ZeRO-3's peak "
-        "memory (by 12-16 % at 2 and 4 GPUs) and the idle share of interleaved 1F1B at 4 stages; those rows "
-        "are optimistic. Not modelled: stragglers, failures and restarts, data "
+        "The recorded runs' one known miss, DeepSpeed's pipeline at micro-batches of 2 (plan.csv notes), is in "
+        "no row here (the pipelines are torch's 1F1B). Not modelled: stragglers, failures and restarts, data "
         "loading, NCCL's algorithm choice, hierarchical sharding (HSDP).",
         "As the code runs them: torch tensor parallel replicates the output head (DeepSpeed AutoTP splits it), "
         "and the pipeline cut balances parameters, not work; with the 8B's 128,256-row head the last stage of "
