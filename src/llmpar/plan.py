@@ -345,11 +345,11 @@ def step_time(sh: Shape, run: dict, compiled: bool, c: dict) -> dict:
         per_rank.append(t)
     slowest = max(per_rank, key=lambda t: sum(t.values()))
     t_mb = sum(slowest.values())
-    v = virtual_stages(run)
-    bubble = pipeline_bubble(p, m, v)
-    if v > 1:  # torch's interleaved 1F1B, its transfers as its runtime issues them (plan_pipeline)
-        chunk_fwd = (t_mb - slowest["pp_p2p"]) / (3 * v)
-        bubble = interleaved_idle(p, m, v, round(slowest["pp_p2p"] / 2 / chunk_fwd, 3))
+    chunks = virtual_stages(run)
+    bubble = pipeline_bubble(p, m, chunks)
+    if chunks > 1:  # torch's interleaved 1F1B, its transfers as its runtime issues them (plan_pipeline)
+        chunk_fwd = (t_mb - slowest["pp_p2p"]) / (3 * chunks)
+        bubble = interleaved_idle(p, m, chunks, round(slowest["pp_p2p"] / 2 / chunk_fwd, 3))
     slots = m / (1 - bubble)  # m micro-batch slots and the idle ones
     parts = {k: v * slots for k, v in slowest.items()}
     if p > 1 and engine_of(run) == "deepspeed":

@@ -169,8 +169,8 @@ def simulate(lowered: dict[int, list], p: int, n_stages: int, fwd: float, bwd: f
 
 @functools.lru_cache(maxsize=256)
 def interleaved_idle(p: int, m: int, v: int, xfer_per_fwd: float) -> float:
-    """Idle share of the interleaved schedule's step per rank (mean over ranks) as torch runs it, for
-    chunks of equal time (a backward twice a forward) and a transfer of ``xfer_per_fwd`` forwards."""
+    """Idle share of each rank's step under the interleaved schedule as torch runs it, for chunks of
+    equal time (a backward twice a forward) and a transfer taking ``xfer_per_fwd`` forwards."""
     n_stages = p * v
     order = {r: with_bookkeeping(ops, m, v) for r, ops in interleaved_order(p, m, v).items()}
     step = simulate(lower(order, p, n_stages), p, n_stages, 1.0, 2.0, xfer_per_fwd)
