@@ -96,7 +96,10 @@ def device_shares(trace_path: Path) -> dict:
                          "actions": actions}}
 
 
-def site(frames: list[dict]) -> str:
+TORCH_DIR = str(Path(torch.__file__).parent) + os.sep  # torch's own modules (not a path merely naming torch)
+
+
+def site(frames: list[dict], torch_dir: str = TORCH_DIR) -> str:
     """Where a block was allocated: the innermost frame outside torch's own modules (the caller that
     asked for it), e.g. ``deepspeed/runtime/zero/stage3.py:412 (_partition)``; a compiled graph's
     wrapper (Inductor's generated module) counts as one site per graph."""
@@ -104,7 +107,7 @@ def site(frames: list[dict]) -> str:
         name = f["filename"]
         if "torchinductor" in name:
             return f"compiled graph {Path(name).name}"
-        if "/torch/" in name:
+        if name.startswith(torch_dir):
             continue
         if name.endswith(".py"):
             tail = "/".join(Path(name).parts[-3:])

@@ -20,9 +20,12 @@ def test_interval_union_merges_overlaps():
 
 
 def test_site_is_the_innermost_frame_outside_torch():
-    torch_frame = frame("/usr/lib/python3/dist-packages/torch/nn/functional.py", 10, "linear")
+    torch_frame = frame(profile_step.TORCH_DIR + "nn/functional.py", 10, "linear")
     ds = frame("/tmp/site/deepspeed/runtime/zero/stage3.py", 412, "_partition")
     assert profile_step.site([torch_frame, ds]) == "runtime/zero/stage3.py:412 (_partition)"
+    # a package in an environment whose path names torch (the GPU image's /opt/torch/.venv) is not torch
+    image = frame("/opt/torch/.venv/lib/python3.12/site-packages/transformers/modeling_utils.py", 5, "f")
+    assert profile_step.site([torch_frame, image]) == "site-packages/transformers/modeling_utils.py:5 (f)"
     graph = frame("/tmp/torchinductor_root/ab/cabc.py", 99, "call")
     assert profile_step.site([torch_frame, graph, ds]) == "compiled graph cabc.py"
     assert profile_step.site([torch_frame]).startswith("torch")
