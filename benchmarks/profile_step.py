@@ -17,8 +17,9 @@ the window from the first to the last kernel the shares of (CUDA only; on CPU th
 * ``idle``: nothing runs on the device (the host has not launched the next work yet).
 
 A pipeline's measured idle share (``bubble_measured``, from the engine's phase timers, also recorded per
-rank as ``breakdown`` over the same steps) counts both of the last two; this separates them.
-and the device timeline (compute spans, NCCL kernels). Rank 0 prints a table of all ranks.
+rank as ``breakdown`` over the same steps) counts both of the last two; this separates them. Each rank
+also records its device timeline (compute spans, NCCL kernels, a pipeline's actions). Rank 0 prints a
+table of all ranks.
 
 With ``--memory`` (CUDA) it records the caching allocator's history instead of a profile, from before the
 model is built to the end of the profiled steps, replays it, and writes ``<out>/<run>_memory.json``: per
@@ -146,6 +147,56 @@ def live_at_peak(trace: list[dict], top: int = 25) -> dict:
             "other_bytes": sum(b for _, (b, _n) in ranked[top:])}
 
 
+def profiled_row(a, step, engine, cuda: bool, sync) -> dict:
+    """Steps ``--warmup`` .. under torch.profiler: wall time per step, device shares and timeline."""
+    engine.reset_time_breakdown()  # the engine's own phase timers over the profiled steps only
+    sync()
+    dist.barrier()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        t0 = time.perf_counter()
+        for i in range(a.warmup, a.warmup + a.steps):
+            step(i)
+        sync()
+        wall = (time.perf_counter() - t0) / a.steps
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        shares = device_shares(trace)
+    return {"step_s": wall, "steps": a.steps, **shares, "breakdown": engine.time_breakdown(),
+            "device": torch.cuda.get_device_name() if cuda else "cpu"}
+
+
+def memory_row(a, step, sync) -> dict:
+    """Steps ``--warmup`` .. with the allocator's history (recording since before the model was built),
+    replayed: the peak and the blocks live at it."""
+    for i in range(a.warmup, a.warmup + a.steps):
+        step(i)
+    sync()
+    trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+    torch.cuda.memory._record_memory_history(enabled=None)
+    return {"max_memory_allocated": torch.cuda.max_memory_allocated(), "truncated": len(trace) >= a.max_entries,
+            **live_at_peak(trace), "device": torch.cuda.get_device_name()}
+
+
+def print_profiles(a, rows: list[dict]) -> None:
+    print(f"{a.run_name}: {a.steps} profiled steps after {a.warmup}, {os.environ.get('WORLD_SIZE')} ranks")
+    print("rank  step_s  window_s  compute  nccl_only  idle  nccl_kernel_s")
+    for r in rows:
+        print(f"{r['rank']:>4}  {r['step_s']:.3f}  {r.get('window_s', 0):.3f}  {r.get('compute', 0):.3f}  "
+              f"{r.get('nccl_only', 0):.3f}  {r.get('idle', 0):.3f}  {r.get('nccl_kernel_s', 0):.3f}")
+
+
+def print_memory(rows: list[dict]) -> None:
+    for r in rows:
+        print(f"rank {r['rank']}: peak {r['peak_bytes'] / 2**30:.2f} GiB replayed, "
+              f"max_memory_allocated {r['max_memory_allocated'] / 2**30:.2f} GiB, {r['events']} events"
+              + (" (TRUNCATED)" if r["truncated"] else ""))
+        for g in r["sites"][:12]:
+            print(f"  {g['bytes'] / 2**30:7.2f} GiB {g['blocks']:6d}  {g['site']}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
@@ -182,53 +233,15 @@ def main() -> int:
 
         for i in range(a.warmup):
             step(i)
-        if a.memory:
-            for i in range(a.warmup, a.warmup + a.steps):
-                step(i)
-            sync()
-            trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
-            torch.cuda.memory._record_memory_history(enabled=None)
-            row = {"run": a.run_name, "rank": ctx.rank, "max_memory_allocated": torch.cuda.max_memory_allocated(),
-                   "truncated": len(trace) >= a.max_entries, **live_at_peak(trace),
-                   "device": torch.cuda.get_device_name(), "torch": torch.__version__}
-            rows = distributed.all_gather_object(row)
-            if ctx.is_main:
-                (out / f"{a.run_name}_memory.json").write_text(json.dumps(rows, indent=1))
-                for r in rows:
-                    print(f"rank {r['rank']}: peak {r['peak_bytes'] / 2**30:.2f} GiB replayed, "
-                          f"max_memory_allocated {r['max_memory_allocated'] / 2**30:.2f} GiB, {r['events']} events"
-                          + (" (TRUNCATED)" if r["truncated"] else ""))
-                    for g in r["sites"][:12]:
-                        print(f"  {g['bytes'] / 2**30:7.2f} GiB {g['blocks']:6d}  {g['site']}")
-            engine.close()
-            distributed.destroy()
-            return 0
-        engine.reset_time_breakdown()  # the engine's own phase timers over the profiled steps only
-        sync()
-        dist.barrier()
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-            t0 = time.perf_counter()
-            for i in range(a.warmup, a.warmup + a.steps):
-                step(i)
-            sync()
-            wall = (time.perf_counter() - t0) / a.steps
-        with tempfile.TemporaryDirectory() as tmp:
-            trace = Path(tmp) / "trace.json"
-            prof.export_chrome_trace(str(trace))
-            shares = device_shares(trace)
-    row = {"run": a.run_name, "rank": ctx.rank, "step_s": wall, "steps": a.steps, **shares,
-           "breakdown": engine.time_breakdown(),
-           "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
-    rows = distributed.all_gather_object(row)
+        measured = memory_row(a, step, sync) if a.memory else profiled_row(a, step, engine, cuda, sync)
+    rows = distributed.all_gather_object({"run": a.run_name, "rank": ctx.rank, **measured, "torch": torch.__version__})
     if ctx.is_main:
-        (out / f"{a.run_name}.json").write_text(json.dumps(rows))
-        print(f"{a.run_name}: {a.steps} profiled steps after {a.warmup}, {os.environ.get('WORLD_SIZE')} ranks")
-        print("rank  step_s  window_s  compute  nccl_only  idle  nccl_kernel_s")
-        for r in rows:
-            print(f"{r['rank']:>4}  {r['step_s']:.3f}  {r.get('window_s', 0):.3f}  {r.get('compute', 0):.3f}  "
-                  f"{r.get('nccl_only', 0):.3f}  {r.get('idle', 0):.3f}  {r.get('nccl_kernel_s', 0):.3f}")
+        if a.memory:
+            (out / f"{a.run_name}_memory.json").write_text(json.dumps(rows, indent=1))
+            print_memory(rows)
+        else:
+            (out / f"{a.run_name}.json").write_text(json.dumps(rows))
+            print_profiles(a, rows)
     engine.close()
     distributed.destroy()
     return 0

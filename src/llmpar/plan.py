@@ -330,7 +330,8 @@ def step_time(sh: Shape, run: dict, compiled: bool, c: dict) -> dict:
     # stream's (fp32 unless the weights and stream are bf16)
     grad_bytes_tp = 2 if run["precision"] == "bf16-pure" else 4
     per_rank = []
-    for share in pipeline_ranks(sh, run):
+    shares = pipeline_ranks(sh, run)
+    for share in shares:
         head = sh.vocab * sh.h // (tp if engine_of(run) == "deepspeed" else 1) if share["last"] else 0
         flops_gemm = 6 * tokens * (share["layers"] * sh.layer_matmul / tp + head)
         flops_attn = 6 * share["layers"] * sh.h * sh.seq * tokens / tp
@@ -356,10 +357,10 @@ def step_time(sh: Shape, run: dict, compiled: bool, c: dict) -> dict:
         # DeepSpeed's pipeline engine issues its instructions from the host, in time proportional to a
         # stage's layers (ds_pipeline_host_s_per_layer); at small micro-batches that exceeds the GPU's
         # time per micro-batch and the GPUs wait (profiled: no kernel runs for 29-41 % of the step)
-        host = c["ds_pipeline_host_s_per_layer"] * max(share["layers"] for share in pipeline_ranks(sh, run))
+        host = c["ds_pipeline_host_s_per_layer"] * max(share["layers"] for share in shares)
         parts["pipeline_host"] = slots * max(0.0, host - t_mb)
 
-    n_local = max(local_params(sh, run, s) for s in pipeline_ranks(sh, run))
+    n_local = max(local_params(sh, run, s) for s in shares)
     grad_bytes = 4 * n_local
     exposed = 0.0
     s, zero = run["strategy"], run["zero_stage"]

@@ -123,4 +123,3 @@ class MeshEngine(TorchEngine):
 
     def clip_grads(self, params):
         return clip_grad_norm_(params, self.train_cfg["grad_clip"])
-
