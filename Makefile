@@ -49,8 +49,11 @@ test-gpu:
 	NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
 	  $(GPU_PYTHON) -m pytest -q -rA -m gpu tests/gpu --durations=0
 
+# ruff, snakefmt, Snakemake's linter, and the package's layers (docs/architecture.md: no upward import,
+# no import cycle)
 lint: setup
-	$(BIN)/ruff check src scripts tests
+	$(BIN)/ruff check src scripts tests benchmarks
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_layers.py
 	$(BIN)/snakefmt --check Snakefile rules
 	$(BIN)/snakemake --lint --cores 1
 

@@ -19,8 +19,9 @@ import types
 
 import torch  # noqa: E402
 
-from llmpar.config import RunSpec  # noqa: E402
-from llmpar.model import attention_backends, build_model, flops_per_token  # noqa: E402
+from llmpar.layout import RunSpec  # noqa: E402
+from llmpar.model import attention_backends, build_model  # noqa
+from llmpar.shape import flops_per_token  # noqa: E402
 
 MODEL = {"size": "1B", "seq_len": 2048, "vocab_size": 32000}
 TOKENIZER_VOCAB = 660
@@ -107,15 +108,16 @@ def attention_bench(out):
 
 def step_bench(out, name, mbs=8, fused_ce=True, backend=None, compile_mode="layers", precision="bf16", steps=6,
                warm=3):
-    from llmpar.strategies.base import TorchEngine, prepare_model
+    from llmpar.strategies.engine import TorchEngine
+    from llmpar.strategies.levers import prepare_model
 
     # The attention backend order (train.attention: cudnn | flash | default) holds around the steps.
     # Run with TORCHINDUCTOR_FX_GRAPH_CACHE=0 TORCHINDUCTOR_AUTOGRAD_CACHE=0 when comparing backends:
     # the caches' keys do not include the SDPA choice, so a cached graph keeps its first backend.
     torch._dynamo.reset()
-    import llmpar.strategies.base as base
+    import llmpar.strategies.loss as loss_module
 
-    base._FUSED_CE = None
+    loss_module._FUSED_CE = None
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -130,7 +132,7 @@ def step_bench(out, name, mbs=8, fused_ce=True, backend=None, compile_mode="laye
     if compile_mode == "model":
         model = torch.compile(model)
     elif compile_mode == "layers-autotune":  # per-layer, with Triton GEMM templates autotuned against cuBLAS
-        from llmpar.strategies.base import decoder_layers
+        from llmpar.strategies.levers import decoder_layers
 
         layers = decoder_layers(model)
         for i in range(len(layers)):

@@ -27,7 +27,8 @@ import torch  # noqa: E402
 
 from llmpar.data.tokenize import read_meta  # noqa: E402
 from llmpar.metrics.definitions import peak_flops_for  # noqa: E402
-from llmpar.model import flops_per_token, llama_config  # noqa: E402
+from llmpar.model import llama_config  # noqa
+from llmpar.shape import flops_per_token  # noqa: E402
 
 
 class Sequences(torch.utils.data.Dataset):

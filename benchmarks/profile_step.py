@@ -41,8 +41,9 @@ import torch
 import torch.distributed as dist
 
 from llmpar import distributed
-from llmpar.config import RunSpec, load_yaml, prepare, run_config
+from llmpar.config import load_yaml, prepare, run_config
 from llmpar.data.loader import TokenData
+from llmpar.layout import RunSpec
 from llmpar.model import attention_backends, build_model
 from llmpar.strategies import parallelize
 from llmpar.train import _micro_batches

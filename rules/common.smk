@@ -25,11 +25,13 @@ BASE = Path(os.path.relpath(workflow.basedir))
 STUDY_PY = str(BASE / "scripts" / "study.py")
 TRAIN_PY = str(BASE / "scripts" / "train.py")
 CAPTIONS = str(BASE / "report" / "captions")
-# The plan's model and card constants: a change to either rebuilds plan.csv and what follows from it.
-PLAN_MODEL = [
-    str(BASE / "src" / "llmpar" / f)
-    for f in ("plan.py", "plan_extrapolate.py", "cards.yaml")
-]
+# The plan's model (the plan package, the shape and layout it reads) and the card constants: a change to
+# any rebuilds plan.csv and what follows from it.
+PLAN_MODEL = sorted(
+    str(p)
+    for pattern in ("plan/*.py", "shape.py", "layout.py", "cards.yaml")
+    for p in (BASE / "src" / "llmpar").glob(pattern)
+)
 ENV = "../envs/llmpar.yaml"
 SWEEPS = any(
     isinstance(v, list) for entry in config["runs"].values() for v in entry.values()

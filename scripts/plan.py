@@ -10,8 +10,8 @@ with their predictions (and whether they fit the card).
 import argparse
 import sys
 
+from llmpar.cli import plan_study
 from llmpar.errors import UserError
-from llmpar.plan import plan_study
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -16,9 +16,10 @@ from conftest import assert_same_first_update, assert_same_steps, make_config, t
 from torch.profiler import ProfilerActivity, profile
 from torch.profiler._memory_profiler import Action
 
-from llmpar.config import MODEL_SIZES
 from llmpar.model import build_model
-from llmpar.strategies.base import apply_activation_checkpointing, causal_lm_loss
+from llmpar.shape import MODEL_SIZES
+from llmpar.strategies.levers import apply_activation_checkpointing
+from llmpar.strategies.loss import causal_lm_loss
 
 MODEL = {"size": "tiny", "seq_len": 128, "hidden_size": 128, "num_layers": 4, "intermediate_size": 352}
 VOCAB, BATCH = 300, 4

@@ -5,8 +5,10 @@ import json
 
 import pytest
 
-from llmpar.analysis.aggregate import IncompleteRun, aggregate
+from llmpar.analysis.aggregate import aggregate
 from llmpar.errors import UserError
+from llmpar.layout import RunSpec
+from llmpar.record import IncompleteRun
 
 
 def write_run(root, name, steps=2, **summary):
@@ -14,7 +16,8 @@ def write_run(root, name, steps=2, **summary):
     d.mkdir(parents=True)
     s = {"run": name, "status": "ok", "strategy": "single", "world_size": 1, "wall_time_s": 10.0,
          "tokens_per_s": 100.0, "peak_mem_gib": 1.0, "steps_completed": steps, "steps_planned": steps,
-         "final_loss": 4.0, "message": "", "tokens_per_s_per_gpu": 100.0, "spec": {"micro_batch_size": 8}} | summary
+         "final_loss": 4.0, "message": "", "tokens_per_s_per_gpu": 100.0,
+         "spec": RunSpec(name=name, strategy="single", micro_batch_size=8).to_dict()} | summary
     (d / "summary.json").write_text(json.dumps(s))
     rows = [{"step": i, "loss": 5.0 - i, "tokens": 100 * i, "elapsed_s": float(i)} for i in range(1, steps + 1)]
     (d / "steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

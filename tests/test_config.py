@@ -2,8 +2,9 @@
 
 import pytest
 
-from llmpar.config import MODEL_SIZES, expand_runs, prepare
+from llmpar.config import expand_runs, prepare
 from llmpar.errors import ConfigError
+from llmpar.shape import MODEL_SIZES
 
 
 def cfg(runs=None, **sections):
@@ -69,7 +70,7 @@ def test_pipeline_defaults_and_global_batch():
 
 
 def test_model_sizes_match_published_shapes():
-    from llmpar.model import param_counts
+    from llmpar.shape import param_counts
 
     assert 1.05e9 < param_counts({"size": "1B", "seq_len": 2048}, 32000)["total"] < 1.15e9
     assert MODEL_SIZES["1B"]["num_kv_heads"] == 4

@@ -4,7 +4,7 @@ the first update and the validation loss within 1e-4 relative. The runs share on
 import pytest
 from conftest import assert_matches_single, make_config, train_batch
 
-from llmpar.config import MODEL_SIZES
+from llmpar.shape import MODEL_SIZES
 
 pytestmark = pytest.mark.slow
 

@@ -30,7 +30,8 @@ from conftest import (
     train_run,
 )
 
-from llmpar.config import model_dims, prepare
+from llmpar.config import prepare
+from llmpar.shape import model_dims
 
 pytestmark = pytest.mark.slow
 
@@ -284,7 +285,7 @@ def test_deepspeed_hybrid_pp2xdp2_matches_single(nodes2, baseline):
 
 
 def _spec(**kw):
-    from llmpar.config import RunSpec
+    from llmpar.layout import RunSpec
 
     return RunSpec(name="x", **kw)
 

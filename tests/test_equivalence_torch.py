@@ -26,7 +26,7 @@ from conftest import (
     train_run,
 )
 
-from llmpar.config import MODEL_SIZES
+from llmpar.shape import MODEL_SIZES
 
 pytestmark = pytest.mark.slow
 

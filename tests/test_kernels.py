@@ -10,7 +10,7 @@ from torch.nn.attention import SDPBackend
 
 from llmpar.config import prepare, run_config
 from llmpar.model import attention_backends
-from llmpar.strategies.base import _cross_entropy, cross_entropy_for
+from llmpar.strategies.loss import cross_entropy, cross_entropy_for
 
 
 def priority() -> list[int]:
@@ -37,10 +37,10 @@ def test_attention_default_and_cpu_leave_the_order_alone():
 
 def test_fused_loss_selects_the_compiled_cross_entropy_on_cuda_only():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert cross_entropy_for(cuda, fused=False) is _cross_entropy
-    assert cross_entropy_for(cpu, fused=True) is _cross_entropy
+    assert cross_entropy_for(cuda, fused=False) is cross_entropy
+    assert cross_entropy_for(cpu, fused=True) is cross_entropy
     fused = cross_entropy_for(cuda, fused=True)  # compiled lazily: nothing runs here
-    assert fused is not _cross_entropy and fused is cross_entropy_for(cuda, fused=True)
+    assert fused is not cross_entropy and fused is cross_entropy_for(cuda, fused=True)
 
 
 def test_kernel_choices_are_in_the_run_config():

@@ -120,7 +120,7 @@ def test_workers_share_the_jobs_threads():
 def test_record_invalid_writes_a_result_instead_of_failing(tiny_tokens, tmp_path):
     """--record-invalid (the workflow's flag): a layout that cannot fit becomes a summary with status
     'invalid' and the plan's prediction as its message, which aggregation takes as a row."""
-    from llmpar.analysis.aggregate import load_run
+    from llmpar.record import read_run
 
     out = tmp_path / "runs" / "big"
     proc = subprocess.run(
@@ -128,6 +128,6 @@ def test_record_invalid_writes_a_result_instead_of_failing(tiny_tokens, tmp_path
          "--device", "cpu", "--tokens", str(tiny_tokens), "--out", str(out), "--record-invalid"],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    summary = load_run(out)["summary"]
-    assert summary["status"] == "invalid" and "predicted peak memory" in summary["message"]
-    assert summary["steps_completed"] == 0 and summary["world_size"] == 2
+    record = read_run(out)["record"]
+    assert record.status == "invalid" and "predicted peak memory" in record.message
+    assert record.steps_completed == 0 and record.world_size == 2

@@ -77,7 +77,7 @@ def test_mfu_counts_each_token_once_per_replica():
 
 
 def test_flops_per_token_formula():
-    from llmpar.model import flops_per_token, param_counts
+    from llmpar.shape import flops_per_token, param_counts
 
     m = {"size": "1B", "seq_len": 2048}
     n = param_counts(m, 32000)["non_embedding"]

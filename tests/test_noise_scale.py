@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import make_config
 
-from llmpar.config import RunSpec
+from llmpar.layout import RunSpec
 from llmpar.metrics.noise_scale import NoiseScale, pollux_efficiency, ratio_with_error, two_batch_estimates
 
 
@@ -166,7 +166,7 @@ def _micro_grad_sq(model_cfg, vocab, seed, micro, loss_fn=None, state=None) -> f
     """mean over the micro-batches (x, y) of |grad of the mean loss on (x, y)|², on a plain copy of the model
     (its initial weights, or ``state``; fp64 sums): what per-micro-batch gradient hooks measure."""
     from llmpar.model import build_model
-    from llmpar.strategies.base import _cross_entropy, causal_lm_loss
+    from llmpar.strategies.loss import causal_lm_loss, cross_entropy
 
     model = build_model(model_cfg, vocab, seed=seed)
     if state is not None:
@@ -174,7 +174,7 @@ def _micro_grad_sq(model_cfg, vocab, seed, micro, loss_fn=None, state=None) -> f
     total = 0.0
     for x, y in micro:
         model.zero_grad(set_to_none=True)
-        causal_lm_loss(model, x, y, loss_fn or _cross_entropy).backward()
+        causal_lm_loss(model, x, y, loss_fn or cross_entropy).backward()
         total += sum(p.grad.double().square().sum().item() for p in model.parameters())
     return total / len(micro)
 
@@ -220,14 +220,14 @@ def test_hooks_measure_each_micro_batch_only_on_measured_steps(tmp_path):
                     sq = engine.local_grad_sq()
                     assert all(not p._backward_hooks for p in params)  # none outlives its step
                     if not metrics:
-                        assert sq is None and hooked == 0 and engine.noise_scale_reason == "train.metrics is off"
+                        assert sq is None and hooked == 0 and engine.noise.reason == "train.metrics is off"
                     elif m == 1:  # one process, one micro-batch: one batch size, no hooks, nothing measured
-                        assert sq is None and engine.grad_hooks is None and engine.noise_scale_splits == 1
+                        assert sq is None and engine.noise.hooks is None and engine.noise.splits == 1
                     elif step == 1:  # not a multiple of noise_scale_every
                         assert sq is None and hooked == 0
                     else:
-                        assert hooked == len(params) and engine.noise_scale_splits == m
-                        assert engine.noise_scale_reason is None
+                        assert hooked == len(params) and engine.noise.splits == m
+                        assert engine.noise.reason is None
                         want = _micro_grad_sq(cfg["model"], 50, 0, micro, engine.loss_fn, state)
                         # 1e-4: fp32 norms of ~1e5 elements (this CPU's fp32 reduction is off the fp64 sum by ~2e-5)
                         assert sq.item() == pytest.approx(want, rel=1e-4)
@@ -257,6 +257,6 @@ def test_fsdp_on_one_rank_says_why_it_measures_nothing(tmp_path):
         engine.begin_step(1)
         engine.train_step(list(zip(x.chunk(2), x.chunk(2))))
         assert engine.local_grad_sq() is None
-        assert engine.noise_scale_reason.startswith("FSDP2 on one rank")
+        assert engine.noise.reason.startswith("FSDP2 on one rank")
     finally:
         dist.destroy_process_group()

@@ -8,7 +8,7 @@ each also trains the same model as ``single`` where its numerics allow.
 import pytest
 from conftest import assert_same_steps, read_run
 
-from llmpar.config import MODEL_SIZES
+from llmpar.shape import MODEL_SIZES
 
 pytestmark = pytest.mark.slow
 

@@ -7,17 +7,20 @@ import json
 
 import pytest
 
-from llmpar import launch, plan, run_cli
-from llmpar.config import REPO_ROOT, ConfigError, load_yaml, prepare, run_config
+from llmpar import plan, preflight, run_cli
+from llmpar.cli import plan_study
+from llmpar.config import ConfigError, load_yaml, prepare, run_config
 from llmpar.errors import ExpectedFailure
+from llmpar.paths import REPO_ROOT
+from llmpar.plan import calibration
 
 STUDIES = [("configs/h200-1b.yaml", "h200"), ("configs/gpu2-1b.yaml", "h100"), ("configs/gpu4-1b.yaml", "h100")]
-H100_80GB = ("NVIDIA H100 80GB HBM3", 81559 * 2**20)  # nvidia-smi on the lent H100s (KINDS.md)
+H100_80GB = ("NVIDIA H100 80GB HBM3", 81559 * 2**20)  # nvidia-smi's total memory of an H100 80GB HBM3
 
 
 def study_rows(config: str, card: str) -> tuple[str, list[dict]]:
     cfg = prepare(load_yaml(REPO_ROOT / config))
-    return cfg["study"], plan.check_study(cfg, card, REPO_ROOT / "results" / cfg["study"] / "runs")
+    return cfg["study"], calibration.check_study(cfg, card, REPO_ROOT / "results" / cfg["study"] / "runs")
 
 
 @pytest.mark.parametrize("config,card", STUDIES)
@@ -30,8 +33,8 @@ def test_recorded_runs_meet_the_bounds(config, card):
     for row in rows:
         if not row["bounded"]:
             continue
-        for quantity, ok in plan.within_bounds(row).items():
-            known = (study, row["run"], quantity) in plan.KNOWN_MISSES
+        for quantity, ok in calibration.within_bounds(row).items():
+            known = (study, row["run"], quantity) in calibration.KNOWN_MISSES
             if ok == known:
                 err = row["peak_error" if quantity == "memory" else "step_error"]
                 bad.append(f"{row['run']} {quantity} {err:+.1%} ({'listed as a miss' if known else 'out of bound'})")
@@ -49,7 +52,7 @@ def test_fitted_constants_reproduce_their_runs():
 
 def test_plan_script_writes_the_table(tmp_path):
     out = tmp_path / "plan.csv"
-    text = plan.plan_study(str(REPO_ROOT / "configs/h200-1b.yaml"), "h200", str(out))
+    text = plan_study(str(REPO_ROOT / "configs/h200-1b.yaml"), "h200", str(out))
     _, rows = study_rows("configs/h200-1b.yaml", "h200")
     bounded = sum(r["bounded"] for r in rows)  # single and the torch pipeline; the others not modelled
     assert bounded == 2 and f"{bounded} of {bounded} modelled runs within both bounds" in text
@@ -66,10 +69,10 @@ def test_plan_script_defaults_to_the_study_card(tmp_path):
     default) is refused rather than predicted on a GPU card."""
     from llmpar.errors import UserError
 
-    text = plan.plan_study(str(REPO_ROOT / "configs/gpu2-1b.yaml"), out=str(tmp_path / "plan.csv"))
+    text = plan_study(str(REPO_ROOT / "configs/gpu2-1b.yaml"), out=str(tmp_path / "plan.csv"))
     assert "on NVIDIA H100 80GB HBM3" in text
     with pytest.raises(UserError, match="names no train.card"):
-        plan.plan_study(str(REPO_ROOT / "config.yaml"), out=str(tmp_path / "cpu.csv"))
+        plan_study(str(REPO_ROOT / "config.yaml"), out=str(tmp_path / "cpu.csv"))
     assert not (tmp_path / "cpu.csv").exists()
 
 
@@ -81,9 +84,9 @@ def ddp_rc(micro_batch_size: int) -> dict:
 
 @pytest.fixture
 def on_two_h100s(monkeypatch):
-    monkeypatch.setattr(launch, "uses_cuda", lambda rc: True)
-    monkeypatch.setattr(launch, "cuda_device_count", lambda: 2)
-    monkeypatch.setattr(launch, "gpu_name_and_memory", lambda: H100_80GB)
+    monkeypatch.setattr(preflight, "uses_cuda", lambda rc: True)
+    monkeypatch.setattr(preflight, "cuda_device_count", lambda: 2)
+    monkeypatch.setattr(preflight, "gpu_name_and_memory", lambda: H100_80GB)
 
 
 def test_launcher_refuses_ddp_at_micro_batch_16_on_80gb(on_two_h100s):
@@ -91,11 +94,11 @@ def test_launcher_refuses_ddp_at_micro_batch_16_on_80gb(on_two_h100s):
     plan predicts 74.0 GiB and the launcher refuses it with the predicted and available memory; at 8 it
     measured 52.6 GiB and is let through."""
     with pytest.raises(ExpectedFailure) as exc:
-        plan.check_fits(ddp_rc(16), 660, 2)
+        preflight.check_fits(ddp_rc(16), 660, 2)
     message = exc.value.message
     assert exc.value.status == "invalid"
     assert "predicted peak memory 7" in message and "79.6 GiB of NVIDIA H100 80GB HBM3" in message, message
-    plan.check_fits(ddp_rc(8), 660, 2)
+    preflight.check_fits(ddp_rc(8), 660, 2)
 
 
 def test_record_invalid_writes_the_prediction(on_two_h100s, tmp_path, tiny_tokens):
@@ -135,7 +138,7 @@ def test_plan_script_predicts_runs_not_yet_recorded(tmp_path):
     raw["runs"]["ddp-mb8x2"] = {"strategy": "data_parallel", "gpus_per_node": 2, "micro_batch_size": 16}
     config = tmp_path / "study.yaml"
     config.write_text(json.dumps(raw))
-    text = plan.plan_study(str(config), out=str(tmp_path / "plan.csv"))
+    text = plan_study(str(config), out=str(tmp_path / "plan.csv"))
     assert "no ok run recorded" in text and not (tmp_path / "plan.csv").exists()
     table = {line.split()[0]: line.split() for line in text.splitlines()[2:]}
     assert set(table) == set(raw["runs"])

@@ -1,14 +1,19 @@
-"""The extrapolation table (llmpar.plan_extrapolate): properties the model must have at any scale, not
+"""The extrapolation table (llmpar.plan.extrapolate): properties the model must have at any scale, not
 its numbers (nothing there is measured)."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
 from llmpar import plan
-from llmpar import plan_extrapolate as pe
+from llmpar.cli import plan_study
+from llmpar.plan import extrapolate as pe
+from llmpar.plan.calibration import write_csv
+from llmpar.plan.step import step_time
+from llmpar.shape import shape_of
 
 CARD = "h100"
 
@@ -29,9 +34,9 @@ def test_every_strategy_shape_and_size_has_a_row(table):
         if r["layout"] == "–":  # only a single pipeline longer than the model
             assert r["strategy"] == "pipeline" and "layers" in r["note"], r
             continue
-        run, _, _ = pe.resolve(r["shape"], r["strategy"], r["gpus"], CARD, r["micro_batch_size"])
-        assert run["tp"] * run["stages"] * run["dp"] == r["gpus"] == run["nodes"] * run["gpus_per_node"]
-        assert run["tp"] <= gpn  # tensor parallel stays inside a node
+        run, _, _ = pe.resolve_layout(r["shape"], r["strategy"], r["gpus"], CARD, r["micro_batch_size"])
+        assert run.tp * run.stages * run.dp == r["gpus"] == run.nodes * run.gpus_per_node
+        assert run.tp <= gpn  # tensor parallel stays inside a node
         assert math.isfinite(r["predicted_peak_gib"]) and r["predicted_peak_gib"] > 0
         assert r["global_batch"] * r["seq_len"] == r["gpus"] * pe.TOKENS_PER_GPU
         if r["predicted_fits"]:
@@ -76,10 +81,10 @@ def test_data_parallel_step_grows_with_the_inter_node_all_reduce():
                                                   ("1.1B", "hybrid_pp_dp", 64), ("8B", "3d_pp_tp_dp", 512)])
 def test_pipeline_bubble_is_the_schedules(shape, strategy, world):
     """The bubble the step holds is (p-1)/(m+p-1) of its compute slots (1F1B, one chunk per rank)."""
-    run, cfg, _ = pe.resolve(shape, strategy, world, CARD)
-    p, m = run["stages"], run["micro_batches"]
-    sh = plan.shape_of(pe.SHAPES[shape], pe.SHAPES[shape]["vocab_size"])
-    t = plan.step_time(sh, run, True, plan.card(CARD))
+    run, cfg, _ = pe.resolve_layout(shape, strategy, world, CARD)
+    p, m = run.stages, run.micro_batches
+    sh = shape_of(pe.SHAPES[shape], pe.SHAPES[shape]["vocab_size"])
+    t = step_time(sh, run, True, plan.card(CARD))
     assert p > 1 and t["bubble"] == pytest.approx((p - 1) / (m + p - 1))
     assert pe.predict_row(shape, strategy, world, CARD)["predicted_bubble"] == t["bubble"]
     per_slot = ("gemm", "attention", "elementwise", "micro_batch_fixed", "tp_comm", "pp_p2p")
@@ -100,9 +105,9 @@ def test_report_section_is_labelled_and_cpu_has_none(tmp_path):
     from llmpar.analysis.report import plan_section
 
     ext = tmp_path / "extrapolation.csv"
-    plan.write_csv(pe.extrapolate(CARD, shapes=("1.1B",), worlds=(8, 64), strategies=("fsdp", "pipeline")), ext)
+    write_csv(pe.extrapolate(CARD, shapes=("1.1B",), worlds=(8, 64), strategies=("fsdp", "pipeline")), ext)
     out = tmp_path / "plan.csv"
-    plan.plan_study(str(plan.Path(__file__).parents[1] / "configs/gpu2-1b.yaml"), out=str(out))
+    plan_study(str(Path(__file__).parents[1] / "configs/gpu2-1b.yaml"), out=str(out))
     html = plan_section({"train": {"card": CARD}}, {"plan": out, "extrapolation": ext}, tmp_path, 4)
     assert "never measured" in html and "45 GB/s" in html and "pp 2 × dp 1" not in html and "dp 64" in html
     cpu = plan_section({"train": {"card": None}}, {}, tmp_path, 4)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch.distributed.pipelining.schedules as S
 
-from llmpar import plan_pipeline as pp
+from llmpar.plan import pipeline as pp
 
 NAMES = {"F": "F", "B": "B", "SF": "SEND_F", "SB": "SEND_B", "RF": "RECV_F", "RB": "RECV_B"}
 PROFILE = Path(__file__).resolve().parents[1] / "benchmarks/results/profile_h100x4/pp4-interleaved_actions.json"

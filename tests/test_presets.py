@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from llmpar.config import REPO_ROOT, load_yaml, prepare
+from llmpar.config import load_yaml, prepare
+from llmpar.paths import REPO_ROOT
 
 PRESETS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
 

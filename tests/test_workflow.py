@@ -12,7 +12,7 @@ from llmpar.analysis.aggregate import read_table
 from llmpar.analysis.figure_list import FIGURES, PLAN_FIGURE, study_figures
 from llmpar.analysis.figures import make_figures
 from llmpar.analysis.report import _fmt
-from llmpar.config import REPO_ROOT
+from llmpar.paths import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 

@@ -144,8 +144,7 @@ def steady(wins: list[dict], warmup: int) -> list[dict]:
 
 def torchtitan_flops_per_token(model_cfg: dict, vocab: int) -> float:
     """torchtitan's formula on our shape: 6·(N − input embedding) + 12·L·h·s."""
-    from llmpar.config import model_dims
-    from llmpar.model import param_counts
+    from llmpar.shape import model_dims, param_counts
 
     d = model_dims(model_cfg)
     n = param_counts(model_cfg, vocab)["non_embedding"]
@@ -155,7 +154,7 @@ def torchtitan_flops_per_token(model_cfg: dict, vocab: int) -> float:
 def summarize(parsed: dict, *, mode: str, gpus: int, warmup: int, steps: int, model_cfg: dict,
               global_batch: int) -> dict:
     from llmpar.metrics.definitions import mfu, peak_flops_for
-    from llmpar.model import flops_per_token, param_counts
+    from llmpar.shape import flops_per_token, param_counts
 
     vocab = model_cfg.get("vocab_size") or 32000
     seq = model_cfg["seq_len"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from llmpar.errors import UserError
 
@@ -53,11 +54,15 @@ def _report(a):
 
 
 def _plan(a):
-    from llmpar.plan import study_card
-    from llmpar.plan_extrapolate import write_tables
+    from llmpar.plan import calibration
+    from llmpar.plan.extrapolate import extrapolate
 
     cfg = json.loads(a.config)
-    print(write_tables(cfg, study_card(cfg), a.runs_dir, a.plan, a.extrapolation))
+    card_name = calibration.study_card(cfg)
+    rows = calibration.check_study(cfg, card_name, Path(a.runs_dir))
+    calibration.write_csv(rows, Path(a.plan), columns=["run", "card", "predicted_peak_gib", "measured_peak_gib"])
+    calibration.write_csv(extrapolate(card_name), Path(a.extrapolation))
+    print(calibration.format_rows(rows) if rows else f"no recorded ok runs under {a.runs_dir}")
 
 
 def _plan_figure(a):
@@ -104,3 +109,41 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def plan_study(config_path: str, card_name: str | None = None, out: str | None = None) -> str:
+    """``scripts/plan.py``: predict every run of a study on ``card_name`` (default: its ``train.card``),
+    compare with its recorded runs, write the comparison to ``out`` (default results/<study>/plan.csv) and
+    return the printed table."""
+    from llmpar.config import load_yaml, prepare
+    from llmpar.paths import REPO_ROOT
+    from llmpar.plan.calibration import (
+        MEMORY_BOUND,
+        TIME_BOUND,
+        check_study,
+        format_predictions,
+        format_rows,
+        study_card,
+        within_bounds,
+        write_csv,
+    )
+    from llmpar.plan.cards import card
+
+    cfg = prepare(load_yaml(config_path))
+    card_name = study_card(cfg, card_name)  # an unknown or missing card fails before any work
+    study_dir = REPO_ROOT / "results" / cfg["study"]
+    rows = check_study(cfg, card_name, study_dir / "runs")
+    parts = []
+    if rows:
+        path = Path(out) if out else study_dir / "plan.csv"
+        write_csv(rows, path)
+        bounded = [r for r in rows if r["bounded"]]
+        met = [r for r in bounded if all(within_bounds(r).values())]
+        parts.append(f"{cfg['study']} on {card(card_name)['name']} (model output vs recorded runs; bounds: peak "
+                     f"{MEMORY_BOUND:.0%}, step {TIME_BOUND:.0%})\n{format_rows(rows)}\n"
+                     f"{len(met)} of {len(bounded)} modelled runs within both bounds; written {path}")
+    pending = [name for name in cfg["runs"] if name not in {r["run"] for r in rows}]
+    if pending:  # predicted before they run: what the plan is for
+        parts.append(f"{cfg['study']} on {card(card_name)['name']}: runs with no ok run recorded under "
+                     f"{study_dir / 'runs'} (model output)\n{format_predictions(cfg, card_name, pending)}")
+    return "\n\n".join(parts)

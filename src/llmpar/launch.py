@@ -16,51 +16,19 @@ Expected failures (out of memory, divergence) become a run summary with that sta
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 import shlex
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from llmpar.config import REPO_ROOT
 from llmpar.errors import ExpectedFailure
-from llmpar.io import read_appended_jsonl, write_json, write_jsonl
-
-# --------------------------------------------------------------------------- devices
-
-
-@functools.cache
-def cuda_device_count() -> int:
-    """CUDA devices visible to this process (CUDA_VISIBLE_DEVICES applies), asked of the driver
-    (libcuda) instead of torch: importing torch costs the launcher ~3 s per job. 0 without a driver."""
-    import ctypes
-
-    try:
-        lib = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return 0
-    count = ctypes.c_int(0)
-    if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
-        return 0
-    return count.value
-
-
-def gpu_name_and_memory() -> tuple[str | None, int | None]:
-    """Name and total memory (bytes) of the first visible GPU, from NVML ((None, None) without it)."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        name = pynvml.nvmlDeviceGetName(handle)
-        return (name.decode() if isinstance(name, bytes) else name), pynvml.nvmlDeviceGetMemoryInfo(handle).total
-    except Exception:
-        return None, None
-
+from llmpar.io import read_appended_jsonl, write_json
+from llmpar.metrics.definitions import dedupe_steps
+from llmpar.paths import REPO_ROOT
+from llmpar.preflight import cuda_device_count, uses_cuda
+from llmpar.record import RunRecord, collect_failure, write_run
 
 # --------------------------------------------------------------------------- launching
 
@@ -83,18 +51,26 @@ def torchrun_cmd(nnodes: int, node_rank: int, nproc: int, master: str, port: int
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
-def worker_env(rc: dict, tokens: Path, out: Path | None) -> dict:
+JOB_FILE = ".job.json"  # in the first run's directory: what the workers train (shared across nodes)
+
+
+def write_job(jobs: list[dict], tokens: Path, t0: float) -> Path:
+    """The one encoding in which runs reach the workers: a JSON file listing each run's resolved config and
+    output directory (several runs of one process layout share one launch), the token shards and the
+    moment the run's wall clock started. Written in the first run's directory, which every node sees."""
+    path = Path(jobs[0]["out"]) / JOB_FILE
+    write_json(path, {"runs": jobs, "tokens": str(tokens), "t0": t0})
+    return path
+
+
+def worker_env(rc: dict, job: Path) -> dict:
     env = dict(os.environ)
     src = str(REPO_ROOT / "src")
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    if out is not None:
-        env["LLMPAR_RUN_CONFIG"] = json.dumps(rc)
-        env["LLMPAR_OUT"] = str(out)
-    env["LLMPAR_TOKENS"] = str(tokens)
-    env.setdefault("LLMPAR_T0", repr(time.time()))
+    env["LLMPAR_JOB"] = str(job)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    # Keep NVLink multicast off (the lent GPU machines require it: it can take a shared host's GPUs out
-    # of service), and give DeepSpeed the device the run trains on.
+    # Keep NVLink multicast off (a program that uses it can take a shared host's GPUs out of service),
+    # and give DeepSpeed the device the run trains on.
     for var, value in NO_MULTICAST.items():
         env.setdefault(var, value)
     env["DS_ACCELERATOR"] = "cuda" if uses_cuda(rc) else "cpu"
@@ -155,14 +131,15 @@ def share_threads(env: dict, procs_here: int) -> None:
         env[var] = share
 
 
-def launch(rc: dict, tokens: Path, out: Path | None, argv: list[str], batch: Path | None = None) -> int:
-    """Start the workers; returns the exit code of the slowest agent (0 when all succeeded). With
-    ``batch`` (``out`` None) the workers train every run listed there; ``rc`` is the first of them."""
+def launch(jobs: list[dict], tokens: Path, argv: list[str], t0: float) -> int:
+    """Start the workers for ``jobs`` (``{"run_config", "out"}`` each, one process layout: the first's); returns
+    the exit code of the slowest agent (0 when all succeeded). ``t0``: when the first run's wall clock started.
+    An srun task of a multi-node job reuses the job file its batch step wrote."""
+    rc = jobs[0]["run_config"]
     run = rc["run"]
     nodes, gpn = run["nodes"], run["gpus_per_node"]
-    env = worker_env(rc, tokens, out)
-    if batch is not None:
-        env["LLMPAR_BATCH"] = str(batch)
+    job = Path(os.environ["LLMPAR_JOB"]) if os.environ.get("LLMPAR_SRUN_TASK") else write_job(jobs, tokens, t0)
+    env = worker_env(rc, job)
     if nodes > 1 and slurm_nodes() >= nodes and not os.environ.get("LLMPAR_SRUN_TASK"):
         # Batch step of a multi-node Slurm job: one task per node, each re-entering this launcher.
         env["LLMPAR_SRUN_TASK"] = "1"
@@ -192,11 +169,6 @@ def launch(rc: dict, tokens: Path, out: Path | None, argv: list[str], batch: Pat
     return max(codes, key=abs)
 
 
-def uses_cuda(rc: dict) -> bool:
-    device = rc["train"]["device"]
-    return device == "cuda" or (device == "auto" and cuda_device_count() > 0)
-
-
 def local_node_gpus(nodes: int, gpus_per_node: int, visible: str | None = None) -> list[str | None]:
     """``CUDA_VISIBLE_DEVICES`` for each of ``nodes`` local torchrun agents: node i gets the i-th block of
     ``gpus_per_node`` of the GPUs visible here, as a real node of a cluster has its own GPUs. Without
@@ -213,24 +185,15 @@ def local_node_gpus(nodes: int, gpus_per_node: int, visible: str | None = None) 
     return [",".join(ids[i * gpus_per_node:(i + 1) * gpus_per_node]) for i in range(nodes)]
 
 
-def failure_summary(rc: dict, out: Path, status: str, message: str) -> None:
-    """A complete summary for a run that ended in an expected failure (no steps, or the steps so far)."""
-    run = rc["run"]
+def failure_record(rc: dict, out: Path, status: str, message: str) -> None:
+    """A complete record for a run that ended in an expected failure (no steps, or the steps so far)."""
     steps = steps_so_far(out / "progress.jsonl")
-    summary = {
-        "run": run["name"], "status": status, "message": message, "spec": run, "strategy": run["strategy"],
-        "world_size": run["nodes"] * run["gpus_per_node"], "nodes": run["nodes"],
-        "gpus_per_node": run["gpus_per_node"], "steps_completed": len(steps), "steps_planned": rc["train"]["steps"],
-    }
-    write_jsonl(out / "steps.jsonl", steps)
-    write_json(out / "summary.json", summary)
+    write_run(out, RunRecord.failure(rc, status, message, steps), steps, [], [])
 
 
 def steps_so_far(progress: Path) -> list[dict]:
     """The step records a failed run logged before it stopped: its last configuration's, one per step
     (the newest attempt's where a restart repeated steps)."""
-    from llmpar.metrics.definitions import dedupe_steps
-
     rows = [r for r in read_appended_jsonl(progress) if r.get("kind") == "step"]
     if not rows:
         return []
@@ -240,22 +203,11 @@ def steps_so_far(progress: Path) -> list[dict]:
     return steps
 
 
-def collect_failures(out: Path) -> dict | None:
-    files = sorted(out.glob(".failure-rank*.json"))
-    if not files:
-        return None
-    failures = [json.loads(f.read_text()) for f in files]
-    for f in files:
-        f.unlink()
-    first = failures[0]
-    return {"status": first["status"], "message": f"rank {first['rank']}: {first['message']}"}
-
-
 def finish(rc: dict, out: Path, code: int) -> int:
-    """After the workers exit: an expected failure becomes the run's summary; anything else is an error."""
-    failure = collect_failures(out)
+    """After the workers exit: an expected failure becomes the run's record; anything else is an error."""
+    failure = collect_failure(out)
     if failure and failure["status"] in ("oom", "diverged", "invalid"):
-        failure_summary(rc, out, failure["status"], failure["message"])
+        failure_record(rc, out, failure["status"], failure["message"])
         print(f"[{rc['run']['name']}] {failure['status']}: {failure['message']}", flush=True)
         return 0
     if code != 0:
@@ -265,5 +217,3 @@ def finish(rc: dict, out: Path, code: int) -> int:
         print(f"error: workers exited 0 but wrote no summary for {rc['run']['name']}", file=sys.stderr)
         return 1
     return 0
-
-

@@ -1,23 +1,12 @@
 """The model: a plain `transformers` Llama built from a LlamaConfig (no download).
 
-Nothing here knows about parallelism; strategies take the built model and shard or wrap it.
-Also the model arithmetic the metrics and the plan (llmpar.plan) need.
+Nothing here knows about parallelism; strategies take the built model and shard or wrap it. The
+model's arithmetic (parameter counts, FLOPs per token) is :mod:`llmpar.shape`'s, which needs no torch.
 """
 
 from __future__ import annotations
 
-from llmpar.config import model_dims
-from llmpar.errors import ConfigError
-
-
-def model_vocab(model_cfg: dict, tokenizer_vocab: int) -> int:
-    """Embedding rows: model.vocab_size when set (it must cover the tokenizer), else the tokenizer's."""
-    want = model_cfg.get("vocab_size")
-    if want is None:
-        return tokenizer_vocab
-    if want < tokenizer_vocab:
-        raise ConfigError(f"model.vocab_size {want} is smaller than the tokenizer's vocabulary {tokenizer_vocab}")
-    return want
+from llmpar.shape import model_dims, model_vocab
 
 
 def llama_config(model_cfg: dict, vocab_size: int):
@@ -63,7 +52,8 @@ def attention_backends(name: str, device_type: str):
     forward + backward took 1.57 ms with cuDNN and 2.45 ms with flash (benchmarks/gpu_probe.py). Every
     backend stays enabled: inputs one refuses fall through to the next. ``default`` keeps PyTorch's
     order. It matters for eager runs: compiled graphs ran cuDNN's kernels under either order on the
-    H200 (benchmarks/device_profile.sh). On CPU nothing changes."""
+    H200 (results/h200-1b/device/profile.jsonl: ``python benchmarks/gpu_probe.py --no-micro --profile
+    --variants cudnn16``). On CPU nothing changes."""
     import contextlib
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -82,8 +72,8 @@ def decoder_layer_kwargs(config, rotary_emb, hidden_states):
     rotary cos/sin), for a pipeline stage that runs a slice of the layers on ``hidden_states``.
 
     Both pipeline engines call this, so a stage computes exactly what the whole model computes.
-    ``create_causal_mask`` changed its keywords within transformers 5.x: 5.24 (the CPU stack) takes
-    ``inputs_embeds`` and ``cache``, 5.17 (the GPU image) ``input_embeds``, ``past_key_values`` and
+    ``create_causal_mask`` changed its keywords within transformers 5.x: 5.24 (requirements/lock.txt) takes
+    ``inputs_embeds`` and ``cache``, 5.17 ``input_embeds``, ``past_key_values`` and
     ``cache_position``. Only the names the installed version accepts are passed
     (tests/test_launch.py checks both signatures).
     """
@@ -111,70 +101,3 @@ def mask_kwargs(fn, config, hidden_states, pos) -> dict:
         raise TypeError(f"create_causal_mask of this transformers version needs {missing}, which llmpar does not "
                         "know how to fill")
     return {k: v for k, v in offered.items() if k in names}
-
-
-def param_counts(model_cfg: dict, vocab_size: int) -> dict[str, int]:
-    """Parameter counts from the shape alone (no model built): total, embedding, non-embedding."""
-    d = model_dims(model_cfg)
-    vocab_size = model_vocab(model_cfg, vocab_size)
-    h, f, n_layers = d["hidden_size"], d["intermediate_size"], d["num_layers"]
-    head_dim = h // d["num_heads"]
-    kv = d["num_kv_heads"] * head_dim
-    attn = h * h * 2 + h * kv * 2  # q, o, k, v
-    mlp = 3 * h * f
-    norms = 2 * h
-    per_layer = attn + mlp + norms
-    embedding = vocab_size * h
-    head = vocab_size * h
-    total = embedding + n_layers * per_layer + h + head
-    return {
-        "total": total,
-        "embedding": embedding,
-        # The output projection is real compute, so only the input embedding (a lookup) is excluded.
-        "non_embedding": total - embedding,
-        "per_layer": per_layer,
-    }
-
-
-def flops_per_token(model_cfg: dict, vocab_size: int) -> float:
-    """Training FLOPs per token: 6·N + 6·L·h·s.
-
-    N is the non-embedding parameter count (the input embedding is a lookup; the output projection
-    counts). 6·N covers forward (2N) and backward (4N) matmuls. 6·L·h·s is the attention
-    score/value work for causal attention (half of PaLM's 12·L·h·s, since the causal mask skips
-    half the matrix). Recomputation from activation checkpointing is NOT counted: MFU measures useful
-    model FLOPs, so checkpointing lowers MFU.
-    """
-    d = model_dims(model_cfg)
-    n = param_counts(model_cfg, vocab_size)["non_embedding"]
-    return 6.0 * n + 6.0 * d["num_layers"] * d["hidden_size"] * model_cfg["seq_len"]
-
-
-def balanced_split(weights: list[int], parts: int) -> list[tuple[int, int]]:
-    """Contiguous split of ``weights`` into ``parts`` non-empty ranges minimising the largest sum.
-
-    Returns [start, end) index ranges. Exact dynamic programme, O(parts * n^2) (n = layers <= ~100).
-    """
-    n = len(weights)
-    if parts > n:
-        raise ConfigError(f"{n} layers cannot fill {parts} pipeline chunks")
-    prefix = [0]
-    for w in weights:
-        prefix.append(prefix[-1] + w)
-    inf = float("inf")
-    # best[k][i]: smallest max-chunk sum splitting the first i items into k chunks; cut[k][i]: last cut
-    best = [[inf] * (n + 1) for _ in range(parts + 1)]
-    cut = [[0] * (n + 1) for _ in range(parts + 1)]
-    best[0][0] = 0
-    for k in range(1, parts + 1):
-        for i in range(k, n - (parts - k) + 1):
-            for j in range(k - 1, i):
-                cost = max(best[k - 1][j], prefix[i] - prefix[j])
-                if cost < best[k][i]:
-                    best[k][i], cut[k][i] = cost, j
-    bounds, i = [], n
-    for k in range(parts, 0, -1):
-        j = cut[k][i]
-        bounds.append((j, i))
-        i = j
-    return bounds[::-1]

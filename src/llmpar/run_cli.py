@@ -1,6 +1,6 @@
 """``scripts/train.py``'s command line: the flags (generated from the config schema), a one-run study
 config from ``--config``/``--run`` and the flags, the data a CLI run needs, the fit check
-(:func:`llmpar.plan.check_fits`) before any process starts, then :mod:`llmpar.launch`.
+(:func:`llmpar.preflight.check_fits`) before any process starts, then :mod:`llmpar.launch`.
 
 Bad input exits 2 with a message before anything is written; a layout the machine cannot hold exits 2
 too, or with ``--record-invalid`` (the workflow) becomes a run summary with status ``invalid``.
@@ -15,10 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-from llmpar.config import REPO_ROOT, load_schema, load_yaml, prepare, run_config
+from llmpar.config import load_schema, load_yaml, prepare, run_config
 from llmpar.errors import ConfigError, ExpectedFailure, UserError
-from llmpar.launch import cuda_device_count, failure_summary, finish, launch, slurm_nodes
-from llmpar.plan import check_fits
+from llmpar.launch import failure_record, finish, launch, slurm_nodes
+from llmpar.paths import REPO_ROOT
+from llmpar.preflight import check_fits, cuda_device_count
 
 # The CLI's flags are the schema's keys (choices, types and help from schemas/config.schema.yaml), but
 # for the run keys a one-run CLI has no use for (tests' faults, Slurm time, a lever the default gets right)
@@ -124,7 +125,7 @@ def _ensure_cli_data(cfg: dict) -> Path:
     return tokens
 
 
-def main_batch(args, argv: list[str]) -> int:
+def main_batch(args, argv: list[str], t0: float) -> int:
     """``--batch``: several runs of one process layout in one launch (see ``llmpar.train.worker_main``)."""
     from llmpar.data.tokenize import read_meta
 
@@ -145,14 +146,14 @@ def main_batch(args, argv: list[str]) -> int:
     for job in jobs:
         Path(job["out"]).mkdir(parents=True, exist_ok=True)
         (Path(job["out"]) / "summary.json").unlink(missing_ok=True)
-    code = launch(first, tokens, None, [str(REPO_ROOT / "scripts" / "train.py"), *argv], batch=Path(args.batch))
+    code = launch(jobs, tokens, [str(REPO_ROOT / "scripts" / "train.py"), *argv], t0)
     results = [finish(job["run_config"], Path(job["out"]), code) for job in jobs]
     return max(results, key=abs)
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    os.environ.setdefault("LLMPAR_T0", repr(time.time()))  # process start: wall time counts from here
+    t0 = time.time()  # process start: the run's wall time counts from here
     if "LOCAL_RANK" in os.environ:  # started by torchrun: be the worker
         from llmpar.train import worker_main
 
@@ -160,7 +161,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.batch:
         try:
-            return main_batch(args, argv)
+            return main_batch(args, argv, t0)
         except (UserError, ExpectedFailure) as exc:
             print(f"error: {exc}", file=sys.stderr, flush=True)
             return 2
@@ -192,7 +193,7 @@ def main(argv=None) -> int:
         except ExpectedFailure as exc:
             if not args.record_invalid:
                 raise
-            failure_summary(rc, out, exc.status, exc.message)
+            failure_record(rc, out, exc.status, exc.message)
             print(f"[{rc['run']['name']}] invalid: {exc.message}", flush=True)
             return 0
     except (UserError, ExpectedFailure) as exc:
@@ -202,7 +203,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").unlink(missing_ok=True)
     self_argv = [script or str(REPO_ROOT / "scripts" / "train.py"), *argv]
-    code = launch(rc, tokens, out, self_argv)
+    code = launch([{"run_config": rc, "out": str(out)}], tokens, self_argv, t0)
     if os.environ.get("LLMPAR_SRUN_TASK"):
         return code  # the batch step collects failures
     return finish(rc, out, code)

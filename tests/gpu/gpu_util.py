@@ -14,7 +14,9 @@ from pathlib import Path
 from conftest import read_run
 from launches import run_batch
 
-from llmpar.config import engine_of, load_yaml, model_dims, prepare, run_config
+from llmpar.config import load_yaml, prepare, run_config
+from llmpar.layout import RunSpec
+from llmpar.shape import model_dims
 
 REPO = Path(__file__).resolve().parents[2]
 GPU_PRESET = REPO / "configs" / "gpu2-1b.yaml"
@@ -70,7 +72,7 @@ ALL_RUNS = [name for runs in LAUNCHES.values() for name in runs if name != "sing
 
 
 def gpu_count() -> int:
-    from llmpar.launch import cuda_device_count
+    from llmpar.preflight import cuda_device_count
 
     return cuda_device_count()
 
@@ -124,7 +126,8 @@ def train_all(tokens: Path, root: Path) -> dict[str, dict[str, tuple[dict, list[
                 layouts.setdefault((rc["run"]["nodes"], rc["run"]["gpus_per_node"]), []).append((precision, name, rc))
     preset = preset_1b(steps=3)
     # DeepSpeed's 1.1B runs after the torch ones: the order in which each was seen to fit an 80 GB card
-    for name in sorted(preset["runs"] if not only else [], key=lambda n: engine_of(preset["runs"][n]) == "deepspeed"):
+    deepspeed_last = lambda n: RunSpec.from_dict(preset["runs"][n]).engine == "deepspeed"  # noqa: E731
+    for name in sorted(preset["runs"] if not only else [], key=deepspeed_last):
         rc = run_config(preset, name)
         layouts.setdefault((rc["run"]["nodes"], rc["run"]["gpus_per_node"]), []).append(("1b", name, rc))
     results: dict[str, dict] = {g: {} for g in (*STEPS, "1b")}

@@ -1,24 +1,19 @@
 """Run directories -> study tables (pandas): metrics.csv (a row per run), steps.csv, evals.csv, samples.csv.
 
-Aggregation refuses, with a clear error, a run directory whose summary is missing or incomplete:
-nothing partial is ever taken as a result.
+Aggregation refuses, with a clear error naming the file and the run, a run directory whose record is
+missing, damaged or incomplete (:func:`llmpar.record.read_run`): nothing partial is ever taken as a result.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
-from llmpar.config import engine_of
 from llmpar.errors import UserError
-from llmpar.io import atomic_path, read_jsonl
-
-STATUSES = ("ok", "oom", "diverged", "invalid")
-REQUIRED_OK = ("run", "status", "strategy", "world_size", "wall_time_s", "tokens_per_s", "peak_mem_gib",
-               "steps_completed", "steps_planned")
-REQUIRED_FAILED = ("run", "status", "message", "strategy", "world_size")
+from llmpar.io import atomic_path
+from llmpar.layout import RunSpec
+from llmpar.record import IncompleteRun, RunRecord, read_run
 
 # The seed's comparison, per run against the baseline (see DEFINITIONS in the report).
 RATIO_DEFINITIONS = {
@@ -31,40 +26,9 @@ RATIO_DEFINITIONS = {
 }
 
 
-class IncompleteRun(UserError):
-    pass
-
-
-def load_run(run_dir: Path) -> dict:
-    """A run's summary and records; raises IncompleteRun naming what is missing."""
-    summary_path = run_dir / "summary.json"
-    if not summary_path.is_file():
-        raise IncompleteRun(f"run directory {run_dir} has no summary.json: the run is missing or incomplete")
-    try:
-        summary = json.loads(summary_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise IncompleteRun(f"{summary_path} is not valid JSON ({exc}): incomplete run") from exc
-    status = summary.get("status")
-    if status not in STATUSES:
-        raise IncompleteRun(f"{summary_path}: status {status!r} is not one of {STATUSES}")
-    required = REQUIRED_OK if status in ("ok", "diverged") else REQUIRED_FAILED
-    missing = [k for k in required if k not in summary]
-    if missing:
-        raise IncompleteRun(f"{summary_path} is incomplete: missing {', '.join(missing)}")
-    steps = read_jsonl(run_dir / "steps.jsonl")
-    if status == "ok":
-        if len(steps) != summary["steps_completed"] or summary["steps_completed"] != summary["steps_planned"]:
-            raise IncompleteRun(
-                f"{run_dir}: summary says {summary['steps_completed']}/{summary['steps_planned']} steps but "
-                f"steps.jsonl has {len(steps)} rows: incomplete run"
-            )
-    evals = read_jsonl(run_dir / "evals.jsonl")
-    samples = read_jsonl(run_dir / "samples.jsonl")
-    return {"summary": summary, "steps": steps, "evals": evals, "samples": samples}
-
-
-def metrics_row(s: dict) -> dict:
-    spec = s.get("spec", {})
+def metrics_row(rec: RunRecord) -> dict:
+    s = rec.to_json()
+    spec = s.get("spec") or {}
     per_rank = s.get("per_rank") or []
     states = [r.get("state_bytes") or {} for r in per_rank]
     gib = 2**30
@@ -73,7 +37,7 @@ def metrics_row(s: dict) -> dict:
         vals = [st.get(key) for st in states if st.get(key) is not None]
         return max(vals) / gib if vals else None
 
-    engine = engine_of({**spec, "strategy": s["strategy"]}) if spec else None
+    engine = str(RunSpec.from_dict(spec).engine) if spec else None
     breakdown = s.get("time_breakdown") or {}
     return {
         "run": s["run"],
@@ -166,8 +130,8 @@ def add_ratios(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
 
 def aggregate(runs_dir: str | Path, runs: list[str], baseline: str, out_dir: str | Path) -> pd.DataFrame:
     runs_dir, out_dir = Path(runs_dir), Path(out_dir)
-    loaded = {r: load_run(runs_dir / r) for r in runs}
-    df = add_ratios(pd.DataFrame([metrics_row(v["summary"]) for v in loaded.values()]), baseline)
+    loaded = {r: read_run(runs_dir / r) for r in runs}
+    df = add_ratios(pd.DataFrame([metrics_row(v["record"]) for v in loaded.values()]), baseline)
     steps = pd.DataFrame([{"run": r, **row} for r, v in loaded.items() for row in v["steps"]])
     evals = pd.DataFrame([{"run": r, **row} for r, v in loaded.items() for row in v["evals"]])
     samples = pd.DataFrame([{"run": r, **row} for r, v in loaded.items() for row in v["samples"]])

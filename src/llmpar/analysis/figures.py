@@ -119,7 +119,7 @@ def plan_vs_measured(plan_csv, out_dir) -> None:
     """plan.csv as two panels (peak GiB, step seconds): one point per recorded run, the identity line, the
     ±10 % and ±15 % bands; a run outside its quantity's bound (memory 10 %, step 15 %) is labelled, and runs
     the plan does not model (bounded false) are hollow."""
-    from llmpar.plan import MEMORY_BOUND, TIME_BOUND
+    from llmpar.plan.calibration import MEMORY_BOUND, TIME_BOUND
 
     sns.set_theme(style="whitegrid", context="paper")
     df = read_table(plan_csv)

@@ -118,17 +118,19 @@ def plan_section(config: dict, plan_files: dict | None, captions_dir, number: in
     card_name = config["train"].get("card")
     if not card_name or not plan_files or not plan_files.get("plan"):
         return parts[0] + f"<p>{NO_CARD}</p>"
-    from llmpar import plan, plan_extrapolate
+    from llmpar.plan import extrapolate
+    from llmpar.plan.calibration import MEMORY_BOUND, TIME_BOUND
+    from llmpar.plan.cards import card
 
-    c = plan.card(card_name)
+    c = card(card_name)
     rows = read_table(plan_files["plan"])
     bounded = rows[rows["bounded"].astype(str).str.lower() == "true"] if not rows.empty else rows
-    met = bounded[(bounded["peak_error"].abs() <= plan.MEMORY_BOUND) & (bounded["step_error"].abs() <= plan.TIME_BOUND)]
+    met = bounded[(bounded["peak_error"].abs() <= MEMORY_BOUND) & (bounded["step_error"].abs() <= TIME_BOUND)]
     parts.append(
         f"<p>Model output of <code>llmpar.plan</code> on the {html.escape(c['name'])} constants "
         f"(<code>train.card: {html.escape(card_name)}</code>), computed from each run's shape, layout, precision, "
         f"micro-batch and engine and set against what the run measured: {len(met)} of {len(bounded)} modelled "
-        f"runs within both bounds (peak memory ±{plan.MEMORY_BOUND:.0%}, step time ±{plan.TIME_BOUND:.0%}).</p>")
+        f"runs within both bounds (peak memory ±{MEMORY_BOUND:.0%}, step time ±{TIME_BOUND:.0%}).</p>")
     if plan_files.get("figure"):
         cap = Path(captions_dir) / "plan_vs_measured.rst"
         caption = rst_to_html(cap.read_text()) if cap.is_file() else ""
@@ -143,10 +145,10 @@ def plan_section(config: dict, plan_files: dict | None, captions_dir, number: in
         parts.append(
             "<h3>Beyond one machine, on paper (model output, never measured)</h3>"
             f"<p><b>Nothing in this table was measured.</b> Every strategy for the 1.1B preset and an 8B Llama-3 "
-            f"shape at {', '.join(map(str, plan_extrapolate.WORLDS))} GPUs, {c['cluster']['gpus_per_node']} per "
+            f"shape at {', '.join(map(str, extrapolate.WORLDS))} GPUs, {c['cluster']['gpus_per_node']} per "
             "node, predicted by the same plan; <code>inter_node</code> names the groups whose collectives cross "
             "nodes. Assumptions:</p><ol>"
-            + "".join(f"<li>{html.escape(a)}</li>" for a in plan_extrapolate.assumptions(card_name)) + "</ol>")
+            + "".join(f"<li>{html.escape(a)}</li>" for a in extrapolate.assumptions(card_name)) + "</ol>")
         parts.append(table(table_df, EXTRAPOLATION_TABLE))
     return "\n".join(parts)
 

@@ -7,7 +7,7 @@ import os
 import platform
 import subprocess
 
-from llmpar.config import REPO_ROOT
+from llmpar.paths import REPO_ROOT
 
 
 def _version(pkg: str) -> str | None:

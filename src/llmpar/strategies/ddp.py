@@ -3,7 +3,7 @@
 Gradients are averaged by DDP's bucketed all-reduce, overlapped with the backward pass; with several
 micro-batches per step, the all-reduce runs only on the last one (``no_sync``). DDP runs its own
 all-reduce, with no communication hook: the noise scale's small batch is measured before it, by a hook
-on every parameter's gradient per micro-batch (:class:`~llmpar.strategies.base.GradNormHooks`, as for
+on every parameter's gradient per micro-batch (:class:`~llmpar.strategies.replica_norm.GradNormHooks`, as for
 DeepSpeed), registered only on the steps that measure (``train.noise_scale_every``).
 """
 
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from llmpar.strategies.base import TorchEngine, prepare_model
+from llmpar.strategies.engine import TorchEngine
+from llmpar.strategies.levers import prepare_model
 
 
 def parallelize(model, spec, ctx, train_cfg) -> TorchEngine:

@@ -6,7 +6,7 @@
   sizes, gradient clipping, ZeRO stage/offload and precision map one to one; what does not map
   (offload without ZeRO, bf16-pure without ZeRO) the config refuses first (``config.resolve_run``).
 * :func:`initialize` – ``deepspeed.initialize`` with the *client* optimizer and scheduler of
-  :mod:`llmpar.strategies.base` (AdamW 0.9/0.95, warmup + cosine), so the hyperparameters are the
+  :mod:`llmpar.strategies.optim` (AdamW 0.9/0.95, warmup + cosine), so the hyperparameters are the
   ones the torch engines use, not DeepSpeed's config-built ones.
 * :class:`DeepSpeedEngine` – the Engine contract over a (non-pipeline) DeepSpeed engine: ZeRO 0-3
   and AutoTP.
@@ -40,15 +40,11 @@ import torch
 import torch.distributed as dist
 
 from llmpar.errors import ConfigError
-from llmpar.strategies.base import (
-    Engine,
-    apply_activation_checkpointing,
-    apply_compile,
-    causal_lm_loss,
-    cross_entropy_for,
-    make_optimizer,
-    make_scheduler,
-)
+from llmpar.layout import Precision
+from llmpar.strategies.engine import Engine
+from llmpar.strategies.levers import apply_activation_checkpointing, apply_compile
+from llmpar.strategies.loss import causal_lm_loss, cross_entropy_for
+from llmpar.strategies.optim import make_optimizer, make_scheduler
 
 CHECKPOINT_TAG = "ds"  # DeepSpeed writes <dir>/<tag>/... plus a 'latest' file naming the tag
 
@@ -70,12 +66,12 @@ def init_deepspeed(ctx) -> None:
 
 
 def precision_config(spec) -> dict:
-    if spec.precision == "fp32":
+    if spec.precision is Precision.FP32:
         return {}
-    if spec.precision == "bf16":
+    if spec.precision is Precision.BF16:
         # fp32 weights under torch.autocast; no module's gradients are communicated in bf16
         return {"torch_autocast": {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}}
-    if spec.precision == "bf16-pure":  # needs ZeRO stage 1-3 (checked by config)
+    if spec.precision is Precision.BF16_PURE:  # needs ZeRO stage 1-3 (checked by config)
         return {"bf16": {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}}
     raise ConfigError(f"run {spec.name}: unknown precision {spec.precision!r}")
 
@@ -310,19 +306,18 @@ class DeepSpeedEngine(Engine):
     Noise scale: DeepSpeed offers no hook on a replica's own gradient before its reduction, so on measured
     steps a tensor hook on every parameter adds the squared norm of the gradient autograd hands it (this
     rank's, this micro-batch's, before DeepSpeed's accumulate-grad hooks see it;
-    :class:`~llmpar.strategies.base.GradNormHooks`). As for FSDP2 the small batch is one micro-batch
-    (``noise_scale_splits``); under AutoTP the tensor-parallel ranks' parts are summed (``hook_grad_norms``).
+    :class:`~llmpar.strategies.replica_norm.GradNormHooks`). As for FSDP2 the small batch is one micro-batch
+    (``noise.splits``); under AutoTP the tensor-parallel ranks' parts are summed (``hook_grad_norms``).
     """
 
     def __init__(self, engine, spec, ctx, train_cfg):
-        self.engine, self.spec, self.ctx, self.train_cfg = engine, spec, ctx, train_cfg
-        self.dp_group = engine.data_parallel_group
-        self.dp_size = engine.dp_world_size
-        self.dp_rank = dist.get_rank(group=self.dp_group) if self.dp_group is not None else ctx.rank
+        dp_group = engine.data_parallel_group
+        super().__init__(spec, ctx, train_cfg, dp_group=dp_group, dp_size=engine.dp_world_size,
+                         dp_rank=dist.get_rank(group=dp_group) if dp_group is not None else ctx.rank)
+        self.engine = engine
         if engine.gradient_accumulation_steps() != spec.micro_batches:
             raise ConfigError(f"run {spec.name}: DeepSpeed accumulates {engine.gradient_accumulation_steps()} "
                               f"micro-batches, the run asks for {spec.micro_batches}")
-        self.init_metrics(train_cfg, ctx.device)
         self.loss_fn = cross_entropy_for(ctx.device, train_cfg["fused_loss"])
         self.watch_optimizer(ds_torch_optimizer(engine))
         keep_clip_norm(engine)
@@ -345,6 +340,8 @@ class DeepSpeedEngine(Engine):
         self.hook_micro_batches(params, group)
 
     def train_step(self, micro_batches):
+        # Timed with host clocks around forward / backward / step (exact on CPU; CUDA events on GPUs). Under
+        # ZeRO-2/3 the gradient reduce-scatter runs inside backward, as DDP's all-reduce does.
         n = len(micro_batches)
         total = torch.zeros((), device=self.ctx.device)
         for x, y in micro_batches:
@@ -377,11 +374,6 @@ class DeepSpeedEngine(Engine):
     def grad_norm(self):
         """The norm DeepSpeed clipped the last step with (its optimizer wrapper's, or see keep_clip_norm)."""
         return self.engine.get_global_grad_norm() if self.train_cfg["grad_clip"] > 0 else None
-
-    def time_breakdown(self):
-        # Host clocks around forward / backward / step (exact on CPU; CUDA events on GPUs). Under
-        # ZeRO-2/3 the gradient reduce-scatter runs inside backward, as DDP's all-reduce does.
-        return self.timer.result()
 
     def model_state_bytes(self) -> dict[str, int]:
         return ds_state_bytes(self.engine)

@@ -28,7 +28,7 @@ Noise scale: every reduce-scatter goes through :class:`ReplicaNormReduceScatter`
 gradient of one parameter group for one micro-batch, before reducing it as FSDP2 would. Summed over
 the groups that is the micro-batch's local gradient norm; the engine reports the mean over micro-batches
 of the micro-batch mean gradient's squared norm, at batch global / (dp · micro-batches)
-(``noise_scale_splits``). FSDP2 divides before the reduction only for fp16 reductions (overflow), which
+(``noise.splits``). FSDP2 divides before the reduction only for fp16 reductions (overflow), which
 no precision here uses, so the input is the raw gradient.
 """
 
@@ -39,7 +39,9 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from llmpar.strategies.base import SquaredNorms, decoder_layers, prepare_model
+from llmpar.layout import MeshAxis, Precision
+from llmpar.strategies.levers import decoder_layers, prepare_model
+from llmpar.strategies.replica_norm import SquaredNorms
 from llmpar.strategies.torch_common import MeshEngine
 
 
@@ -69,17 +71,17 @@ class FSDPEngine(MeshEngine):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.noise_scale_splits = self.dp_size * self.spec.micro_batches
+        self.noise.splits = self.dp_size * self.spec.micro_batches
         self.replica_norm: ReplicaNormReduceScatter | None = None
-        if not self.measure_noise_scale:
+        if not self.noise.enabled:
             return
         if self.spec.tp > 1:
-            self.noise_scale_reason = "FSDP x TP: each rank holds a tensor-parallel slice of its replica's gradient"
+            self.noise.reason = "FSDP x TP: each rank holds a tensor-parallel slice of its replica's gradient"
         elif self.dp_size == 1:  # FSDP2 calls no reduce-scatter on one rank (measured on CPU and gloo)
-            self.noise_scale_reason = ("FSDP2 on one rank: no reduce-scatter, so no micro-batch's gradient is seen "
-                                       "before it accumulates")
+            self.noise.reason = ("FSDP2 on one rank: no reduce-scatter, so no micro-batch's gradient is seen "
+                                 "before it accumulates")
         elif not hasattr(FSDPModule, "set_custom_reduce_scatter"):  # the hook is recent public API of FSDP2
-            self.noise_scale_reason = "this torch's FSDP2 has no custom reduce-scatter (set_custom_reduce_scatter)"
+            self.noise.reason = "this torch's FSDP2 has no custom reduce-scatter (set_custom_reduce_scatter)"
         else:
             self.replica_norm = ReplicaNormReduceScatter()
             for m in self.model.modules():
@@ -89,12 +91,12 @@ class FSDPEngine(MeshEngine):
     def begin_step(self, step: int) -> None:
         super().begin_step(step)
         if self.replica_norm is not None:
-            self.replica_norm.active = self.measuring
+            self.replica_norm.active = self.noise.measuring
 
     def sync_grads(self) -> None:
-        if self.replica_norm is not None and self.measuring:
+        if self.replica_norm is not None and self.noise.measuring:
             sq = self.replica_norm.take()  # summed over micro-batches k of |g_k|², g_k = grad(L_k) / m
-            self._local_grad_sq = None if sq is None else sq * self.spec.micro_batches  # mean_k |m g_k|²
+            self.noise.value = None if sq is None else sq * self.spec.micro_batches  # mean_k |m g_k|²
         super().sync_grads()
 
     def eval_loss(self, inputs, labels):
@@ -110,15 +112,15 @@ def parallelize(model, spec, ctx, train_cfg) -> FSDPEngine:
     if tp > 1:
         from llmpar.strategies.tp_torch import apply_tp
 
-        mesh = init_device_mesh(ctx.device.type, (dp, tp), mesh_dim_names=("dp_shard", "tp"))
-        apply_tp(decoder_layers(model), mesh["tp"])
-        dp_mesh = mesh["dp_shard"]
+        mesh = init_device_mesh(ctx.device.type, (dp, tp), mesh_dim_names=(MeshAxis.DP_SHARD, MeshAxis.TP))
+        apply_tp(decoder_layers(model), mesh[MeshAxis.TP])
+        dp_mesh = mesh[MeshAxis.DP_SHARD]
     else:
-        dp_mesh = init_device_mesh(ctx.device.type, (dp,), mesh_dim_names=("dp_shard",))
+        dp_mesh = init_device_mesh(ctx.device.type, (dp,), mesh_dim_names=(MeshAxis.DP_SHARD,))
 
     model = prepare_model(model, spec)
     layer_mp = root_mp = MixedPrecisionPolicy()
-    if spec.precision == "bf16":  # the residual stream stays fp32, as under autocast (module docstring)
+    if spec.precision is Precision.BF16:  # the residual stream stays fp32, as under autocast (module docstring)
         layer_mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                                         cast_forward_inputs=False)
         root_mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)

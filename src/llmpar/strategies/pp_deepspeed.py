@@ -37,7 +37,9 @@ from torch import nn
 from llmpar.errors import ConfigError
 from llmpar.model import decoder_layer_kwargs
 from llmpar.strategies import ds_common
-from llmpar.strategies.base import apply_activation_checkpointing, apply_compile, cross_entropy_for, decoder_layers
+from llmpar.strategies.engine import Engine
+from llmpar.strategies.levers import apply_activation_checkpointing, apply_compile, decoder_layers
+from llmpar.strategies.loss import cross_entropy_for
 
 
 class EmbeddingStage(nn.Module):
@@ -122,18 +124,17 @@ def parallelize(model, spec, ctx, train_cfg):
 
 class DeepSpeedPipelineEngine(ds_common.DeepSpeedEngine):
     def __init__(self, engine, spec, ctx, train_cfg):
-        self.engine, self.spec, self.ctx, self.train_cfg = engine, spec, ctx, train_cfg
         grid = engine.grid
-        self.dp_rank = grid.get_data_parallel_rank()
-        self.dp_size = grid.get_data_parallel_world_size()
-        self.dp_group = grid.get_data_parallel_group()
+        # the contract's state only: DeepSpeedEngine.__init__ assumes a non-pipeline engine's groups
+        Engine.__init__(self, spec, ctx, train_cfg, dp_rank=grid.get_data_parallel_rank(),
+                        dp_size=grid.get_data_parallel_world_size(), dp_group=grid.get_data_parallel_group())
+        self.engine = engine
         self.stage_id = grid.get_stage_id()
         if engine.micro_batches != spec.micro_batches:
             raise ConfigError(f"run {spec.name}: DeepSpeed pipelines {engine.micro_batches} micro-batches, "
                               f"the run asks for {spec.micro_batches}")
         self.watch_optimizer(ds_common.ds_torch_optimizer(engine))
-        ds_common.keep_clip_norm(engine)
-        self.init_metrics(train_cfg, ctx.device)  # the phase timer stays unused: see time_breakdown
+        ds_common.keep_clip_norm(engine)  # the phase timer stays unused: see time_breakdown
         # noise scale as in ds_common.DeepSpeedEngine, the stages' squared norms summed over the pipeline: a
         # replica's gradient spans every stage
         self.hook_grad_norms(grid.get_pipe_parallel_group())

@@ -49,8 +49,12 @@ from torch.distributed.pipelining import (
     ScheduleInterleaved1F1B,
 )
 
-from llmpar.model import balanced_split, decoder_layer_kwargs
-from llmpar.strategies.base import TorchEngine, autocast, cross_entropy_for, decoder_layers, prepare_model
+from llmpar.layout import MeshAxis
+from llmpar.model import decoder_layer_kwargs
+from llmpar.shape import balanced_split
+from llmpar.strategies.engine import TorchEngine
+from llmpar.strategies.levers import autocast, decoder_layers, prepare_model
+from llmpar.strategies.loss import cross_entropy_for
 from llmpar.strategies.torch_common import allreduce_grads_, clip_grad_norm_, total_grad_norm
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
@@ -137,17 +141,18 @@ class PipelineEngine(TorchEngine):
     """Steps the schedule; the optimizer, checkpoints and accounting act on this rank's ``holder``."""
 
     def __init__(self, holder, chunks, schedule, loss, spec, ctx, train_cfg, *, mesh, has_first, has_last):
-        dp_group = mesh["dp"].get_group()
-        super().__init__(holder, spec, ctx, train_cfg, dp_rank=mesh.get_local_rank("dp"),
-                         dp_size=mesh.size(mesh.mesh_dim_names.index("dp")), dp_group=dp_group)
+        dp_group = mesh[MeshAxis.DP].get_group()
+        super().__init__(holder, spec, ctx, train_cfg, dp_rank=mesh.get_local_rank(MeshAxis.DP),
+                         dp_size=mesh.size(mesh.mesh_dim_names.index(MeshAxis.DP)), dp_group=dp_group)
         self.chunks, self.schedule, self.loss, self.mesh = chunks, schedule, loss, mesh
         self.has_first, self.has_last = has_first, has_last
-        self.pp_group = mesh["pp"].get_group()
+        self.pp_group = mesh[MeshAxis.PP].get_group()
         # the loss is contributed once: by the last stage's first tp rank
-        self.loss_source = has_last and mesh.get_local_rank("tp") == 0
+        self.loss_source = has_last and mesh.get_local_rank(MeshAxis.TP) == 0
         if self.timer.enabled:
             self._time_stage_calls()
-        self.hook_replica(mesh.get_local_rank("tp"))  # dp 1: the noise scale per micro-batch (dp > 1: sync_grads)
+        # dp 1: the noise scale per micro-batch (dp > 1: sync_grads)
+        self.hook_replica(mesh.get_local_rank(MeshAxis.TP))
 
     def _time_stage_calls(self):
         """Time this rank's compute inside the schedule: every call of a stage's ``forward_one_chunk``
@@ -208,8 +213,8 @@ class PipelineEngine(TorchEngine):
     def sync_grads(self) -> None:
         params = list(self.model.parameters())
         # this pipeline's own gradient (all stages), before the average (noise scale)
-        if self.dp_size > 1 and self.measuring:
-            self._local_grad_sq = total_grad_norm(params, self.pp_group).square()
+        if self.dp_size > 1 and self.noise.measuring:
+            self.noise.value = total_grad_norm(params, self.pp_group).square()
         allreduce_grads_(params, self.dp_group, self.dp_size)
         self.timer.stop("grad_sync")
 
@@ -273,11 +278,11 @@ def parallelize(model, spec, ctx, train_cfg) -> PipelineEngine:
     # one stage is allowed (the schedule's micro-batching cost alone: the 1.1B GPU study); the layout
     # (stages x dp x tp = world, micro-batches for the schedule, layers per chunk) was checked by config
     pp, tp, dp, m = spec.stages, spec.tp, spec.dp, spec.micro_batches
-    virtual = 2 if spec.schedule == "interleaved_1f1b" else 1
+    virtual = spec.virtual_stages
     n_chunks = pp * virtual
 
-    mesh = init_device_mesh(ctx.device.type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
-    pp_rank = mesh.get_local_rank("pp")
+    mesh = init_device_mesh(ctx.device.type, (pp, dp, tp), mesh_dim_names=(MeshAxis.PP, MeshAxis.DP, MeshAxis.TP))
+    pp_rank = mesh.get_local_rank(MeshAxis.PP)
     ranges = chunk_layer_ranges(model, n_chunks)
     mine = [c for c in range(n_chunks) if c % pp == pp_rank]
     layer_ids = [i for c in mine for i in range(*ranges[c])]
@@ -286,7 +291,7 @@ def parallelize(model, spec, ctx, train_cfg) -> PipelineEngine:
     if tp > 1:
         from llmpar.strategies.tp_torch import apply_tp
 
-        apply_tp([decoder_layers(model)[i] for i in layer_ids], mesh["tp"])
+        apply_tp([decoder_layers(model)[i] for i in layer_ids], mesh[MeshAxis.TP])
     keep = set(layer_ids)
     layers = decoder_layers(model)
     for i in range(len(layers)):  # drop the other stages' layers before any cast or wrapper touches them
@@ -303,7 +308,7 @@ def parallelize(model, spec, ctx, train_cfg) -> PipelineEngine:
         model.model.norm = None
         model.lm_head = None
 
-    group = mesh["pp"].get_group()
+    group = mesh[MeshAxis.PP].get_group()
     stages = [PipelineStage(chunk, c, n_chunks, ctx.device, group=group) for chunk, c in zip(chunks, mine)]
 
     loss = MicroBatchLoss(cross_entropy_for(ctx.device, train_cfg["fused_loss"]), m)

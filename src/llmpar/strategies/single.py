@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from llmpar.strategies.base import TorchEngine, prepare_model
+from llmpar.strategies.engine import TorchEngine
+from llmpar.strategies.levers import prepare_model
 
 
 def parallelize(model, spec, ctx, train_cfg) -> TorchEngine:

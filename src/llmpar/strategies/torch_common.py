@@ -4,7 +4,7 @@
   by TP and/or FSDP, possibly on different meshes) and/or spread over pipeline stages;
 * :func:`allreduce_grads_` – bucketed gradient averaging over a data-parallel group (for the layouts
   that keep full replicas per data-parallel rank: TP x DP and PP x DP);
-* :class:`MeshEngine` – :class:`~llmpar.strategies.base.TorchEngine` with those two in its step.
+* :class:`MeshEngine` – :class:`~llmpar.strategies.engine.TorchEngine` with those two in its step.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from llmpar.strategies.base import TorchEngine
+from llmpar.strategies.engine import TorchEngine
 
 BUCKET_ELEMENTS = 25_000_000  # elements per all-reduce bucket (100 MB in fp32)
 
@@ -116,8 +116,8 @@ class MeshEngine(TorchEngine):
     def sync_grads(self) -> None:
         params = list(self.model.parameters())
         # a plain replica: its own gradient, before the average (noise scale)
-        if self.grad_sync_size > 1 and self.measuring:
-            self._local_grad_sq = total_grad_norm(params).square()
+        if self.grad_sync_size > 1 and self.noise.measuring:
+            self.noise.value = total_grad_norm(params).square()
         allreduce_grads_(params, self.grad_sync_group, self.grad_sync_size)
         self.timer.stop("backward")  # the gradient all-reduce is part of backward (as inside DDP)
 

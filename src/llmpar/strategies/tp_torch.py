@@ -23,7 +23,8 @@ from __future__ import annotations
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from llmpar.strategies.base import decoder_layers, prepare_model
+from llmpar.layout import MeshAxis
+from llmpar.strategies.levers import decoder_layers, prepare_model
 from llmpar.strategies.torch_common import MeshEngine
 
 COLWISE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
@@ -42,14 +43,14 @@ def apply_tp(layers, tp_mesh) -> None:
 
 def parallelize(model, spec, ctx, train_cfg) -> MeshEngine:
     tp, dp = spec.tp, spec.dp
-    mesh = init_device_mesh(ctx.device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
-    apply_tp(decoder_layers(model), mesh["tp"])
+    mesh = init_device_mesh(ctx.device.type, (dp, tp), mesh_dim_names=(MeshAxis.DP, MeshAxis.TP))
+    apply_tp(decoder_layers(model), mesh[MeshAxis.TP])
     model = prepare_model(model, spec)  # precision / checkpointing / compile wrap the sharded layers
-    dp_group = mesh["dp"].get_group()
+    dp_group = mesh[MeshAxis.DP].get_group()
     engine = MeshEngine(
         model, spec, ctx, train_cfg,
-        dp_rank=mesh.get_local_rank("dp"), dp_size=dp, dp_group=dp_group,
+        dp_rank=mesh.get_local_rank(MeshAxis.DP), dp_size=dp, dp_group=dp_group,
         grad_sync_group=dp_group, grad_sync_size=dp,
     )
-    engine.hook_replica(mesh.get_local_rank("tp"))  # dp 1: the noise scale per micro-batch
+    engine.hook_replica(mesh.get_local_rank(MeshAxis.TP))  # dp 1: the noise scale per micro-batch
     return engine

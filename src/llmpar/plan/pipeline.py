@@ -8,7 +8,7 @@ operation, and batched point-to-point operations of a process group run on its o
 rank, in the order posted. A receive posted early therefore holds every later send of its rank until its
 data arrives. At 2 ranks the only peer is the next rank and this costs little; at 4, rank 0's receive of
 micro-batch k for its second chunk (from rank 3) holds its send of micro-batch k+1 to rank 1 until k has
-gone round all four ranks (profiled on 4 H100s: BENCHMARKS.md, "Predicted before run").
+gone round all four ranks (profiled on 4 H100s: benchmarks/results/profile_h100x4/pp4-interleaved_actions.json).
 
 :func:`interleaved_order` and :func:`lower` reproduce torch's two steps (tests/test_plan_pipeline.py
 compares them with torch's own functions), and :func:`simulate` runs the lowered lists with one FIFO

@@ -6,7 +6,7 @@ checked on 2-GPU runs only (results/<study>/plan.csv), and the cluster's bandwid
 assumptions of ``cards.yaml`` (``cluster``). :func:`assumptions` lists what the table rests on.
 
 Each strategy gets one layout per GPU count (:func:`layout`), resolved and checked by the same code that
-resolves a study's runs (``llmpar.config.prepare``), with ``micro_batch_size: auto`` (the largest
+resolves a study's runs (``llmpar.layout.resolve``), with ``micro_batch_size: auto`` (the largest
 micro-batch the plan predicts to fit 90 % of the card). Weak scaling: every GPU trains
 :data:`TOKENS_PER_GPU` tokens per optimizer step, so the global batch grows with the GPU count.
 """
@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import math
 
-from llmpar import plan
-from llmpar.config import ConfigError, model_dims, prepare
+from llmpar.errors import ConfigError
+from llmpar.layout import RunSpec, resolve
+from llmpar.plan.cards import card
+from llmpar.plan.predict import FIT_MARGIN, auto_micro_batch, fits, predict
+from llmpar.plan.step import link_bw
+from llmpar.shape import model_dims
 
 # Explicit dimensions over the 1B preset (model_dims lets any dimension override the preset).
 SHAPES: dict[str, dict] = {
@@ -27,10 +31,9 @@ SHAPES: dict[str, dict] = {
 }
 WORLDS = (8, 64, 512, 1024)
 TOKENS_PER_GPU = 16384  # 8 x 2048 (1.1B) or 2 x 8192 (8B) sequences per GPU per step: weak scaling
-STRATEGIES = ("data_parallel", "fsdp", "zero1", "zero2", "zero3", "tensor_parallel", "pipeline",
-              "hybrid_pp_dp", "3d_pp_tp_dp")
 PP_STAGES = 4  # stages of the hybrid layouts from 64 GPUs (2 at 8 GPUs for 3-D, where tp takes 4)
-TRAIN = {"precision": "bf16", "compile": True, "device": "cuda", "activation_checkpointing": "none"}
+TRAIN = {"precision": "bf16", "compile": True, "device": "cuda", "activation_checkpointing": "none",
+         "micro_batch_size": None}
 
 
 def tp_degree(shape: str) -> int:
@@ -38,98 +41,110 @@ def tp_degree(shape: str) -> int:
     return min(8, model_dims(SHAPES[shape])["num_kv_heads"])
 
 
+def _pipeline(world: int, shape: str, gpus_per_node: int) -> tuple[dict | None, str]:
+    layers = model_dims(SHAPES[shape])["num_layers"]
+    if world > layers:
+        return None, f"one pipeline of {world} stages needs >= {world} layers ({layers}): see hybrid and 3-D"
+    return {"strategy": "pipeline_parallel", "stages": world, "pp_engine": "torch", "schedule": "1f1b"}, ""
+
+
+def _three_d(world: int, shape: str, gpus_per_node: int) -> tuple[dict | None, str]:
+    tp = tp_degree(shape)
+    tp3 = tp if world > gpus_per_node else min(tp, world // 2)
+    stages = PP_STAGES if world > gpus_per_node else world // tp3
+    return {"strategy": "hybrid_parallel", "tp": tp3, "stages": stages, "pp_engine": "torch", "schedule": "1f1b"}, ""
+
+
+# Each row of the table: a label and the run entry (as a study config writes it) of that layout at ``world``
+# GPUs for ``shape``, or None and why not.
+LAYOUTS = {
+    "data_parallel": lambda world, shape, gpn: ({"strategy": "data_parallel"}, ""),
+    "fsdp": lambda world, shape, gpn: ({"strategy": "fsdp"}, ""),
+    "zero1": lambda world, shape, gpn: ({"strategy": "zero", "zero_stage": 1}, ""),
+    "zero2": lambda world, shape, gpn: ({"strategy": "zero", "zero_stage": 2}, ""),
+    "zero3": lambda world, shape, gpn: ({"strategy": "zero", "zero_stage": 3}, ""),
+    "tensor_parallel": lambda world, shape, gpn: (
+        {"strategy": "tensor_parallel", "tp": tp_degree(shape), "tp_engine": "torch"}, ""),
+    "pipeline": _pipeline,
+    "hybrid_pp_dp": lambda world, shape, gpn: (
+        {"strategy": "hybrid_parallel", "stages": PP_STAGES, "pp_engine": "torch", "schedule": "1f1b"}, ""),
+    "3d_pp_tp_dp": _three_d,
+}
+STRATEGIES = tuple(LAYOUTS)
+
+
 def layout(strategy: str, world: int, shape: str, gpus_per_node: int = 8) -> tuple[dict | None, str]:
     """The run entry (as a study config writes it) of ``strategy`` at ``world`` GPUs, or None and why not."""
-    nodes, per_node = max(1, world // gpus_per_node), min(world, gpus_per_node)
-    base = {"nodes": nodes, "gpus_per_node": per_node, "micro_batch_size": "auto"}
-    tp = tp_degree(shape)
-    if strategy == "data_parallel":
-        return {**base, "strategy": "data_parallel"}, ""
-    if strategy == "fsdp":
-        return {**base, "strategy": "fsdp"}, ""
-    if strategy.startswith("zero"):
-        return {**base, "strategy": "zero", "zero_stage": int(strategy[-1])}, ""
-    if strategy == "tensor_parallel":
-        return {**base, "strategy": "tensor_parallel", "tp": tp, "tp_engine": "torch"}, ""
-    if strategy == "pipeline":
-        layers = plan.shape_of(SHAPES[shape], 0).layers
-        if world > layers:
-            return None, f"one pipeline of {world} stages needs >= {world} layers ({layers}): see hybrid and 3-D"
-        return {**base, "strategy": "pipeline_parallel", "stages": world, "pp_engine": "torch",
-                "schedule": "1f1b"}, ""
-    if strategy == "hybrid_pp_dp":
-        return {**base, "strategy": "hybrid_parallel", "stages": PP_STAGES, "pp_engine": "torch",
-                "schedule": "1f1b"}, ""
-    if strategy == "3d_pp_tp_dp":
-        tp3 = tp if world > gpus_per_node else min(tp, world // 2)
-        stages = PP_STAGES if world > gpus_per_node else world // tp3
-        return {**base, "strategy": "hybrid_parallel", "tp": tp3, "stages": stages, "pp_engine": "torch",
-                "schedule": "1f1b"}, ""
-    raise ValueError(f"unknown strategy {strategy!r}; one of {STRATEGIES}")
-
-
-def resolve(shape: str, strategy: str, world: int, card_name: str,
-            micro_batch_size: int | str = "auto") -> tuple[dict | None, dict, str]:
-    """(the resolved run, the prepared config, a note). With ``auto`` and no micro-batch predicted to fit,
-    the run at micro-batch 1 (so its peak can still be shown) and the reason in the note."""
-    gpn = plan.card(card_name)["cluster"]["gpus_per_node"]
-    entry, why = layout(strategy, world, shape, gpn)
-    model = SHAPES[shape]
-    raw = {"study": "extrapolation", "model": model, "tokenizer": {"vocab_size": model["vocab_size"]},
-           "train": {**TRAIN, "card": card_name, "global_batch": world * TOKENS_PER_GPU // model["seq_len"]},
-           "baseline": strategy}
+    if strategy not in LAYOUTS:
+        raise ValueError(f"unknown strategy {strategy!r}; one of {STRATEGIES}")
+    entry, why = LAYOUTS[strategy](world, shape, gpus_per_node)
     if entry is None:
-        return None, prepare({**raw, "runs": {strategy: {"strategy": "single"}}}), why
-    entry = {**entry, "micro_batch_size": micro_batch_size}
+        return None, why
+    nodes, per_node = max(1, world // gpus_per_node), min(world, gpus_per_node)
+    return {"nodes": nodes, "gpus_per_node": per_node, "micro_batch_size": "auto", **entry}, ""
+
+
+def train_section(shape: str, world: int, card_name: str) -> dict:
+    """The train settings of a layout at ``world`` GPUs: weak scaling at TOKENS_PER_GPU per GPU."""
+    return {**TRAIN, "card": card_name, "global_batch": world * TOKENS_PER_GPU // SHAPES[shape]["seq_len"]}
+
+
+def resolve_layout(shape: str, strategy: str, world: int, card_name: str,
+                   micro_batch_size: int | str = "auto") -> tuple[RunSpec | None, dict, str]:
+    """(the resolved run, its train settings, a note). With ``auto`` and no micro-batch predicted to fit,
+    the run at micro-batch 1 (so its peak can still be shown) and the reason in the note."""
+    entry, why = layout(strategy, world, shape, card(card_name)["cluster"]["gpus_per_node"])
+    model = SHAPES[shape]
+    train = train_section(shape, world, card_name)
+    if entry is None:
+        return None, train, why
+    if micro_batch_size != "auto":
+        return resolve(strategy, {**entry, "micro_batch_size": micro_batch_size}, model, train), train, ""
     try:
-        cfg = prepare({**raw, "runs": {strategy: entry}})
-        return cfg["runs"][strategy], cfg, ""
+        return auto_micro_batch(strategy, entry, model, train, model["vocab_size"]), train, ""
     except ConfigError:
-        if micro_batch_size != "auto":
-            raise
-        cfg = prepare({**raw, "runs": {strategy: {**entry, "micro_batch_size": 1}}})
-        memory = plan.card(card_name)["memory_gib"]
-        return cfg["runs"][strategy], cfg, (f"does not fit {1 - plan.FIT_MARGIN:.0%} of {memory} GiB even at "
-                                            "micro-batch 1 (its peak shown)")
+        spec = resolve(strategy, {**entry, "micro_batch_size": 1}, model, train)
+        memory = card(card_name)["memory_gib"]
+        return spec, train, (f"does not fit {1 - FIT_MARGIN:.0%} of {memory} GiB even at "
+                             "micro-batch 1 (its peak shown)")
 
 
-def layout_text(run: dict) -> str:
-    parts = [f"{k} {run[k]}" for k in ("tp", "stages", "dp") if run[k] > 1 or k == "dp"]
+def layout_text(run: RunSpec) -> str:
+    parts = [f"{k} {getattr(run, k)}" for k in ("tp", "stages", "dp") if getattr(run, k) > 1 or k == "dp"]
     text = " × ".join(parts).replace("stages", "pp")
-    if run["strategy"] == "zero":
-        text += f" (ZeRO-{run['zero_stage']})"
+    if run.preset.zero:
+        text += f" (ZeRO-{run.zero_stage})"
     return text
 
 
-def inter_node_groups(run: dict, c: dict) -> str:
-    """The parallel groups whose collectives the plan sends over the inter-node link (as ``plan.link_bw``)."""
+def inter_node_groups(run: RunSpec, c: dict) -> str:
+    """The parallel groups whose collectives the plan sends over the inter-node link (as ``plan.step.link_bw``)."""
     intra = c["link_busbw_gbps"] * 1e9
-    groups = {"tp": (run["tp"], 1), "dp": (run["dp"], run["tp"]), "pp": (2 if run["stages"] > 1 else 1,
-                                                                        run["tp"] * run["dp"])}
-    out = [g for g, (size, stride) in groups.items() if size > 1 and plan.link_bw(c, size, stride) < intra]
+    groups = {"tp": (run.tp, 1), "dp": (run.dp, run.tp), "pp": (2 if run.stages > 1 else 1, run.tp * run.dp)}
+    out = [g for g, (size, stride) in groups.items() if size > 1 and link_bw(c, size, stride) < intra]
     return ", ".join(out) or "none"
 
 
 def predict_row(shape: str, strategy: str, world: int, card_name: str,
                 micro_batch_size: int | str = "auto") -> dict:
     """One row of the extrapolation table (model output)."""
-    run, cfg, note = resolve(shape, strategy, world, card_name, micro_batch_size)
+    run, train, note = resolve_layout(shape, strategy, world, card_name, micro_batch_size)
     model = SHAPES[shape]
+    c = card(card_name)
     row = {"shape": shape, "seq_len": model["seq_len"], "strategy": strategy, "gpus": world,
-           "nodes": max(1, world // plan.card(card_name)["cluster"]["gpus_per_node"]), "layout": "–",
-           "inter_node": "–", "global_batch": cfg["train"]["global_batch"], "micro_batch_size": None,
+           "nodes": max(1, world // c["cluster"]["gpus_per_node"]), "layout": "–",
+           "inter_node": "–", "global_batch": train["global_batch"], "micro_batch_size": None,
            "micro_batches": None, "predicted_peak_gib": math.nan, "predicted_fits": None,
            "predicted_step_s": math.nan, "predicted_tokens_per_s_per_gpu": math.nan, "predicted_mfu": math.nan,
            "predicted_comm_share": math.nan, "predicted_bubble": math.nan, "note": note}
     if run is None:
         return row
-    c = plan.card(card_name)
-    pred = plan.predict(model, model["vocab_size"], run, cfg["train"], card_name)
-    fits = plan.fits(pred["peak_gib"], c["memory_gib"])
-    row.update(layout=layout_text(run), inter_node=inter_node_groups(run, c), micro_batch_size=run["micro_batch_size"],
-               micro_batches=run["micro_batches"], predicted_peak_gib=pred["peak_gib"], predicted_fits=fits,
+    pred = predict(model, model["vocab_size"], run, train, card_name)
+    fit = fits(pred["peak_gib"], c["memory_gib"])
+    row.update(layout=layout_text(run), inter_node=inter_node_groups(run, c), micro_batch_size=run.micro_batch_size,
+               micro_batches=run.micro_batches, predicted_peak_gib=pred["peak_gib"], predicted_fits=fit,
                predicted_bubble=pred["bubble"])
-    if fits:  # a layout that does not fit does not run: no time for it
+    if fit:  # a layout that does not fit does not run: no time for it
         comm = sum(pred["time_s"].get(k, 0.0) for k in ("tp_comm", "pp_p2p", "dp_comm"))
         row.update(predicted_step_s=pred["step_s"], predicted_tokens_per_s_per_gpu=pred["tokens_per_s"] / world,
                    predicted_mfu=pred["mfu"], predicted_comm_share=comm / pred["step_s"])
@@ -143,7 +158,7 @@ def extrapolate(card_name: str, shapes=tuple(SHAPES), worlds=WORLDS, strategies=
 
 def assumptions(card_name: str) -> list[str]:
     """What the table rests on, with the numbers it used."""
-    c = plan.card(card_name)
+    c = card(card_name)
     cl = c["cluster"]
     shapes = "; ".join(
         f"{name}: hidden {d['hidden_size']}, {d['num_layers']} layers, {d['num_heads']} heads / "
@@ -174,7 +189,7 @@ def assumptions(card_name: str) -> list[str]:
         "bf16 autocast with fp32 weights, gradients and AdamW moments, per-layer torch.compile, no activation "
         "checkpointing, no offload. Engines: torch DDP, FSDP2 (full shard over all GPUs), DeepSpeed ZeRO "
         "(torch_autocast), torch tensor parallel, torch pipelining.",
-        f"Micro-batch: the largest the plan predicts to fit {1 - plan.FIT_MARGIN:.0%} of the card "
+        f"Micro-batch: the largest the plan predicts to fit {1 - FIT_MARGIN:.0%} of the card "
         f"({c['memory_gib']} GiB), as micro_batch_size: auto; pipelines keep at least max(4, 2 × stages) "
         "micro-batches. 'fits' is that criterion; a layout that does not fit at micro-batch 1 shows its peak "
         "there and no time.",
@@ -190,15 +205,3 @@ def assumptions(card_name: str) -> list[str]:
         "a 3-D layout does several times the GEMMs of the others, and the step waits for it. Torch "
         "pipelining allocates its receive buffers for every micro-batch up front (counted).",
     ]
-
-
-def write_tables(cfg: dict, card_name: str, runs_dir, plan_csv, extrapolation_csv) -> str:
-    """The workflow's plan step: predicted vs measured for a prepared study's recorded runs
-    (``plan_csv``) and the extrapolation table (``extrapolation_csv``), both on ``card_name``."""
-    from pathlib import Path
-
-    rows = plan.check_study(cfg, card_name, Path(runs_dir))
-    plan.write_csv(rows, Path(plan_csv), columns=["run", "card", "predicted_peak_gib", "measured_peak_gib"])
-    table = extrapolate(card_name)
-    plan.write_csv(table, Path(extrapolation_csv))
-    return plan.format_rows(rows) if rows else f"no recorded ok runs under {runs_dir}"

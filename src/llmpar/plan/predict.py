@@ -1,0 +1,80 @@
+"""One run's prediction (peak memory, step time, tokens/s, MFU) and the micro-batch that fits a card."""
+
+from __future__ import annotations
+
+import math
+
+from llmpar.errors import ConfigError
+from llmpar.layout import RunSpec, default_micro_batches, resolve
+from llmpar.metrics.definitions import peak_flops_for
+from llmpar.plan.cards import card
+from llmpar.plan.memory import GIB, memory
+from llmpar.plan.step import step_time
+from llmpar.shape import flops_per_token, shape_of
+
+FIT_MARGIN = 0.10  # refuse above 90 % of the card: reserved exceeded allocated by up to 7.5 GiB (9 % of 80 GB)
+
+
+def predict(model_cfg: dict, vocab_size: int, run: RunSpec | dict, train: dict, card_name: str | None) -> dict:
+    """Predicted peak GiB (max over ranks), step seconds, tokens/s and MFU of one run on ``card_name``
+    (None: memory only, no allocator overhead; the CPU check uses this)."""
+    run = run if isinstance(run, RunSpec) else RunSpec.from_dict(run)
+    sh = shape_of(model_cfg, vocab_size)
+    compiled = bool(run.compile) and train.get("device", "auto") != "cpu"
+    c = card(card_name) if card_name else None
+    mem = memory(sh, run, compiled, c["allocator_overhead_gib"] if c else 0.0)
+    peak = max(mem, key=lambda r: r["total"])
+    out = {"peak_gib": peak["total"] / GIB, "peak_rank": peak["rank"],
+           "memory_gib": {k: v / GIB for k, v in peak["parts"].items()},
+           "per_rank_gib": [r["total"] / GIB for r in mem]}
+    if c:
+        t = step_time(sh, run, compiled, c)
+        tokens = train["global_batch"] * sh.seq
+        out.update(step_s=t["total"], time_s=t["parts"], bubble=t["bubble"], tokens_per_s=tokens / t["total"],
+                   mfu=tokens / t["total"] / run.world_size * flops_per_token(model_cfg, vocab_size)
+                   / peak_flops_for(c["name"], None),
+                   card_memory_gib=c["memory_gib"])
+    return out
+
+
+def fits(peak_gib: float, memory_gib: float, margin: float = FIT_MARGIN) -> bool:
+    return peak_gib <= (1 - margin) * memory_gib
+
+
+def error(predicted: float, measured: float) -> float:
+    """Relative error of a prediction: (predicted - measured) / measured."""
+    return (predicted - measured) / measured if measured else math.nan
+
+
+def auto_micro_batch(name: str, entry: dict, model: dict, train: dict, vocab_size: int, runtime_min: int = 20,
+                     default_procs: int = 2) -> RunSpec:
+    """``micro_batch_size: auto``: the largest size that divides the replica's batch and that the plan
+    predicts to fit ``train.card`` with its margin (peak <= 90 % of the card). A pipeline keeps at least the
+    default micro-batches (max(4, 2 x stages)), so its bubble stays small."""
+    where = f"runs.{name}.micro_batch_size"
+    card_name = train.get("card")
+    if not card_name:
+        raise ConfigError(f"{where}: auto needs train.card (the card to fit: h100, h200; src/llmpar/cards.yaml)")
+    try:
+        memory_gib = card(card_name)["memory_gib"]
+    except KeyError as exc:
+        raise ConfigError(f"config key 'train.card': {exc.args[0]}") from None
+    if entry.get("micro_batches") is not None:
+        raise ConfigError(f"{where}: auto chooses the micro-batches too; remove runs.{name}.micro_batches")
+    base = {k: v for k, v in entry.items() if k != "micro_batch_size"}
+    dp = resolve(name, {**base, "micro_batch_size": 1}, model, train, runtime_min, default_procs).dp
+    per_replica = train["global_batch"] // dp
+    tried = {}
+    for mbs in sorted((d for d in range(1, per_replica + 1) if per_replica % d == 0), reverse=True):
+        try:
+            spec = resolve(name, {**base, "micro_batch_size": mbs}, model, train, runtime_min, default_procs)
+        except ConfigError:  # e.g. interleaved 1F1B needs micro-batches divisible by stages
+            continue
+        if spec.stages > 1 and spec.micro_batches < default_micro_batches(spec.stages, spec.pipelined):
+            continue
+        tried[mbs] = predict(model, vocab_size, spec, train, card_name)["peak_gib"]
+        if fits(tried[mbs], memory_gib):
+            return spec
+    shown = ", ".join(f"{k}: {v:.1f} GiB" for k, v in tried.items())
+    raise ConfigError(f"{where}: no micro-batch size is predicted to fit {1 - FIT_MARGIN:.0%} of the "
+                      f"{memory_gib:.1f} GiB of {card_name} ({shown})")

@@ -1,0 +1,125 @@
+"""Predicted step time: per micro-batch, GEMM FLOPs over the card's GEMM rate, attention FLOPs over its
+attention rate, elementwise traffic (4 x the saved activation bytes) over its measured elementwise
+bandwidth, plus a fixed cost per micro-batch; times the micro-batches (plus the pipeline's idle slots:
+the closed-form bubble of GPipe and 1F1B, torch's interleaved schedule simulated as its runtime issues
+the transfers, :mod:`llmpar.plan.pipeline`); plus the communication that is not hidden behind compute
+(bytes per collective over the link's bus bandwidth), the optimizer's bytes, and a fixed cost per step.
+"""
+
+from __future__ import annotations
+
+from llmpar.layout import Engine, RunSpec, Sharding
+from llmpar.plan.memory import local_params, pipeline_ranks, saved_bytes_per_token, state_bytes
+from llmpar.plan.pipeline import interleaved_idle
+from llmpar.shape import Shape
+
+DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP's bucket_cap_mb
+
+
+def link_bw(card_c: dict, group: int, stride: int) -> float:
+    """Bus bandwidth (bytes/s) of a collective over ``group`` ranks ``stride`` apart: NVLink inside a
+    node, the inter-node link when the group spans nodes (a ring is as slow as its slowest hop)."""
+    cl = card_c["cluster"]
+    if group * stride <= cl["gpus_per_node"]:
+        return card_c["link_busbw_gbps"] * 1e9
+    return cl["inter_node_busbw_gbps"] * 1e9
+
+
+def fitted_bw(card_c: dict, key: str, group: int, stride: int) -> float:
+    """Effective bus bandwidth (bytes/s) of collectives that sit on the critical path one by one, fitted per
+    card as ``key``: tensor parallelism's activation all-reduces (``tp_allreduce_busbw_gbps``: ~MB-to-100-MB
+    collectives between a layer's GEMMs, far below a 1 GiB all-reduce's rate) and DeepSpeed ZeRO-3's
+    module-by-module gathers and reduce-scatters (``zero3_busbw_gbps``: each behind host-side hooks); the
+    link's rate (:func:`link_bw`) where that is slower, across nodes."""
+    return min(card_c[key] * 1e9, link_bw(card_c, group, stride))
+
+
+def allreduce_s(nbytes: float, group: int, bw: float, latency: float) -> float:
+    return 0.0 if group <= 1 else latency + 2 * (group - 1) / group * nbytes / bw
+
+
+def gather_s(nbytes: float, group: int, bw: float, latency: float) -> float:
+    """All-gather or reduce-scatter of a tensor of ``nbytes`` (whole) over ``group`` ranks."""
+    return 0.0 if group <= 1 else latency + (group - 1) / group * nbytes / bw
+
+
+def pipeline_bubble(stages: int, micro_batches: int, virtual: int = 1) -> float:
+    """Idle share of a pipeline's schedule: (p-1)/v extra micro-batch slots of m + (p-1)/v, i.e.
+    (p-1)/(v·m+p-1); 0 without stages. The step time charges it for GPipe and 1F1B; torch's interleaved
+    schedule is simulated as torch issues its transfers (:func:`llmpar.plan.pipeline.interleaved_idle`)."""
+    return (stages - 1) / (virtual * micro_batches + stages - 1)
+
+
+def step_time(sh: Shape, run: RunSpec, compiled: bool, c: dict) -> dict:
+    """Predicted seconds of one optimizer step (by component) on card constants ``c``."""
+    tp, dp, p, m = run.tp, run.dp, run.stages, run.micro_batches
+    tokens = run.micro_batch_size * sh.seq
+    gemm, attn, elem = c["gemm_tflops"] * 1e12, c["attention_tflops"] * 1e12, c["elementwise_tbps"] * 1e12
+    lat = c["cluster"]["collective_latency_s"]
+    bw_tp, bw_dp, bw_pp = fitted_bw(c, "tp_allreduce_busbw_gbps", tp, 1), link_bw(c, dp, tp), link_bw(c, 2, tp * dp)
+    compute = run.precision.compute_bytes
+    # tensor parallel all-reduces: the row-parallel outputs in the forward (compute dtype) and the gradients
+    # of the column-parallel inputs in the backward, which under bf16 autocast are the fp32 residual
+    # stream's (fp32 unless the weights and stream are bf16)
+    grad_bytes_tp = run.precision.weight_bytes
+    per_rank = []
+    shares = pipeline_ranks(sh, run)
+    for share in shares:
+        head = sh.vocab * sh.h // (tp if run.tp_splits_head else 1) if share["last"] else 0
+        flops_gemm = 6 * tokens * (share["layers"] * sh.layer_matmul / tp + head)
+        flops_attn = 6 * share["layers"] * sh.h * sh.seq * tokens / tp
+        saved = tokens * saved_bytes_per_token(sh, run, share["layers"], share["last"], compiled)
+        t = {"gemm": flops_gemm / gemm, "attention": flops_attn / attn, "elementwise": 4 * saved / elem,
+             "micro_batch_fixed": c["micro_batch_overhead_s"] * share["layers"] / sh.layers}
+        # Tensor parallel: two all-reduces of the activations per layer in the forward, two in the backward.
+        t["tp_comm"] = 2 * share["layers"] * (allreduce_s(tokens * sh.h * compute, tp, bw_tp, lat)
+                                              + allreduce_s(tokens * sh.h * grad_bytes_tp, tp, bw_tp, lat))
+        if p > 1:  # the fp32 hidden state forward and its gradient backward, on the critical path
+            t["pp_p2p"] = 2 * (lat + tokens * sh.h * 4 / bw_pp)
+        per_rank.append(t)
+    slowest = max(per_rank, key=lambda t: sum(t.values()))
+    t_mb = sum(slowest.values())
+    chunks = run.virtual_stages
+    bubble = pipeline_bubble(p, m, chunks)
+    if chunks > 1:  # torch's interleaved 1F1B, its transfers as its runtime issues them (plan.pipeline)
+        chunk_fwd = (t_mb - slowest["pp_p2p"]) / (3 * chunks)
+        bubble = interleaved_idle(p, m, chunks, round(slowest["pp_p2p"] / 2 / chunk_fwd, 3))
+    slots = m / (1 - bubble)  # m micro-batch slots and the idle ones
+    parts = {k: v * slots for k, v in slowest.items()}
+    deepspeed = run.engine is Engine.DEEPSPEED
+    if p > 1 and deepspeed:
+        # DeepSpeed's pipeline engine issues its instructions from the host, in time proportional to a
+        # stage's layers (ds_pipeline_host_s_per_layer); at small micro-batches that exceeds the GPU's
+        # time per micro-batch and the GPUs wait (profiled: no kernel runs for 29-41 % of the step)
+        host = c["ds_pipeline_host_s_per_layer"] * max(share["layers"] for share in shares)
+        parts["pipeline_host"] = slots * max(0.0, host - t_mb)
+
+    n_local = max(local_params(sh, run, s) for s in shares)
+    grad_bytes = 4 * n_local
+    exposed = 0.0
+    sharding = run.sharding
+    backward = t_mb * 2 / 3  # the last micro-batch's backward hides a bucketed gradient reduction
+    if run.ddp or sharding in (Sharding.ZERO1, Sharding.ZERO2):
+        exposed = max(0.0, allreduce_s(grad_bytes, dp, bw_dp, lat) - backward) + \
+            allreduce_s(min(DDP_BUCKET_BYTES, grad_bytes), dp, bw_dp, lat)
+        if not run.ddp:  # ZeRO-1/2: the updated fp32 partitions are all-gathered after the optimizer, exposed
+            exposed += gather_s(4 * n_local, dp, bw_dp, lat)
+    elif sharding is Sharding.FSDP:  # bf16 gathers in forward and backward, fp32 reduce-scatter, prefetched
+        per_mb = 2 * gather_s(2 * n_local, dp, bw_dp, lat) + gather_s(4 * n_local, dp, bw_dp, lat)
+        exposed = m * max(0.0, per_mb - t_mb) + gather_s(2 * sh.layer_params / tp, dp, bw_dp, lat)
+    elif sharding is Sharding.ZERO3:  # DeepSpeed fetches each module's fp32 weights on the critical path
+        bw_z3 = fitted_bw(c, "zero3_busbw_gbps", dp, tp)
+        exposed = m * (2 * gather_s(4 * n_local, dp, bw_z3, lat) + gather_s(4 * n_local, dp, bw_z3, lat))
+    elif dp > 1:  # TP x DP and PP x DP: one bucketed all-reduce after the backward (torch_common)
+        exposed = allreduce_s(grad_bytes, dp, bw_dp, lat)
+    parts["dp_comm"] = exposed
+
+    # AdamW + clipping read/write ~40 bytes per updated fp32 parameter (param r/w, grad r x2 + w,
+    # two moments r/w); DeepSpeed also copies the fp32 master partition back into the module (8 B).
+    states = state_bytes(sh, run, n_local)
+    master = deepspeed and run.zero_stage >= 1
+    updated = states["optimizer"] / (12 if master else 8)
+    copy_back = 8 * updated if master else 0.0
+    parts["optimizer"] = (40 * updated + copy_back) / elem
+    parts["step_fixed"] = c["step_overhead_s"]
+    return {"parts": parts, "total": sum(parts.values()), "micro_batch_s": t_mb, "bubble": bubble}

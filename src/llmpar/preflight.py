@@ -1,0 +1,86 @@
+"""Before any process starts: what this machine has (CUDA devices, their name and memory) and whether it
+can hold a run's layout (:func:`check_fits`, from the plan's predicted peak).
+
+Device queries go to the driver (libcuda) and NVML directly, not through torch: importing torch costs
+the launcher ~3 s per job, and a layout that does not fit is refused before that.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from llmpar.errors import ExpectedFailure
+from llmpar.plan import FIT_MARGIN, card_for_device, fits, predict
+
+
+@functools.cache
+def cuda_device_count() -> int:
+    """CUDA devices visible to this process (CUDA_VISIBLE_DEVICES applies), asked of the driver
+    (libcuda). 0 without a driver."""
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
+def gpu_name_and_memory() -> tuple[str | None, int | None]:
+    """Name and total memory (bytes) of the first visible GPU, from NVML ((None, None) without it)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        name = pynvml.nvmlDeviceGetName(handle)
+        return (name.decode() if isinstance(name, bytes) else name), pynvml.nvmlDeviceGetMemoryInfo(handle).total
+    except Exception:
+        return None, None
+
+
+def uses_cuda(rc: dict) -> bool:
+    device = rc["train"]["device"]
+    return device == "cuda" or (device == "auto" and cuda_device_count() > 0)
+
+
+def check_fits(rc: dict, vocab_size: int, local_procs: int) -> None:
+    """Raise ExpectedFailure('invalid') when this machine cannot hold the layout, before any process
+    starts: the plan's predicted peak of the fullest rank (``llmpar.plan``) against 90 % of one GPU's
+    memory, or on CPU the predicted bytes of all local processes against 90 % of the available host
+    memory (the plan's CPU figure counts tensors only: no allocator or interpreter overhead)."""
+    run, tc = rc["run"], rc["train"]
+    use_cuda = uses_cuda(rc)
+    gpus = cuda_device_count() if use_cuda else 0
+    if use_cuda and gpus < local_procs:
+        what = (f"{run['gpus_per_node']} GPUs per node" if local_procs == run["gpus_per_node"] else
+                f"{local_procs} GPUs on this machine ({run['nodes']} local nodes x {run['gpus_per_node']})")
+        raise ExpectedFailure("invalid", f"the layout needs {what}, this node has {gpus}")
+    if not tc["memory_check"]:
+        return
+    gib = 2**30
+    if use_cuda:
+        name, total = gpu_name_and_memory()
+        if not total:
+            return
+        pred = predict(rc["model"], vocab_size, run, tc, card_for_device(name))
+        need, avail = pred["peak_gib"], total / gib
+        what = f"{name} memory per device"
+    else:
+        import psutil  # only here: the CPU check needs it, a GPU host need not have it
+
+        pred = predict(rc["model"], vocab_size, run, {**tc, "device": "cpu"}, None)
+        need, avail = pred["peak_gib"] * local_procs, psutil.virtual_memory().available / gib
+        what = f"available host memory for {local_procs} processes"
+    if not fits(need, avail):
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in pred["memory_gib"].items() if v >= 0.05)
+        raise ExpectedFailure(
+            "invalid",
+            f"predicted peak memory {need:.1f} GiB (rank {pred['peak_rank']}: {parts} GiB"
+            f"{'' if use_cuda else f', x{local_procs} processes'}) exceeds {1 - FIT_MARGIN:.0%} of the "
+            f"{avail:.1f} GiB of {what}; use a smaller micro_batch_size (or micro_batch_size: auto), "
+            f"more processes for sharded strategies, or set train.memory_check: false",
+        )

@@ -1,0 +1,63 @@
+"""The per-run levers every engine applies to the plain model, in torchtitan's order: precision,
+activation checkpointing, compile."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from llmpar.layout import Precision
+
+
+def autocast(precision: Precision | str, device: torch.device):
+    """bf16 autocast (fp32 master weights) or nothing (fp32, or pure bf16 weights)."""
+    if Precision(precision).autocast:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    return model.model.layers
+
+
+def apply_activation_checkpointing(model, mode: str) -> None:
+    """Wrap decoder layers in non-reentrant checkpointing: ``full`` every layer, ``selective`` every 2nd."""
+    if mode == "none":
+        return
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    layers = decoder_layers(model)
+    for i in range(len(layers)):
+        if mode == "full" or (mode == "selective" and i % 2 == 0):
+            layers[i] = checkpoint_wrapper(layers[i], preserve_rng_state=False)
+
+
+def apply_compile(model, enabled: bool, in_place: bool = False) -> None:
+    """torch.compile each decoder layer (torchtitan's per-block compile: small graphs, fast recompiles).
+
+    The torch engines replace each layer by its ``OptimizedModule`` wrapper (what the recorded GPU
+    runs measured; FSDP2 then wraps the compiled layer, its hooks outside the graph). DeepSpeed engines
+    compile in place (``nn.Module.compile``: same module, same parameter names), because ZeRO-3's forward
+    hooks fail on the wrappers' plain-dict ``_parameters`` (``'dict' object has no attribute
+    '_in_forward'``).
+    """
+    if not enabled:
+        return
+    layers = decoder_layers(model)
+    for i in range(len(layers)):
+        if in_place:
+            layers[i].compile(fullgraph=False)
+        else:
+            layers[i] = torch.compile(layers[i], fullgraph=False)
+
+
+def prepare_model(model, spec) -> torch.nn.Module:
+    """Precision, activation checkpointing and compile: the per-run levers, in torchtitan's order."""
+    if spec.precision is Precision.BF16_PURE:
+        model.to(torch.bfloat16)
+    apply_activation_checkpointing(model, spec.activation_checkpointing)
+    apply_compile(model, spec.compile)
+    return model
+
+
