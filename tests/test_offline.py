@@ -8,6 +8,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -179,3 +180,25 @@ def test_study_without_token_shards_stops_before_the_workflow(tmp_path, monkeypa
 def test_card_names_the_outputs():
     assert offline.card_slug("NVIDIA H100 80GB HBM3", 2) == "h100-80gb-hbm3x2"
     assert offline.card_slug("NVIDIA H200", 1) == "h200x1"
+
+
+def test_study_packs_runs_without_checkpoints_and_tabulates_them(tmp_path):
+    run = tmp_path / "results" / "s1" / "runs" / "ddp"
+    (run / "checkpoints" / "step_00000003").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000003" / "model.pt").write_bytes(b"weights")
+    (run / "summary.json").write_text('{"status": "ok", "tokens_per_s": 122688.6, "mfu": 0.4193, '
+                                      '"peak_mem_gib": 52.64, "final_loss": 1.17595}')
+    (run / "steps.jsonl").write_text("{}\n")
+    (tmp_path / "logs" / "s1" / "train").mkdir(parents=True)
+    (tmp_path / "logs" / "s1" / "train" / "ddp.log").write_text("trained\n")
+    log = tmp_path / "snakemake_s1.log"
+    log.write_text("done\n")
+    archive = tmp_path / "runs_s1.tgz"
+    offline.pack_runs(archive, tmp_path, "s1", ["ddp", "zero3"], [log])
+    with tarfile.open(archive) as tar:
+        assert sorted(tar.getnames()) == ["logs/s1/train/ddp.log", "results/s1/runs/ddp",
+                                          "results/s1/runs/ddp/steps.jsonl", "results/s1/runs/ddp/summary.json",
+                                          "snakemake_s1.log"]
+    table = offline.run_table(tmp_path / "results" / "s1" / "runs", ["ddp", "zero3"]).splitlines()
+    assert table[1].split() == ["ddp", "ok", "122,689", "0.419", "52.6", "1.1760"]
+    assert table[2].split() == ["zero3", "missing"]
