@@ -43,7 +43,8 @@ test-slurm: setup
 
 # Every strategy and engine on 2 CUDA GPUs against `single` (tests/gpu, marker gpu; one launch per process
 # layout, 7 minutes on 2 x H100). GPU_PYTHON is a Python whose torch has CUDA (the venv's is the CPU
-# build): e.g. `make test-gpu GPU_PYTHON=python3` on the lent GPU image (benchmarks/device_test_gpu.sh).
+# build): e.g. `make test-gpu GPU_PYTHON=python3` on a GPU host, or `python scripts/offline.py test-gpu` there,
+# which names the output by card and writes the versions beside it.
 GPU_PYTHON ?= $(BIN)/python
 test-gpu:
 	NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \

@@ -1,7 +1,8 @@
-"""GPU probe for the 1.1B study (one device call): ceilings, attention backends, and the training
-step of ``single`` under a few settings, timed with CUDA events. Writes JSON lines to --out.
+"""GPU probe for the 1.1B study: ceilings, attention backends, and the training step of ``single`` under a
+few settings, timed with CUDA events. Writes JSON lines to --out.
 
-    python benchmarks/gpu_probe.py --out $OUT/probe.jsonl [--variants base,noce,...]
+    python benchmarks/gpu_probe.py --out probe.jsonl [--variants base,noce,...]
+    python benchmarks/gpu_probe.py --out probe.jsonl --variants ""      # the matmul and attention ceilings only
 
 Each variant builds the 1.1B model afresh, wraps it exactly as the ``single`` strategy does
 (``prepare_model`` + ``TorchEngine``: per-layer torch.compile, bf16 autocast with fp32 master
@@ -221,7 +222,7 @@ VARIANTS = {
     "mbs4": dict(mbs=4, backend="best"),
     "eager": dict(mbs=8, compile_mode="none", backend="best"),
     "wholemodel": dict(mbs=8, compile_mode="model", backend="best"),
-    # the levers of issue 14 at the preset's micro-batch 16 (cudnn16 is the preset's own setting)
+    # single-GPU MFU levers at the preset's micro-batch 16 (cudnn16 is the preset's own setting)
     "noce16": dict(mbs=16, backend="cudnn", fused_ce=False),
     "whole16": dict(mbs=16, backend="cudnn", compile_mode="model"),
     "autotune16": dict(mbs=16, backend="cudnn", compile_mode="layers-autotune"),
@@ -254,7 +255,7 @@ def main():
         best = attention_bench(a.out)
         best_backend = "cudnn" if best.get("cudnn", 1e9) < best.get("flash", 1e9) else "flash"
         emit(a.out, {"kind": "choice", "best_backend": best_backend, "attn_fwdbwd_s": best})
-    for v in a.variants.split(","):
+    for v in filter(None, a.variants.split(",")):
         if time.time() - t_start > a.deadline:
             emit(a.out, {"kind": "skipped", "name": v})
             continue

@@ -39,7 +39,7 @@ def test_local_nodes_get_their_own_gpus():
 
 
 def test_mask_arguments_for_both_transformers_signatures():
-    """create_causal_mask of transformers 5.24 (the CPU stack) and of 5.17 (the GPU image)."""
+    """create_causal_mask of transformers 5.24 (the CPU stack) and of 5.17 (the H200 study's)."""
     import torch
 
     from llmpar.model import mask_kwargs

@@ -89,7 +89,7 @@ def test_compile_on_fsdp_pipeline_and_tp(shared_two, baseline, run):
 def test_torch_bf16_autocast_trains_in_bf16_with_fp32_weights(shared_two, baseline, run):
     """bf16 on the torch engines (autocast; FSDP's bf16 all-gather of the layers): the losses move off fp32
     by far more than fp32 engines differ among themselves (2e-7), but stay the same training (measured
-    1.1e-4 for DDP, 1.2e-4 for FSDP, 2.1e-4 while FSDP carried the residual stream in bf16); the weights,
+    1.1e-4 for DDP, 1.2e-4 for FSDP, 2.1e-4 for FSDP with a bf16 residual stream); the weights,
     gradients and optimizer state stay fp32, and the decoder layers take fp32 inputs."""
     summary, steps = read_run(shared_two["dir"][run])
     assert 1e-5 < max_rel(steps, baseline[1]) < 1e-3

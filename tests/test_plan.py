@@ -15,7 +15,7 @@ from llmpar.paths import REPO_ROOT
 from llmpar.plan import calibration
 
 STUDIES = [("configs/h200-1b.yaml", "h200"), ("configs/gpu2-1b.yaml", "h100"), ("configs/gpu4-1b.yaml", "h100")]
-H100_80GB = ("NVIDIA H100 80GB HBM3", 81559 * 2**20)  # nvidia-smi's total memory of an H100 80GB HBM3
+H100_80GB = ("NVIDIA H100 80GB HBM3", 81559 * 2**20)  # nvidia-smi (benchmarks/results/test_gpu_h100x2_versions.txt)
 
 
 def study_rows(config: str, card: str) -> tuple[str, list[dict]]:
@@ -90,7 +90,7 @@ def on_two_h100s(monkeypatch):
 
 
 def test_launcher_refuses_ddp_at_micro_batch_16_on_80gb(on_two_h100s):
-    """The 1.1B preset's DDP at micro-batch 16 ran out of memory on 2 x H100 80 GB (BENCHMARKS.md): the
+    """The 1.1B preset's DDP at micro-batch 16 ran out of memory on 2 x H100 80 GB (configs/gpu2-1b.yaml): the
     plan predicts 74.0 GiB and the launcher refuses it with the predicted and available memory; at 8 it
     measured 52.6 GiB and is let through."""
     with pytest.raises(ExpectedFailure) as exc:

@@ -1,4 +1,4 @@
-"""The profiling helpers of benchmarks/profile_step.py on synthetic input (the device runs use them)."""
+"""The profiling helpers of benchmarks/profile_step.py on synthetic input (the GPU runs use them)."""
 
 import importlib.util
 from pathlib import Path
@@ -23,7 +23,7 @@ def test_site_is_the_innermost_frame_outside_torch():
     torch_frame = frame(profile_step.TORCH_DIR + "nn/functional.py", 10, "linear")
     ds = frame("/tmp/site/deepspeed/runtime/zero/stage3.py", 412, "_partition")
     assert profile_step.site([torch_frame, ds]) == "runtime/zero/stage3.py:412 (_partition)"
-    # a package in an environment whose path names torch (the GPU image's /opt/torch/.venv) is not torch
+    # a package in an environment whose path names torch (e.g. /opt/torch/.venv) is not torch
     image = frame("/opt/torch/.venv/lib/python3.12/site-packages/transformers/modeling_utils.py", 5, "f")
     assert profile_step.site([torch_frame, image]) == "site-packages/transformers/modeling_utils.py:5 (f)"
     graph = frame("/tmp/torchinductor_root/ab/cabc.py", 99, "call")

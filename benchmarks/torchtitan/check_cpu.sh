@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Here (no GPU): what can be checked of the torchtitan side before the device call. Installs the pinned
+# On a CPU machine with PyPI: what can be checked of the torchtitan side without a GPU. Installs the pinned
 # peers (peers.txt) for this machine's Python into $SITE, then runs tt_launch.py with TT_CHECK=1 and the
-# exact flags of the device call (flags.sh): torchtitan's ConfigManager (tyro) parses them, the model is
+# exact flags side_by_side.sh passes (flags.py): torchtitan's ConfigManager (tyro) parses them, the model is
 # built on the meta device (parameter count, its FLOPs per token, SwiGLU width), and the c4_test loader
 # reads the prepared data with the prepared tokenizer (first sample). Asserts the parameter count is ours.
 #
-#   bash benchmarks/torchtitan/check_cpu.sh      # after prepare.sh
+#   bash benchmarks/torchtitan/check_cpu.sh      # runs prepare.py first if its data is missing
 #
-# Stand-ins for this CPU machine only (never on the device): httpx is installed into $SITE when missing
-# (datasets 4.7 imports it; the GPU image has it with huggingface_hub), and, when triton is missing (CPU torch
-# has none), a sitecustomize that stands in for torchtitan's MoE kernel module, the one that imports triton.
+# Stand-ins for the CPU only (never on a GPU host): httpx is installed into $SITE when missing (datasets 4.7
+# imports it; a GPU host's stack has it with huggingface_hub), and, when triton is missing (CPU torch has
+# none), a sitecustomize that stands in for torchtitan's MoE kernel module, the one that imports triton.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -17,7 +17,7 @@ SITE=${SITE:-/tmp/tt_cpu_site}
 CONFIG=${CONFIG:-configs/gpu2-1b.yaml}
 STUDY=${STUDY:-$($PY -c "import yaml, sys; print(yaml.safe_load(open(sys.argv[1]))['study'])" "$CONFIG")}
 TT=results/$STUDY/data/torchtitan
-[ -f $TT/c4_test/train.jsonl.gz ] || CONFIG=$CONFIG STUDY=$STUDY bash benchmarks/torchtitan/prepare.sh
+[ -f $TT/c4_test/train.jsonl.gz ] || PYTHONPATH=src $PY benchmarks/torchtitan/prepare.py --config "$CONFIG" --study "$STUDY"
 if [ ! -f $SITE/.done ]; then
   rm -rf $SITE
   $PY -m pip install -q --no-deps --target $SITE $(grep -v '^#' benchmarks/torchtitan/peers.txt) 2>&1 | grep -v "is ignored" || true
@@ -39,8 +39,7 @@ EOF
 fi
 DATA=/tmp/tt_check_data/c4_test
 rm -rf $DATA && mkdir -p $DATA && gunzip -c $TT/c4_test/train.jsonl.gz > $DATA/train.jsonl
-source benchmarks/torchtitan/flags.sh
-tt_flags 1 45 "$PWD/$TT/assets" "$DATA" /tmp/tt_check_dump
+mapfile -t TT_FLAGS < <($PY benchmarks/torchtitan/flags.py 1 45 "$PWD/$TT/assets" "$DATA" /tmp/tt_check_dump)
 export HF_DATASETS_CACHE=/tmp/tt_check_hf_cache HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 out=$(TT_CHECK=1 PYTHONPATH=$SITE:$SITE/_cpu $PY benchmarks/torchtitan/tt_launch.py "${TT_FLAGS[@]}" 2>&1) || { echo "$out" | tail -30; exit 1; }
 echo "$out" | grep "^\[llmpar\]"

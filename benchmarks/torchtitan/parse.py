@@ -280,7 +280,7 @@ def summarize(parsed: dict, *, mode: str, gpus: int, warmup: int, steps: int, mo
 
 
 def ours_block(summary_path: Path, fpt_tt: float, tt_row: dict) -> dict:
-    """Our run of the same call, from its summary.json, beside the peer's numbers."""
+    """Our run of the same invocation, from its summary.json, beside the peer's numbers."""
     s = json.loads(summary_path.read_text())
     keep = ("run", "status", "message", "strategy", "world_size", "tokens_per_s", "tokens_per_s_per_gpu", "mfu",
             "flops_per_token", "peak_flops", "peak_mem_gib", "peak_reserved_gib", "steady_steps", "final_loss",
@@ -306,8 +306,8 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=str(REPO / "configs" / "gpu2-1b.yaml"))
     p.add_argument("--warmup", type=int, default=None, help="steps excluded (default: the config's)")
     p.add_argument("--steps", type=int, default=None, help="steps run (default: the config's)")
-    p.add_argument("--versions", help="JSON of versions written by the device script")
-    p.add_argument("--ours", help="our run's summary.json from the same call")
+    p.add_argument("--versions", help="JSON of versions written by side_by_side.sh")
+    p.add_argument("--ours", help="our run's summary.json from the same invocation")
     p.add_argument("--command", default=None)
     p.add_argument("--wall", type=float, default=None, help="wall seconds of the torchrun command")
     a = p.parse_args(argv)

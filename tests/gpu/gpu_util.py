@@ -23,7 +23,7 @@ GPU_PRESET = REPO / "configs" / "gpu2-1b.yaml"
 
 # The equivalence study: the 125M shape with grouped-query attention like the 1.1B model (12 query /
 # 4 KV heads), the padded 32000-row vocabulary of the GPU preset, sequence 512, global batch 16. Large
-# enough to use the GPU (a step is ~80 GFLOP), small enough that ~30 runs fit one device call.
+# enough to use the GPU (a step is ~80 GFLOP), small enough that ~30 runs take a few minutes.
 GPU_STUDY = {
     "study": "gpu-suite",
     "seed": 7,
@@ -35,7 +35,7 @@ GPU_STUDY = {
               "memory_check": False},
     "runs": {},
 }
-STEPS = {"fp32": 10, "bf16": 20}  # steps compared per precision (the 10 in fp32, 20 in bf16)
+STEPS = {"fp32": 10, "bf16": 20}  # steps compared per precision
 RTOL = {"fp32": 1e-3, "bf16": 0.02}
 
 # Every strategy and engine of the study at 2 GPUs, grouped by process layout (one launch each).

@@ -1,62 +1,58 @@
 #!/usr/bin/env bash
-# One device call on a 2-GPU machine: torchtitan 0.2.2 beside our `single` and `fsdp`, same GPUs, same
-# call, same model (1,100,048,384 parameters), global batch 32 x 2048, bf16 mixed precision, compile on,
-# plain causal attention, the same number of steps and the same excluded warm-up (45 and 5: steady steps
-# 6-45 on both sides), one after another:
+# torchtitan 0.2.2 beside our `single` and `fsdp` on one host with 2 GPUs: same GPUs, same model
+# (1,100,048,384 parameters), global batch 32 x 2048, bf16 mixed precision, compile on, plain causal
+# attention, the same number of steps and the same excluded warm-up (45 and 5: steady steps 6-45 on both
+# sides), one after another:
 #
 #   (a) ours  `single`  scripts/train.py --config configs/gpu2-1b.yaml --run single  (1 GPU, 16 x 2 accumulation)
 #   (b) ours  `fsdp`    scripts/train.py --config configs/gpu2-1b.yaml --run fsdp    (FSDP2 over 2 GPUs, 16 each)
-#   (c) torchtitan on 1 GPU, local batch 16 x 2 accumulation           (tt_launch.py + flags.sh)
+#   (c) torchtitan on 1 GPU, local batch 16 x 2 accumulation           (tt_launch.py + flags.py)
 #   (d) torchtitan FSDP over 2 GPUs, data_parallel_shard_degree 2, 16 each
 #
-#   STUDY=h100x2-1b bash benchmarks/torchtitan/device_side_by_side.sh
+#   bash benchmarks/torchtitan/side_by_side.sh          # STUDY=h200x2-1b on H200s
 #
-# Carry: .whl .whl-peers results/h100x2-1b/data/tokens results/h100x2-1b/data/torchtitan
-# (bash benchmarks/device_wheels.sh, bash benchmarks/torchtitan/wheels.sh and
-#  bash benchmarks/torchtitan/prepare.sh build them here). STUDY names where results go (h200x2-1b when the
-# call came on H200s); the carried data is read from the config's study (results/h100x2-1b/data).
+# Needs: the project's packages importable (on a host without internet: `scripts/offline.py install` and its
+# environment), the peer's wheelhouse in $PEERS (default wheelhouse-peers: `scripts/offline.py wheelhouse
+# --requirements benchmarks/torchtitan/peers.txt --out wheelhouse-peers`), and results/<config's study>/data/
+# {tokens,torchtitan} (the data rules and benchmarks/torchtitan/prepare.py). STUDY names where results go.
 #
-# Comes back under $OUT: results/<study>/baselines/torchtitan_single.json and torchtitan_fsdp.json (parse.py;
-# each holds our run of this call under ours_same_call), results/<study>/baselines/torchtitan_side_by_side/
-# (our two run directories and table.txt), the four logs, env.txt, tt_versions.json, tt_imports.txt.
+# Writes results/<study>/baselines/torchtitan_single.json and torchtitan_fsdp.json (parse.py; each holds our
+# run of this invocation under ours_same_call) and results/<study>/baselines/torchtitan_side_by_side/ (our two
+# run directories and table.txt); the four logs, env.txt, tt_versions.json and tt_imports.txt go to $OUT, and
+# everything it wrote under results/ to $OUT/side_by_side_<study>.tgz as well.
 #
-# Time (one call, <= 9.5 min): every part has its own limit (OURS_SINGLE_S 120, OURS_FSDP_S 110, TT_SINGLE_S 180,
-# TT_FSDP_S 160; expected ~80, ~65, ~80, ~70 s, setup ~50 s) and none may run past BUDGET_S (555 s after the start, less
-# 30 s kept for a kill and the parsing). A hung part is killed (timeout: SIGTERM, SIGKILL 20 s later), GPU
-# processes it left (torchrun's workers run in their own sessions) are killed by PID when their command line
-# is ours, and the next part runs. STEPS=35 runs 35 steps on all four sides (steady 6-35); STEPS - 5
-# must be a multiple of 10 (torchtitan's log windows then end exactly at the last step).
+# Every part has its own time limit (OURS_SINGLE_S 120, OURS_FSDP_S 110, TT_SINGLE_S 180, TT_FSDP_S 160
+# seconds; on 2 x H100 they take ~80, ~65, ~80 and ~70 s). A hung part is killed (timeout: SIGTERM, SIGKILL
+# 20 s later), GPU processes it left (torchrun's workers run in their own sessions) are killed by PID when
+# their command line is ours, and the next part runs. STEPS=35 runs 35 steps on all four sides (steady
+# 6-35); STEPS - 5 must be a multiple of 10 (torchtitan's log windows then end exactly at the last step).
+set -o pipefail
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 T0=$(date +%s)
-source benchmarks/device_setup.sh          # our wheels -> /tmp/site, PYTHONPATH, NVLink multicast off, OUT
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+OUT=${OUT:-side-by-side-out}
+PEERS=${PEERS:-wheelhouse-peers}
 CONFIG=${CONFIG:-configs/gpu2-1b.yaml}
 NAME=$(python3 -c "import yaml, sys; print(yaml.safe_load(open(sys.argv[1]))['study'])" "$CONFIG")
 STUDY_NAME=${STUDY:-$NAME}
 WARMUP=$(python3 -c "import yaml, sys; print(yaml.safe_load(open(sys.argv[1]))['train']['warmup_steps_excluded'])" "$CONFIG")
 STEPS=${STEPS:-45}
-BUDGET_S=${BUDGET_S:-555}
 DATA=results/$NAME/data
-BASE=$OUT/results/$STUDY_NAME/baselines
+BASE=results/$STUDY_NAME/baselines
 SIDE=$BASE/torchtitan_side_by_side
-TT_SITE=/tmp/tt_site
-mkdir -p "$SIDE"
+TT_SITE=${TT_SITE:-/tmp/tt_site}
+mkdir -p "$OUT" "$SIDE"
 if (( (STEPS - WARMUP) % 10 )); then echo "STEPS - $WARMUP must be a multiple of 10 (got STEPS=$STEPS)"; exit 2; fi
-for p in .whl-peers "$DATA/tokens/meta.json" "$DATA/torchtitan/assets/tokenizer.json" "$DATA/torchtitan/c4_test/train.jsonl.gz"; do
-  [ -e "$p" ] || { echo "missing $p: carry .whl .whl-peers $DATA/tokens $DATA/torchtitan"; exit 2; }
+for p in "$PEERS/manifest.json" "$DATA/tokens/meta.json" "$DATA/torchtitan/assets/tokenizer.json" \
+         "$DATA/torchtitan/c4_test/train.jsonl.gz"; do
+  [ -e "$p" ] || { echo "missing $p (see this script's header)"; exit 2; }
 done
 nvidia-smi --query-gpu=index,name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.limit,memory.total \
   --format=csv | tee $OUT/env.txt
-echo "setup done after $(( $(date +%s) - T0 ))s"
 
-left() { echo $(( BUDGET_S - ($(date +%s) - T0) )); }
-limit() {  # a part's timeout: its own limit, cut to the budget left less 30 s (a kill's 20 s, parsing, table)
-  local l; l=$(( $(left) - 30 ))
-  (( l < $1 )) && echo $(( l > 10 ? l : 10 )) || echo "$1"
-}
-gpu_cleanup() {  # processes of this call's parts still on a GPU after a kill (torchrun's workers run in their
+gpu_cleanup() {  # processes of this script's parts still on a GPU after a kill (torchrun's workers run in their
   # own sessions): only PIDs whose command line is ours (scripts/train.py, llmpar.train, torchrun, tt_launch.py),
   # and only on this job's GPUs (CUDA_VISIBLE_DEVICES): nvidia-smi lists every GPU's processes, and another job
-  # may run ours on the others (benchmarks/device_suite_beside_peers.sh)
+  # may run ours on the others
   local p uuids
   uuids=$(nvidia-smi ${CUDA_VISIBLE_DEVICES:+-i $CUDA_VISIBLE_DEVICES} --query-gpu=uuid --format=csv,noheader | tr -d ' ')
   [ -n "$uuids" ] || return 0
@@ -70,11 +66,9 @@ gpu_cleanup() {  # processes of this call's parts still on a GPU after a kill (t
   sleep 2
 }
 
-# ---- the peer's wheels, in their own site, for torchtitan's processes only (our .whl carries
-# huggingface_hub 2.4, which datasets 4.7 refuses: <2.0; the image's own stack serves the rest)
-rm -rf $TT_SITE
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $TT_SITE .whl-peers/*.whl 2>&1 \
-  | grep -v -i warning | tail -3
+# ---- the peer's packages, in their own site, for torchtitan's processes only (datasets 4.7 refuses the
+# huggingface_hub 2.x the project pins; the host's own stack serves the rest)
+python3 scripts/offline.py install --wheelhouse "$PEERS" --target "$TT_SITE" > /dev/null || exit 2
 PYTHONPATH=$TT_SITE python3 - <<'EOF' 2>&1 | tee $OUT/tt_imports.txt
 import importlib, sys
 sys.path.insert(0, "benchmarks/torchtitan")
@@ -129,32 +123,30 @@ import datasets; ds = datasets.load_dataset('/tmp/tt_data/c4_test', split='train
 
 # ---- (a), (b): our loop, the preset's runs with the same step count
 ours() {  # run limit
-  local run=$1 t; t=$(limit "$2")
+  local run=$1 t=$2
   local cmd=(python3 scripts/train.py --config "$CONFIG" --run "$run" --steps "$STEPS" --tokens "$DATA/tokens"
              --out "$SIDE/$run")
   echo "== ours $run (limit ${t}s): ${cmd[*]}" | tee "$OUT/ours_$run.log"
   local s; s=$(date +%s)
   timeout -k 20 "$t" "${cmd[@]}" >> "$OUT/ours_$run.log" 2>&1
-  echo "ours $run rc=$? in $(( $(date +%s) - s ))s (call at $(( $(date +%s) - T0 ))s)"
+  echo "ours $run rc=$? in $(( $(date +%s) - s ))s (at $(( $(date +%s) - T0 ))s)"
   gpu_cleanup
 }
 ours single "${OURS_SINGLE_S:-120}"
 ours fsdp "${OURS_FSDP_S:-110}"
 
 # ---- (c), (d): torchtitan
-source benchmarks/torchtitan/flags.sh
 tt() {  # mode ngpu limit our-run (whose summary goes into the JSON)
-  local mode=$1 ngpu=$2 t; t=$(limit "$3")
-  tt_flags "$ngpu" "$STEPS" "$PWD/$DATA/torchtitan/assets" /tmp/tt_data/c4_test "/tmp/tt_dump_$mode"
+  local mode=$1 ngpu=$2 t=$3 TT_FLAGS
+  mapfile -t TT_FLAGS < <(python3 benchmarks/torchtitan/flags.py "$ngpu" "$STEPS" "$PWD/$DATA/torchtitan/assets" \
+    /tmp/tt_data/c4_test "/tmp/tt_dump_$mode")
   local cmd=(python3 -m torch.distributed.run --standalone --nproc_per_node "$ngpu" --role rank --tee 3
              benchmarks/torchtitan/tt_launch.py "${TT_FLAGS[@]}")
   echo "== torchtitan $mode (limit ${t}s): TT_ALIGN_WARMUP=$WARMUP ${cmd[*]}" | tee "$OUT/tt_$mode.log"
   local s e; s=$(date +%s.%N)
-  if [ "$TT_OK" = 0 ] && (( $(left) > 60 )); then
+  if [ "$TT_OK" = 0 ]; then
     PYTHONPATH=$TT_SITE TT_ALIGN_WARMUP=$WARMUP timeout -k 20 "$t" "${cmd[@]}" >> "$OUT/tt_$mode.log" 2>&1
     echo "torchtitan $mode rc=$?"
-  elif [ "$TT_OK" = 0 ]; then
-    echo "torchtitan $mode not run: $(left)s of the call's budget left" | tee -a "$OUT/tt_$mode.log"
   else
     echo "torchtitan $mode not run: modules missing (tt_imports.txt)" | tee -a "$OUT/tt_$mode.log"
   fi
@@ -205,5 +197,4 @@ print("MFU ours = 6N'+6Lhs per token (llmpar.metrics.definitions); MFU tt = 6N'+
 EOF
 ls -la "$OUT" "$BASE"
 echo "elapsed $(( $(date +%s) - T0 ))s"
-# the run folders lie deeper than the device call brings back: one archive of everything under $OUT/results
-(cd "$OUT" && tar czf results.tgz results)
+tar czf "$OUT/side_by_side_$STUDY_NAME.tgz" "$BASE"/torchtitan_*
