@@ -4,6 +4,7 @@ import os
 import shlex
 from pathlib import Path
 
+from llmpar.analysis.batch_sweep import is_sweep
 from llmpar.analysis.figure_list import study_figures
 from llmpar.config import prepare, run_config
 from llmpar.data.corpus import check_source
@@ -87,12 +88,26 @@ def plan_args(wildcards, input):
     )
 
 
+def sweep_outputs():
+    """The batch-size sweep's tables and figure, where the study is one (runs at three or more global batches
+    and a target loss)."""
+    if not is_sweep(CFG):
+        return {}
+    return {
+        "sweep_table": f"{RES}/batch_sweep.csv",
+        "sweep_fit": f"{RES}/batch_sweep_fit.csv",
+        "sweep_figure": f"{RES}/figures/batch_sweep.png",
+        "sweep_figure_svg": f"{RES}/figures/batch_sweep.svg",
+    }
+
+
 def final_outputs():
     return [
         f"{RES}/metrics.csv",
         f"{RES}/steps.csv",
         *figures(),
         *plan_outputs().values(),
+        *sweep_outputs().values(),
         f"report/{STUDY}/report.html",
     ]
 

@@ -21,11 +21,13 @@ rule aggregate:
         script=STUDY_PY,
         runs=RUNS,
         baseline=CFG["baseline"],
+        reference_batch=CFG["train"]["pollux_reference_batch"],
         runs_dir=lambda wildcards, input: str(Path(input.summaries[0]).parent.parent),
         out=parent("metrics"),
     shell:
         "python {params.script:q} aggregate --runs-dir {params.runs_dir:q} --runs {params.runs:q} "
-        "--baseline {params.baseline:q} --out-dir {params.out:q} > {log:q} 2>&1"
+        "--baseline {params.baseline:q} --reference-batch {params.reference_batch} "
+        "--out-dir {params.out:q} > {log:q} 2>&1"
 
 
 rule figures:
@@ -82,6 +84,32 @@ rule plan:
     shell:
         "python {params.script:q} plan --config {params.config:q} --runs-dir {params.runs_dir:q} "
         "--plan {output.plan:q} --extrapolation {output.extrapolation:q} > {log:q} 2>&1"
+
+
+if sweep_outputs():
+
+    rule batch_sweep:
+        input:
+            summaries=summaries(),
+        output:
+            table=sweep_outputs()["sweep_table"],
+            fit=sweep_outputs()["sweep_fit"],
+            png=sweep_outputs()["sweep_figure"],
+            svg=sweep_outputs()["sweep_figure_svg"],
+        log:
+            f"{LOGS}/batch_sweep.log",
+        conda:
+            ENV
+        params:
+            script=STUDY_PY,
+            config=as_json(CFG),
+            runs_dir=lambda wildcards, input: str(
+                Path(input.summaries[0]).parent.parent
+            ),
+            figures=parent("png"),
+        shell:
+            "python {params.script:q} batch-sweep --config {params.config:q} --runs-dir {params.runs_dir:q} "
+            "--table {output.table:q} --fit {output.fit:q} --figure-dir {params.figures:q} > {log:q} 2>&1"
 
 
 rule plan_figure:

@@ -27,7 +27,7 @@ def write_run(root, name, steps=2, **summary):
 def test_complete_runs_aggregate(tmp_path):
     write_run(tmp_path, "a")
     write_run(tmp_path, "b", wall_time_s=5.0)
-    df = aggregate(tmp_path / "runs", ["a", "b"], "a", tmp_path / "out").set_index("run")
+    df = aggregate(tmp_path / "runs", ["a", "b"], "a", tmp_path / "out", 8).set_index("run")
     assert df.loc["b", "time_reduction_x"] == 2.0 and (tmp_path / "out" / "metrics.csv").is_file()
 
 
@@ -76,11 +76,11 @@ def test_incomplete_run_is_refused(tmp_path, damage, message):
     write_run(tmp_path, "a")
     damage(write_run(tmp_path, "b"))
     with pytest.raises(IncompleteRun, match=message):
-        aggregate(tmp_path / "runs", ["a", "b"], "a", tmp_path / "out")
+        aggregate(tmp_path / "runs", ["a", "b"], "a", tmp_path / "out", 8)
     assert not (tmp_path / "out").exists()
 
 
 def test_baseline_must_be_aggregated(tmp_path):
     write_run(tmp_path, "a")
     with pytest.raises(UserError, match="baseline run 'z' is not among the aggregated runs"):
-        aggregate(tmp_path / "runs", ["a"], "z", tmp_path / "out")
+        aggregate(tmp_path / "runs", ["a"], "z", tmp_path / "out", 8)

@@ -35,7 +35,7 @@ def _tokenize(a):
 def _aggregate(a):
     from llmpar.analysis.aggregate import aggregate
 
-    df = aggregate(a.runs_dir, a.runs, a.baseline, a.out_dir)
+    df = aggregate(a.runs_dir, a.runs, a.baseline, a.out_dir, a.reference_batch)
     print(df[["run", "status", "tokens_per_s", "peak_mem_gib", "final_val_loss"]].to_string(index=False))
 
 
@@ -65,6 +65,12 @@ def _plan(a):
     print(calibration.format_rows(rows) if rows else f"no recorded ok runs under {a.runs_dir}")
 
 
+def _batch_sweep(a):
+    from llmpar.analysis.batch_sweep import write_tables
+
+    print(write_tables(json.loads(a.config), a.runs_dir, a.table, a.fit, a.figure_dir))
+
+
 def _plan_figure(a):
     from llmpar.analysis.figures import plan_vs_measured
 
@@ -78,10 +84,13 @@ COMMANDS = {
     "tokenizer": (_tokenizer, "train a BPE or save a pretrained tokenizer", "tokenizer:json train-txt out"),
     "tokenize": (_tokenize, "pack token shards", "tokenizer-json corpus-dir out"),
     "aggregate": (_aggregate, "run summaries -> metrics.csv, steps.csv, evals.csv, samples.csv",
-                  "runs-dir runs+ baseline out-dir"),
+                  "runs-dir runs+ baseline out-dir reference-batch:int"),
     "figures": (_figures, "tables -> PNG and SVG figures", "metrics steps samples out-dir names+"),
     "plan": (_plan, "recorded runs -> plan.csv (predicted vs measured) and extrapolation.csv, on the study's "
              "train.card", "config:json runs-dir plan extrapolation"),
+    "batch-sweep": (_batch_sweep, "runs at several global batches -> steps and sequences to the target, the fit of "
+                    "McCandlish et al.'s model, B_crit beside B_simple, the figure", "config:json runs-dir table fit "
+                    "figure-dir"),
     "plan-figure": (_plan_figure, "plan.csv -> the predicted-vs-measured figure (PNG and SVG)", "plan out-dir"),
     "report": (_report, "the self-contained HTML report", "config:json metrics figures-dir captions-dir "
                "summaries+ names+ plan? extrapolation? plan-figure? out"),

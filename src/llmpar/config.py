@@ -12,6 +12,7 @@ import copy
 import hashlib
 import itertools
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,14 @@ import jsonschema
 import yaml
 
 from llmpar.errors import ConfigError
-from llmpar.layout import PRESETS, STRATEGIES, resolve
+from llmpar.layout import PRESETS, STRATEGIES, resolve, run_train
 from llmpar.paths import SCHEMA_PATH
 from llmpar.plan import auto_micro_batch
 from llmpar.shape import model_dims
 
 # Run keys whose value may be a list: each list expands into one run per value (a sweep).
-SWEEPABLE = ("nodes", "gpus_per_node", "tp", "stages", "micro_batches", "micro_batch_size", "zero_stage")
+SWEEPABLE = ("nodes", "gpus_per_node", "tp", "stages", "micro_batches", "micro_batch_size", "zero_stage",
+             "global_batch")
 # Short tags used in the deterministic names of expanded runs.
 SWEEP_TAGS = {
     "nodes": "n",
@@ -36,6 +38,7 @@ SWEEP_TAGS = {
     "micro_batches": "m",
     "micro_batch_size": "mbs",
     "zero_stage": "z",
+    "global_batch": "gb",
 }
 
 
@@ -129,16 +132,49 @@ def prepare(raw: dict, default_procs: int = 2) -> dict:
         raise ConfigError("config key 'data.files': data.source is 'text' but no files are listed")
     if cfg["tokenizer"]["kind"] == "pretrained" and not cfg["tokenizer"]["pretrained"]:
         raise ConfigError("config key 'tokenizer.pretrained': tokenizer.kind is 'pretrained' but no path is given")
+    train = cfg["train"]
+    for key in ("eval_batch", "pollux_reference_batch"):  # study-wide references: the study's global batch
+        train[key] = train[key] or train["global_batch"]
+    train["lr_scaling"]["reference_batch"] = train["lr_scaling"]["reference_batch"] or train["global_batch"]
     expanded = expand_runs(cfg["runs"])
     for name in expanded:
         check_name(name)
-    cfg["runs"] = {name: resolve_run(name, entry, cfg, default_procs).to_dict() for name, entry in expanded.items()}
+    specs = {name: resolve_run(name, entry, cfg, default_procs) for name, entry in expanded.items()}
+    cfg["runs"] = {name: spec.to_dict() for name, spec in specs.items()}
+    cfg["run_train"] = {name: train_for_batch(cfg, name, spec) for name, spec in specs.items()}
     if cfg["baseline"] not in cfg["runs"]:
         raise ConfigError(
             f"config key 'baseline': '{cfg['baseline']}' is not a run of this study "
             f"(runs: {', '.join(cfg['runs'])})"
         )
     return cfg
+
+
+LR_POWER = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}
+
+
+def train_for_batch(cfg: dict, name: str, spec) -> dict:
+    """What a run's global batch changes in its train settings: the batch itself, the learning rate
+    (``train.lr_scaling``), the steps (``train.train_tokens``) and the evaluation spacing
+    (``train.eval_every_tokens``); checked against the study's validation batch."""
+    train, seq = cfg["train"], cfg["model"]["seq_len"]
+    gb = spec.global_batch
+    where = f"runs.{name}"
+    if train["eval_batch"] % spec.dp:
+        raise ConfigError(f"{where}: the validation batch train.eval_batch {train['eval_batch']} is not divisible "
+                          f"by dp {spec.dp}")
+    if spec.pipelined and gb != train["eval_batch"]:
+        raise ConfigError(f"{where}: a pipeline evaluates on its training micro-batches, so its global batch "
+                          f"({gb}) must equal train.eval_batch ({train['eval_batch']})")
+    scaling = train["lr_scaling"]
+    out = {"global_batch": gb,
+           "lr": train["lr"] * (gb / scaling["reference_batch"]) ** LR_POWER[scaling["rule"]]}
+    tokens_per_step = gb * seq
+    if train["train_tokens"]:
+        out["steps"] = math.ceil(train["train_tokens"] / tokens_per_step)
+    if train["eval_every_tokens"]:
+        out["eval_every"] = max(1, round(train["eval_every_tokens"] / tokens_per_step))
+    return out
 
 
 NAME = re.compile(r"(?!\.+$)[A-Za-z0-9_.-]+")
@@ -163,7 +199,7 @@ def run_config(cfg: dict, run: str) -> dict:
         "study": cfg["study"],
         "seed": cfg["seed"],
         "model": cfg["model"],
-        "train": cfg["train"],
+        "train": run_train(cfg, run),
         "launch": cfg["launch"],
         "run": cfg["runs"][run],
     }

@@ -186,6 +186,11 @@ class RunSpec:
         return self.nodes * self.gpus_per_node
 
     @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step: dp replicas x micro-batches x micro-batch size."""
+        return self.dp * self.micro_batches * self.micro_batch_size
+
+    @property
     def preset(self) -> Preset:
         return PRESETS[self.strategy]
 
@@ -307,8 +312,9 @@ def resolve(name: str, entry: dict, model: dict, train: dict, runtime_min: int =
             f"(stages {stages}, schedule {schedule}); layers must be >= stages"
         )
 
-    # batch split
-    gb = train["global_batch"]
+    # batch split: the run's own global batch, else batch_per_replica x dp (weak scaling), else the study's
+    gb = entry.get("global_batch") or (train["batch_per_replica"] * dp if train.get("batch_per_replica")
+                                       else train["global_batch"])
     mbs = entry.get("micro_batch_size")
     m = entry.get("micro_batches")
     if m is None and mbs is None:
@@ -325,8 +331,7 @@ def resolve(name: str, entry: dict, model: dict, train: dict, runtime_min: int =
         m = gb // (dp * mbs)
     if m < 1 or gb % (dp * m):
         raise ConfigError(
-            f"{where}: global batch {gb} is not divisible by dp {dp} x micro-batches {m}; "
-            "every run of a study must train on the same global batch"
+            f"{where}: global batch {gb} is not divisible by dp {dp} x micro-batches {m}"
         )
     mbs = gb // (dp * m)
     if schedule is Schedule.INTERLEAVED_1F1B and m % stages:
@@ -361,6 +366,12 @@ def resolve(name: str, entry: dict, model: dict, train: dict, runtime_min: int =
     )
     check_engine(spec, entry, where)
     return spec
+
+
+def run_train(cfg: dict, name: str) -> dict:
+    """The train settings run ``name`` of a prepared config trains with: the study's, with the run's own
+    global batch and what follows from it (learning rate, steps, evaluation spacing; ``cfg["run_train"]``)."""
+    return {**cfg["train"], **cfg.get("run_train", {}).get(name, {})}
 
 
 def check_engine(spec: RunSpec, entry: dict, where: str) -> None:

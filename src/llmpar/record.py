@@ -56,7 +56,10 @@ class RunRecord:
     nodes: int = doc("Nodes the run spanned.", None)
     gpus_per_node: int = doc("Processes per node.", None)
     steps_completed: int = doc("Optimizer steps in steps.jsonl (one row per step, the newest attempt's).", 0)
-    steps_planned: int = doc("train.steps of the run.", None)
+    steps_planned: int = doc("The steps the run was to train (train.steps, or from train.train_tokens).", None)
+    stopped_at_target: bool | None = doc("Whether the run ended early at its first validation at or below "
+                                         "train.target_loss (train.stop_at_target).")
+    global_batch: int | None = doc("Sequences per optimizer step of this run.")
 
     node_names: list | None = doc("Host names of the run's nodes.")
     device: str | None = doc("cuda or cpu.")
@@ -80,10 +83,8 @@ class RunRecord:
     gradient_noise_scale: float | None = metric()
     gradient_noise_scale_mean: float | None = defined_by("gradient_noise_scale")
     gradient_noise_scale_se: float | None = defined_by("gradient_noise_scale")
-    pollux_efficiency: float | None = metric()
-    pollux_goodput: float | None = metric()
+    noise_scale_small_batch: int | None = defined_by("gradient_noise_scale")
     noise_scale_reason: str | None = defined_by("gradient_noise_scale")
-    pollux_goodput_reason: str | None = defined_by("pollux_goodput")
     final_loss: float | None = defined_by("loss")
     final_val_loss: float | None = defined_by("val_loss")
     final_val_ppl: float | None = defined_by("val_loss")
@@ -122,6 +123,10 @@ class RunRecord:
                    "steps_completed", "steps_planned")
     REQUIRED_FAILED = ("run", "status", "message", "strategy", "world_size")
 
+    # fields that records of earlier versions carry and this version derives elsewhere: read and dropped
+    # (Pollux's efficiency and goodput depend on the study's reference batch: the aggregation computes them)
+    RETIRED = ("pollux_efficiency", "pollux_goodput", "pollux_goodput_reason")
+
     @classmethod
     def fields(cls) -> list[dataclasses.Field]:
         return list(dataclasses.fields(cls))
@@ -148,10 +153,10 @@ class RunRecord:
         if missing:
             raise IncompleteRun(f"{where} is incomplete: missing {', '.join(missing)}")
         names = {f.name for f in cls.fields()}
-        unknown = sorted(set(data) - names)
+        unknown = sorted(set(data) - names - set(cls.RETIRED))
         if unknown:
             raise IncompleteRun(f"{where}: unknown fields {unknown} (not a run record of this version)")
-        return cls(**data)
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 def write_run(out: Path, record: RunRecord, steps: list[dict], evals: list[dict], samples: list[dict]) -> None:
@@ -178,8 +183,8 @@ def read_run(run_dir: Path) -> dict:
             rows[name] = read_jsonl(path)
         except json.JSONDecodeError as exc:
             raise IncompleteRun(f"{path} of run {run_dir.name} is damaged ({exc}): rerun or resume the run") from exc
-    if record.status == "ok" and (len(rows["steps"]) != record.steps_completed
-                                  or record.steps_completed != record.steps_planned):
+    finished = record.steps_completed == record.steps_planned or record.stopped_at_target
+    if record.status == "ok" and (len(rows["steps"]) != record.steps_completed or not finished):
         raise IncompleteRun(
             f"{run_dir}: summary says {record.steps_completed}/{record.steps_planned} steps but "
             f"steps.jsonl has {len(rows['steps'])} rows: incomplete run"

@@ -23,7 +23,7 @@ from llmpar.preflight import check_fits, cuda_device_count
 
 # The CLI's flags are the schema's keys (choices, types and help from schemas/config.schema.yaml), but
 # for the run keys a one-run CLI has no use for (tests' faults, Slurm time, a lever the default gets right)
-CLI_SKIPPED_RUN_KEYS = ("fault", "runtime_min", "reshard_after_forward")
+CLI_SKIPPED_RUN_KEYS = ("fault", "runtime_min", "reshard_after_forward", "global_batch")
 # study settings the CLI can set: flag -> (section, key)
 CLI_STUDY_FLAGS = {"model_size": ("model", "size"), "seq_len": ("model", "seq_len"), "steps": ("train", "steps"),
                    "global_batch": ("train", "global_batch"), "lr": ("train", "lr"), "device": ("train", "device")}

@@ -63,10 +63,12 @@ def _micro_batches(x, y, m: int, device, pin: bool):
     return list(zip(x.chunk(m), y.chunk(m)))
 
 
-def evaluate(engine, data: TokenData, global_batch: int, n_batches: int, device) -> torch.Tensor:
+def evaluate(engine, data: TokenData, eval_batch: int, n_batches: int, device) -> torch.Tensor:
+    """Mean validation loss over ``n_batches`` fixed batches of ``eval_batch`` sequences (the study's: the
+    same validation set for runs of any global batch)."""
     total = torch.zeros((), device=device)
     for i in range(n_batches):
-        x, y = data.val_batch(i, global_batch, engine.dp_rank, engine.dp_size)
+        x, y = data.val_batch(i, eval_batch, engine.dp_rank, engine.dp_size)
         total += engine.eval_loss(x.to(device), y.to(device)).float()
     return total / n_batches
 
@@ -111,6 +113,7 @@ class Outcome:
     first_update: dict | None = None
     status: str = "ok"
     message: str = ""
+    stopped_at_target: bool = False
     local_sq: dict = dataclasses.field(default_factory=dict)  # step -> this replica's squared gradient norm
 
 
@@ -269,7 +272,7 @@ def train_steps(engine, model, data, rec, ckpts, first, probe, resumed: Resumed,
                 break
 
         if step % tc["eval_every"] == 0 or step == tc["steps"]:
-            val = evaluate(engine, data, gb, tc["eval_batches"], ctx.device).item()
+            val = evaluate(engine, data, tc["eval_batch"], tc["eval_batches"], ctx.device).item()
             row = {"step": step, "tokens": step * gb * seq, "elapsed_s": rec.now_elapsed(), "val_loss": val,
                    "val_ppl": math.exp(min(val, 50.0)), "config_hash": config_hash, "attempt": resumed.attempt}
             out.evals.append(row)
@@ -277,6 +280,10 @@ def train_steps(engine, model, data, rec, ckpts, first, probe, resumed: Resumed,
                 _append_jsonl(progress_path, [{"kind": "eval"} | row])
             log(ctx, f"[{spec.name}] eval step {step} | val_loss {val:.4f} | ppl {row['val_ppl']:.2f}")
             rec.boundary()
+            if tc["stop_at_target"] and tc["target_loss"] is not None and val <= tc["target_loss"]:
+                out.stopped_at_target = True  # the same value on every rank: the loss is all-reduced
+                log(ctx, f"[{spec.name}] reached target loss {tc['target_loss']} at step {step}: stopping")
+                break
 
         if tc["checkpoint_every"] and step % tc["checkpoint_every"] == 0 and step < tc["steps"]:
             flush()
@@ -328,6 +335,8 @@ def run_record(run_cfg: dict, spec: RunSpec, ctx, data, engine, config_hash: str
         backend=ctx.backend,
         steps_completed=len(all_steps),
         steps_planned=tc["steps"],
+        stopped_at_target=outcome.stopped_at_target,
+        global_batch=tc["global_batch"],
         tokens_trained=all_steps[-1]["tokens"] if all_steps else 0,
         attempts=1 + max([r.get("attempt", 0) for r in all_steps], default=0),
         redone_steps=redone,
@@ -338,8 +347,7 @@ def run_record(run_cfg: dict, spec: RunSpec, ctx, data, engine, config_hash: str
         **tput,
         goodput_steps_per_s=D.goodput(len(all_steps), wall),
         **noise_scale.summarize(all_steps, [r["local_grad_sq"] for r in per_rank], tc["global_batch"],
-                                engine.dp_size, warm, tput.get("tokens_per_s"), engine.noise.reason,
-                                splits=engine.noise.splits),
+                                engine.dp_size, warm, engine.noise.reason, splits=engine.noise.splits),
         final_loss=all_steps[-1]["loss"] if all_steps else None,
         final_val_loss=all_evals[-1]["val_loss"] if all_evals else None,
         final_val_ppl=all_evals[-1]["val_ppl"] if all_evals else None,

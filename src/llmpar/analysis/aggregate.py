@@ -13,6 +13,7 @@ import pandas as pd
 from llmpar.errors import UserError
 from llmpar.io import atomic_path
 from llmpar.layout import RunSpec
+from llmpar.metrics.noise_scale import pollux
 from llmpar.record import IncompleteRun, RunRecord, read_run
 
 # The seed's comparison, per run against the baseline (see DEFINITIONS in the report).
@@ -26,9 +27,11 @@ RATIO_DEFINITIONS = {
 }
 
 
-def metrics_row(rec: RunRecord) -> dict:
+def metrics_row(rec: RunRecord, reference_batch: int) -> dict:
+    """One run's row of metrics.csv; Pollux's efficiency and goodput against the study's reference batch."""
     s = rec.to_json()
     spec = s.get("spec") or {}
+    global_batch = RunSpec.from_dict(spec).global_batch if spec else rec.global_batch
     per_rank = s.get("per_rank") or []
     states = [r.get("state_bytes") or {} for r in per_rank]
     gib = 2**30
@@ -53,6 +56,7 @@ def metrics_row(rec: RunRecord) -> dict:
         "dp": spec.get("dp"),
         "micro_batches": spec.get("micro_batches"),
         "micro_batch_size": spec.get("micro_batch_size"),
+        "global_batch": global_batch,
         "schedule": spec.get("schedule") if spec.get("stages", 1) > 1 or s["strategy"] == "pipeline_parallel" else None,
         "zero_stage": spec.get("zero_stage"),
         "precision": spec.get("precision"),
@@ -70,8 +74,7 @@ def metrics_row(rec: RunRecord) -> dict:
         "gradient_noise_scale": s.get("gradient_noise_scale"),
         "gradient_noise_scale_mean": s.get("gradient_noise_scale_mean"),
         "gradient_noise_scale_se": s.get("gradient_noise_scale_se"),
-        "pollux_efficiency": s.get("pollux_efficiency"),
-        "pollux_goodput": s.get("pollux_goodput"),
+        **pollux(rec.gradient_noise_scale, global_batch, reference_batch, rec.tokens_per_s, rec.noise_scale_reason),
         "noise_scale_reason": s.get("noise_scale_reason"),
         "peak_mem_gib": s.get("peak_mem_gib"),
         "memory_kind": s.get("memory_kind"),
@@ -90,6 +93,8 @@ def metrics_row(rec: RunRecord) -> dict:
         "target_loss": s.get("target_loss"),
         "target_reached": s.get("target_reached"),
         "tokens_to_target": s.get("tokens_to_target"),
+        "step_to_target": s.get("step_to_target"),
+        "stopped_at_target": s.get("stopped_at_target"),
         "seconds_to_target": s.get("seconds_to_target"),
         "mfu": s.get("mfu"),
         "util_mean_pct": s.get("util_mean_pct"),
@@ -128,10 +133,13 @@ def add_ratios(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
     return df
 
 
-def aggregate(runs_dir: str | Path, runs: list[str], baseline: str, out_dir: str | Path) -> pd.DataFrame:
+def aggregate(runs_dir: str | Path, runs: list[str], baseline: str, out_dir: str | Path,
+              reference_batch: int) -> pd.DataFrame:
+    """The study's tables from its run directories; ``reference_batch``: Pollux's M0
+    (``train.pollux_reference_batch``)."""
     runs_dir, out_dir = Path(runs_dir), Path(out_dir)
     loaded = {r: read_run(runs_dir / r) for r in runs}
-    df = add_ratios(pd.DataFrame([metrics_row(v["record"]) for v in loaded.values()]), baseline)
+    df = add_ratios(pd.DataFrame([metrics_row(v["record"], reference_batch) for v in loaded.values()]), baseline)
     steps = pd.DataFrame([{"run": r, **row} for r, v in loaded.items() for row in v["steps"]])
     evals = pd.DataFrame([{"run": r, **row} for r, v in loaded.items() for row in v["evals"]])
     samples = pd.DataFrame([{"run": r, **row} for r, v in loaded.items() for row in v["samples"]])

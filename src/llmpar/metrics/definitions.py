@@ -53,11 +53,13 @@ DEFINITIONS: dict[str, str] = {
     "reduce-scatter to read); train.metrics off; "
     "train.grad_clip 0 (no norm computed). Steps of an earlier attempt of a resumed run do not count.",
     "pollux_efficiency": "Pollux statistical efficiency E(M) = (B_noise + M0) / (B_noise + M) (Qiao et al., OSDI "
-    "2021) with B_noise = gradient_noise_scale, M the global batch and the reference M0 one replica's batch "
-    "(global_batch / dp): the progress per sequence of the data-parallel step relative to one replica "
-    "training alone on its slice (1 for layouts of one replica).",
+    "2021) with B_noise = gradient_noise_scale, M the run's global batch and M0 one reference batch for the whole "
+    "study (train.pollux_reference_batch, default train.global_batch): the progress per sequence of training at "
+    "batch M relative to batch M0. 1 for every run at M0 (runs of one global batch have one efficiency, whatever "
+    "their layout); computed by the aggregation from the recorded noise scale, so a change of M0 needs no "
+    "retraining. Empty, with pollux_reason, for a run at another batch that measured no noise scale.",
     "pollux_goodput": "Pollux goodput = tokens_per_s × pollux_efficiency (Qiao et al., OSDI 2021): tokens per "
-    "second weighted by how much each still helps; empty with the noise scale's reason where it is empty.",
+    "second weighted by how much each still helps at the run's batch, against the study's reference batch.",
     "tokens_to_target": "Statistical efficiency: trained tokens at the first validation whose loss is at "
     "or below `train.target_loss` (no interpolation); 'not reached' when none is.",
     "seconds_to_target": "Wall seconds (elapsed_s) at that same first validation at or below the target.",
@@ -105,6 +107,23 @@ DEFINITIONS: dict[str, str] = {
     "drain falls after it (into the gradient-norm all-reduce that follows) and is not counted: a lower "
     "bound for the last stage. Summaries recorded before it existed leave it empty and their breakdowns "
     "include the warm-up steps.",
+    # results/<study>/batch_sweep.csv (llmpar.analysis.batch_sweep: the statistical-efficiency experiment)
+    "steps_to_target": "Batch sweep: optimizer steps until the validation loss first reaches the target, "
+    "interpolated linearly between the two evaluations that bracket it.",
+    "sequences_to_target": "Batch sweep: steps_to_target × the run's global batch (E in McCandlish et al.); "
+    "tokens_to_target_interp = that × sequence length.",
+    "s_min": "Batch sweep fit: the fewest steps to the target at any batch (S_min), intercept of S = S_min + "
+    "E_min / B fitted by least squares in 1/B, weighted by 1/S².",
+    "e_min": "Batch sweep fit: the fewest sequences to the target at any batch (E_min), the fit's slope.",
+    "b_crit": "Batch sweep fit: the critical batch E_min / S_min (sequences): twice the minimum steps and twice "
+    "the minimum data.",
+    "b_simple": "The simple gradient noise scale tr(Σ)/|G|² (sequences) measured during the sweep's runs: per "
+    "run, the ratio of the mean per-step estimates over its measured steps in the second half of its way to the "
+    "target; over the runs, their inverse-variance mean.",
+    "pollux_predicted": "Pollux's E(M) = (B_simple + M0) / (B_simple + M): the predicted sequences to target at "
+    "the reference batch M0 over those at the run's batch M.",
+    "efficiency_measured": "sequences_to_target at M0 / sequences_to_target at the run's batch (E(M0) from the "
+    "fit where M0 is not a batch of the sweep).",
     # results/<study>/plan.csv (llmpar.plan: model output, compared with the recorded runs)
     "predicted_peak_gib": "Plan: predicted peak memory of the run's fullest rank (GiB): model states as the "
     "engine shards them, communication buffers, activations saved per micro-batch times the micro-batches the "

@@ -19,7 +19,9 @@ the per-step estimates (delta method over the steps averaged), so two runs can b
 
 Pollux (Qiao et al., OSDI '21) turns it into statistical efficiency: training with batch M instead of
 a reference batch M0 makes E(M) = (B_noise + M0) / (B_noise + M) of the progress per sample, and
-goodput = throughput × E.
+goodput = throughput × E. M0 is one batch for the whole study (``train.pollux_reference_batch``), so runs
+of one global batch get one efficiency; :func:`pollux` is applied by the aggregation, where the study's
+reference is known.
 """
 
 from __future__ import annotations
@@ -91,14 +93,14 @@ def pollux_efficiency(noise_scale: float, batch: float, reference_batch: float) 
 
 
 def summarize(steps: list[dict], local_sq: list[dict[int, float]], global_batch: int, dp: int, warmup: int,
-              tokens_per_s: float | None, reason: str | None, decay: float = 0.95, splits: int | None = None) -> dict:
+              reason: str | None, decay: float = 0.95, splits: int | None = None) -> dict:
     """The run's noise-scale fields from its step rows (``grad_norm``: the averaged gradient's norm before
     clipping, batch ``global_batch``) and each rank's {step: squared norm of its replica's own gradient}
     (batch ``global_batch / splits``, ``splits`` = dp unless the engine measures smaller parts, e.g. FSDP2
     per micro-batch; the ranks of one replica hold the same value, so the mean over ranks is the mean over
     replicas). Batches in sequences. ``reason``: why the engine measures nothing."""
     fields = {"gradient_noise_scale": None, "gradient_noise_scale_mean": None, "gradient_noise_scale_se": None,
-              "pollux_efficiency": None, "pollux_goodput": None, "noise_scale_reason": None}
+              "noise_scale_small_batch": None, "noise_scale_reason": None}
     if (splits or dp) < 2:
         reason = "one data-parallel replica of one micro-batch: one batch size, nothing to compare"
     elif not any(r.get("grad_norm") is not None for r in steps):
@@ -108,9 +110,9 @@ def summarize(steps: list[dict], local_sq: list[dict[int, float]], global_batch:
     else:
         reason = None
     if reason:
-        fields["noise_scale_reason"] = reason
-        return fields | {"pollux_goodput_reason": reason}
+        return fields | {"noise_scale_reason": reason}
     small = global_batch // (splits or dp)
+    fields["noise_scale_small_batch"] = small
     est = NoiseScale(decay)
     steady = []
     for r in steps:
@@ -126,8 +128,20 @@ def summarize(steps: list[dict], local_sq: list[dict[int, float]], global_batch:
         fields["gradient_noise_scale_mean"], fields["gradient_noise_scale_se"] = mean
     if est.value is None:
         fields["noise_scale_reason"] = "the averaged |G|^2 estimate is not positive yet (too few or too noisy steps)"
-        return fields | {"pollux_goodput_reason": fields["noise_scale_reason"]}
-    fields["pollux_efficiency"] = pollux_efficiency(est.value, global_batch, global_batch // dp)  # M0: one replica
-    if tokens_per_s:
-        fields["pollux_goodput"] = tokens_per_s * fields["pollux_efficiency"]
-    return fields | {"pollux_goodput_reason": None}
+    return fields
+
+
+def pollux(noise_scale: float | None, batch: int, reference_batch: int, tokens_per_s: float | None,
+           reason: str | None) -> dict:
+    """Pollux efficiency and goodput of a run at global batch ``batch`` against the study's reference batch M0:
+    1 at M0 whatever the noise scale (the definition's own value), else from the run's noise scale, or None
+    with the noise scale's reason where it has none."""
+    if batch == reference_batch:
+        eff = 1.0
+    elif noise_scale is None:
+        return {"pollux_efficiency": None, "pollux_goodput": None,
+                "pollux_reason": reason or "no gradient noise scale recorded"}
+    else:
+        eff = pollux_efficiency(noise_scale, batch, reference_batch)
+    return {"pollux_efficiency": eff, "pollux_goodput": tokens_per_s * eff if tokens_per_s else None,
+            "pollux_reason": None}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from llmpar.errors import UserError
 from llmpar.io import read_json
+from llmpar.layout import RunSpec
 from llmpar.plan.cards import card
 from llmpar.plan.predict import error, fits, predict
 from llmpar.record import RunRecord
@@ -55,7 +56,7 @@ def check_study(cfg: dict, card_name: str, runs_dir: Path) -> list[dict]:
         spec = record.spec  # the run as it was recorded (micro-batch size included)
         vocab = (record.data or {}).get("vocab_size", 0)
         pred = predict(cfg["model"], vocab, spec, train, card_name)
-        meas = measured(record, train["global_batch"], cfg["model"]["seq_len"])
+        meas = measured(record, RunSpec.from_dict(spec).global_batch, cfg["model"]["seq_len"])
         row = {"run": name, "card": card_name,
                "predicted_peak_gib": pred["peak_gib"], "measured_peak_gib": meas["peak_gib"],
                "peak_error": error(pred["peak_gib"], meas["peak_gib"]),

@@ -29,7 +29,7 @@ def predict(model_cfg: dict, vocab_size: int, run: RunSpec | dict, train: dict, 
            "per_rank_gib": [r["total"] / GIB for r in mem]}
     if c:
         t = step_time(sh, run, compiled, c)
-        tokens = train["global_batch"] * sh.seq
+        tokens = run.global_batch * sh.seq
         out.update(step_s=t["total"], time_s=t["parts"], bubble=t["bubble"], tokens_per_s=tokens / t["total"],
                    mfu=tokens / t["total"] / run.world_size * flops_per_token(model_cfg, vocab_size)
                    / peak_flops_for(c["name"], None),
@@ -62,8 +62,8 @@ def auto_micro_batch(name: str, entry: dict, model: dict, train: dict, vocab_siz
     if entry.get("micro_batches") is not None:
         raise ConfigError(f"{where}: auto chooses the micro-batches too; remove runs.{name}.micro_batches")
     base = {k: v for k, v in entry.items() if k != "micro_batch_size"}
-    dp = resolve(name, {**base, "micro_batch_size": 1}, model, train, runtime_min, default_procs).dp
-    per_replica = train["global_batch"] // dp
+    one = resolve(name, {**base, "micro_batch_size": 1}, model, train, runtime_min, default_procs)
+    per_replica = one.global_batch // one.dp
     tried = {}
     for mbs in sorted((d for d in range(1, per_replica + 1) if per_replica % d == 0), reverse=True):
         try:
