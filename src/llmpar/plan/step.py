@@ -8,6 +8,8 @@ the transfers, :mod:`llmpar.plan.pipeline`); plus the communication that is not 
 
 from __future__ import annotations
 
+import dataclasses
+
 from llmpar.layout import Engine, RunSpec, Sharding
 from llmpar.plan.memory import local_params, pipeline_ranks, saved_bytes_per_token, state_bytes
 from llmpar.plan.pipeline import interleaved_idle
@@ -64,12 +66,19 @@ def step_time(sh: Shape, run: RunSpec, compiled: bool, c: dict) -> dict:
     grad_bytes_tp = run.precision.weight_bytes
     per_rank = []
     shares = pipeline_ranks(sh, run)
+    # Activation checkpointing recomputes a checkpointed layer's forward in its backward: a third more of the
+    # layer's GEMM and attention FLOPs, and its forward's elementwise traffic (half of the 4 passes) again.
+    ckpt = {"full": 1.0, "selective": 0.5}.get(run.activation_checkpointing, 0.0)
+    unchecked = dataclasses.replace(run, activation_checkpointing="none")
     for share in shares:
         head = sh.vocab * sh.h // (tp if run.tp_splits_head else 1) if share["last"] else 0
-        flops_gemm = 6 * tokens * (share["layers"] * sh.layer_matmul / tp + head)
-        flops_attn = 6 * share["layers"] * sh.h * sh.seq * tokens / tp
-        saved = tokens * saved_bytes_per_token(sh, run, share["layers"], share["last"], compiled)
-        t = {"gemm": flops_gemm / gemm, "attention": flops_attn / attn, "elementwise": 4 * saved / elem,
+        layers_gemm = 6 * tokens * share["layers"] * sh.layer_matmul / tp
+        flops_gemm = layers_gemm * (1 + ckpt / 3) + 6 * tokens * head
+        flops_attn = 6 * share["layers"] * sh.h * sh.seq * tokens / tp * (1 + ckpt / 3)
+        # the elementwise work is the activations the layers produce, whether they are kept or recomputed
+        produced = tokens * saved_bytes_per_token(sh, unchecked, share["layers"], share["last"], compiled)
+        t = {"gemm": flops_gemm / gemm, "attention": flops_attn / attn,
+             "elementwise": (4 + 2 * ckpt) * produced / elem,
              "micro_batch_fixed": c["micro_batch_overhead_s"] * share["layers"] / sh.layers}
         # Tensor parallel: two all-reduces of the activations per layer in the forward, two in the backward.
         t["tp_comm"] = 2 * share["layers"] * (allreduce_s(tokens * sh.h * compute, tp, bw_tp, lat)
