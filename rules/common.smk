@@ -12,7 +12,13 @@ from llmpar.errors import UserError
 try:
     CFG = prepare(config)
     if not CFG["recorded"]:
-        check_source(CFG["data"], CFG["model"]["seq_len"], CFG["seed"])
+        check_source(
+            CFG["data"],
+            CFG["model"]["seq_len"],
+            CFG["seed"],
+            CFG["tokenizer"],
+            f"results/{CFG['study']}/data",
+        )
 except UserError as exc:
     raise WorkflowError(f"invalid configuration: {exc}")
 
