@@ -68,6 +68,8 @@ An example follows::
 
    literal_hidden_block --flag
 
+   literal_hidden_second_line
+
 .. note::
 
    Notes are prose and are kept in the text.
@@ -81,7 +83,7 @@ demo - a POD page
 
 =head1 DESCRIPTION
 
-{PROSE} Use B<bold> and C<code> and L<perlfunc/open>.
+{PROSE} Use B<bold> and C<code> and L<perlfunc/open>.X<hidden_index_entry>
 
     pod_hidden_verbatim_code();
 
@@ -222,7 +224,7 @@ def test_rst_keeps_prose_and_drops_markup_code_literal_blocks_and_comments():
     assert paras[0] == "Introduction to demos"
     assert "Allocate with kmalloc and see the memory guide for GFP_KERNEL." in text
     assert "An example follows:" in text and "Notes are prose and are kept in the text." in text
-    for hidden in ("SPDX", "=====", "hidden_code_block", "literal_hidden_block", "hidden comment", "second line",
+    for hidden in ("SPDX", "=====", "hidden_code_block", "literal_hidden", "hidden comment", "second line",
                    ":c:func:", "``", "code-block"):
         assert hidden not in text, hidden
 
@@ -230,7 +232,8 @@ def test_rst_keeps_prose_and_drops_markup_code_literal_blocks_and_comments():
 def test_pod_keeps_headings_and_text_and_drops_verbatim_code():
     text = " ".join(pod_paragraphs(DEMO_POD))
     assert "DESCRIPTION" in text and "Use bold and code and perlfunc." in text
-    assert "pod_hidden_verbatim_code" not in text and "=head1" not in text and "B<" not in text
+    for hidden in ("pod_hidden_verbatim_code", "hidden_index_entry", "=head1", "B<", "=cut"):
+        assert hidden not in text, hidden
 
 
 def test_boilerplate_recurring_on_many_pages_is_removed():
