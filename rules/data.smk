@@ -9,31 +9,6 @@ localrules:
     debian_fetch,
 
 
-DEBIAN = f"{RES}/data/debian"
-
-
-def debian_fetch_settings():
-    """What the download depends on: package names and version pins (not globs or text settings)."""
-    packages = [
-        {"name": p["name"], "version": p["version"]}
-        for p in CFG["data"]["debian"]["packages"]
-    ]
-    return as_json({"packages": packages})
-
-
-def corpus_input(wildcards):
-    """The debian source's extracted text; the other sources read their own input."""
-    if CFG["data"]["source"] == "debian":
-        return {"debian_text": f"{DEBIAN}/text/meta.json"}
-    return {}
-
-
-def text_dir_arg(wildcards, input):
-    if "debian_text" in input.keys():
-        return "--text-dir " + shlex.quote(str(Path(input.debian_text).parent))
-    return ""
-
-
 rule debian_fetch:
     output:
         manifest=f"{DEBIAN}/manifest.json",
@@ -55,10 +30,7 @@ rule debian_text:
         manifest=rules.debian_fetch.output.manifest,
     output:
         meta=f"{DEBIAN}/text/meta.json",
-        texts=expand(
-            f"{DEBIAN}/text/{{name}}.txt",
-            name=[p["name"] for p in CFG["data"]["debian"]["packages"]],
-        ),
+        texts=debian_texts(),
     log:
         f"{LOGS}/debian_text.log",
     conda:

@@ -453,7 +453,7 @@ def test_workflow_refuses_a_debian_package_the_apt_sources_lack_before_any_job(a
 
 
 def test_realtext_preset_takes_the_schema_default_packages():
-    raw = yaml.safe_load((REPO / "configs" / "realtext-data.yaml").read_text())
+    raw = yaml.safe_load((REPO / "configs" / "data" / "realtext.yaml").read_text())
     assert raw["data"] == {"source": "debian", "val_fraction": 0.02}  # the package list lives in the schema
     cfg = prepare(raw)
     names = [p["name"] for p in cfg["data"]["debian"]["packages"]]
@@ -464,7 +464,7 @@ def test_realtext_preset_takes_the_schema_default_packages():
 def test_wikitext_preset_loads_through_datasets_from_local_files(tmp_path):
     """The hf preset names the hub dataset; offline, the same loading code reads local files through the
     packaged "text" builder (one document per non-empty line, as wikitext's rows)."""
-    raw = yaml.safe_load((REPO / "configs" / "wikitext103-data.yaml").read_text())
+    raw = yaml.safe_load((REPO / "configs" / "data" / "wikitext103.yaml").read_text())
     assert raw["data"]["hf"]["name"] == "Salesforce/wikitext"
     assert raw["data"]["hf"]["config"] == "wikitext-103-raw-v1"
     lines = [" = Valkyria Chronicles III = ", "", f" {PROSE} ", " = = Gameplay = = ", f" {PROSE} It is fun. "]
