@@ -308,6 +308,8 @@ def test_a_package_the_apt_sources_lack_is_refused_naming_it_before_any_download
     with pytest.raises(DataError, match="have no package 'no-such-doc'"):
         fetch(cfg, tmp_path / "debian")
     assert not list((tmp_path / "debian").glob("*.deb")) and not (tmp_path / "debian" / "manifest.json").exists()
+    with pytest.raises(DataError, match="package 'demo-doc' is listed twice"):
+        check_packages(debian_cfg(DEMO_SPEC, DEMO_SPEC))
     pinned = debian_cfg(DEMO_SPEC | {"version": "9.9-9"})  # a version the sources do not serve
     with pytest.raises(DataError, match="have no package 'demo-doc=9.9-9'"):
         check_packages(pinned)

@@ -10,8 +10,9 @@ Three steps, each a workflow rule:
    globs) become documents: HTML, reStructuredText, POD and plain text converted to paragraphs
    (``textextract``), a dictd dictionary split into its entries. One document per source file (a page,
    a chapter, a manual page), its paragraphs joined by single spaces since the corpus format holds one
-   document per line; one per entry for a dictionary. Documents under ``min_words`` words are dropped,
-   identical documents kept once. The result is one text file per package (one document a line) plus
+   document per line; one per entry for a dictionary. Paragraphs that recur on many pages of a package
+   (headers, footers, navigation: ``drop_boilerplate``) are removed, documents under ``min_words`` words
+   dropped, identical documents kept once. The result is one text file per package (one document a line) plus
    ``meta.json``.
 3. The ``corpus`` step then reads those files like the ``text`` source and splits them by document, so
    no page is half in the training and half in the validation split.
