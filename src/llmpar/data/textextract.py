@@ -26,7 +26,8 @@ SKIP_MARKS = {"related", "sphinxsidebar", "sphinxsidebarwrapper", "footer", "nav
               "synopsis", "literallayout", "example-contents", "sidebar-drawer", "sidebar-tree", "sidebar-sticky",
               "toc-drawer", "toc-tree", "theme-toggle-container", "visually-hidden", "bd-sidebar", "bd-toc",
               "bd-navbar", "prev-next-area", "prev-next-info", "footer-item", "tocsection", "header", "nav-panel",
-              "copiable-link", "copiable-anchor"}
+              "copiable-link", "copiable-anchor", "toplang", "bottomlang", "docs-bottom-navigation", "debug",
+              "DEBUG"}
 SKIP_ROLES = {"navigation", "search", "banner", "contentinfo"}
 # elements that end a paragraph
 BLOCK_TAGS = {"p", "div", "li", "ul", "ol", "dl", "dt", "dd", "h1", "h2", "h3", "h4", "h5", "h6", "tr", "table",
