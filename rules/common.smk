@@ -13,7 +13,13 @@ from llmpar.errors import UserError
 try:
     CFG = prepare(config)
     if not CFG["recorded"]:
-        check_source(CFG["data"], CFG["model"]["seq_len"], CFG["seed"])
+        check_source(
+            CFG["data"],
+            CFG["model"]["seq_len"],
+            CFG["seed"],
+            CFG["tokenizer"],
+            f"results/{CFG['study']}/data",
+        )
 except UserError as exc:
     raise WorkflowError(f"invalid configuration: {exc}")
 
@@ -115,6 +121,38 @@ def final_outputs():
 def parent(key):
     """Param function: the directory of output (or input) ``key``."""
     return lambda wildcards, output: str(Path(getattr(output, key)).parent)
+
+
+# --------------------------------------------------------------------------- data.source debian
+DEBIAN = f"{RES}/data/debian"
+
+
+def debian_fetch_settings():
+    """What the download depends on: package names and version pins (not globs or text settings)."""
+    packages = [
+        {"name": p["name"], "version": p["version"]}
+        for p in CFG["data"]["debian"]["packages"]
+    ]
+    return as_json({"packages": packages})
+
+
+def debian_texts():
+    """The per-package text files of the debian_text rule."""
+    return [f"{DEBIAN}/text/{p['name']}.txt" for p in CFG["data"]["debian"]["packages"]]
+
+
+def corpus_input(wildcards):
+    """The debian source's extracted text; the other sources read their own input."""
+    if CFG["data"]["source"] == "debian":
+        return {"debian_text": f"{DEBIAN}/text/meta.json"}
+    return {}
+
+
+def text_dir_arg(wildcards, input):
+    """The corpus rule's --text-dir for the debian source, nothing for the others."""
+    if "debian_text" in input.keys():
+        return f"--text-dir {shlex.quote(str(Path(input.debian_text).parent))}"
+    return ""
 
 
 # --------------------------------------------------------------------------- Slurm request

@@ -1,8 +1,53 @@
 # Corpus -> tokenizer -> packed token shards. Only data settings reach these rules' params, so a
-# change of training settings never rebuilds data.
+# change of training settings never rebuilds data; the tokenize rule also gets one sequence's length
+# (model.seq_len + 1) to refuse a split that cannot fill it, so a change of seq_len reruns only it.
+# The debian source first fetches its packages (debian_fetch, on the submitting host: compute nodes
+# often have no network) and turns them into text (debian_text).
+
+
+localrules:
+    debian_fetch,
+
+
+rule debian_fetch:
+    output:
+        manifest=f"{DEBIAN}/manifest.json",
+    log:
+        f"{LOGS}/debian_fetch.log",
+    conda:
+        ENV
+    params:
+        script=STUDY_PY,
+        debian=debian_fetch_settings(),
+        out=parent("manifest"),
+    shell:
+        "python {params.script:q} debian-fetch --debian {params.debian:q} "
+        "--out {params.out:q} > {log:q} 2>&1"
+
+
+rule debian_text:
+    input:
+        manifest=rules.debian_fetch.output.manifest,
+    output:
+        meta=f"{DEBIAN}/text/meta.json",
+        texts=debian_texts(),
+    log:
+        f"{LOGS}/debian_text.log",
+    conda:
+        ENV
+    params:
+        script=STUDY_PY,
+        debian=as_json(CFG["data"]["debian"]),
+        fetch=lambda wildcards, input: str(Path(input.manifest).parent),
+        out=parent("meta"),
+    shell:
+        "python {params.script:q} debian-text --debian {params.debian:q} "
+        "--fetch-dir {params.fetch:q} --out {params.out:q} > {log:q} 2>&1"
 
 
 rule corpus:
+    input:
+        unpack(corpus_input),
     output:
         train=f"{RES}/data/corpus/train.txt",
         val=f"{RES}/data/corpus/val.txt",
@@ -16,9 +61,10 @@ rule corpus:
         data=as_json(CFG["data"]),
         seed=CFG["seed"],
         out=parent("meta"),
+        text_dir=text_dir_arg,
     shell:
         "python {params.script:q} corpus --data {params.data:q} --seed {params.seed} "
-        "--out {params.out:q} > {log:q} 2>&1"
+        "--out {params.out:q} {params.text_dir} > {log:q} 2>&1"
 
 
 rule tokenizer:
@@ -56,6 +102,8 @@ rule tokenize:
         script=STUDY_PY,
         corpus=lambda wildcards, input: str(Path(input.meta).parent),
         out=parent("meta"),
+        min_tokens=CFG["model"]["seq_len"] + 1,
     shell:
         "python {params.script:q} tokenize --tokenizer-json {input.tokenizer:q} "
-        "--corpus-dir {params.corpus:q} --out {params.out:q} > {log:q} 2>&1"
+        "--corpus-dir {params.corpus:q} --out {params.out:q} "
+        "--min-tokens {params.min_tokens} > {log:q} 2>&1"

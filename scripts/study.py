@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""The workflow's non-training steps: corpus, tokenizer, tokenize, aggregate, figures, report.
+"""The workflow's non-training steps: debian-fetch, debian-text, corpus, tokenizer, tokenize, aggregate,
+figures, report.
 
     python scripts/study.py corpus --data '{"source": "synthetic", ...}' --seed 1234 --out DIR
     python scripts/study.py --help

@@ -100,5 +100,9 @@ def test_text_corpus_whose_validation_split_cannot_fill_a_sequence_is_refused_be
     cfg["val_fraction"] = 0.05
     with pytest.raises(DataError, match="corpus too short: its validation split"):
         check_source(cfg, seq_len=200, seed=1)
-    check_source(cfg, seq_len=60, seed=1)  # one sequence of 61 tokens fits both splits
+    # its 2 lines hold over 100 bytes but 26 tokens with the study's BPE (512, the default tokenizer): the
+    # byte bound alone would pass seq_len 60, which the first training job would then refuse
+    with pytest.raises(DataError, match="its validation split holds 26 tokens"):
+        check_source(cfg, seq_len=60, seed=1)
+    check_source(cfg, seq_len=25, seed=1)  # one sequence of 26 tokens fits both splits
     assert list(tmp_path.iterdir()) == [corpus]

@@ -14,10 +14,22 @@ from pathlib import Path
 from llmpar.errors import UserError
 
 
+def _debian_fetch(a):
+    from llmpar.data.debian import fetch
+
+    print(json.dumps(fetch(json.loads(a.debian), a.out), indent=2))
+
+
+def _debian_text(a):
+    from llmpar.data.debian import extract
+
+    print(json.dumps(extract(json.loads(a.debian), a.fetch_dir, a.out), indent=2))
+
+
 def _corpus(a):
     from llmpar.data.corpus import build_corpus
 
-    print(json.dumps(build_corpus(json.loads(a.data), a.seed, a.out), indent=2))
+    print(json.dumps(build_corpus(json.loads(a.data), a.seed, a.out, a.text_dir), indent=2))
 
 
 def _tokenizer(a):
@@ -29,7 +41,7 @@ def _tokenizer(a):
 def _tokenize(a):
     from llmpar.data.tokenize import build_shards
 
-    print(json.dumps(build_shards(a.tokenizer_json, a.corpus_dir, a.out), indent=2))
+    print(json.dumps(build_shards(a.tokenizer_json, a.corpus_dir, a.out, a.min_tokens), indent=2))
 
 
 def _aggregate(a):
@@ -80,9 +92,14 @@ def _plan_figure(a):
 # subcommand -> (function, help, arguments): ``name`` a required path or value, ``name:json`` settings
 # as JSON, ``name:int`` an integer, ``name+`` one or more, ``name?`` optional
 COMMANDS = {
-    "corpus": (_corpus, "build train/val text from the configured source", "data:json seed:int out"),
+    "debian-fetch": (_debian_fetch, "apt-get download the packages of data.debian; write manifest.json",
+                     "debian:json out"),
+    "debian-text": (_debian_text, "the fetched packages' documents as text, one file per package",
+                    "debian:json fetch-dir out"),
+    "corpus": (_corpus, "build train/val text from the configured source", "data:json seed:int out text-dir?"),
     "tokenizer": (_tokenizer, "train a BPE or save a pretrained tokenizer", "tokenizer:json train-txt out"),
-    "tokenize": (_tokenize, "pack token shards", "tokenizer-json corpus-dir out"),
+    "tokenize": (_tokenize, "pack token shards; refuse a split under min-tokens",
+                 "tokenizer-json corpus-dir out min-tokens:int?"),
     "aggregate": (_aggregate, "run summaries -> metrics.csv, steps.csv, evals.csv, samples.csv",
                   "runs-dir runs+ baseline out-dir reference-batch:int"),
     "figures": (_figures, "tables -> PNG and SVG figures", "metrics steps samples out-dir names+"),

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from llmpar.data import debian
+from llmpar.data.tokenize import too_short
 from llmpar.errors import DataError
-from llmpar.io import write_json, write_text
+from llmpar.io import read_json, write_json, write_text
 
 
 def synthetic_documents(documents: int, words_per_document: int, seed: int) -> list[str]:
@@ -95,7 +97,7 @@ def hf_documents(hf: dict) -> list[str]:
     return docs
 
 
-def load_documents(data_cfg: dict, seed: int) -> list[str]:
+def load_documents(data_cfg: dict, seed: int, text_dir: str | Path | None = None) -> list[str]:
     source = data_cfg["source"]
     if source == "synthetic":
         syn = data_cfg["synthetic"]
@@ -104,7 +106,27 @@ def load_documents(data_cfg: dict, seed: int) -> list[str]:
         return text_documents(data_cfg["files"])
     if source == "hf":
         return hf_documents(data_cfg["hf"])
+    if source == "debian":
+        if text_dir is None:
+            raise DataError("data.source debian: the corpus step needs the extracted text (its --text-dir)")
+        return text_documents(debian.text_files(text_dir))
     raise DataError(f"data.source: unknown source '{source}'")
+
+
+def source_description(data_cfg: dict, text_dir: str | Path | None = None) -> dict:
+    """What the corpus is made of, as a report names it: the packages and versions, the files, the dataset
+    or the synthetic generator's settings."""
+    source = data_cfg["source"]
+    if source == "debian":
+        meta = read_json(Path(text_dir) / "meta.json")
+        return {"packages": [{"name": p["name"], "version": p["version"]} for p in meta["packages"]],
+                "words": meta["words"]}
+    if source == "text":
+        return {"files": sorted(f for pattern in data_cfg["files"] for f in glob.glob(pattern, recursive=True))}
+    if source == "hf":
+        hf = data_cfg["hf"]
+        return {key: hf.get(key) for key in ("name", "config", "split", "data_files", "max_documents")}
+    return dict(data_cfg["synthetic"])
 
 
 def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -118,16 +140,23 @@ def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[li
     return train, val
 
 
-def build_corpus(data_cfg: dict, seed: int, out_dir: str | Path) -> dict:
+def build_corpus(data_cfg: dict, seed: int, out_dir: str | Path, text_dir: str | Path | None = None) -> dict:
+    """``train.txt``, ``val.txt`` (one document a line) and ``meta.json`` in ``out_dir``.
+
+    The meta records what a report header names (``describe``): the corpus kind, whether it is synthetic,
+    its source, documents, bytes and characters per split, and a hash of the text."""
     out_dir = Path(out_dir)
-    docs = load_documents(data_cfg, seed)
+    docs = load_documents(data_cfg, seed, text_dir)
     train, val = split_documents(docs, data_cfg["val_fraction"], seed)
     train_text, val_text = "\n".join(train) + "\n", "\n".join(val) + "\n"
     digest = hashlib.sha256((train_text + "\0" + val_text).encode()).hexdigest()
     meta = {
         "source": data_cfg["source"],
+        "synthetic": data_cfg["source"] == "synthetic",
+        "description": source_description(data_cfg, text_dir),
         "documents": {"train": len(train), "val": len(val)},
         "characters": {"train": len(train_text), "val": len(val_text)},
+        "bytes": {"train": len(train_text.encode()), "val": len(val_text.encode())},
         "sha256": digest,
     }
     write_text(out_dir / "train.txt", train_text)
@@ -136,29 +165,85 @@ def build_corpus(data_cfg: dict, seed: int, out_dir: str | Path) -> dict:
     return meta
 
 
-def check_source(data_cfg: dict, seq_len: int | None = None, seed: int = 0) -> None:
+# --------------------------------------------------------------------------- tokens before tokenizing
+
+# A split that the bounds below leave undecided is tokenized exactly, with a BPE trained in memory on the
+# training split, if that split is at most this many bytes (well under a second); a larger one is left to
+# the tokenize step, which counts exactly and refuses with the same message.
+EXACT_CHECK_BYTES = 4 << 20
+
+
+def upper_bound_tokens(docs: list[str]) -> int:
+    """Most tokens a byte-level BPE can give: one per byte, plus one end-of-text per document."""
+    return sum(len(d.encode()) + 1 for d in docs)
+
+
+def lower_bound_tokens(docs: list[str], stop_at: int | None = None) -> int:
+    """Fewest tokens a byte-level BPE with GPT-2 pre-tokenization gives: every pre-token (a run of letters,
+    of digits or of punctuation, with its leading space) becomes at least one token, plus one end-of-text
+    per document. Counting stops once ``stop_at`` is reached."""
+    from tokenizers import pre_tokenizers
+
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    total = 0
+    for d in docs:
+        total += len(pre.pre_tokenize_str(d)) + 1
+        if stop_at is not None and total >= stop_at:
+            break
+    return total
+
+
+def check_tokens(train: list[str], val: list[str], seq_len: int, tokenizer_cfg: dict, where: str) -> None:
+    """Refuse a corpus whose training or validation split cannot fill one sequence of seq_len + 1 tokens,
+    without building the tokenizer: the byte bound refuses for certain, the pre-token bound accepts for
+    certain, and in between a small corpus is tokenized exactly with a BPE trained in memory. Only for the
+    study's own byte-level BPE (a pretrained tokenizer's counts are checked by the tokenize step)."""
+    if tokenizer_cfg["kind"] != "bpe":
+        return
+    need = seq_len + 1
+    undecided = []
+    n_docs = len(train) + len(val)
+    for split, part in (("training", train), ("validation", val)):
+        upper = upper_bound_tokens(part)
+        if upper < need:
+            raise DataError(f"{where}: " + too_short(
+                split, f"at most {upper} tokens (the bytes of its {len(part)} of {n_docs} documents plus one "
+                "end-of-text each)", need))
+        if lower_bound_tokens(part, stop_at=need) < need:
+            undecided.append((split, part))
+    if not undecided or sum(len(d.encode()) for d in train) > EXACT_CHECK_BYTES:
+        return
+    from llmpar.data.tokenize import bpe_tokenizer
+
+    tok = bpe_tokenizer(train, tokenizer_cfg["vocab_size"])
+    for split, part in undecided:
+        count = sum(len(e.ids) + 1 for e in tok.encode_batch(part))
+        if count < need:
+            raise DataError(f"{where}: " + too_short(
+                split, f"{count} tokens ({len(part)} of {n_docs} documents, with the study's BPE of "
+                f"{tokenizer_cfg['vocab_size']} trained on the training split)", need))
+
+
+def check_source(data_cfg: dict, seq_len: int | None = None, seed: int = 0, tokenizer_cfg: dict | None = None,
+                 data_dir: str | Path | None = None) -> None:
     """Cheap checks of the corpus source before any job runs (nothing is written on failure).
 
-    Text files: every glob matches a file, the files hold text, and (given ``seq_len``) enough of it
-    on both sides of the train/validation split that ``build_corpus`` will make (the same documents,
-    ``val_fraction`` and ``seed``): a byte-level BPE token covers at least one byte, so a split of fewer
-    bytes (plus one end-of-text token per document) than seq_len + 1 tokens can never fill one
-    sequence. Hugging Face: the dataset builder resolves (offline this succeeds only for local files or
-    a cached dataset).
+    Text files: every glob matches a file, the files hold text, and (given ``seq_len``) both sides of the
+    train/validation split that ``build_corpus`` will make (the same documents, ``val_fraction`` and
+    ``seed``) hold one sequence of seq_len + 1 tokens (``check_tokens``). Hugging Face: the dataset builder
+    resolves (offline this succeeds only for local files or a cached dataset). Debian: the package list is
+    valid and, unless ``data_dir/debian`` already holds their download, apt-get and every package are
+    there. Any source whose token shards exist under ``data_dir`` (from this corpus): both splits hold one
+    sequence.
     """
-    if data_cfg["source"] == "text":
+    tokenizer_cfg = tokenizer_cfg or {"kind": "bpe", "vocab_size": 512}
+    source = data_cfg["source"]
+    if source == "text":
         docs = text_documents(data_cfg["files"])
         if seq_len:
             train, val = split_documents(docs, data_cfg["val_fraction"], seed)
-            for split, part in (("training", train), ("validation", val)):
-                upper_bound_tokens = sum(len(d.encode()) + 1 for d in part)
-                if upper_bound_tokens < seq_len + 1:
-                    raise DataError(
-                        f"data.files: corpus too short: its {split} split ({len(part)} of {len(docs)} lines, "
-                        f"data.val_fraction {data_cfg['val_fraction']}) holds at most {upper_bound_tokens} tokens, "
-                        f"fewer than one sequence of model.seq_len + 1 = {seq_len + 1} tokens"
-                    )
-    elif data_cfg["source"] == "hf":
+            check_tokens(train, val, seq_len, tokenizer_cfg, "data.files")
+    elif source == "hf":
         hf = data_cfg["hf"]
         import datasets
 
@@ -171,3 +256,21 @@ def check_source(data_cfg: dict, seq_len: int | None = None, seed: int = 0) -> N
                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. Without network "
                 "access only local files (data.hf.data_files) or an existing cache work."
             ) from exc
+    elif source == "debian":
+        debian.check_packages(data_cfg["debian"], Path(data_dir) / "debian" if data_dir else None)
+    if seq_len and data_dir is not None:
+        check_built_tokens(Path(data_dir), seq_len)
+
+
+def check_built_tokens(data_dir: Path, seq_len: int) -> None:
+    """Token shards already built from the current corpus must hold one sequence in each split (a study
+    whose model.seq_len grew beyond its corpus is refused before any job)."""
+    corpus_meta, tokens_meta = data_dir / "corpus" / "meta.json", data_dir / "tokens" / "meta.json"
+    if not (corpus_meta.is_file() and tokens_meta.is_file()):
+        return
+    tokens = read_json(tokens_meta)
+    if tokens.get("source_sha256") != read_json(corpus_meta).get("sha256"):
+        return
+    for split, name in (("train", "training"), ("val", "validation")):
+        if tokens["tokens"][split] < seq_len + 1:
+            raise DataError(f"{tokens_meta}: " + too_short(name, f"{tokens['tokens'][split]} tokens", seq_len + 1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -26,8 +27,9 @@ def _lines(path: Path, batch: int = 1000):
         yield buf
 
 
-def train_bpe(train_txt: str | Path, vocab_size: int, out_json: str | Path) -> dict:
-    """Train a byte-level BPE on the training split only (no validation text leaks in)."""
+def bpe_tokenizer(lines, vocab_size: int):
+    """A byte-level BPE (GPT-2 pre-tokenization, no prefix space, ``<|endoftext|>`` special) trained on
+    ``lines`` (an iterable of documents)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -39,7 +41,13 @@ def train_bpe(train_txt: str | Path, vocab_size: int, out_json: str | Path) -> d
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator((line for batch in _lines(Path(train_txt)) for line in batch), trainer=trainer)
+    tok.train_from_iterator(lines, trainer=trainer)
+    return tok
+
+
+def train_bpe(train_txt: str | Path, vocab_size: int, out_json: str | Path) -> dict:
+    """Train a byte-level BPE on the training split only (no validation text leaks in)."""
+    tok = bpe_tokenizer((line for batch in _lines(Path(train_txt)) for line in batch), vocab_size)
     with atomic_path(out_json) as tmp:
         tok.save(str(tmp))
     return {"kind": "bpe", "vocab_size": tok.get_vocab_size()}
@@ -87,8 +95,18 @@ def tokenize_file(tok, path: Path, eos: int, dtype) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def build_shards(tokenizer_json: str | Path, corpus_dir: str | Path, out_dir: str | Path) -> dict:
-    """Pack each split into one flat token array (uint16 when the vocabulary fits)."""
+def too_short(split: str, holds: str, need: int) -> str:
+    """The message for a split that cannot fill one training sequence (every check words it alike)."""
+    return (f"corpus too short: its {split} split holds {holds}, fewer than one sequence of "
+            f"model.seq_len + 1 = {need} tokens")
+
+
+def build_shards(tokenizer_json: str | Path, corpus_dir: str | Path, out_dir: str | Path,
+                 min_tokens: int | None = None) -> dict:
+    """Pack each split into one flat token array (uint16 when the vocabulary fits).
+
+    With ``min_tokens`` (one training sequence: model.seq_len + 1), a split with fewer tokens is a
+    DataError before any shard is written."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_json))
@@ -96,19 +114,22 @@ def build_shards(tokenizer_json: str | Path, corpus_dir: str | Path, out_dir: st
     dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32
     eos = _eos_id(tok)
     corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
-    counts = {}
-    for split in ("train", "val"):
-        arr = tokenize_file(tok, corpus_dir / f"{split}.txt", eos, dtype)
+    arrays = {split: tokenize_file(tok, corpus_dir / f"{split}.txt", eos, dtype) for split in ("train", "val")}
+    for split, arr in arrays.items():
+        if min_tokens and arr.size < min_tokens:
+            name = "training" if split == "train" else "validation"
+            raise DataError(too_short(name, f"{arr.size} tokens with {Path(tokenizer_json).name}", min_tokens))
+    for split, arr in arrays.items():
         with atomic_path(out_dir / f"{split}.bin") as tmp:
             arr.tofile(tmp)
-        counts[split] = int(arr.size)
     meta = {
         "vocab_size": vocab,
+        "tokenizer_model": type(tok.model).__name__,
         "dtype": np.dtype(dtype).name,
         "eos_id": eos,
-        "tokens": counts,
+        "tokens": {split: int(arr.size) for split, arr in arrays.items()},
         "source_sha256": read_json(corpus_dir / "meta.json")["sha256"],
-        "tokenizer_sha256": __import__("hashlib").sha256(Path(tokenizer_json).read_bytes()).hexdigest(),
+        "tokenizer_sha256": hashlib.sha256(Path(tokenizer_json).read_bytes()).hexdigest(),
     }
     write_json(out_dir / "meta.json", meta)
     return meta
