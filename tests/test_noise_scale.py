@@ -54,6 +54,28 @@ def test_refusals_and_pollux():
     assert pollux_efficiency(10.0, 30.0, 10.0) == pytest.approx(0.5)  # (10 + 10) / (10 + 30)
 
 
+@pytest.mark.parametrize("dp, splits", [(2, None), (2, 4), (4, None)])
+def test_summarize_measures_at_the_replica_batch_and_weighs_pollux_against_one_replica(dp, splits):
+    """summarize on step rows whose two squared norms are their expectations for |G|^2 = 3 and tr(Sigma) = 12
+    (B_noise = 4 sequences): the small batch is global_batch / splits (splits = dp unless an engine measures
+    smaller parts), the big one global_batch; Pollux compares the global batch M with one replica's
+    M0 = global_batch / dp, so E = (4 + M0) / (4 + M) and goodput = throughput x E."""
+    from llmpar.metrics.noise_scale import summarize
+
+    g2, trace, global_batch, warmup = 3.0, 12.0, 16, 1
+    small = global_batch // (splits or dp)
+    steps = [{"step": s, "grad_norm": math.sqrt(g2 + trace / global_batch)} for s in range(1, 7)]
+    ranks = [{s: g2 + trace / small for s in range(1, 7)} for _ in range(dp)]
+    fields = summarize(steps, ranks, global_batch, dp, warmup, 1000.0, None, splits=splits)
+    assert fields["noise_scale_reason"] is None and fields["pollux_goodput_reason"] is None
+    assert fields["gradient_noise_scale"] == pytest.approx(trace / g2, rel=1e-9)
+    assert fields["gradient_noise_scale_mean"] == pytest.approx(trace / g2, rel=1e-9)
+    reference = global_batch // dp
+    assert fields["pollux_efficiency"] == pytest.approx((4 + reference) / (4 + global_batch), rel=1e-12)
+    assert fields["pollux_efficiency"] < 1  # a bigger batch than one replica's makes less progress per sequence
+    assert fields["pollux_goodput"] == pytest.approx(1000.0 * fields["pollux_efficiency"], rel=1e-12)
+
+
 # --------------------------------------------------------------------------- measured in real runs
 
 @pytest.mark.slow
