@@ -6,12 +6,13 @@ import sys
 from pathlib import Path
 
 from llmpar.analysis.figure_list import study_figures
-from llmpar.config import prepare, run_config
+from llmpar.config import check_config_files, prepare, run_config
 from llmpar.data.corpus import check_source
 from llmpar.errors import UserError
 from llmpar.record import set_aside_damaged_records
 
 try:
+    check_config_files(workflow.configfiles)
     CFG = prepare(config)
     if not CFG["recorded"]:
         check_source(CFG["data"], CFG["model"]["seq_len"], CFG["seed"])
