@@ -9,6 +9,7 @@ from llmpar.analysis.figure_list import study_figures
 from llmpar.config import check_config_files, prepare, run_config
 from llmpar.data.corpus import check_source
 from llmpar.errors import UserError
+from llmpar.interrupts import forward_stop_signals
 from llmpar.record import set_aside_damaged_records
 
 try:
@@ -18,6 +19,11 @@ try:
         check_source(CFG["data"], CFG["model"]["seq_len"], CFG["seed"])
 except UserError as exc:
     raise WorkflowError(f"invalid configuration: {exc}")
+
+
+# SIGINT or SIGTERM to the snakemake process alone also stops the running jobs (llmpar.interrupts).
+onstart:
+    forward_stop_signals()
 
 
 STUDY = CFG["study"]
