@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -183,7 +184,7 @@ def run_agents(agents: list[tuple[list[str], dict]], grace_s: float = STOP_GRACE
     run in groups of their own), waits for them, SIGKILLs a group still alive after ``grace_s``, and returns
     128 + the signal's number. What a stopped run leaves is never taken as a result: no summary, a
     checkpoint only if it was complete, progress rows a resume reads back."""
-    procs = [subprocess.Popen(cmd, env=env, start_new_session=True) for cmd, env in agents]
+    procs: list[subprocess.Popen] = []
     stopped: list[int] = []
 
     def forward(signum, frame):
@@ -192,8 +193,14 @@ def run_agents(agents: list[tuple[list[str], dict]], grace_s: float = STOP_GRACE
         stopped.append(signum)
         _signal_groups(procs, signal.SIGTERM)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    # (only the main thread may install signal handlers; elsewhere a stop is the caller's to handle)
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
+        for cmd, env in agents:
+            procs.append(subprocess.Popen(cmd, env=env, start_new_session=True))
+        if stopped:  # a stop that came while the agents were starting
+            _signal_groups(procs, signal.SIGTERM)
         deadline = None
         while any(p.poll() is None for p in procs):
             if stopped and deadline is None:
