@@ -2,15 +2,19 @@
 import json
 import os
 import shlex
+import sys
 from pathlib import Path
 
 from llmpar.analysis.batch_sweep import is_sweep
 from llmpar.analysis.figure_list import study_figures
-from llmpar.config import prepare, run_config
+from llmpar.config import check_config_files, prepare, run_config
 from llmpar.data.corpus import check_source
 from llmpar.errors import UserError
+from llmpar.interrupts import forward_stop_signals
+from llmpar.record import set_aside_damaged_records
 
 try:
+    check_config_files(workflow.configfiles)
     CFG = prepare(config)
     if not CFG["recorded"]:
         check_source(
@@ -22,6 +26,12 @@ try:
         )
 except UserError as exc:
     raise WorkflowError(f"invalid configuration: {exc}")
+
+
+# SIGINT or SIGTERM to the snakemake process alone also stops the running jobs (llmpar.interrupts).
+onstart:
+    forward_stop_signals()
+
 
 STUDY = CFG["study"]
 RUNS = list(CFG["runs"])
@@ -60,6 +70,22 @@ def run_json(wildcards):
 
 def summaries():
     return expand(f"{RES}/runs/{{run}}/summary.json", run=RUNS)
+
+
+def run_steps():
+    return expand(f"{RES}/runs/{{run}}/steps.jsonl", run=RUNS)
+
+
+# A run whose record is damaged (summary.json or a row file unreadable, or inconsistent with each other)
+# is no result: its summary is set aside, so the run is trained again (resumed from its newest intact
+# checkpoint) and everything made from it is rebuilt. Checked at every start of the workflow.
+if workflow.is_main_process and not CFG["recorded"]:
+    for run, problem in set_aside_damaged_records(Path(RES) / "runs", RUNS).items():
+        print(
+            f"run {run}: {problem}; its summary.json is set aside as summary.json.damaged "
+            "and the run is trained again",
+            file=sys.stderr,
+        )
 
 
 def figures():
@@ -108,7 +134,12 @@ def sweep_outputs():
 
 
 def final_outputs():
+    """What the study makes. The run records are targets themselves: Snakemake rebuilds a missing file
+    that is not a target only for a job that reruns anyway, so a deleted summary.json under tables that
+    are newer than the summaries left would otherwise never be trained again."""
     return [
+        *summaries(),
+        *run_steps(),
         f"{RES}/metrics.csv",
         f"{RES}/steps.csv",
         *figures(),

@@ -4,6 +4,7 @@
 rule aggregate:
     input:
         summaries=summaries(),
+        steps=run_steps(),
     output:
         metrics=report(
             f"{RES}/metrics.csv",

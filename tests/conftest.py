@@ -99,11 +99,33 @@ def train_batch(configs: dict[str, dict], tokens: Path, root: Path, sum_grads: t
     return {r: read_run(root / r) for r in runs}
 
 
+# Clipping far below the gradient norm (about 2 in these steps): the clipped gradient's elements (~1e-8)
+# are of the size of AdamW's eps, so the update depends on the clipping coefficient, not only on the
+# gradient's direction as it does where clipping at 1.0 is active. An engine that skips clipping (or clips
+# by another norm) then moves the losses by ~5e-3 relative at step 2 and ~3e-2 by step 6, where clipping at
+# 1.0 against none moves them by 1e-4 to 6e-4 (the equivalence tolerance is 1e-4).
+CLIPPED = {"grad_clip": 1e-5}
+
+
 @pytest.fixture(scope="session")
-def baseline(tiny_tokens, tmp_path_factory):
+def baselines(tiny_tokens, tmp_path_factory):
+    """The single-process reference runs of BASE_CONFIG, one launch: ``single`` and ``single-clipped``
+    (CLIPPED). {run: (summary, steps)}."""
+    return train_batch({"single": make_config(),
+                        "single-clipped": make_config({"single-clipped": {"strategy": "single"}}, train=CLIPPED)},
+                       tiny_tokens, tmp_path_factory.mktemp("baselines"))
+
+
+@pytest.fixture(scope="session")
+def baseline(baselines):
     """The single-process reference run of BASE_CONFIG (summary, steps)."""
-    summary, steps, _ = train_run(make_config(), "single", tiny_tokens, tmp_path_factory.mktemp("single"))
-    return summary, steps
+    return baselines["single"]
+
+
+@pytest.fixture(scope="session")
+def clipped_baseline(baselines):
+    """``single`` with CLIPPED (summary, steps)."""
+    return baselines["single-clipped"]
 
 
 def assert_same_steps(steps, ref_steps, rtol: float, min_steps: int = 5, grad_rtol: float | None = None):
@@ -119,12 +141,37 @@ def assert_same_steps(steps, ref_steps, rtol: float, min_steps: int = 5, grad_rt
             assert rel <= tol, f"step {a['step']}: {key} {a[key]} vs baseline {b[key]} (rel {rel:.2e} > {tol})"
 
 
+def assert_counts(summary, steps, cfg: dict = BASE_CONFIG):
+    """Tokens and throughput of a run against our own count from its config (``cfg``: the study it ran in)
+    and its step rows: every step trains global_batch x seq_len tokens whatever the layout (all ranks
+    together, each token once); tokens_per_s and samples_per_s are the steady steps' (those after
+    train.warmup_steps_excluded) tokens and sequences over the sum of their step times."""
+    train = prepare(cfg)["train"]
+    batch, seq, warmup = train["global_batch"], cfg["model"]["seq_len"], train["warmup_steps_excluded"]
+    assert [r["step"] for r in steps] == list(range(1, len(steps) + 1))
+    assert summary["steps_completed"] == len(steps)
+    assert [r["tokens"] for r in steps] == [r["step"] * batch * seq for r in steps]
+    assert [r["samples"] for r in steps] == [r["step"] * batch for r in steps]
+    assert summary["tokens_trained"] == len(steps) * batch * seq
+    steady = [r for r in steps if r["step"] > warmup]
+    seconds = sum(r["step_time_s"] for r in steady)
+    assert summary["steady_steps"] == len(steady) and summary["steady_time_s"] == pytest.approx(seconds, rel=1e-12)
+    assert summary["tokens_per_s"] == pytest.approx(len(steady) * batch * seq / seconds, rel=1e-12)
+    assert summary["samples_per_s"] == pytest.approx(len(steady) * batch / seconds, rel=1e-12)
+    assert summary["tokens_per_s_per_gpu"] == pytest.approx(summary["tokens_per_s"] / summary["world_size"],
+                                                            rel=1e-12)
+
+
 def assert_matches_single(summary, steps, baseline, rtol: float, min_steps: int = 6, grad_rtol: float | None = None):
     """What every engine shares with ``single`` (``baseline``: its summary and steps): the per-step losses
     and the final validation loss (the engine's eval_loss) within ``rtol`` relative, the per-step gradient
-    norms and the first update of the tracked parameters within ``grad_rtol`` (default ``rtol``)."""
+    norms and the first update of the tracked parameters within ``grad_rtol`` (default ``rtol``), and the
+    tokens it counts (:func:`assert_counts`: as many as single's)."""
     ref_summary, ref_steps = baseline
     assert summary["status"] == "ok", summary["message"]
+    assert_counts(summary, steps)
+    assert_counts(ref_summary, ref_steps)
+    assert summary["tokens_trained"] == ref_summary["tokens_trained"]
     assert_same_steps(steps, ref_steps, rtol, min_steps, grad_rtol)
     assert_same_first_update(summary, ref_summary, rtol if grad_rtol is None else grad_rtol)
     val, ref_val = summary["final_val_loss"], ref_summary["final_val_loss"]
@@ -154,6 +201,16 @@ def layout_fixtures(launch):
         return trained
 
     return tuple(fixture(layout) for layout in ("w2", "w4", "nodes2"))
+
+
+def assert_clipping_is_decisive(baseline, clipped_baseline, rtol: float) -> None:
+    """``single`` with CLIPPED clips by a factor above 1e4 at every step, and its losses are more than 100 x
+    ``rtol`` off ``single`` clipping at 1.0: a run that ignores clipping fails a check against it by far."""
+    ref = clipped_baseline[1]
+    assert all(r["grad_norm"] > 1e4 * CLIPPED["grad_clip"] for r in ref), [r["grad_norm"] for r in ref]
+    gap = max_rel_gap(ref, baseline[1])
+    print(f"single clipping at {CLIPPED['grad_clip']} vs at 1.0: max rel loss gap {gap:.1e}")
+    assert gap > 100 * rtol
 
 
 def max_rel_gap(steps, ref_steps, key: str = "loss") -> float:

@@ -79,16 +79,16 @@ def logged_steps(progress: Path) -> list[int]:
     return [row["step"] for row in map(json.loads, lines) if row.get("kind") == "step"]
 
 
-def kill_when_stalled(proc: subprocess.Popen, run_dir: Path, checkpoint_step: int, stall_step: int,
-                      log: Path, timeout: float = 300) -> list[int]:
+def wait_until_stalled(proc: subprocess.Popen, run_dir: Path, checkpoint_step: int, stall_step: int,
+                       log: Path, timeout: float = 300) -> list[int]:
     """Wait until the run in ``run_dir`` has completed its checkpoint of ``checkpoint_step`` (its marker,
     meta.json, is written last, before the directory is renamed into place) and logged every step before
-    its stall at ``stall_step``; then SIGKILL the launch. Returns the steps it had logged."""
+    its stall at ``stall_step``. Returns the steps it had logged; fails (killing ``proc``'s session) if the
+    run never gets there."""
     marker = run_dir / "checkpoints" / f"step_{checkpoint_step:08d}" / "meta.json"
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         if marker.is_file() and stall_step - 1 in logged_steps(run_dir / "progress.jsonl"):
-            kill_tree(proc)
             return logged_steps(run_dir / "progress.jsonl")
         time.sleep(0.05)
     code = proc.poll()
@@ -97,3 +97,10 @@ def kill_when_stalled(proc: subprocess.Popen, run_dir: Path, checkpoint_step: in
     raise AssertionError(f"{run_dir.name} never stalled after checkpoint {checkpoint_step} (exit {code}):\n"
                          f"{log.read_text()[-6000:] if log.is_file() else '(no log)'}")
 
+
+def kill_when_stalled(proc: subprocess.Popen, run_dir: Path, checkpoint_step: int, stall_step: int,
+                      log: Path, timeout: float = 300) -> list[int]:
+    """:func:`wait_until_stalled`, then SIGKILL the launch. Returns the steps the run had logged."""
+    wait_until_stalled(proc, run_dir, checkpoint_step, stall_step, log, timeout)
+    kill_tree(proc)
+    return logged_steps(run_dir / "progress.jsonl")

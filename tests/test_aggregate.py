@@ -56,6 +56,15 @@ def _drop_step(d):
     (d / "steps.jsonl").write_text("".join(lines[:-1]))
 
 
+def _torn_steps(d):
+    text = (d / "steps.jsonl").read_text()
+    (d / "steps.jsonl").write_text(text[: text.index("\n") + 5])  # cut in the second line
+
+
+def _garbage_summary(d):
+    (d / "summary.json").write_bytes(b"\xff\xfe\x00garbage")
+
+
 def _duplicate_step(d):
     (d / "steps.jsonl").write_text((d / "steps.jsonl").read_text() + json.dumps({"step": 2, "loss": 1.0}) + "\n")
     _edit(steps_completed=3, steps_planned=3)(d)
@@ -69,15 +78,41 @@ def _duplicate_step(d):
     (_edit(status="oom", message=None), "is incomplete: missing message"),
     (_edit(steps_completed=1), "summary says 1/2 steps but steps.jsonl has 2 rows"),
     (_drop_step, "summary says 2/2 steps but steps.jsonl has 1 rows"),
+    (_torn_steps, "runs/b/steps.jsonl of run b is damaged"),
+    (_garbage_summary, "runs/b/summary.json is not valid JSON"),
+    (_edit(), None),
     (_duplicate_step, "duplicate \\(run, step\\) rows"),
 ], ids=["no-summary", "torn-summary", "unknown-status", "missing-key", "failed-missing-message",
-        "fewer-steps-than-planned", "steps-file-short", "duplicate-step"])
+        "fewer-steps-than-planned", "steps-file-short", "steps-file-torn", "summary-not-text", "intact",
+        "duplicate-step"])
 def test_incomplete_run_is_refused(tmp_path, damage, message):
     write_run(tmp_path, "a")
     damage(write_run(tmp_path, "b"))
+    if message is None:  # the intact control
+        aggregate(tmp_path / "runs", ["a", "b"], "a", tmp_path / "out")
+        return
     with pytest.raises(IncompleteRun, match=message):
         aggregate(tmp_path / "runs", ["a", "b"], "a", tmp_path / "out", 8)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", [_torn_summary, _torn_steps, _drop_step, _garbage_summary, _edit(tokens_per_s=None)],
+                         ids=["torn-summary", "torn-steps", "steps-file-short", "summary-not-text", "missing-key"])
+def test_a_damaged_record_is_set_aside_so_the_run_is_trained_again(tmp_path, damage):
+    """What the workflow does at its start (rules/common.smk): a run whose record cannot be read loses its
+    summary (kept as summary.json.damaged), so Snakemake sees the run as not done; intact runs and runs
+    without a summary are left alone."""
+    from llmpar.record import set_aside_damaged_records
+
+    write_run(tmp_path, "a")
+    damage(write_run(tmp_path, "b"))
+    (tmp_path / "runs" / "c").mkdir()  # not trained yet
+    bad = set_aside_damaged_records(tmp_path / "runs", ["a", "b", "c"])
+    assert list(bad) == ["b"] and "runs/b" in bad["b"]
+    assert not (tmp_path / "runs" / "b" / "summary.json").exists()
+    assert (tmp_path / "runs" / "b" / "summary.json.damaged").is_file()
+    assert (tmp_path / "runs" / "a" / "summary.json").is_file()
+    assert set_aside_damaged_records(tmp_path / "runs", ["a", "b", "c"]) == {}
 
 
 def test_baseline_must_be_aggregated(tmp_path):

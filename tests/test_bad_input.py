@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from conftest import BASE_CONFIG, REPO
 from workflow_util import snakemake, write_config
 
@@ -79,3 +80,32 @@ def test_cli_names_a_bad_flag_combination(tmp_path):
     )
     assert proc.returncode == 2 and "layers cannot fill" in proc.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_workflow_refuses_a_config_key_given_twice(tmp_path):
+    """Snakemake reads --configfile with its own YAML loader (a second `runs:` section silently replaces the
+    first); the workflow reads its config files again strictly and stops before any job."""
+    cfg = copy.deepcopy(BASE_CONFIG)
+    text = yaml.safe_dump(cfg, sort_keys=False) + "runs:\n  ddp: {strategy: data_parallel}\n"
+    (tmp_path / "config.yaml").write_text(text)
+    proc = snakemake(tmp_path, check=False, timeout=300)
+    out = proc.stdout + proc.stderr
+    line = text.splitlines().index("runs:", 0) + 1
+    assert proc.returncode != 0
+    assert f"key 'runs' is given twice in the same mapping (first on line {line})" in out, out[-2000:]
+    assert not (tmp_path / "results").exists()
+
+
+def test_cli_refuses_a_model_that_cannot_fit_before_building_its_data(tmp_path):
+    """Without --tokens the CLI builds its own corpus under results/cli/data/; the fit check comes first
+    (with the tokenizer's target vocabulary), so a refused run leaves nothing behind."""
+    from llmpar import run_cli
+
+    argv = ["--strategy", "data_parallel", "--model_size", "1B", "--device", "cpu", "--seed", "918273",
+            "--out", str(tmp_path / "out")]
+    data = run_cli.cli_data_root(run_cli._cli_config(run_cli.parse_args(argv))[0])
+    assert not data.exists()
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), *argv], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2 and "predicted peak memory" in proc.stderr, proc.stderr[-2000:]
+    assert not data.exists() and not (tmp_path / "out").exists()

@@ -156,3 +156,27 @@ def test_semantic_checks_name_the_run_and_the_problem(run, match):
 def test_study_level_checks(raw, match):
     with pytest.raises(ConfigError, match=match):
         prepare(raw)
+
+
+@pytest.mark.parametrize("text, key, lines", [
+    ("train:\n  lr: 0.003\n  steps: 4\n  lr: 0.5\nruns:\n  single: {strategy: single}\nbaseline: single\n",
+     "lr", (4, 2)),
+    ("runs:\n  single: {strategy: single}\nbaseline: single\nruns:\n  ddp: {strategy: data_parallel}\n",
+     "runs", (4, 1)),
+    ("runs:\n  a: {strategy: single, tp: 1, tp: 2}\nbaseline: a\n", "tp", (2, 2)),
+], ids=["train-key", "section", "flow-mapping"])
+def test_a_key_given_twice_is_refused_with_its_lines(tmp_path, text, key, lines):
+    """YAML keeps the last of two equal keys without a word; a config file naming one twice is refused with
+    the key and both lines, JSON included (a JSON file is read as YAML)."""
+    from llmpar.config import load_yaml
+
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"{path}, line {lines[0]}: key '{key}' is given twice in the same mapping "
+                                          rf"\(first on line {lines[1]}\)"):
+        load_yaml(path)
+    path.write_text('{"runs": {"a": {"strategy": "single"}}, "baseline": "a", "baseline": "b"}')
+    with pytest.raises(ConfigError, match="key 'baseline' is given twice"):
+        load_yaml(path)
+    path.write_text("runs: {a: {strategy: single}}\nbaseline: a\ntrain: {lr: 0.5}\n")
+    assert load_yaml(path)["train"] == {"lr": 0.5}

@@ -12,7 +12,9 @@ as ``single`` in bf16. ZeRO-1, ZeRO-3, AutoTP and the pipeline also checkpoint a
 DeepSpeed's own format and are resumed from it (loaded with ``torch.load(weights_only=True)``): the
 resumed steps' losses equal the first run's exactly. The mutation check trains ZeRO-2 once more with
 DeepSpeed summing the data-parallel gradients instead of averaging them and shows that the
-gradient-norm check fails. The runs of one process layout share one launch (``--batch``).
+gradient-norm check fails. ZeRO-2 and the pipeline also train with clipping far below the gradient
+norm (conftest.CLIPPED), against ``single`` clipped alike, where a run that skips clipping is off by far
+more than the tolerance. The runs of one process layout share one launch (``--batch``).
 """
 
 import pickle
@@ -20,6 +22,8 @@ import pickle
 import pytest
 import torch
 from conftest import (
+    CLIPPED,
+    assert_clipping_is_decisive,
     assert_matches_single,
     assert_same_steps,
     layout_fixtures,
@@ -55,7 +59,9 @@ LAUNCHES = {  # one launch per process layout
            "zero3-offload": ZERO[3] | {"offload": "optimizer"},
            "autotp": AUTOTP | {"gpus_per_node": 2},
            "pipeline": PIPELINE,
-           **{f"bf16-{name}": run | {"precision": "bf16"} for name, run in BF16_RUNS.items()}},
+           **{f"bf16-{name}": run | {"precision": "bf16"} for name, run in BF16_RUNS.items()},
+           # clipping far below the gradient norm (conftest.CLIPPED): ZeRO's optimizer and the pipeline clip
+           "zero2-clipped": ZERO[2], "pipeline-clipped": PIPELINE},
     # ZeRO-1 inside DeepSpeed's pipeline: 2 stages x 2 data-parallel replicas; AutoTP tp 2 x dp 2
     "w4": {"zero1-pp": ZERO[1] | {"stages": 2, "gpus_per_node": 4},
            "autotp-dp2": AUTOTP | {"gpus_per_node": 4}},
@@ -67,7 +73,8 @@ RESUMED = ("zero1", "zero3", "autotp", "pipeline")  # these also checkpoint at s
 
 def config(name: str) -> dict:
     runs = {n: run for launch in LAUNCHES.values() for n, run in launch.items()}
-    return make_config({name: runs[name]}, train={"checkpoint_every": 3} if name in RESUMED else {})
+    return make_config({name: runs[name]}, train={**({"checkpoint_every": 3} if name in RESUMED else {}),
+                                                  **(CLIPPED if name.endswith("-clipped") else {})})
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +169,15 @@ def test_zero1_with_pipeline_matches_single(w4, baseline):
     for r, n in zip(ranks, [stage_params[0]] * 2 + [stage_params[1]] * 2):
         # each stage's optimizer state is split over its 2 replicas
         assert r["state_bytes"]["optimizer"] == pytest.approx(ADAM_BYTES * n / 2, rel=0.01), r
+
+
+@pytest.mark.parametrize("name", ["zero2-clipped", "pipeline-clipped"])
+def test_deepspeed_clips_as_single_does(w2, baseline, clipped_baseline, name):
+    """DeepSpeed's clipping (its gradient_clipping, by the global norm over partitions and stages): with
+    clipping far below the gradient norm, where skipping it moves the losses by more than 100 x the
+    tolerance, ZeRO-2 and the pipeline train the same model as single."""
+    assert_clipping_is_decisive(baseline, clipped_baseline, RTOL)
+    matches_single(w2, name, clipped_baseline, world=2)
 
 
 def test_summed_gradients_fail_the_check(w2, baseline):

@@ -1,5 +1,6 @@
-"""Failures are data: resume after SIGKILL, out-of-memory and divergence as results."""
+"""Failures are data: resume after SIGKILL and after a stop signal, out-of-memory and divergence as results."""
 
+import contextlib
 import copy
 import json
 import re
@@ -7,8 +8,8 @@ import subprocess
 
 import pandas as pd
 import pytest
-from conftest import BASE_CONFIG, train_run
-from launches import kill_when_stalled
+from conftest import BASE_CONFIG, read_run, train_run
+from launches import kill_tree, kill_when_stalled, wait_until_stalled
 from workflow_util import command as workflow_command
 from workflow_util import env as workflow_env
 from workflow_util import snakemake, write_config
@@ -50,6 +51,48 @@ def test_sigkill_mid_run_then_rerun_resumes(tmp_path, baseline):
     assert baseline[0]["data"]["tokens"] == summary["data"]["tokens"]  # same corpus and tokenizer
     assert list(steps["loss"]) == [r["loss"] for r in baseline[1]]
     assert summary["final_val_loss"] == baseline[0]["final_val_loss"]
+
+
+def test_sigint_to_snakemake_alone_stops_the_training_and_the_rerun_resumes(tmp_path):
+    """SIGINT to the snakemake process only, not its process group (as a parent process or a scheduler
+    stops it), once the step-3 checkpoint is complete and step 4 logged (the run stalls at step 5): every
+    process of the training job (launcher, torchrun agent, worker) is gone within seconds, the run has no
+    summary, and a rerun resumes from step 3 with each step recorded once."""
+    import os
+    import signal
+
+    import psutil
+
+    cfg = copy.deepcopy(RESUME)
+    cfg["study"] = "interrupt"
+    write_config(tmp_path, cfg)
+    run_dir = tmp_path / "results" / "interrupt" / "runs" / "single"
+    target = str(run_dir.relative_to(tmp_path) / "summary.json")
+    proc = subprocess.Popen(workflow_command(tmp_path, target), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=workflow_env(), start_new_session=True)
+    log = tmp_path / "logs" / "interrupt" / "train" / "single.log"
+    assert wait_until_stalled(proc, run_dir, checkpoint_step=3, stall_step=5, log=log) == [1, 2, 3, 4]
+    job = psutil.Process(proc.pid).children(recursive=True)
+    try:
+        assert any("llmpar.train" in " ".join(p.cmdline()) for p in job), [p.cmdline() for p in job]
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) != 0
+        _, alive = psutil.wait_procs(job, timeout=10)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:  # a failed check leaves nothing running
+        if proc.poll() is None:
+            kill_tree(proc)
+        for p in job:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+    assert not (run_dir / "summary.json").exists()
+    assert "stopped by SIGTERM: no summary written" in log.read_text(), log.read_text()[-3000:]
+
+    snakemake(tmp_path, target)
+    assert "resumed from checkpoint step_00000003 (step 3), attempt 1" in log.read_text(), log.read_text()[-3000:]
+    summary, steps = read_run(run_dir)
+    assert summary["status"] == "ok" and summary["attempts"] == 2
+    assert [r["step"] for r in steps] == list(range(1, 7)) and [r["attempt"] for r in steps] == [0, 0, 0, 1, 1, 1]
 
 
 def test_oom_and_divergence_are_rows_and_the_study_completes(tmp_path):

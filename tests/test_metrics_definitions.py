@@ -137,3 +137,134 @@ def test_bubble_measured_is_the_mean_idle_share_of_the_schedule():
              {"forward": 1.0, "backward": 3.0, "pipeline_idle": 0.0, "optimizer": 5.0, "grad_sync": 1.0}]
     assert D.bubble_measured(ranks) == (0.25 + 0.0) / 2  # optimizer and gradient sync are outside the schedule
     assert D.bubble_measured([{"forward": 1.0, "backward": 2.0, "optimizer": 1.0}, None]) is None
+
+
+# bf16 dense tensor-core peak of every card in PEAK_FLOPS, from its maker's datasheet (dense: half the
+# "with sparsity" figure the datasheets also print). V100 has no bf16: its FP16 tensor-core rate.
+DATASHEETS = {
+    "H200": (989e12, "NVIDIA H200 Tensor Core GPU datasheet, H200 SXM: BF16 1,979 TFLOPS with sparsity"),
+    "H100 PCIe": (756e12, "NVIDIA H100 Tensor Core GPU datasheet, H100 PCIe: BF16 1,513 TFLOPS with sparsity"),
+    "H100": (989e12, "NVIDIA H100 Tensor Core GPU datasheet, H100 SXM: BF16 1,979 TFLOPS with sparsity"),
+    "GH200": (989e12, "NVIDIA GH200 Grace Hopper Superchip datasheet: FP16/BF16 1,979 TFLOPS with sparsity"),
+    "B200": (2250e12, "NVIDIA HGX B200 datasheet: FP16/BF16 36 PFLOPS with sparsity for 8 GPUs"),
+    "A100": (312e12, "NVIDIA A100 Tensor Core GPU datasheet: BF16 312 TFLOPS (624 with sparsity)"),
+    "A800": (312e12, "NVIDIA A800 Tensor Core GPU datasheet: BF16 312 TFLOPS (624 with sparsity)"),
+    "L40S": (362e12, "NVIDIA L40S datasheet: BF16 362.05 TFLOPS (733 with sparsity)"),
+    "L4": (121e12, "NVIDIA L4 Tensor Core GPU datasheet: BF16 242 TFLOPS with sparsity"),
+    "A10": (125e12, "NVIDIA A10 Tensor Core GPU datasheet: BF16 125 TFLOPS (250 with sparsity)"),
+    "V100": (125e12, "NVIDIA V100 Tensor Core GPU datasheet, V100 SXM2: tensor performance 125 TFLOPS (FP16)"),
+    "RTX 4090": (165e12, "NVIDIA Ada Lovelace GPU architecture whitepaper, GeForce RTX 4090: peak BF16 tensor "
+                         "TFLOPS with FP32 accumulate 165.2 (330.4 with sparsity)"),
+    "MI300X": (1307e12, "AMD Instinct MI300X accelerator data sheet: peak BF16 1,307.4 TFLOPS (dense)"),
+    "MI250X": (383e12, "AMD Instinct MI250X accelerator data sheet: peak BF16 383 TFLOPS"),
+}
+
+
+def test_every_cards_peak_is_its_datasheets():
+    """Each entry of PEAK_FLOPS against its datasheet (a card added to the table needs its row here), and
+    the names the drivers report resolve to their own card, not to a card whose name they contain (the
+    table is searched in order: H100 PCIe before H100, L40S before L4, A100 before A10)."""
+    assert dict(D.PEAK_FLOPS) == {card: value for card, (value, _) in DATASHEETS.items()}
+    reported = {"NVIDIA H200": "H200", "NVIDIA H100 80GB HBM3": "H100", "NVIDIA H100 PCIe": "H100 PCIe",
+                "NVIDIA GH200 480GB": "GH200", "NVIDIA B200": "B200", "NVIDIA A100-SXM4-80GB": "A100",
+                "NVIDIA A800 80GB PCIe": "A800", "NVIDIA L40S": "L40S", "NVIDIA L4": "L4", "NVIDIA A10": "A10",
+                "Tesla V100-SXM2-32GB": "V100", "NVIDIA GeForce RTX 4090": "RTX 4090",
+                "AMD Instinct MI300X": "MI300X", "AMD Instinct MI250X": "MI250X"}
+    for name, card in reported.items():
+        assert D.peak_flops_for(name, None) == DATASHEETS[card][0], (name, card)
+    assert D.peak_flops_for("NVIDIA H100 80GB HBM3", 5e14) == 5e14  # train.peak_flops wins
+    assert D.peak_flops_for("Some Unknown GPU", None) is None
+
+
+def pipeline_timeline(p: int, m: int, fwd: float, bwd: float, schedule: str) -> list[list[tuple[str, float, float]]]:
+    """Each rank's stage calls (phase, start, end) in an ideal pipeline with free transfers: every forward
+    takes ``fwd``, every backward ``bwd``; a forward waits for the previous stage's, a backward for the next
+    stage's and for its own forward. GPipe runs all forwards first; 1F1B runs p-1-r warm-up forwards on
+    rank r, then alternates, then drains its backwards."""
+    orders = []
+    for r in range(p):
+        if schedule == "gpipe":
+            order = [("F", i) for i in range(m)] + [("B", i) for i in range(m)]
+        else:
+            warm = min(m, p - 1 - r)
+            order = [("F", i) for i in range(warm)]
+            for i in range(m - warm):
+                order += [("F", warm + i), ("B", i)]
+            order += [("B", i) for i in range(m - warm, m)]
+        orders.append(order)
+    done: dict[tuple[str, int, int], float] = {}
+    free, pos = [0.0] * p, [0] * p
+    timeline: list[list[tuple[str, float, float]]] = [[] for _ in range(p)]
+    while any(pos[r] < len(orders[r]) for r in range(p)):
+        progressed = False
+        for r in range(p):
+            if pos[r] == len(orders[r]):
+                continue
+            kind, i = orders[r][pos[r]]
+            needs = [("F", r - 1, i)] if kind == "F" and r > 0 else []
+            if kind == "B":
+                needs = [("F", r, i)] + ([("B", r + 1, i)] if r < p - 1 else [])
+            if all(n in done for n in needs):
+                start = max([free[r]] + [done[n] for n in needs])
+                end = start + (fwd if kind == "F" else bwd)
+                done[(kind, r, i)] = free[r] = end
+                timeline[r].append(("forward" if kind == "F" else "backward", start, end))
+                pos[r] += 1
+                progressed = True
+        assert progressed, "the schedule deadlocks"
+    return timeline
+
+
+class FakeClock:
+    """A clock the test sets: PhaseTimer's readings on a synthetic timeline."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("p, m", [(2, 4), (4, 8)])
+def test_measured_bubble_of_a_schedule_with_a_known_idle_share(schedule, p, m):
+    """The torch pipeline's breakdown (PipelineEngine.time_breakdown over its PhaseTimer) fed an ideal
+    schedule's timings, as the engine records them: the schedule's span, each stage call, then the
+    gradient sync and optimizer outside the schedule. Rank 0 idles exactly the textbook bubble
+    (p-1)/(m+p-1) of its schedule; every rank's idle share is its span less its calls; bubble_measured
+    is their mean."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from llmpar.strategies.pp_torch import PipelineEngine
+    from llmpar.strategies.timer import PhaseTimer
+
+    fwd, bwd = 1.0, 2.0
+    breakdowns, expected = [], []
+    for calls in pipeline_timeline(p, m, fwd, bwd, schedule):
+        clock = FakeClock()
+        timer = PhaseTimer(torch.device("cpu"))
+        timer._now = clock
+        schedule_start = timer.mark()
+        for phase, start, end in calls:
+            clock.now = start
+            timer.start()
+            clock.now = end
+            timer.stop(phase)
+        span = calls[-1][2]
+        timer.span("schedule", schedule_start)
+        timer.start()
+        clock.now = span + 3.0
+        timer.stop("grad_sync")
+        clock.now = span + 7.0
+        timer.stop("optimizer")
+        breakdown = PipelineEngine.time_breakdown(SimpleNamespace(timer=timer))
+        assert breakdown["forward"] == m * fwd and breakdown["backward"] == m * bwd
+        assert breakdown["grad_sync"] == 3.0 and breakdown["optimizer"] == 4.0
+        breakdowns.append(breakdown)
+        expected.append((span - m * (fwd + bwd)) / span)
+    assert breakdowns[0]["pipeline_idle"] / (m * (fwd + bwd) + breakdowns[0]["pipeline_idle"]) == \
+        pytest.approx(D.bubble_fraction(p, m), rel=1e-12)
+    assert D.bubble_fraction(p, m) == (p - 1) / (m + p - 1)
+    assert D.bubble_measured(breakdowns) == pytest.approx(sum(expected) / p, rel=1e-12)

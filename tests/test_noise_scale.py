@@ -69,6 +69,23 @@ def test_pollux_has_one_reference_per_study():
     assert none["pollux_efficiency"] is None and "one data-parallel replica" in none["pollux_reason"]
 
 
+@pytest.mark.parametrize("dp, splits", [(2, None), (2, 4), (4, None)])
+def test_summarize_measures_at_the_replica_batch(dp, splits):
+    """summarize on step rows whose two squared norms are their expectations for |G|^2 = 3 and tr(Sigma) = 12
+    (B_noise = 4 sequences): the small batch is global_batch / splits (splits = dp unless an engine measures
+    smaller parts), the big one global_batch."""
+    from llmpar.metrics.noise_scale import summarize
+
+    g2, trace, global_batch, warmup = 3.0, 12.0, 16, 1
+    small = global_batch // (splits or dp)
+    steps = [{"step": s, "grad_norm": math.sqrt(g2 + trace / global_batch)} for s in range(1, 7)]
+    ranks = [{s: g2 + trace / small for s in range(1, 7)} for _ in range(dp)]
+    fields = summarize(steps, ranks, global_batch, dp, warmup, None, splits=splits)
+    assert fields["noise_scale_reason"] is None and fields["noise_scale_small_batch"] == small
+    assert fields["gradient_noise_scale"] == pytest.approx(trace / g2, rel=1e-9)
+    assert fields["gradient_noise_scale_mean"] == pytest.approx(trace / g2, rel=1e-9)
+
+
 # --------------------------------------------------------------------------- measured in real runs
 
 @pytest.mark.slow

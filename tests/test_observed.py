@@ -6,7 +6,7 @@ each also trains the same model as ``single`` where its numerics allow.
 """
 
 import pytest
-from conftest import assert_same_steps, read_run
+from conftest import assert_counts, assert_same_steps, read_run
 
 from llmpar.shape import MODEL_SIZES
 
@@ -120,3 +120,16 @@ def test_torch_tp_x_dp_matches_single(shared_four, baseline):
     assert_same_steps(steps, baseline[1], rtol=1e-4, min_steps=6)
     total, projections = summary["params_total"], LAYERS * (layer_params() - 2 * DIMS["hidden_size"])
     assert [r["local_params"] for r in summary["per_rank"]] == [total - projections // 2] * 4
+
+
+def test_every_run_counts_the_tokens_it_trained(shared_two, shared_four):
+    """Every run of the shared study, killed-and-resumed ones included, in every layout: tokens and
+    throughput against our own count (conftest.assert_counts: global_batch x seq_len tokens per step)."""
+    for shared in (shared_two, shared_four):
+        for run, run_dir in shared["dir"].items():
+            summary, steps = read_run(run_dir)
+            assert summary["status"] == "ok", (run, summary["message"])
+            try:
+                assert_counts(summary, steps)
+            except AssertionError as exc:
+                raise AssertionError(f"run {run}: {exc}") from exc

@@ -60,6 +60,23 @@ def test_study_outputs_are_complete(study):
     assert summary["world_size"] == 2 and summary["status"] == "ok"
 
 
+def test_every_run_counts_the_tokens_it_trained(study):
+    """Tokens and throughput against a count of our own: every run trains global_batch x seq_len tokens per
+    step whatever its layout (DDP's ranks together as many as single), and tokens_per_s is the steady
+    steps' tokens over their summed step times in the run's own steps.jsonl."""
+    from conftest import assert_counts
+
+    runs = study / "results" / "wf" / "runs"
+    for run in ("single", "ddp"):
+        summary = json.loads((runs / run / "summary.json").read_text())
+        assert_counts(summary, [json.loads(line) for line in (runs / run / "steps.jsonl").read_text().splitlines()],
+                      STUDY)
+    steps = read_table(study / "results" / "wf" / "steps.csv")
+    per_run = steps.groupby("run")["tokens"].max()
+    assert per_run["ddp"] == per_run["single"] == STUDY["train"]["steps"] * STUDY["train"]["global_batch"] * \
+        STUDY["model"]["seq_len"]
+
+
 def test_ratios_are_the_defining_quotients(study):
     m = read_table(study / "results" / "wf" / "metrics.csv").set_index("run")
     base, ddp = m.loc["single"], m.loc["ddp"]
@@ -122,6 +139,30 @@ def test_report_shows_the_tables_values(study):
 
 
 def test_second_run_has_nothing_to_do(study):
+    assert planned_jobs(study) == {}
+
+
+def test_a_missing_or_damaged_run_record_is_trained_again(study):
+    """single's summary deleted and ddp's steps.jsonl torn mid-line: a plain run retrains both (resuming
+    where they have checkpoints) and rebuilds everything made from them, though the tables are newer than
+    the records left. The damaged record's summary is set aside (summary.json.damaged), never aggregated."""
+    import os
+
+    runs = study / "results" / "wf" / "runs"
+    kept = {path: (path.read_bytes(), path.stat()) for path in (runs / "single" / "summary.json",
+                                                                runs / "ddp" / "steps.jsonl")}
+    try:
+        (runs / "single" / "summary.json").unlink()
+        steps = runs / "ddp" / "steps.jsonl"
+        steps.write_text(steps.read_text()[:100])
+        assert planned_jobs(study) == {"train": 2, "aggregate": 1, "figures": 1, "html_report": 1, "all": 1}
+        assert (runs / "ddp" / "summary.json.damaged").is_file() and not (runs / "ddp" / "summary.json").exists()
+    finally:
+        if (runs / "ddp" / "summary.json.damaged").is_file():
+            (runs / "ddp" / "summary.json.damaged").replace(runs / "ddp" / "summary.json")
+        for path, (data, stat) in kept.items():
+            path.write_bytes(data)
+            os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert planned_jobs(study) == {}
 
 

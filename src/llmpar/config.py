@@ -78,11 +78,52 @@ def validate_schema(cfg: dict) -> dict:
     return cfg
 
 
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, line: int, first: int):
+        super().__init__(f"line {line}: key '{key}' is given twice in the same mapping (first on line {first}); "
+                         "YAML would silently keep only the last one")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader refusing a mapping that names a key twice (plain PyYAML keeps the last one: a
+    second ``lr:`` or ``runs:`` section would silently replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                hash(key)
+            except TypeError:
+                continue  # PyYAML's own construct_mapping refuses an unhashable key
+            if key in seen:
+                raise DuplicateKey(key, line, seen[key])
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> dict:
+    """A config file (YAML or JSON), every mapping's keys unique. Raises ConfigError naming the file, and
+    for a key given twice the key and both lines."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    return yaml.safe_load(path.read_text()) or {}
+    try:
+        return yaml.load(path.read_text(), Loader=UniqueKeyLoader) or {}
+    except DuplicateKey as exc:
+        raise ConfigError(f"config file {path}, {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+
+
+def check_config_files(paths) -> None:
+    """Read each of ``paths`` strictly (:func:`load_yaml`): the workflow's config files, which Snakemake has
+    already loaded with a loader that lets a repeated key silently replace the first."""
+    for path in paths:
+        load_yaml(path)
 
 
 # --------------------------------------------------------------------------- run expansion

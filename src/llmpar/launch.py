@@ -16,11 +16,15 @@ Expected failures (out of memory, divergence) become a run summary with that sta
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from llmpar.errors import ExpectedFailure
@@ -154,19 +158,72 @@ def launch(jobs: list[dict], tokens: Path, argv: list[str], t0: float) -> int:
         port = 20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000
         cmd = torchrun_cmd(nodes, node_rank, gpn, slurm_first_host(), port)
         print(f"launch (node {node_rank}):", shlex.join(cmd), flush=True)
-        return subprocess.run(cmd, env=env).returncode
+        return run_agents([(cmd, env)])
     share_threads(env, nodes * gpn)  # all (local) nodes' workers run on this host
     port = free_port()
     gpus = local_node_gpus(nodes, gpn) if uses_cuda(rc) else [None] * nodes
-    procs = []
+    agents = []
     for node_rank in range(nodes):
         cmd = torchrun_cmd(nodes, node_rank, gpn, "127.0.0.1", port)
         node_env = env if gpus[node_rank] is None else {**env, "CUDA_VISIBLE_DEVICES": gpus[node_rank]}
         where = "" if gpus[node_rank] is None else f", GPUs {gpus[node_rank]}"
         print(f"launch (local node {node_rank}/{nodes}{where}):", shlex.join(cmd), flush=True)
-        procs.append(subprocess.Popen(cmd, env=node_env, start_new_session=False))
-    codes = [p.wait() for p in procs]
-    return max(codes, key=abs)
+        agents.append((cmd, node_env))
+    return run_agents(agents)
+
+
+STOP_GRACE_S = 30.0  # after forwarding SIGTERM, how long the agents get before SIGKILL
+
+
+def run_agents(agents: list[tuple[list[str], dict]], grace_s: float = STOP_GRACE_S) -> int:
+    """Run torchrun agents (command, environment) to their end; returns the exit code of the slowest (0 when
+    all succeeded).
+
+    Each agent runs in its own process group, so that a stop reaches exactly it and its workers: on SIGINT or
+    SIGTERM this process forwards SIGTERM to every agent's group (torchrun then stops its workers, which
+    run in groups of their own), waits for them, SIGKILLs a group still alive after ``grace_s``, and returns
+    128 + the signal's number. What a stopped run leaves is never taken as a result: no summary, a
+    checkpoint only if it was complete, progress rows a resume reads back."""
+    procs: list[subprocess.Popen] = []
+    stopped: list[int] = []
+
+    def forward(signum, frame):
+        if not stopped:
+            print(f"launch: {signal.Signals(signum).name}: stopping the training processes", flush=True)
+        stopped.append(signum)
+        _signal_groups(procs, signal.SIGTERM)
+
+    # (only the main thread may install signal handlers; elsewhere a stop is the caller's to handle)
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        for cmd, env in agents:
+            procs.append(subprocess.Popen(cmd, env=env, start_new_session=True))
+        if stopped:  # a stop that came while the agents were starting
+            _signal_groups(procs, signal.SIGTERM)
+        deadline = None
+        while any(p.poll() is None for p in procs):
+            if stopped and deadline is None:
+                deadline = time.monotonic() + grace_s
+            if deadline is not None and time.monotonic() > deadline:
+                _signal_groups(procs, signal.SIGKILL)
+                deadline = math.inf
+            time.sleep(0.1)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if stopped:
+        return 128 + stopped[0]
+    return max((p.returncode for p in procs), key=abs)
+
+
+def _signal_groups(procs: list[subprocess.Popen], sig: signal.Signals) -> None:
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
 
 
 def local_node_gpus(nodes: int, gpus_per_node: int, visible: str | None = None) -> list[str | None]:
@@ -210,6 +267,10 @@ def finish(rc: dict, out: Path, code: int) -> int:
         failure_record(rc, out, failure["status"], failure["message"])
         print(f"[{rc['run']['name']}] {failure['status']}: {failure['message']}", flush=True)
         return 0
+    if code > 128 and code - 128 in (signal.SIGINT, signal.SIGTERM):
+        print(f"[{rc['run']['name']}] stopped by {signal.Signals(code - 128).name}: no summary written; a rerun "
+              "resumes from the newest complete checkpoint", file=sys.stderr, flush=True)
+        return code
     if code != 0:
         print(f"error: training failed with exit code {code} (see the traceback above)", file=sys.stderr)
         return code if code > 0 else 1

@@ -173,15 +173,18 @@ def read_run(run_dir: Path) -> dict:
     if not summary_path.is_file():
         raise IncompleteRun(f"run directory {run_dir} has no summary.json: the run is missing or incomplete")
     try:
-        record = RunRecord.from_json(read_json(summary_path), str(summary_path))
-    except json.JSONDecodeError as exc:
+        data = read_json(summary_path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise IncompleteRun(f"{summary_path} is not valid JSON ({exc}): incomplete run") from exc
+    if not isinstance(data, dict):
+        raise IncompleteRun(f"{summary_path} holds a JSON {type(data).__name__}, not a run record: incomplete run")
+    record = RunRecord.from_json(data, str(summary_path))
     rows = {}
     for name in ("steps", "evals", "samples"):
         path = run_dir / f"{name}.jsonl"
         try:
             rows[name] = read_jsonl(path)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise IncompleteRun(f"{path} of run {run_dir.name} is damaged ({exc}): rerun or resume the run") from exc
     finished = record.steps_completed == record.steps_planned or record.stopped_at_target
     if record.status == "ok" and (len(rows["steps"]) != record.steps_completed or not finished):
@@ -190,6 +193,27 @@ def read_run(run_dir: Path) -> dict:
             f"steps.jsonl has {len(rows['steps'])} rows: incomplete run"
         )
     return {"record": record, **rows}
+
+
+DAMAGED_SUFFIX = ".damaged"  # summary.json of a damaged record, set aside (set_aside_damaged_records)
+
+
+def set_aside_damaged_records(runs_dir: Path, runs: list[str]) -> dict[str, str]:
+    """Each run of ``runs`` whose directory holds a summary.json that is not a complete record (the summary
+    or a row file unreadable, damaged or inconsistent with it: :func:`read_run`) loses its summary: renamed
+    to ``summary.json.damaged``, so the run is incomplete and is trained again (resumed from its newest
+    intact checkpoint). Returns run -> what was wrong. A run without a summary is left as it is."""
+    bad = {}
+    for run in runs:
+        run_dir = Path(runs_dir) / run
+        summary = run_dir / "summary.json"
+        if summary.is_file():
+            try:
+                read_run(run_dir)
+            except IncompleteRun as exc:
+                summary.replace(summary.with_name(summary.name + DAMAGED_SUFFIX))
+                bad[run] = str(exc)
+    return bad
 
 
 def write_failure(out: Path, rank: int, status: str, message: str, traceback: str) -> None:

@@ -108,14 +108,27 @@ def _cli_config(args) -> tuple[dict, str]:
     return cfg, runs[0]
 
 
+def planned_vocab(cfg: dict) -> int | None:
+    """The vocabulary the CLI's data will have at most, before it is built: the BPE tokenizer's target size
+    (it learns no more; model.vocab_size, if larger, is applied by the fit check); None for a pretrained
+    tokenizer (its size is known once it is loaded)."""
+    return cfg["tokenizer"]["vocab_size"] if cfg["tokenizer"]["kind"] == "bpe" else None
+
+
+def cli_data_root(cfg: dict) -> Path:
+    """Where a CLI run's corpus, tokenizer and token shards live (a hash of the data settings)."""
+    from llmpar.config import stable_hash
+
+    key = stable_hash({"data": cfg["data"], "tokenizer": cfg["tokenizer"], "seed": cfg["seed"]})
+    return REPO_ROOT / "results" / "cli" / "data" / key
+
+
 def _ensure_cli_data(cfg: dict) -> Path:
     """Build corpus, tokenizer and token shards for a CLI run (cached by a hash of the data settings)."""
-    from llmpar.config import stable_hash
     from llmpar.data.corpus import build_corpus
     from llmpar.data.tokenize import build_shards, build_tokenizer
 
-    key = stable_hash({"data": cfg["data"], "tokenizer": cfg["tokenizer"], "seed": cfg["seed"]})
-    root = REPO_ROOT / "results" / "cli" / "data" / key
+    root = cli_data_root(cfg)
     tokens = root / "tokens"
     if not (tokens / "meta.json").is_file():
         print(f"building CLI data in {root}", flush=True)
@@ -176,20 +189,23 @@ def main(argv=None) -> int:
         if not args.out and cfg is None:
             raise ConfigError("--out is required with --run-config")
         out = Path(args.out) if args.out else REPO_ROOT / "results" / "cli" / "runs" / rc["run"]["name"]
-        if args.tokens:
-            tokens = Path(args.tokens)
-        elif cfg is not None:
-            tokens = _ensure_cli_data(cfg)
-        else:
+        if not args.tokens and cfg is None:
             raise ConfigError("--tokens is required with --run-config")
         from llmpar.data.tokenize import read_meta
 
-        vocab = read_meta(tokens)["vocab_size"]
         local_procs = run_gpn = rc["run"]["gpus_per_node"]
         if not os.environ.get("LLMPAR_SRUN_TASK") and slurm_nodes() < rc["run"]["nodes"]:
             local_procs = run_gpn * rc["run"]["nodes"]  # all "nodes" share this machine
+        # the fit check before anything is written: with the token shards' vocabulary, or, for data the CLI
+        # has yet to build, the vocabulary it will have at most; then again once the data is built
+        tokens = Path(args.tokens) if args.tokens else None
+        vocab = read_meta(tokens)["vocab_size"] if tokens else planned_vocab(cfg)
         try:
-            check_fits(rc, vocab, local_procs)
+            if vocab is not None:
+                check_fits(rc, vocab, local_procs)
+            if tokens is None:
+                tokens = _ensure_cli_data(cfg)
+                check_fits(rc, read_meta(tokens)["vocab_size"], local_procs)
         except ExpectedFailure as exc:
             if not args.record_invalid:
                 raise

@@ -124,17 +124,22 @@ def config_hash_of(run_cfg: dict, data_meta: dict) -> str:
 
 
 def resume(engine, ckpts: Checkpoints, progress_path: Path, config_hash: str, ctx, name: str) -> Resumed:
-    """Load the newest complete checkpoint of this config (none: start afresh, dropping stale progress)."""
+    """Load the newest intact checkpoint of this config (none: start afresh, dropping stale progress). A
+    damaged newer one is logged with the reason and removed (:meth:`Checkpoints.newest_intact`)."""
     state = Resumed()
-    latest = ckpts.latest() if engine.train_cfg["checkpoint_every"] else None
-    if latest is not None:
-        path, meta = latest
+    chosen = None
+    if engine.train_cfg["checkpoint_every"]:
+        chosen = ckpts.newest_intact(lambda msg: log(ctx, f"[{name}] {msg}"))
+    if chosen is not None:
+        path, meta = chosen
         ckpts.load(engine, path)
-        state.step, state.attempt = meta["step"], meta["attempt"] + 1
         rows = read_appended_jsonl(progress_path)
         if ctx.is_main:  # drop a line torn by the kill before appending to the file again
             write_jsonl(progress_path, rows)
         state.prior = [r for r in rows if r.get("config_hash") == config_hash]
+        # a new attempt number also when an older checkpoint is resumed after later attempts ran
+        state.step = meta["step"]
+        state.attempt = 1 + max([meta["attempt"]] + [r["attempt"] for r in state.prior if "attempt" in r])
         state.offset_s = max([meta["elapsed_s"]] + [r["elapsed_s"] for r in state.prior])
         log(ctx, f"[{name}] resumed from checkpoint {path.name} (step {state.step}), attempt {state.attempt}; "
                  f"previous attempt ran until {state.offset_s:.1f}s")
