@@ -172,8 +172,8 @@ def provenance(runs: pd.DataFrame, metrics: pd.DataFrame) -> dict:
     same = {PROVENANCE[c]: _fmt(df[c].iloc[0]) for c in PROVENANCE
             if c not in varying and c not in ("session", "started") and df[c].notna().any()}
     show = ["run"] + (["session", "started"] if "session" in varying else []) + [c for c in varying if c != "session"]
-    sessions = df[df["session"].notna()].groupby("session", sort=True).agg(n=("run", "size"), start=("started_at", "min"),
-                                                    end=("finished_at", "max"))
+    sessions = df[df["session"].notna()].groupby("session", sort=True).agg(
+        n=("run", "size"), start=("started_at", "min"), end=("finished_at", "max"))
     span = wall["study_span_s"]
     header = (f"The runs' own wall times sum to {F.num(wall['sum_of_run_wall_times_s'])} s. ")
     if span is not None:
