@@ -47,5 +47,5 @@ def test_captions_render_without_a_docutils_warning():
     captions = sorted((REPO_ROOT / "report" / "captions").glob("*.rst"))
     assert len(captions) >= 10
     for path in captions:
-        body = publish_parts(path.read_text(), writer_name="html")["body"]
+        body = publish_parts(path.read_text(), writer="html")["body"]
         assert "System Message" not in body, path.name

@@ -169,3 +169,14 @@ def test_snakemake_report(study):
         assert f"{name}.png" in text, name
     assert "throughput" in text and "metrics.csv" in text
     assert "System Message" not in text  # every caption is valid RST
+
+
+def test_cpu_report_reads_in_chromium(study, tmp_path):
+    """The CPU study's report, as the committed studies' (tests/test_report.py): nothing wider than the page
+    at 1280 px, every figure captioned."""
+    from report_browser import check, install_chromium
+
+    if install_chromium() is None:
+        pytest.skip("no chromium, and apt-get cannot install it here (not root, or no apt-get)")
+    result = check(study / "report" / "wf" / "report.html", tmp_path)
+    assert result["problems"] == [] and result["images"] == len(STUDY_FIGURES), result

@@ -52,12 +52,12 @@ def run_ref(name: str, strategy: str) -> str:
     return (f'<span class="run" style="border-color:{colour(strategy)}">{html.escape(str(name))}</span>')
 
 
-def layout(r) -> str:
-    """A run's layout in words: DP2, TP2×DP2, PP4, PP2×DP2 over 2 nodes, 1 GPU."""
+def layout(r, zero: bool = True) -> str:
+    """A run's layout in words: DP2, TP2×DP2, PP4, PP2×DP2 over 2 nodes, 1 GPU (and its ZeRO stage)."""
     parts = [f"{k}{int(r[c])}" for k, c in (("TP", "tp"), ("PP", "stages"), ("DP", "dp"))
              if pd.notna(r.get(c)) and int(r[c]) > 1]
     text = "×".join(parts) or ("1 GPU" if r["world_size"] == 1 else f"{int(r['world_size'])} ranks")
-    if r["strategy"] == "zero" and pd.notna(r.get("zero_stage")):
+    if zero and r["strategy"] == "zero" and pd.notna(r.get("zero_stage")):
         text += f" ZeRO-{int(r['zero_stage'])}"
     if pd.notna(r.get("nodes")) and int(r["nodes"]) > 1:
         text += f", {int(r['nodes'])} nodes"
@@ -91,6 +91,13 @@ class Study:
 
     def name(self, run: str) -> str:
         return run_ref(run, self.metrics.set_index("run").loc[run, "strategy"])
+
+    def described(self, run: str) -> str:
+        """A run's layout family and layout, e.g. ``ZeRO-2, DP2``."""
+        r = self.ok.loc[run]
+        family = (self.runs.loc[run, "variant"] if not self.runs.empty and run in self.runs.index
+                  else strategy_label(r["strategy"]))
+        return html.escape(f"{family}, {layout(r, zero=False)}")
 
     def step_s(self, run: str) -> float:
         return self.tokens_per_step / self.ok.loc[run, "tokens_per_s"]
@@ -140,8 +147,7 @@ def speed(st: Study) -> list[Finding]:
         return out
     fastest = ok["tokens_per_s"].idxmax()
     f = ok.loc[fastest]
-    text = (f"{st.name(fastest)}{st.note(fastest)} ({html.escape(strategy_label(f['strategy']))}, "
-            f"{html.escape(layout(f))}) trains "
+    text = (f"{st.name(fastest)}{st.note(fastest)} ({st.described(fastest)}) trains "
             f"{num(f['tokens_per_s'])} tokens/s")
     if st.baseline in ok.index and fastest != st.baseline:
         b = ok.loc[st.baseline]
@@ -205,8 +211,7 @@ def memory(st: Study) -> list[Finding]:
         return []
     least = ok["peak_mem_gib"].idxmin()
     r = ok.loc[least]
-    text = (f"{st.name(least)}{st.note(least)} ({html.escape(strategy_label(r['strategy']))}, "
-            f"{html.escape(layout(r))}) peaks at {num(r['peak_mem_gib'])} GiB per rank")
+    text = (f"{st.name(least)}{st.note(least)} ({st.described(least)}) peaks at {num(r['peak_mem_gib'])} GiB per rank")
     if st.baseline in ok.index and least != st.baseline:
         b = ok.loc[st.baseline]
         text += (f", {times(b['peak_mem_gib'] / r['peak_mem_gib'])} less than {st.name(st.baseline)}'s "
@@ -276,8 +281,8 @@ def startup(st: Study) -> Finding | None:
     r, t = ok.loc[run], st.runs.loc[run]
     fixed = st.runs["startup_s"] + st.runs["warmup_steps_s"]
     text = (f"Wall-time ratios include start-up and compilation. {st.name(run)}'s throughput is "
-            f"{times(r['throughput_increase_x'])} the baseline's, its time reduction (the baseline's wall time ÷ its "
-            f"own) only {times(r['time_reduction_x'])}: of its {num(r['wall_time_s'])} s, {num(t['startup_s'])} s "
+            f"{times(r['throughput_increase_x'])} the baseline's while its time reduction (the baseline's wall time ÷ "
+            f"its own) is {times(r['time_reduction_x'])}: of its {num(r['wall_time_s'])} s, {num(t['startup_s'])} s "
             "pass before the first step and "
             f"{num(t['warmup_steps_s'])} s in the {int(t['steps_excluded'])} warm-up steps, against "
             f"{num(t['steady_steps_s'])} s of steady steps. Across the study, start-up and warm-up take "

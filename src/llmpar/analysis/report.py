@@ -27,7 +27,7 @@ def rst_to_html(text: str) -> str:
     """A caption's RST as HTML; a caption docutils warns about fails the report (halt at warnings)."""
     from docutils.core import publish_parts
 
-    return publish_parts(text, writer_name="html", settings_overrides={"halt_level": 2})["body"]
+    return publish_parts(text, writer="html", settings_overrides={"halt_level": 2})["body"]
 
 
 def _fmt(v) -> str:
