@@ -109,6 +109,27 @@ class Study:
         return '<sup><a href="#numerics">†</a></sup>'
 
 
+# What each layout communicates, and in which pass: the reading of a phase that grew (fixed facts of the
+# strategies, no numbers).
+MECHANISM = {
+    "data_parallel": "DDP all-reduces the gradients in buckets during the backward pass",
+    "fsdp": "FSDP2 all-gathers each layer's parameters before its forward and backward and reduce-scatters its "
+            "gradients after the backward",
+    "zero": "ZeRO-{stage} reduces the gradients to their owners during the backward pass and all-gathers the "
+            "updated parameters after the optimizer step",
+    "zero3": "ZeRO-3 all-gathers each module's parameters before its forward and again before its backward",
+    "tensor_parallel": "tensor parallel all-reduces the activations of every attention and MLP block in the "
+                       "forward pass and their gradients in the backward pass",
+}
+
+
+def mechanism(r) -> str:
+    if r["strategy"] == "zero":
+        stage = int(r["zero_stage"]) if pd.notna(r.get("zero_stage")) else 0
+        return MECHANISM["zero3"] if stage == 3 else MECHANISM["zero"].format(stage=stage)
+    return MECHANISM.get(r["strategy"], "")
+
+
 def cause(st: Study, run: str) -> str:
     """Why ``run`` trains fewer tokens per GPU than its single-process reference, from its recorded shares:
     a pipeline's idle share, else the phase whose time grew most beyond an even split of the reference's step
@@ -129,10 +150,12 @@ def cause(st: Study, run: str) -> str:
                   for p in ("forward", "backward", "optimizer")}
         top = max(excess, key=excess.get)
         if step > ideal:
+            how = mechanism(r)
             parts.append(f"its step takes {num(step)} s against {num(ideal)} s for {st.name(ref)}'s step split "
                          f"evenly over {int(world)} GPUs; of the {num(step - ideal, 2)} s more, "
                          f"{num(excess[top], 2)} s are in the {top} pass ({pct(r[f'{top}_share'], 0)} of its step, "
-                         f"{pct(rr[f'{top}_share'], 0)} of {st.name(ref)}'s)")
+                         f"{pct(rr[f'{top}_share'], 0)} of {st.name(ref)}'s)"
+                         + (f"; what it communicates: {how}" if how else ""))
     if ref and pd.notna(r.get("util_mean_pct")) and pd.notna(st.ok.loc[ref, "util_mean_pct"]) \
             and st.ok.loc[ref, "util_mean_pct"] - r["util_mean_pct"] > 15:
         parts.append(f"its GPUs are busy {num(r['util_mean_pct'], 2)} % of the time "
@@ -231,7 +254,7 @@ def memory(st: Study) -> list[Finding]:
     fast = ok[ok["tokens_per_s"] >= (1 - NEAR_FASTEST) * ok["tokens_per_s"].max()]
     lean = fast["peak_mem_gib"].idxmin()
     if lean != least:
-        out.append(Finding("Fast and lean", f"Of the runs within {NEAR_FASTEST:.0%} of the fastest's tokens/s, "
+        out.append(Finding("Fast and lean", f"Of the runs within {pct(NEAR_FASTEST, 0)} of the fastest's tokens/s, "
                            f"{st.name(lean)}{st.note(lean)} needs the least memory: "
                            f"{num(ok.loc[lean, 'peak_mem_gib'])} GiB "
                            f"per rank at {num(ok.loc[lean, 'tokens_per_s'])} tokens/s."))
