@@ -5,19 +5,24 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= 2
 STUDY_CONFIG ?= config.yaml
-# Every pip call is constrained to the CPU torch build (otherwise pip pulls GBs of CUDA packages).
+# Every pip call is constrained to torch 2.13.0 (requirements/constraints.txt): otherwise pip resolves torch
+# again. PyPI's Linux x86_64 wheel of it is a CUDA 13 build; a machine with the CPU wheel on its find-links
+# path takes that one. TORCH_INDEX=URL installs torch from that index first (PyTorch's index for another
+# CUDA version, docs/cluster.md); the constraint then keeps it.
+TORCH_INDEX ?=
 PIP := PIP_CONSTRAINT=$(CURDIR)/requirements/constraints.txt DS_BUILD_OPS=0 $(BIN)/python -m pip
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export OMP_NUM_THREADS ?= 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup study report test test-slurm test-gpu lint clean
+.PHONY: setup study report test test-slurm test-gpu check-cuda lint clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements/lock.txt requirements/constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
+	$(if $(TORCH_INDEX),$(PIP) install -q --index-url $(TORCH_INDEX) -r requirements/constraints.txt)
 	$(PIP) install -q -r requirements/lock.txt
 	$(PIP) install -q --no-deps -e .
 	touch $@
@@ -49,6 +54,13 @@ GPU_PYTHON ?= $(BIN)/python
 test-gpu:
 	NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
 	  $(GPU_PYTHON) -m pytest -q -rA -m gpu tests/gpu --durations=0
+
+# torch's version, the CUDA it was built for and the GPUs it sees; fails where CUDA is unavailable (a CPU
+# build, or no GPU or driver on this machine).
+check-cuda: setup
+	$(BIN)/python -c "import torch; gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]; \
+	  print('torch', torch.__version__, 'built for CUDA', torch.version.cuda, 'GPUs', gpus); \
+	  raise SystemExit(0 if torch.cuda.is_available() else 'torch.cuda.is_available() is False')"
 
 # ruff, snakefmt, Snakemake's linter, and the package's layers (docs/architecture.md: no upward import,
 # no import cycle)

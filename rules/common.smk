@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from llmpar.analysis.batch_sweep import is_sweep
-from llmpar.analysis.figure_list import study_figures
+from llmpar.analysis.figure_list import caption_file, study_figures
 from llmpar.config import check_config_files, prepare, run_config
 from llmpar.data.corpus import check_source
 from llmpar.errors import UserError
@@ -50,10 +50,9 @@ PLAN_MODEL = sorted(
     for p in (BASE / "src" / "llmpar").glob(pattern)
 )
 ENV = "../envs/llmpar.yaml"
-SWEEPS = any(
-    isinstance(v, list) for entry in config["runs"].values() for v in entry.values()
-)
-FIGURE_NAMES = study_figures(SWEEPS)
+# the scaling figure where the study's runs, with the studies it is compared with, span several GPU counts
+GPU_COUNTS = {r["nodes"] * r["gpus_per_node"] for r in CFG["runs"].values()}
+FIGURE_NAMES = study_figures(len(GPU_COUNTS) > 1 or bool(CFG["compare_with"]))
 # The card the study is planned for: with one, the plan step compares predictions with the recorded runs
 # and extrapolates; without (the CPU study) the report says the plan is not calibrated for CPU.
 CARD = CFG["train"].get("card")
@@ -95,7 +94,7 @@ def figures():
 
 
 def plan_outputs():
-    """plan.csv, extrapolation.csv and the predicted-vs-measured figure (PNG, SVG) where the study names a card."""
+    """plan.csv, extrapolation.csv and their figures (PNG, SVG) where the study names a card."""
     if not CARD:
         return {}
     return {
@@ -103,6 +102,8 @@ def plan_outputs():
         "extrapolation": f"{RES}/extrapolation.csv",
         "plan_figure": f"{RES}/figures/plan_vs_measured.png",
         "plan_figure_svg": f"{RES}/figures/plan_vs_measured.svg",
+        "extrapolation_figure": f"{RES}/figures/extrapolation.png",
+        "extrapolation_figure_svg": f"{RES}/figures/extrapolation.svg",
     }
 
 
@@ -112,6 +113,7 @@ def plan_args(wildcards, input):
         "plan": "--plan",
         "extrapolation": "--extrapolation",
         "plan_figure": "--plan-figure",
+        "extrapolation_figure": "--extrapolation-figure",
     }
     return " ".join(
         f"{flag} {shlex.quote(input[key])}"

@@ -1,5 +1,10 @@
 # Run summaries -> tables -> figures -> the HTML report.
 
+# The studies the report's scaling section joins (compare_with: study -> its runs directory) and the
+# report's template.
+COMPARED = {name: f"results/{name}/runs" for name in CFG["compare_with"]}
+TEMPLATE = str(BASE / "report" / "templates" / "report.html.j2")
+
 
 rule aggregate:
     input:
@@ -31,16 +36,47 @@ rule aggregate:
         "--out-dir {params.out:q} > {log:q} 2>&1"
 
 
+rule derive:
+    input:
+        summaries=summaries(),
+        steps=rules.aggregate.output.steps,
+        metrics=rules.aggregate.output.metrics,
+        compared=sorted(
+            str(p) for d in COMPARED.values() for p in Path(d).glob("*/summary.json")
+        ),
+        baselines=sorted(str(p) for p in Path(RES, "baselines").glob("*.json")),
+    output:
+        runs=f"{RES}/runs.csv",
+        scaling=f"{RES}/scaling.csv",
+        peers=f"{RES}/peers.csv",
+    log:
+        f"{LOGS}/derive.log",
+    conda:
+        ENV
+    params:
+        script=STUDY_PY,
+        study=STUDY,
+        compare=as_json(COMPARED),
+        baselines=f"{RES}/baselines",
+        out=parent("runs"),
+    shell:
+        "python {params.script:q} derive --study {params.study:q} --summaries {input.summaries:q} "
+        "--steps {input.steps:q} --metrics {input.metrics:q} --compare {params.compare:q} "
+        "--baselines-dir {params.baselines:q} --out-dir {params.out:q} > {log:q} 2>&1"
+
+
 rule figures:
     input:
         metrics=rules.aggregate.output.metrics,
         steps=rules.aggregate.output.steps,
         samples=rules.aggregate.output.samples,
+        runs=rules.derive.output.runs,
+        scaling=rules.derive.output.scaling,
     output:
         [
             report(
                 f"{RES}/figures/{name}.png",
-                caption=f"../report/captions/{name}.rst",
+                caption=f"../report/captions/{caption_file(name)}",
                 category="Figures",
             )
             for name in FIGURE_NAMES
@@ -56,7 +92,8 @@ rule figures:
         out=lambda wildcards, output: str(Path(output[0]).parent),
     shell:
         "python {params.script:q} figures --metrics {input.metrics:q} --steps {input.steps:q} "
-        "--samples {input.samples:q} --out-dir {params.out:q} --names {params.names:q} > {log:q} 2>&1"
+        "--samples {input.samples:q} --runs {input.runs:q} --scaling {input.scaling:q} "
+        "--out-dir {params.out:q} --names {params.names:q} > {log:q} 2>&1"
 
 
 rule plan:
@@ -116,6 +153,7 @@ if sweep_outputs():
 rule plan_figure:
     input:
         plan=rules.plan.output.plan,
+        extrapolation=rules.plan.output.extrapolation,
     output:
         png=report(
             f"{RES}/figures/plan_vs_measured.png",
@@ -123,6 +161,12 @@ rule plan_figure:
             category="Figures",
         ),
         svg=f"{RES}/figures/plan_vs_measured.svg",
+        extrapolation=report(
+            f"{RES}/figures/extrapolation.png",
+            caption=f"../report/captions/{caption_file('extrapolation')}",
+            category="Figures",
+        ),
+        extrapolation_svg=f"{RES}/figures/extrapolation.svg",
     log:
         f"{LOGS}/plan_figure.log",
     conda:
@@ -131,15 +175,20 @@ rule plan_figure:
         script=STUDY_PY,
         out=parent("png"),
     shell:
-        "python {params.script:q} plan-figure --plan {input.plan:q} --out-dir {params.out:q} > {log:q} 2>&1"
+        "python {params.script:q} plan-figure --plan {input.plan:q} --extrapolation {input.extrapolation:q} "
+        "--out-dir {params.out:q} > {log:q} 2>&1"
 
 
 rule html_report:
     input:
         unpack(lambda wildcards: plan_outputs()),
         metrics=rules.aggregate.output.metrics,
+        runs=rules.derive.output.runs,
+        scaling=rules.derive.output.scaling,
+        peers=rules.derive.output.peers,
         figures=figures(),
         summaries=summaries(),
+        template=TEMPLATE,
     output:
         html=f"report/{STUDY}/report.html",
     log:
@@ -155,6 +204,7 @@ rule html_report:
         plan=plan_args,
     shell:
         "python {params.script:q} report --config {params.config:q} --metrics {input.metrics:q} "
-        "--figures-dir {params.figures:q} --captions-dir {params.captions:q} "
+        "--runs {input.runs:q} --scaling {input.scaling:q} --peers {input.peers:q} "
+        "--figures-dir {params.figures:q} --captions-dir {params.captions:q} --template {input.template:q} "
         "--summaries {input.summaries:q} --names {params.names:q} {params.plan} --out {output.html:q} "
         "> {log:q} 2>&1"

@@ -9,7 +9,7 @@ from conftest import BASE_CONFIG
 from workflow_util import planned_jobs, snakemake, write_config
 
 from llmpar.analysis.aggregate import read_table
-from llmpar.analysis.figure_list import FIGURES, PLAN_FIGURE, study_figures
+from llmpar.analysis.figure_list import FIGURES, PLAN_FIGURES, caption_file, study_figures
 from llmpar.analysis.figures import make_figures
 from llmpar.analysis.report import _fmt
 from llmpar.paths import REPO_ROOT
@@ -21,18 +21,18 @@ STUDY["runs"] = {
     "single": {"strategy": "single"},
     "ddp": {"strategy": "data_parallel", "gpus_per_node": 2},
 }
-# the figures of a study without sweeps (the workflow's FIGURE_NAMES)
-STUDY_FIGURES = study_figures(sweeps=False)
+# the figures of a study whose runs span 1 and 2 processes (the workflow's FIGURE_NAMES)
+STUDY_FIGURES = study_figures(scaling=True)
 
 
 def test_every_figure_is_named_once_with_a_caption():
-    """One list names the figures: a study without sweeps draws six, a sweep adds scaling, the plan draws
-    its own; every one has a caption file for the report."""
-    assert len(STUDY_FIGURES) == 7 and "scaling" not in STUDY_FIGURES
-    assert study_figures(sweeps=True) == [*STUDY_FIGURES, "scaling"]
-    assert set(FIGURES) == {*study_figures(sweeps=True), PLAN_FIGURE}
+    """One list names the figures: a study at one GPU count draws eight, runs at several GPU counts (or
+    compared studies) add scaling, the plan draws its own two; every one has a caption file for the report."""
+    assert len(study_figures(scaling=False)) == 8 and "scaling" not in study_figures(scaling=False)
+    assert set(STUDY_FIGURES) == {*study_figures(scaling=False), "scaling"}
+    assert set(FIGURES) == {*STUDY_FIGURES, *PLAN_FIGURES}
     captions = REPO_ROOT / "report" / "captions"
-    assert all((captions / f"{name}.rst").is_file() for name in FIGURES)
+    assert all((captions / caption_file(name)).is_file() for name in FIGURES)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,8 @@ def test_figures_plot_the_tables(study, tmp_path):
     their axes hold the tables' values (bars: tokens/s and peak memory per run; lines: each run's
     loss per step against elapsed time and tokens)."""
     res = study / "results" / "wf"
-    figs = make_figures(res / "metrics.csv", res / "steps.csv", res / "samples.csv", tmp_path, STUDY_FIGURES)
+    figs = make_figures(res / "metrics.csv", res / "steps.csv", res / "samples.csv", res / "runs.csv",
+                        res / "scaling.csv", tmp_path, STUDY_FIGURES)
     for name in STUDY_FIGURES:
         assert (tmp_path / f"{name}.png").read_bytes() == (res / "figures" / f"{name}.png").read_bytes(), name
         assert (res / "figures" / f"{name}.svg").read_text().rstrip().endswith("</svg>")
@@ -171,7 +172,8 @@ def test_changing_one_run_reruns_only_that_run(study):
     cfg["runs"]["ddp"]["micro_batches"] = 2
     write_config(study, cfg)
     try:
-        assert planned_jobs(study) == {"train": 1, "aggregate": 1, "figures": 1, "html_report": 1, "all": 1}
+        assert planned_jobs(study) == {"train": 1, "aggregate": 1, "derive": 1, "figures": 1, "html_report": 1,
+                                       "all": 1}
     finally:
         write_config(study, STUDY)
 
@@ -207,3 +209,15 @@ def test_snakemake_report(study):
     for name in STUDY_FIGURES:
         assert f"{name}.png" in text, name
     assert "throughput" in text and "metrics.csv" in text
+    assert "System Message" not in text  # every caption is valid RST
+
+
+def test_cpu_report_reads_in_chromium(study, tmp_path):
+    """The CPU study's report, as the committed studies' (tests/test_report.py): nothing wider than the page
+    at 1280 px, every figure captioned."""
+    from report_browser import check, install_chromium
+
+    if install_chromium() is None:
+        pytest.skip("no chromium, and apt-get cannot install it here (not root, or no apt-get)")
+    result = check(study / "report" / "wf" / "report.html", tmp_path)
+    assert result["problems"] == [] and result["images"] == len(STUDY_FIGURES), result

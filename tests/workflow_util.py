@@ -45,7 +45,11 @@ def planned_jobs(workdir: Path) -> dict[str, int]:
     """Rule -> job count of a dry run ({} when Snakemake says there is nothing to do). Fails when the
     output has neither that sentence nor a job table it can read (Snakemake changed its format)."""
     proc = snakemake(workdir, "--dry-run")
-    out = proc.stdout + proc.stderr
+    return job_stats(proc.stdout + proc.stderr)
+
+
+def job_stats(out: str) -> dict[str, int]:
+    """Rule -> job count from a dry run's output (see planned_jobs)."""
     if "Nothing to be done" in out:
         return {}
     if "Job stats:" not in out:

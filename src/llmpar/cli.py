@@ -54,7 +54,13 @@ def _aggregate(a):
 def _figures(a):
     from llmpar.analysis.figures import make_figures
 
-    make_figures(a.metrics, a.steps, a.samples, a.out_dir, a.names)
+    make_figures(a.metrics, a.steps, a.samples, a.runs, a.scaling, a.out_dir, a.names)
+
+
+def _derive(a):
+    from llmpar.analysis.derive import derive
+
+    derive(a.study, a.summaries, a.steps, a.metrics, json.loads(a.compare), a.baselines_dir, a.out_dir)
 
 
 def _report(a):
@@ -62,7 +68,9 @@ def _report(a):
 
     summaries = [json.loads(open(p).read()) for p in a.summaries]
     build_report(json.loads(a.config), a.metrics, a.figures_dir, a.captions_dir, summaries, a.out, a.names,
-                 plan_files={"plan": a.plan, "extrapolation": a.extrapolation, "figure": a.plan_figure})
+                 tables={"runs": a.runs, "scaling": a.scaling, "peers": a.peers}, template=a.template,
+                 plan_files={"plan": a.plan, "extrapolation": a.extrapolation, "figure": a.plan_figure,
+                             "extrapolation_figure": a.extrapolation_figure})
 
 
 def _plan(a):
@@ -84,9 +92,10 @@ def _batch_sweep(a):
 
 
 def _plan_figure(a):
-    from llmpar.analysis.figures import plan_vs_measured
+    from llmpar.analysis.figures import extrapolation, plan_vs_measured
 
     plan_vs_measured(a.plan, a.out_dir)
+    extrapolation(a.extrapolation, a.out_dir)
 
 
 # subcommand -> (function, help, arguments): ``name`` a required path or value, ``name:json`` settings
@@ -102,15 +111,19 @@ COMMANDS = {
                  "tokenizer-json corpus-dir out min-tokens:int?"),
     "aggregate": (_aggregate, "run summaries -> metrics.csv, steps.csv, evals.csv, samples.csv",
                   "runs-dir runs+ baseline out-dir reference-batch:int"),
-    "figures": (_figures, "tables -> PNG and SVG figures", "metrics steps samples out-dir names+"),
+    "derive": (_derive, "summaries and tables -> runs.csv (provenance, time budget), scaling.csv (with the "
+               "compared studies), peers.csv (the committed peer frameworks beside ours)",
+               "study summaries+ steps metrics compare:json baselines-dir out-dir"),
+    "figures": (_figures, "tables -> PNG and SVG figures", "metrics steps samples runs scaling out-dir names+"),
     "plan": (_plan, "recorded runs -> plan.csv (predicted vs measured) and extrapolation.csv, on the study's "
              "train.card", "config:json runs-dir plan extrapolation"),
     "batch-sweep": (_batch_sweep, "runs at several global batches -> steps and sequences to the target, the fit of "
                     "McCandlish et al.'s model, B_crit beside B_simple, the figure", "config:json runs-dir table fit "
                     "figure-dir"),
-    "plan-figure": (_plan_figure, "plan.csv -> the predicted-vs-measured figure (PNG and SVG)", "plan out-dir"),
-    "report": (_report, "the self-contained HTML report", "config:json metrics figures-dir captions-dir "
-               "summaries+ names+ plan? extrapolation? plan-figure? out"),
+    "plan-figure": (_plan_figure, "plan.csv, extrapolation.csv -> the predicted-vs-measured and extrapolation "
+                    "figures (PNG and SVG)", "plan extrapolation out-dir"),
+    "report": (_report, "the self-contained HTML report", "config:json metrics runs scaling peers figures-dir "
+               "captions-dir template summaries+ names+ plan? extrapolation? plan-figure? extrapolation-figure? out"),
 }
 
 

@@ -18,7 +18,9 @@ from llmpar.record import IncompleteRun, RunRecord, read_run
 
 # The seed's comparison, per run against the baseline (see DEFINITIONS in the report).
 RATIO_DEFINITIONS = {
-    "time_reduction_x": "baseline wall_time_s / run wall_time_s (> 1: the run finished the same training sooner)",
+    "time_reduction_x": "baseline wall_time_s / run wall_time_s (> 1: the run finished the same training sooner); "
+                        "wall time includes start-up and compilation (runs.csv's time budget), so in short runs it "
+                        "differs from throughput_increase_x",
     "throughput_increase_x": "run tokens_per_s / baseline tokens_per_s (steady state)",
     "memory_reduction_x": "baseline peak_mem_gib / run peak_mem_gib (peak per rank, max over ranks)",
     "scaling_efficiency": "run tokens_per_s_per_gpu / tokens_per_s_per_gpu of the study's completed single-process "

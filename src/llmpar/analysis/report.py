@@ -1,37 +1,33 @@
-"""A self-contained HTML report in the style of a paper: configuration, the seed's results table,
-every figure with its caption, each metric with its definition, and the environment."""
+"""A self-contained HTML report in the style of a paper's results section: findings computed from the
+tables, a headline table, scaling across the compared studies, the peer frameworks, every figure with a
+caption that says what to look at, the plan's predictions, each run's provenance and time budget, the full
+tables (collapsed), the metric definitions, configuration and environment. The layout is the Jinja2
+template ``report/templates/report.html.j2``; this module only fills it."""
 
 from __future__ import annotations
 
 import base64
+import datetime
 import html
-import json
 import math
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
+from llmpar.analysis import findings as F
 from llmpar.analysis.aggregate import RATIO_DEFINITIONS, read_table, study_wall_time
-from llmpar.analysis.figure_list import FIGURES
+from llmpar.analysis.derive import SESSION_GAP_S
+from llmpar.analysis.figure_list import FIGURES, caption_file, colour
 from llmpar.io import write_text
 from llmpar.metrics.definitions import DEFINITIONS
 
-CSS = """
-body{font-family:Georgia,serif;max-width:980px;margin:2em auto;color:#222;line-height:1.45}
-h1{font-size:1.7em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
-table{border-collapse:collapse;font-size:.85em;margin:1em 0}th,td{border:1px solid #ccc;padding:.25em .5em}
-th{background:#f3f3f3}td.num{text-align:right;font-family:monospace}tr.failed td{background:#fdecea}
-figure{margin:1.5em 0}figure img{max-width:100%}figcaption{font-size:.9em;color:#444}
-pre{background:#f7f7f7;padding:.8em;font-size:.8em;overflow-x:auto}dt{font-weight:bold;margin-top:.5em}
-.note{color:#a33}
-"""
-
 
 def rst_to_html(text: str) -> str:
+    """A caption's RST as HTML; a caption docutils warns about fails the report (halt at warnings)."""
     from docutils.core import publish_parts
 
-    return publish_parts(text, writer_name="html", settings_overrides={"report_level": 5})["body"]
+    return publish_parts(text, writer="html", settings_overrides={"halt_level": 2})["body"]
 
 
 def _fmt(v) -> str:
@@ -40,15 +36,37 @@ def _fmt(v) -> str:
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float):
-        if abs(v) >= 1000:
-            return f"{v:,.0f}"
-        return f"{v:.3g}" if abs(v) < 100 else f"{v:.1f}"
+        return F.num(v)
     return html.escape(str(v))
 
 
-def table(df: pd.DataFrame, columns: list[str]) -> str:
-    cols = [c for c in columns if c in df.columns]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+# Column -> header label (short, with its unit); a column without one shows its name.
+LABELS = {
+    "run": "run", "strategy": "strategy", "engine": "engine", "nodes": "nodes", "gpus_per_node": "GPUs/node",
+    "world_size": "GPUs", "tp": "TP", "stages": "PP", "dp": "DP", "micro_batch_size": "micro-batch",
+    "micro_batches": "micro-batches", "schedule": "schedule", "zero_stage": "ZeRO", "precision": "precision",
+    "status": "status", "wall_time_s": "wall s", "tokens_per_s": "tokens/s", "tokens_per_s_overall": "tokens/s overall",
+    "tokens_per_s_per_gpu": "tokens/s per GPU", "goodput_steps_per_s": "goodput steps/s", "mfu": "MFU",
+    "util_mean_pct": "util %", "forward_share": "forward", "backward_share": "backward",
+    "optimizer_share": "optimizer", "bubble_theoretical": "bubble (theory)", "bubble_measured": "idle (measured)",
+    "attempts": "attempts", "redone_steps": "redone steps", "peak_mem_gib": "peak GiB",
+    "peak_reserved_gib": "reserved GiB", "memory_kind": "memory kind", "params_gib_per_rank": "params GiB",
+    "grads_gib_per_rank": "grads GiB", "optimizer_gib_per_rank": "optimizer GiB", "state_bytes_at": "states at",
+    "final_loss": "final loss", "final_val_loss": "final val loss", "tokens_to_target": "tokens to target",
+    "seconds_to_target": "s to target", "gradient_noise_scale_mean": "noise scale (mean)",
+    "gradient_noise_scale_se": "± s.e.", "gradient_noise_scale": "noise scale (last, smoothed)",
+    "pollux_efficiency": "Pollux eff.", "pollux_goodput": "Pollux goodput", "time_reduction_x": "time reduction ×",
+    "throughput_increase_x": "throughput ×", "memory_reduction_x": "memory reduction ×",
+    "scaling_efficiency": "scaling eff.", "final_loss_rel_gap": "loss gap",
+}
+
+
+def table(df: pd.DataFrame, columns: list[str], labels: dict | None = None, drop_empty: bool = False) -> str:
+    """An HTML table of ``columns`` (those present; with ``drop_empty`` those with a value in some row),
+    numbers right-aligned, failed runs' rows marked."""
+    labels = {**LABELS, **(labels or {})}
+    cols = [c for c in columns if c in df.columns and not (drop_empty and df[c].isna().all())]
+    head = "".join(f"<th>{html.escape(labels.get(c, c))}</th>" for c in cols)
     rows = []
     for _, r in df.iterrows():
         cls = "" if r.get("status", "ok") == "ok" else ' class="failed"'
@@ -59,6 +77,10 @@ def table(df: pd.DataFrame, columns: list[str]) -> str:
         )
         rows.append(f"<tr{cls}>{cells}</tr>")
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def empty_columns(df: pd.DataFrame, columns: list[str]) -> list[str]:
+    return [c for c in columns if c in df.columns and df[c].isna().all()]
 
 
 SEED_TABLE = ["run", "strategy", "engine", "world_size", "micro_batch_size", "status", "time_reduction_x",
@@ -80,7 +102,8 @@ def seed_comparison(metrics) -> str:
     for _, r in metrics[metrics["strategy"].isin(list(SEED_REPORTED))].iterrows():
         seed = SEED_REPORTED[r["strategy"]]
         ours = " / ".join(_fmt(r[c]) for c in cols)
-        rows.append(f"<tr><td>{html.escape(r['run'])}</td><td>{html.escape(r['strategy'])}</td>"
+        cls = "" if r["status"] == "ok" else ' class="failed"'
+        rows.append(f"<tr{cls}><td>{html.escape(r['run'])}</td><td>{html.escape(r['strategy'])}</td>"
                     f"<td>{html.escape(str(r['engine']))}</td><td class='num'>{ours}</td>"
                     f"<td class='num'>{' / '.join(f'{x:g}' for x in seed)}</td></tr>")
     if not rows:
@@ -90,34 +113,156 @@ def seed_comparison(metrics) -> str:
     return ("<p>Beside the seed's reported ratios (time reduction / throughput increase / memory reduction; "
             "the seed does not say against what baseline, on how many GPUs or for which model):</p>"
             f"<table>{head}{''.join(rows)}</table>")
-FULL_TABLE = ["run", "strategy", "engine", "nodes", "gpus_per_node", "tp", "stages", "dp", "micro_batches",
-              "schedule", "zero_stage", "precision", "status", "wall_time_s", "tokens_per_s",
-              "tokens_per_s_overall", "tokens_per_s_per_gpu", "goodput_steps_per_s", "gradient_noise_scale",
-              "gradient_noise_scale_se", "pollux_efficiency", "pollux_goodput", "peak_mem_gib",
-              "memory_kind", "final_val_loss", "tokens_to_target", "seconds_to_target", "mfu", "util_mean_pct",
-              "forward_share", "backward_share", "optimizer_share", "bubble_theoretical", "bubble_measured", "attempts",
-              "redone_steps", "message"]
 
 
+# The full metrics, one table per theme (each fits the page), collapsed in the report.
+FULL_TABLES = {
+    "Layout": ["run", "strategy", "engine", "nodes", "gpus_per_node", "tp", "stages", "dp", "micro_batch_size",
+               "micro_batches", "schedule", "zero_stage", "precision"],
+    "Speed": ["run", "status", "wall_time_s", "tokens_per_s", "tokens_per_s_overall", "tokens_per_s_per_gpu",
+              "goodput_steps_per_s", "mfu", "util_mean_pct", "attempts", "redone_steps"],
+    "Step time": ["run", "forward_share", "backward_share", "optimizer_share", "bubble_theoretical",
+                  "bubble_measured"],
+    "Memory": ["run", "peak_mem_gib", "peak_reserved_gib", "memory_kind", "params_gib_per_rank",
+               "grads_gib_per_rank", "optimizer_gib_per_rank", "state_bytes_at"],
+    "Learning": ["run", "final_loss", "final_val_loss", "tokens_to_target", "seconds_to_target",
+                 "gradient_noise_scale_mean", "gradient_noise_scale_se", "gradient_noise_scale",
+                 "pollux_efficiency", "pollux_goodput"],
+}
 EXTRAPOLATION_TABLE = ["shape", "strategy", "gpus", "layout", "inter_node", "micro_batch_size", "micro_batches",
                        "predicted_peak_gib", "predicted_fits", "predicted_step_s", "predicted_tokens_per_s_per_gpu",
-                       "predicted_mfu", "predicted_comm_share", "predicted_bubble", "note"]
+                       "predicted_mfu", "predicted_comm_share", "predicted_bubble"]
+EXTRAPOLATION_LABELS = {"gpus": "GPUs", "inter_node": "across nodes", "micro_batch_size": "mb",
+                        "micro_batches": "mbs", "predicted_peak_gib": "peak GiB", "predicted_fits": "fits",
+                        "predicted_step_s": "step s", "predicted_tokens_per_s_per_gpu": "tokens/s per GPU",
+                        "predicted_mfu": "MFU", "predicted_comm_share": "comm share", "predicted_bubble": "bubble"}
 NO_CARD = ("The plan (llmpar.plan) is not calibrated for CPU: its constants are measured on GPU cards "
            "(src/llmpar/cards.yaml) and this study names no <code>train.card</code>, so it shows no predictions "
            "and no extrapolation (a GPU card's numbers would not describe these runs).")
+# runs.csv columns shown per run where their values differ within the study, with their labels
+PROVENANCE = {"session": "session", "started": "started (UTC)", "hosts": "hosts", "card": "card",
+              "gpus_visible": "GPUs visible", "commit": "commit", "torch": "torch", "numerics": "numerics"}
+BUDGET = {"startup_s": "start-up s", "warmup_steps_s": "warm-up steps s", "steady_steps_s": "steady steps s",
+          "between_steps_s": "between steps s", "after_last_step_s": "after last s", "wall_time_s": "wall s"}
 
 
 def _png(path) -> str:
     return base64.b64encode(Path(path).read_bytes()).decode()
 
 
-def plan_section(config: dict, plan_files: dict | None, captions_dir, number: int) -> str:
-    """Predicted before run (plan.csv and its figure) and beyond one machine on paper (extrapolation.csv),
-    or, for a study without a card, the sentence saying why there is neither."""
-    parts = [f"<h2>{number}. Predicted before run, and beyond one machine on paper</h2>"]
+def figure(name: str, png, captions_dir, number: int) -> dict:
+    cap = Path(captions_dir) / caption_file(name)
+    return {"id": f"fig-{name}", "number": number, "title": FIGURES[name], "alt": FIGURES[name],
+            "png": _png(png), "caption": rst_to_html(cap.read_text()) if cap.is_file() else ""}
+
+
+def _utc(t) -> str | None:
+    return None if pd.isna(t) else datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%d %H:%M")
+
+
+def provenance(runs: pd.DataFrame, metrics: pd.DataFrame) -> dict:
+    """What differs between runs (shown per run), what all share (said once), the sessions and the study's
+    wall time explained, and the runs recorded under numerics the code no longer uses."""
+    wall = study_wall_time(metrics)
+    if runs.empty:
+        return {"same": {}, "table": "", "header": "", "numerics": []}
+    df = runs.assign(started=runs["started_at"].map(_utc),
+                     numerics=runs["numerics_note"].map(lambda n: "older †" if pd.notna(n) else "as the code runs"))
+    varying = [c for c in PROVENANCE if c != "started" and df[c].nunique(dropna=False) > 1]
+    same = {PROVENANCE[c]: _fmt(df[c].iloc[0]) for c in PROVENANCE
+            if c not in varying and c not in ("session", "started") and df[c].notna().any()}
+    show = ["run"] + (["session", "started"] if "session" in varying else []) + [c for c in varying if c != "session"]
+    sessions = df[df["session"].notna()].groupby("session", sort=True).agg(
+        n=("run", "size"), start=("started_at", "min"), end=("finished_at", "max"))
+    span = wall["study_span_s"]
+    header = (f"The runs' own wall times sum to {F.num(wall['sum_of_run_wall_times_s'])} s. ")
+    if span is not None:
+        header += (f"From the first run's start to the last run's end is {F.num(span)} s "
+                   f"({_utc(df['started_at'].min())} to {_utc(df['finished_at'].max())} UTC)")
+        if len(sessions) > 1:
+            parts = ", ".join(f"{k}: {int(s['n'])} run{'s' if s['n'] > 1 else ''} from {_utc(s['start'])}"
+                              for k, s in sessions.iterrows())
+            between = (sessions["start"].shift(-1) - sessions["end"]).clip(lower=0).sum()
+            header += (f": the runs were recorded in {len(sessions)} sessions ({parts}; a session is runs of one "
+                       f"commit started within {SESSION_GAP_S // 60} min of the previous run's end), and "
+                       f"{F.num(between)} s of the span lie between sessions")
+        header += ". "
+    numerics = [(r["run"], r["numerics_note"]) for _, r in df.iterrows() if pd.notna(r["numerics_note"])]
+    budget = table(df.merge(metrics[["run", "status"]], on="run", suffixes=("_runs", "")),
+                   ["run", *BUDGET], labels=BUDGET)
+    prov = table(df, show, labels=PROVENANCE) if len(show) > 1 else ""
+    return {"same": same, "table": prov, "header": header, "numerics": numerics, "budget": budget}
+
+
+def headline(st: F.Study) -> str:
+    """One row per run, grouped by family: layout, GPUs, tokens/s per GPU, MFU, peak memory, time to target
+    and loss gap."""
+    rows = []
+    for _, r in st.metrics.iterrows():
+        ok = r["status"] == "ok"
+        swatch = f'<span class="sw" style="background:{colour(r["strategy"])}"></span>'
+        ref = st.ref(r["run"]) if ok else None
+        eff = (r["tokens_per_s_per_gpu"] / st.ok.loc[ref, "tokens_per_s_per_gpu"]) if ref else None
+        cells = [f"<td>{swatch}{html.escape(r['run'])}{st.note(r['run'])}</td>", f"<td>{html.escape(F.layout(r))}</td>",
+                 f'<td class="num">{int(r["world_size"])}</td>']
+        if ok:
+            cells += [f'<td class="num">{F.num(r[c])}</td>' for c in ("tokens_per_s_per_gpu",)]
+            cells += [f'<td class="num">{F.pct(eff, 0) if eff is not None else "–"}</td>',
+                      f'<td class="num">{F.num(r["mfu"])}</td>', f'<td class="num">{F.num(r["peak_mem_gib"])}</td>',
+                      f'<td class="num">{F.num(r.get("seconds_to_target"))}</td>',
+                      f'<td class="num">{F.pct(r.get("final_loss_rel_gap"), 2)}</td>']
+        else:
+            cells.append(f'<td colspan="6">{html.escape(r["status"])}: {html.escape(str(r["message"]))[:120]}</td>')
+        cls = "" if ok else ' class="failed"'
+        rows.append(f"<tr{cls}>{''.join(cells)}</tr>")
+    head = ("<tr><th>run</th><th>layout</th><th>GPUs</th><th>tokens/s per GPU</th><th>vs 1 GPU</th><th>MFU</th>"
+            "<th>peak GiB</th><th>s to target</th><th>loss gap</th></tr>")
+    return f"<table class='headline'>{head}{''.join(rows)}</table>"
+
+
+def scaling_table(st: F.Study) -> str:
+    """Layout family × GPU count: the fastest run's tokens/s per GPU and its scaling efficiency."""
+    rows = F.scaling_rows(st.scaling)
+    if rows.empty or rows["gpus"].nunique() < 2:
+        return ""
+    gpus = sorted(rows["gpus"].unique())
+    head = "<tr><th>layout family</th>" + "".join(f"<th>{F.gpus(g)}</th>" for g in gpus) + "</tr>"
+    body = []
+    for var, g in rows.groupby("variant", sort=False):
+        cells = []
+        by = g.set_index("gpus")
+        for n in gpus:
+            if n not in by.index:
+                cells.append("<td></td>")
+                continue
+            r = by.loc[n]
+            eff = f" ({F.pct(r['scaling_efficiency'], 0)})" if pd.notna(r["scaling_efficiency"]) else ""
+            cells.append(f'<td class="num" title="{html.escape(r["study"])}: {html.escape(r["run"])}">'
+                         f"{F.num(r['tokens_per_s_per_gpu'])}{eff}</td>")
+        swatch = f'<span class="sw" style="background:{colour(g["strategy"].iloc[0])}"></span>'
+        body.append(f"<tr><td>{swatch}{html.escape(var)}</td>{''.join(cells)}</tr>")
+    return f"<table>{head}{''.join(body)}</table>"
+
+
+def peers_table(st: F.Study) -> str:
+    if st.peers.empty:
+        return ""
+    return table(st.peers, ["peer", "mode", "gpus", "steady_steps", "peer_tokens_per_s_per_gpu", "peer_mfu",
+                            "peer_peak_mem_gib", "ours_run", "ours_tokens_per_s_per_gpu", "ours_mfu",
+                            "ours_peak_mem_gib", "ours_over_peer"],
+                 labels={"gpus": "GPUs", "steady_steps": "steady steps",
+                         "peer_tokens_per_s_per_gpu": "tokens/s per GPU",
+                         "peer_mfu": "MFU", "peer_peak_mem_gib": "peak GiB", "ours_run": "our run",
+                         "ours_tokens_per_s_per_gpu": "ours: tokens/s per GPU", "ours_mfu": "ours: MFU",
+                         "ours_peak_mem_gib": "ours: peak GiB", "ours_over_peer": "ours ÷ peer"})
+
+
+def plan_context(config: dict, plan_files: dict | None, captions_dir, number: int) -> dict:
+    """Predicted before run (plan.csv and its figure) and beyond one machine on paper (extrapolation.csv and
+    its figure), or, for a study without a card, the sentence saying why there is neither."""
     card_name = config["train"].get("card")
     if not card_name or not plan_files or not plan_files.get("plan"):
-        return parts[0] + f"<p>{NO_CARD}</p>"
+        return {"no_card": NO_CARD}
     from llmpar.plan import extrapolate
     from llmpar.plan.calibration import MEMORY_BOUND, TIME_BOUND
     from llmpar.plan.cards import card
@@ -126,96 +271,70 @@ def plan_section(config: dict, plan_files: dict | None, captions_dir, number: in
     rows = read_table(plan_files["plan"])
     bounded = rows[rows["bounded"].astype(str).str.lower() == "true"] if not rows.empty else rows
     met = bounded[(bounded["peak_error"].abs() <= MEMORY_BOUND) & (bounded["step_error"].abs() <= TIME_BOUND)]
-    parts.append(
-        f"<p>Model output of <code>llmpar.plan</code> on the {html.escape(c['name'])} constants "
-        f"(<code>train.card: {html.escape(card_name)}</code>), computed from each run's shape, layout, precision, "
-        f"micro-batch and engine and set against what the run measured: {len(met)} of {len(bounded)} modelled "
-        f"runs within both bounds (peak memory ±{MEMORY_BOUND:.0%}, step time ±{TIME_BOUND:.0%}).</p>")
+    ctx = {"no_card": None, "card": c["name"], "card_key": card_name, "met": len(met), "bounded": len(bounded),
+           "memory_bound": f"{MEMORY_BOUND:.0%}", "time_bound": f"{TIME_BOUND:.0%}", "figures": [], "notes": [],
+           "extrapolation_table": None}
     if plan_files.get("figure"):
-        cap = Path(captions_dir) / "plan_vs_measured.rst"
-        caption = rst_to_html(cap.read_text()) if cap.is_file() else ""
-        parts.append(f'<figure><img alt="plan_vs_measured" src="data:image/png;base64,{_png(plan_files["figure"])}"/>'
-                     f"<figcaption><b>Predicted against measured.</b> {caption}</figcaption></figure>")
-    notes = rows[rows["note"].notna()] if not rows.empty else rows
-    if not notes.empty:
-        parts.append("<ul>" + "".join(f"<li><b>{html.escape(r['run'])}</b>: {html.escape(str(r['note']))}</li>"
-                                      for _, r in notes.iterrows()) + "</ul>")
+        ctx["figures"].append(figure("plan_vs_measured", plan_files["figure"], captions_dir, number))
+    if not rows.empty:
+        ctx["notes"] = [(r["run"], r["note"]) for _, r in rows[rows["note"].notna()].iterrows()]
     if plan_files.get("extrapolation"):
-        table_df = read_table(plan_files["extrapolation"])
-        parts.append(
-            "<h3>Beyond one machine, on paper (model output, never measured)</h3>"
-            f"<p><b>Nothing in this table was measured.</b> Every strategy for the 1.1B preset and an 8B Llama-3 "
-            f"shape at {', '.join(map(str, extrapolate.WORLDS))} GPUs, {c['cluster']['gpus_per_node']} per "
-            "node, predicted by the same plan; <code>inter_node</code> names the groups whose collectives cross "
-            "nodes. Assumptions:</p><ol>"
-            + "".join(f"<li>{html.escape(a)}</li>" for a in extrapolate.assumptions(card_name)) + "</ol>")
-        parts.append(table(table_df, EXTRAPOLATION_TABLE))
-    return "\n".join(parts)
+        ext = read_table(plan_files["extrapolation"])
+        if plan_files.get("extrapolation_figure"):
+            ctx["figures"].append(figure("extrapolation", plan_files["extrapolation_figure"], captions_dir,
+                                         number + len(ctx["figures"])))
+        ctx["worlds"] = ", ".join(map(str, extrapolate.WORLDS))
+        ctx["gpus_per_node"] = c["cluster"]["gpus_per_node"]
+        ctx["assumptions"] = extrapolate.assumptions(card_name)
+        ctx["extrapolation_table"] = table(ext, EXTRAPOLATION_TABLE, EXTRAPOLATION_LABELS)
+        ctx["extrapolation_notes"] = [(f"{r['shape']} {r['strategy']} at {int(r['gpus'])} GPUs", r["note"])
+                                      for _, r in ext[ext["note"].notna()].iterrows()]
+    return ctx
+
+
+def environment(summaries: list[dict], varying: set[str]) -> list[tuple[str, str]]:
+    """The environment fields every run recorded alike (the per-run ones are in the provenance table)."""
+    envs = [s.get("environment") or {} for s in summaries]
+    if not envs:
+        return []
+    keys = dict.fromkeys(k for e in envs for k in e)
+    out = []
+    for k in keys:
+        values = {str(e.get(k)) for e in envs}
+        out.append((k, _fmt(envs[0].get(k)) if len(values) == 1 else "differs per run (see the runs' table)"))
+    return out
 
 
 def build_report(config: dict, metrics_csv, figures_dir, captions_dir, summaries: list, out_html,
-                 figure_names: list[str], plan_files: dict | None = None) -> None:
+                 figure_names: list[str], tables: dict, template, plan_files: dict | None = None) -> None:
+    import jinja2
+
     metrics = read_table(metrics_csv)
-    baseline = config["baseline"]
-    parts = [f"<h1>Parallelism study <code>{html.escape(config['study'])}</code></h1>"]
+    runs, scaling, peers = (read_table(tables[k]) for k in ("runs", "scaling", "peers"))
+    st = F.Study(config, metrics, runs, scaling, peers)
     n_ok = int((metrics["status"] == "ok").sum())
-    wall = study_wall_time(metrics)
-    span = f"{wall['study_span_s']:.0f} s" if wall["study_span_s"] is not None else "unknown"
-    parts.append(
-        f"<p>{len(metrics)} runs ({n_ok} completed, {len(metrics) - n_ok} failed as results), one global batch "
-        f"of {config['train']['global_batch']} sequences × {config['model']['seq_len']} tokens per step, "
-        f"{config['train']['steps']} steps, seed {config['seed']}, baseline <code>{html.escape(baseline)}</code>. "
-        f"Study wall time {span} (first run start to last run end); sum of run wall times "
-        f"{wall['sum_of_run_wall_times_s']:.0f} s.</p>"
-    )
+    figs = [figure(name, Path(figures_dir) / f"{name}.png", captions_dir, i)
+            for i, name in enumerate(figure_names, 1)]
+    prov = provenance(runs, metrics)
+    full = [(title, table(F.ordered(metrics), cols, drop_empty=True), empty_columns(metrics, cols))
+            for title, cols in FULL_TABLES.items()]
     failed = metrics[metrics["status"] != "ok"]
-    if not failed.empty:
-        items = "".join(
-            f"<li><b>{html.escape(r['run'])}</b>: {html.escape(r['status'])} — {html.escape(str(r['message']))}</li>"
-            for _, r in failed.iterrows()
-        )
-        parts.append(f'<p class="note">Runs that ended as results, not completions:</p><ul>{items}</ul>')
-
-    parts.append("<h2>1. Results against the baseline</h2>")
-    parts.append(f"<p>In the seed's form: each run against <code>{html.escape(baseline)}</code>.</p>")
-    parts.append(table(metrics, SEED_TABLE))
-    parts.append(seed_comparison(metrics))
-    parts.append("<dl>" + "".join(f"<dt>{k}</dt><dd>{html.escape(v)}</dd>" for k, v in RATIO_DEFINITIONS.items())
-                 + "</dl>")
-    parts.append("<h2>2. All metrics</h2>")
-    parts.append(table(metrics, FULL_TABLE))
-
-    parts.append("<h2>3. Figures</h2>")
-    for i, name in enumerate(figure_names, 1):
-        png = Path(figures_dir) / f"{name}.png"
-        data = base64.b64encode(png.read_bytes()).decode()
-        cap_path = Path(captions_dir) / f"{name}.rst"
-        caption = rst_to_html(cap_path.read_text()) if cap_path.is_file() else ""
-        parts.append(
-            f'<figure><img alt="{name}" src="data:image/png;base64,{data}"/>'
-            f"<figcaption><b>Figure {i}. {html.escape(FIGURES[name])}.</b> {caption}</figcaption></figure>"
-        )
-
-    parts.append(plan_section(config, plan_files, captions_dir, 4))
-
-    parts.append("<h2>5. Metric definitions</h2><dl>")
-    for k, v in DEFINITIONS.items():
-        parts.append(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>")
-    parts.append("</dl>")
-
-    parts.append("<h2>6. Configuration</h2>")
-    parts.append(f"<pre>{html.escape(yaml.safe_dump(config, sort_keys=False))}</pre>")
-
-    parts.append("<h2>7. Environment</h2>")
-    envs = {s["run"]: s.get("environment") for s in summaries if s.get("environment")}
-    if envs:
-        first = next(iter(envs.values()))
-        rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in first.items())
-        parts.append(f"<p>As recorded by run <code>{html.escape(next(iter(envs)))}</code>:</p><table>{rows}</table>")
-        commits = sorted({e.get("git_commit") for e in envs.values()})
-        nodes = {s["run"]: s.get("node_names") for s in summaries if s.get("node_names")}
-        parts.append(f"<p>Git commits across runs: {html.escape(', '.join(map(str, commits)))}</p>")
-        parts.append(f"<p>Nodes per run: <code>{html.escape(json.dumps(nodes))}</code></p>")
-    body = "\n".join(parts)
-    write_text(out_html, f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(config['study'])}"
-                         f"</title><style>{CSS}</style></head><body>{body}</body></html>\n")
+    context = {
+        "study": config["study"], "config": config, "baseline": config["baseline"],
+        "n_runs": len(metrics), "n_ok": n_ok, "n_failed": len(metrics) - n_ok,
+        "failed": [(r["run"], r["status"], str(r["message"])) for _, r in failed.iterrows()],
+        "findings": F.findings(st), "headline": headline(st), "scaling_table": scaling_table(st),
+        "scaling_not_joined": sorted({(r["study"], r["not_joined"]) for _, r in scaling.iterrows()
+                                      if not r["joined"]}) if not scaling.empty else [],
+        "compare_with": config.get("compare_with", []), "peers_table": peers_table(st),
+        "lacking": F.lacking(st, summaries), "figures": figs,
+        "plan": plan_context(config, plan_files, captions_dir, len(figs) + 1), "provenance": prov,
+        "seed_table": table(metrics, SEED_TABLE), "seed_comparison": seed_comparison(metrics),
+        "ratio_definitions": RATIO_DEFINITIONS, "full_tables": full, "definitions": DEFINITIONS,
+        "config_yaml": yaml.safe_dump(config, sort_keys=False),
+        "environment": environment(summaries, set()),
+    }
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(template).parent)),
+                             autoescape=False, undefined=jinja2.StrictUndefined, trim_blocks=True,
+                             lstrip_blocks=True)
+    write_text(out_html, env.get_template(Path(template).name).render(**context))
