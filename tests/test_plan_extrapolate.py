@@ -102,13 +102,15 @@ def test_assumptions_state_the_bandwidths():
 def test_report_section_is_labelled_and_cpu_has_none(tmp_path):
     """A GPU study's section shows the table as model output with its assumptions; a study without a card
     (the CPU default) says the plan is not calibrated for CPU and predicts nothing."""
-    from llmpar.analysis.report import plan_section
+    from llmpar.analysis.report import plan_context
 
     ext = tmp_path / "extrapolation.csv"
     write_csv(pe.extrapolate(CARD, shapes=("1.1B",), worlds=(8, 64), strategies=("fsdp", "pipeline")), ext)
     out = tmp_path / "plan.csv"
     plan_study(str(Path(__file__).parents[1] / "configs/gpu2-1b.yaml"), out=str(out))
-    html = plan_section({"train": {"card": CARD}}, {"plan": out, "extrapolation": ext}, tmp_path, 4)
-    assert "never measured" in html and "45 GB/s" in html and "pp 2 × dp 1" not in html and "dp 64" in html
-    cpu = plan_section({"train": {"card": None}}, {}, tmp_path, 4)
-    assert "not calibrated for CPU" in cpu and "<table" not in cpu
+    ctx = plan_context({"train": {"card": CARD}}, {"plan": out, "extrapolation": ext}, tmp_path, 4)
+    text = " ".join(ctx["assumptions"])
+    assert "never measured" in text and "45 GB/s" in text
+    assert "pp 2 × dp 1" not in ctx["extrapolation_table"] and "dp 64" in ctx["extrapolation_table"]
+    cpu = plan_context({"train": {"card": None}}, {}, tmp_path, 4)
+    assert "not calibrated for CPU" in cpu["no_card"] and cpu.get("extrapolation_table") is None

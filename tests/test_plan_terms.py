@@ -36,6 +36,7 @@ RUNS = {
     "tp-torch": {"strategy": "tensor_parallel", "tp": 2, "tp_engine": "torch"},
     "ddp-bf16-pure": {"strategy": "data_parallel", "gpus_per_node": 2, "precision": "bf16-pure"},
     "pp": {"strategy": "pipeline_parallel", "stages": 2, "pp_engine": "torch", "schedule": "1f1b"},
+    "single-ac": {"strategy": "single", "activation_checkpointing": "full"},
 }
 
 
@@ -95,12 +96,14 @@ def test_predicted_memory_holds_every_state(specs, name):
     assert set(parts) == {"params", "grads", "optimizer", "buffers", "activations", "logits_grad", "overhead"}
 
 
-# A card of round numbers: 1 MFLOP/s GEMMs and attention, 1 MB/s elementwise traffic, 10 kB/s links.
+# A card of round numbers: 1 MFLOP/s GEMMs and attention, 1 MB/s elementwise traffic (twice the bytes for the
+# eager layers these tests time), 10 kB/s links.
 CARD = {"gemm_tflops": 1e-6, "attention_tflops": 1e-6, "elementwise_tbps": 1e-6, "link_busbw_gbps": 1e-5,
         "tp_allreduce_busbw_gbps": 1e-5, "zero3_busbw_gbps": 1e-5, "micro_batch_overhead_s": 0.01,
-        "step_overhead_s": 0.005, "ds_pipeline_host_s_per_layer": 1e-3,
+        "step_overhead_s": 0.005, "ds_pipeline_host_s_per_layer": 1e-3, "eager_elementwise_factor": 2.0,
         "cluster": {"collective_latency_s": 0.001, "gpus_per_node": 8, "inter_node_busbw_gbps": 1e-5}}
 RATE, BW, LAT = 1e6, 1e4, 0.001
+EAGER = 2.0  # eager layers move this many times the compiled layers' elementwise bytes (cards.yaml)
 # Bytes a token saves for the backward per layer, fp32, eager (plan.memory's docstring): replicated
 # 2·(4h + 4h) + 2·4h = 192; split 4·(2h + 2kv + 3f) + 4·heads + 4·(h + f) = 424; the last rank adds the
 # final norm's input and output and the fp32 log-softmax: 4h + 4h + 4V = 192.
@@ -120,7 +123,7 @@ def micro_batch_parts(tokens: int, layers: int, first: bool, last: bool) -> dict
     head = 256 if last else 0
     return {"gemm": 6 * tokens * (layers * 640 + head) / RATE,
             "attention": 6 * layers * 8 * 8 * tokens / RATE,
-            "elementwise": 4 * tokens * (layers * SAVED_LAYER + (SAVED_HEAD if last else 0)) / RATE,
+            "elementwise": 4 * tokens * (layers * SAVED_LAYER + (SAVED_HEAD if last else 0)) * EAGER / RATE,
             "micro_batch_fixed": 0.01 * layers / 2,
             "tp_comm": 0.0}
 
@@ -173,3 +176,23 @@ def test_pipeline_step_time_parts(specs):
                 "step_fixed": 0.005}
     assert t["bubble"] == pytest.approx(1 / 5, rel=1e-12)
     assert t["parts"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_full_checkpointing_recomputes_each_layer_and_holds_one_phase(specs):
+    """Full activation checkpointing, one micro-batch of 8 sequences (64 tokens): the step recomputes every
+    layer's forward in its backward (a third more layer GEMM and attention FLOPs, the forward half of the
+    elementwise traffic again, on the activations the layers produce); the peak holds each layer's fp32 input
+    (4h bytes a token) plus the larger of the head's backward (what the head saves and the logits' gradient)
+    and one recomputed layer's full set."""
+    spec, tokens = specs["single-ac"], 64
+    t = step_time(SH, spec, compiled=False, c=CARD)["parts"]
+    plain = micro_batch_parts(tokens, 2, True, True)
+    assert t["gemm"] == pytest.approx((6 * tokens * 2 * 640 * 4 / 3 + 6 * tokens * 256) / RATE)
+    assert t["attention"] == pytest.approx(plain["attention"] * 4 / 3)
+    assert t["elementwise"] == pytest.approx(plain["elementwise"] * 6 / 4)
+    [rank] = memory(SH, spec, compiled=False, overhead_gib=0.0)
+    parts = rank["parts"]
+    assert parts["activations"] == tokens * 2 * 4 * 8  # each layer keeps its input
+    assert parts["logits_grad"] == 0.0
+    assert parts["backward_peak"] == tokens * max(SAVED_HEAD + 4 * VOCAB, SAVED_LAYER)
+    assert rank["total"] == sum(parts.values())

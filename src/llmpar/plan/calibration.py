@@ -22,15 +22,9 @@ MEMORY_BOUND, TIME_BOUND = 0.10, 0.15  # |predicted - measured| / measured, ever
 
 # Recorded runs whose engine the plan does not model: listed in plan.csv, not bounded.
 NOT_MODELLED = {
-    ("h200-1b", run): "recorded under DeepSpeed's own bf16 mode (bf16 module weights, fp32 master in the "
-    "optimizer), which the code no longer uses (DeepSpeed runs under torch_autocast); the plan models the engine "
-    "the code runs" + ("; also eager" if run == "zero3" else "")
-    for run in ("zero1", "zero2", "zero3")
-} | {
-    (study, "fsdp"): "recorded under FSDP2's usual bf16 policy (layer inputs cast: a bf16 residual stream, "
+    ("h100x2-1b", "fsdp"): "recorded under FSDP2's usual bf16 policy (layer inputs cast: a bf16 residual stream, "
     "half the activation bytes), which the code no longer uses (the fp32 stream every engine keeps); the plan "
-    "models the code as it runs"
-    for study in ("h200-1b", "h100x2-1b")
+    "models the code as it runs",
 }
 # Known misses: (study, run, quantity) -> the measured reason. The test asserts that these still miss
 # (so a fix must update this list) and that every other run meets its bound.

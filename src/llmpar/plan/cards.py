@@ -24,7 +24,8 @@ def card(name: str) -> dict:
     data = cards()
     if name not in card_names():
         raise KeyError(f"unknown card {name!r}; cards.yaml knows {card_names()}")
-    return {**data[name], "allocator_overhead_gib": data["allocator_overhead_gib"], "cluster": data["cluster"]}
+    return {**data[name], "allocator_overhead_gib": data["allocator_overhead_gib"],
+            "eager_elementwise_factor": data["eager_elementwise_factor"], "cluster": data["cluster"]}
 
 
 def card_for_device(device_name: str | None) -> str | None:

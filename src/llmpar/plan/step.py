@@ -77,8 +77,9 @@ def step_time(sh: Shape, run: RunSpec, compiled: bool, c: dict) -> dict:
         flops_attn = 6 * share["layers"] * sh.h * sh.seq * tokens / tp * (1 + ckpt / 3)
         # the elementwise work is the activations the layers produce, whether they are kept or recomputed
         produced = tokens * saved_bytes_per_token(sh, unchecked, share["layers"], share["last"], compiled)
+        eager = 1.0 if compiled else c["eager_elementwise_factor"]  # unfused kernels move more bytes
         t = {"gemm": flops_gemm / gemm, "attention": flops_attn / attn,
-             "elementwise": (4 + 2 * ckpt) * produced / elem,
+             "elementwise": (4 + 2 * ckpt) * produced * eager / elem,
              "micro_batch_fixed": c["micro_batch_overhead_s"] * share["layers"] / sh.layers}
         # Tensor parallel: two all-reduces of the activations per layer in the forward, two in the backward.
         t["tp_comm"] = 2 * share["layers"] * (allreduce_s(tokens * sh.h * compute, tp, bw_tp, lat)
