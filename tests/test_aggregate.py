@@ -89,7 +89,7 @@ def test_incomplete_run_is_refused(tmp_path, damage, message):
     write_run(tmp_path, "a")
     damage(write_run(tmp_path, "b"))
     if message is None:  # the intact control
-        aggregate(tmp_path / "runs", ["a", "b"], "a", tmp_path / "out")
+        aggregate(tmp_path / "runs", ["a", "b"], "a", tmp_path / "out", 8)
         return
     with pytest.raises(IncompleteRun, match=message):
         aggregate(tmp_path / "runs", ["a", "b"], "a", tmp_path / "out", 8)

@@ -24,7 +24,7 @@ PRESET = "configs/h200-1b.yaml"
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 PROFILE = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
 
-PRESET_RUNS = ("single", "fsdp", "zero1", "zero2", "zero3", "pipeline-m4")  # each on one H200
+PRESET_RUNS = ("single", "pipeline-m4")  # each on one H200
 
 
 def expected_request(cfg: dict, run: str) -> dict:

@@ -156,7 +156,8 @@ def test_a_missing_or_damaged_run_record_is_trained_again(study):
         (runs / "single" / "summary.json").unlink()
         steps = runs / "ddp" / "steps.jsonl"
         steps.write_text(steps.read_text()[:100])
-        assert planned_jobs(study) == {"train": 2, "aggregate": 1, "figures": 1, "html_report": 1, "all": 1}
+        assert planned_jobs(study) == {"train": 2, "aggregate": 1, "derive": 1, "figures": 1, "html_report": 1,
+                                       "all": 1}
         assert (runs / "ddp" / "summary.json.damaged").is_file() and not (runs / "ddp" / "summary.json").exists()
     finally:
         if (runs / "ddp" / "summary.json.damaged").is_file():
