@@ -108,12 +108,15 @@ def plan_outputs():
 
 
 def plan_args(wildcards, input):
-    """The report's plan arguments: the plan files where the study has them, else none."""
+    """The report's plan and batch-sweep arguments: their files where the study has them, else none."""
     keys = {
         "plan": "--plan",
         "extrapolation": "--extrapolation",
         "plan_figure": "--plan-figure",
         "extrapolation_figure": "--extrapolation-figure",
+        "sweep_table": "--sweep-table",
+        "sweep_fit": "--sweep-fit",
+        "sweep_figure": "--sweep-figure",
     }
     return " ".join(
         f"{flag} {shlex.quote(input[key])}"

@@ -182,6 +182,7 @@ rule plan_figure:
 rule html_report:
     input:
         unpack(lambda wildcards: plan_outputs()),
+        unpack(lambda wildcards: sweep_outputs()),
         metrics=rules.aggregate.output.metrics,
         runs=rules.derive.output.runs,
         scaling=rules.derive.output.scaling,
@@ -202,8 +203,10 @@ rule html_report:
         figures=lambda wildcards, input: str(Path(input.figures[0]).parent),
         captions=CAPTIONS,
         plan=plan_args,
+        data=f"{RES}/data",
     shell:
         "python {params.script:q} report --config {params.config:q} --metrics {input.metrics:q} "
+        "--data-dir {params.data:q} "
         "--runs {input.runs:q} --scaling {input.scaling:q} --peers {input.peers:q} "
         "--figures-dir {params.figures:q} --captions-dir {params.captions:q} --template {input.template:q} "
         "--summaries {input.summaries:q} --names {params.names:q} {params.plan} --out {output.html:q} "

@@ -70,7 +70,9 @@ def _report(a):
     build_report(json.loads(a.config), a.metrics, a.figures_dir, a.captions_dir, summaries, a.out, a.names,
                  tables={"runs": a.runs, "scaling": a.scaling, "peers": a.peers}, template=a.template,
                  plan_files={"plan": a.plan, "extrapolation": a.extrapolation, "figure": a.plan_figure,
-                             "extrapolation_figure": a.extrapolation_figure})
+                             "extrapolation_figure": a.extrapolation_figure},
+                 sweep_files={"table": a.sweep_table, "fit": a.sweep_fit, "figure": a.sweep_figure},
+                 data_dir=a.data_dir)
 
 
 def _plan(a):
@@ -123,7 +125,8 @@ COMMANDS = {
     "plan-figure": (_plan_figure, "plan.csv, extrapolation.csv -> the predicted-vs-measured and extrapolation "
                     "figures (PNG and SVG)", "plan extrapolation out-dir"),
     "report": (_report, "the self-contained HTML report", "config:json metrics runs scaling peers figures-dir "
-               "captions-dir template summaries+ names+ plan? extrapolation? plan-figure? extrapolation-figure? out"),
+               "captions-dir template summaries+ names+ plan? extrapolation? plan-figure? extrapolation-figure? "
+               "sweep-table? sweep-fit? sweep-figure? data-dir? out"),
 }
 
 

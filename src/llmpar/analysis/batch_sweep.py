@@ -185,6 +185,7 @@ def plot(main: dict, fits: list[dict], out_dir) -> None:
     """Left: steps against sequences to the target (the Pareto front) with the fitted hyperbola; right: B_crit
     and B_simple against the target loss."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -206,6 +207,10 @@ def plot(main: dict, fits: list[dict], out_dir) -> None:
                 label=f"fit: S_min {f['s_min']:.0f}, E_min {f['e_min']:.0f}, B_crit {f['b_crit']:.1f}")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(plain)
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("sequences to target (E)")
     ax.set_ylabel("optimizer steps to target (S)")
     ax.set_title(f"validation loss {f['target_loss']}")
@@ -216,6 +221,8 @@ def plot(main: dict, fits: list[dict], out_dir) -> None:
     bx.errorbar([g["target_loss"] for g in noisy], [g["b_simple"] for g in noisy],
                 yerr=[g["b_simple_se"] or 0 for g in noisy], fmt="s--", label="B_simple (measured)")
     bx.set_yscale("log")
+    bx.yaxis.set_major_formatter(plain)
+    bx.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
     bx.invert_xaxis()
     bx.set_xlabel("target validation loss (training proceeds to the right)")
     bx.set_ylabel("batch (sequences)")

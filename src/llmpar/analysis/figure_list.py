@@ -17,11 +17,13 @@ FIGURES = {
     "scaling": "Throughput against GPU count per strategy",
     "plan_vs_measured": "Predicted before run against measured, per run",
     "extrapolation": "Predicted throughput per GPU beyond one machine (model output)",
+    "batch_sweep": "Steps against sequences to the target loss, and the critical batch against the loss",
 }
 # the caption file of a figure where it is not <name>.rst (extrapolation.rst captions the table)
 CAPTION_FILES = {"extrapolation": "extrapolation_figure.rst"}
-# drawn by the plan's own rule (from plan.csv and extrapolation.csv), not from the study's tables
-PLAN_FIGURES = ("plan_vs_measured", "extrapolation")
+# drawn by the plan's own rule (from plan.csv and extrapolation.csv) and the batch sweep's, not from the study's
+# tables
+PLAN_FIGURES = ("plan_vs_measured", "extrapolation", "batch_sweep")
 
 # Strategies in the order the report groups runs by (families: one process, data parallel and its
 # sharded forms, model parallel, both), each with one colour in every figure of every report

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import datetime
 import html
+import json
 import math
 from pathlib import Path
 
@@ -305,8 +306,63 @@ def environment(summaries: list[dict], varying: set[str]) -> list[tuple[str, str
     return out
 
 
+def corpus(config: dict, summaries: list[dict], data_dir) -> dict:
+    """What the study trained on (kind, source, size in tokens, synthetic or not) and how often its runs see
+    the training tokens, for the report's header."""
+    from llmpar.data.describe import describe_study, repetition
+
+    meta = Path(data_dir) / "corpus" / "meta.json" if data_dir else None
+    corpus_meta = json.loads(meta.read_text()) if meta is not None and meta.is_file() else None
+    tokens_meta = next((s["data"] for s in summaries if s.get("data")), None)
+    trained = [s.get("tokens_trained") or 0 for s in summaries]
+    return {"line": describe_study(config["data"], corpus_meta, tokens_meta),
+            "repetition": repetition(trained, tokens_meta["tokens"]["train"]) if tokens_meta else ""}
+
+
+def batch_line(config: dict, metrics: pd.DataFrame) -> str:
+    """The header's training size: one global batch and step count for the study, or their range where runs
+    differ (per-run global batches, token budgets, runs stopped at their target)."""
+    seq = config["model"]["seq_len"]
+    batches = sorted({int(b) for b in metrics["global_batch"].dropna()}) or [config["train"]["global_batch"]]
+    steps = sorted({int(x) for x in metrics["steps_completed"].dropna()}) or [config["train"]["steps"]]
+    if len(batches) == 1:
+        text = f"one global batch of {batches[0]} sequences × {seq} tokens per step"
+    else:
+        text = f"global batches of {batches[0]} to {batches[-1]} sequences × {seq} tokens per step, one per run"
+    text += f", {steps[0]} steps" if len(steps) == 1 else f", {steps[0]} to {steps[-1]} steps"
+    if config["train"].get("stop_at_target"):
+        text += f" (each run until its validation loss reached {config['train']['target_loss']})"
+    return text
+
+
+def sweep_context(sweep_files: dict | None, captions_dir, number: int) -> dict | None:
+    """The batch-size sweep's section (llmpar.analysis.batch_sweep), where the study is one."""
+    if not sweep_files or not sweep_files.get("table"):
+        return None
+    rows, fits = read_table(sweep_files["table"]), read_table(sweep_files["fit"])
+    fit = fits.iloc[0]
+    ratio = fit.get("b_crit_over_b_simple")
+    agree = ratio is not None and not pd.isna(ratio) and 0.5 <= ratio <= 2
+    labels = {"global_batch": "batch", "steps_to_target": "steps S", "sequences_to_target": "sequences E",
+              "tokens_to_target_interp": "tokens", "b_simple": "B_simple", "b_simple_se": "± se",
+              "pollux_predicted": "Pollux E(M)", "efficiency_measured": "measured E(M0)/E(M)",
+              "fit_steps": "fit S(B)"}
+    fit_labels = {"target_loss": "target", "reached": "batches at it", "s_min": "S_min", "e_min": "E_min",
+                  "b_crit": "B_crit", "b_simple": "B_simple", "b_simple_se": "± se",
+                  "b_crit_over_b_simple": "B_crit / B_simple", "max_rel_residual": "largest fit residual"}
+    counts = ("batches", "reached", "reference_batch")
+    return {"fit": {k: int(fit[k]) if k in counts else fit.get(k)
+                    for k in ("target_loss", *counts, "s_min", "e_min", "b_crit", "b_simple", "b_simple_se",
+                              "max_rel_residual")},
+            "ratio": ratio, "agree": agree,
+            "table": table(rows, [c for c in ["run", *labels] if c in rows.columns], labels),
+            "fits_table": table(fits, list(fit_labels), fit_labels),
+            "figure": figure("batch_sweep", sweep_files["figure"], captions_dir, number)}
+
+
 def build_report(config: dict, metrics_csv, figures_dir, captions_dir, summaries: list, out_html,
-                 figure_names: list[str], tables: dict, template, plan_files: dict | None = None) -> None:
+                 figure_names: list[str], tables: dict, template, plan_files: dict | None = None,
+                 sweep_files: dict | None = None, data_dir=None) -> None:
     import jinja2
 
     metrics = read_table(metrics_csv)
@@ -321,6 +377,7 @@ def build_report(config: dict, metrics_csv, figures_dir, captions_dir, summaries
     failed = metrics[metrics["status"] != "ok"]
     context = {
         "study": config["study"], "config": config, "baseline": config["baseline"],
+        "batch_line": batch_line(config, metrics),
         "n_runs": len(metrics), "n_ok": n_ok, "n_failed": len(metrics) - n_ok,
         "failed": [(r["run"], r["status"], str(r["message"])) for _, r in failed.iterrows()],
         "findings": F.findings(st), "headline": headline(st), "scaling_table": scaling_table(st),
@@ -328,7 +385,8 @@ def build_report(config: dict, metrics_csv, figures_dir, captions_dir, summaries
                                       if not r["joined"]}) if not scaling.empty else [],
         "compare_with": config.get("compare_with", []), "peers_table": peers_table(st),
         "lacking": F.lacking(st, summaries), "figures": figs,
-        "plan": plan_context(config, plan_files, captions_dir, len(figs) + 1), "provenance": prov,
+        "plan": plan_context(config, plan_files, captions_dir, len(figs) + 2), "provenance": prov,
+        "sweep": sweep_context(sweep_files, captions_dir, len(figs) + 1), "corpus": corpus(config, summaries, data_dir),
         "seed_table": table(metrics, SEED_TABLE), "seed_comparison": seed_comparison(metrics),
         "ratio_definitions": RATIO_DEFINITIONS, "full_tables": full, "definitions": DEFINITIONS,
         "config_yaml": yaml.safe_dump(config, sort_keys=False),

@@ -60,3 +60,39 @@ def describe(corpus_meta: dict, tokens_meta: dict | None = None) -> dict:
         "tokenizer": tokenizer,
         "line": ", ".join(parts),
     }
+
+
+def describe_study(data_cfg: dict, corpus_meta: dict | None, tokens_meta: dict | None) -> str:
+    """One sentence for a report header: :func:`describe`'s where the study's corpus metadata is at hand
+    (``results/<study>/data/corpus/meta.json``), else what the config and the runs' token metadata say (a
+    study whose runs were recorded elsewhere keeps only its runs' records)."""
+    if corpus_meta is not None:
+        return describe(corpus_meta, tokens_meta)["line"]
+    kind = data_cfg["source"]
+    if kind == "synthetic":
+        syn = data_cfg.get("synthetic", {})
+        what = (f"synthetic: Markov chain over 200 made-up words, {syn.get('documents', '?'):,} documents of "
+                f"{syn.get('words_per_document', '?')} words")
+    elif kind == "debian":
+        what = f"real text: {len(data_cfg['debian']['packages'])} Debian documentation packages"
+    elif kind == "text":
+        what = f"text: local files {_listing(data_cfg.get('files', []))}"
+    else:
+        what = f"Hugging Face dataset {data_cfg.get('hf', {}).get('name', '?')}"
+    parts = [what]
+    if tokens_meta is not None:
+        tokens = tokens_meta["tokens"]
+        tokenizer = f"{tokens_meta.get('tokenizer_model', 'BPE')} {tokens_meta['vocab_size']}"
+        parts.append(f"{_millions(tokens['train'])} train / {_millions(tokens['val'])} val tokens ({tokenizer})")
+    parts.append("synthetic" if kind == "synthetic" else "not synthetic")
+    return ", ".join(parts)
+
+
+def repetition(tokens_trained: list[int], train_tokens: int) -> str:
+    """How often the runs see the training tokens: once at most, or how many times the longest run goes round."""
+    most = max(tokens_trained, default=0)
+    if not train_tokens or not most:
+        return ""
+    if most <= train_tokens:
+        return f"the longest run trains on {most / train_tokens:.0%} of the training tokens: no token is seen twice"
+    return f"the longest run goes {most / train_tokens:.2f} times through the training tokens"

@@ -1,0 +1,54 @@
+"""The report's header and its batch-size sweep section, from the committed raw runs: the corpus named with
+its kind and size, the training size when runs differ in batch, and B_crit beside B_simple."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from llmpar.analysis.batch_sweep import is_sweep, write_tables
+from llmpar.analysis.report import batch_line, sweep_context
+from llmpar.config import load_yaml, prepare
+from llmpar.data.describe import describe_study, repetition
+from llmpar.paths import REPO_ROOT
+
+
+def test_corpus_line_from_config_and_tokens():
+    tokens = {"tokens": {"train": 4_272_800, "val": 87_200}, "vocab_size": 660, "tokenizer_model": "BPE"}
+    line = describe_study({"source": "synthetic", "synthetic": {"documents": 20000, "words_per_document": 200}},
+                          None, tokens)
+    assert line.startswith("synthetic: Markov chain") and "4.3 M train / 87,200 val tokens (BPE 660)" in line
+    assert line.endswith(", synthetic")
+    debian = describe_study({"source": "debian", "debian": {"packages": [{"name": "a"}, {"name": "b"}]}}, None, tokens)
+    assert debian.startswith("real text: 2 Debian documentation packages") and debian.endswith("not synthetic")
+
+
+def test_repetition_says_whether_a_token_is_seen_twice():
+    assert "no token is seen twice" in repetition([10, 40], 100) and "40%" in repetition([10, 40], 100)
+    assert "goes 2.50 times through" in repetition([250], 100)
+
+
+def test_batch_line_gives_the_range_when_runs_differ():
+    cfg = {"model": {"seq_len": 512}, "train": {"global_batch": 32, "steps": 40, "stop_at_target": True,
+                                                "target_loss": 6.15}}
+    same = pd.DataFrame({"global_batch": [32, 32], "steps_completed": [40, 40]})
+    assert batch_line({**cfg, "train": {**cfg["train"], "stop_at_target": False}}, same) == \
+        "one global batch of 32 sequences × 512 tokens per step, 40 steps"
+    mixed = pd.DataFrame({"global_batch": [8, 256], "steps_completed": [512, 106]})
+    assert batch_line(cfg, mixed) == ("global batches of 8 to 256 sequences × 512 tokens per step, one per run, "
+                                      "106 to 512 steps (each run until its validation loss reached 6.15)")
+
+
+def test_the_recorded_sweep_puts_b_crit_beside_b_simple(tmp_path):
+    """The committed H200 sweep: every batch reached the target, and the section reports the fit's B_crit and
+    the measured B_simple with their ratio, said to agree within a factor of 2 only if they do."""
+    cfg = prepare(load_yaml(REPO_ROOT / "configs" / "batch-sweep.yaml"))
+    assert is_sweep(cfg)
+    write_tables(cfg, REPO_ROOT / "results" / cfg["study"] / "runs", tmp_path / "t.csv", tmp_path / "f.csv", tmp_path)
+    ctx = sweep_context({"table": tmp_path / "t.csv", "fit": tmp_path / "f.csv",
+                         "figure": tmp_path / "batch_sweep.png"}, REPO_ROOT / "report" / "captions", 9)
+    fit = ctx["fit"]
+    assert fit["batches"] == fit["reached"] == len(cfg["runs"]) >= 6
+    assert ctx["ratio"] == pytest.approx(fit["b_crit"] / fit["b_simple"], rel=1e-3)  # 4 significant digits
+    assert ctx["agree"] == (0.5 <= ctx["ratio"] <= 2)
+    assert "gb256" in ctx["table"] and ctx["figure"]["caption"]
