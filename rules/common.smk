@@ -7,7 +7,7 @@ from pathlib import Path
 
 from llmpar.analysis.batch_sweep import is_sweep
 from llmpar.analysis.figure_list import caption_file, study_figures
-from llmpar.config import check_config_files, prepare, run_config
+from llmpar.config import check_config_files, load_yaml, prepare, run_config
 from llmpar.data.corpus import check_source
 from llmpar.errors import UserError
 from llmpar.interrupts import forward_stop_signals
@@ -105,6 +105,19 @@ def plan_outputs():
         "extrapolation_figure": f"{RES}/figures/extrapolation.png",
         "extrapolation_figure_svg": f"{RES}/figures/extrapolation.svg",
     }
+
+
+def sweep_from_inputs():
+    """The recorded runs of the batch-size sweep the plan takes steps to a target from (sweep_from), so a
+    change to them rebuilds the plan's tables."""
+    if not CFG.get("sweep_from"):
+        return []
+    sweep = prepare(load_yaml(CFG["sweep_from"]))
+    return expand(
+        f"results/{sweep['study']}/runs/{{run}}/{{name}}",
+        run=list(sweep["runs"]),
+        name=["summary.json", "evals.jsonl"],
+    )
 
 
 def plan_args(wildcards, input):

@@ -100,6 +100,7 @@ rule plan:
     input:
         summaries=summaries(),
         model=PLAN_MODEL,
+        sweep=sweep_from_inputs(),
     output:
         plan=report(
             f"{RES}/plan.csv",

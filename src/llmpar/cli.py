@@ -81,9 +81,14 @@ def _plan(a):
 
     cfg = json.loads(a.config)
     card_name = calibration.study_card(cfg)
-    rows = calibration.check_study(cfg, card_name, Path(a.runs_dir))
+    efficiency = None
+    if cfg.get("sweep_from"):
+        from llmpar.analysis.batch_sweep import efficiency_of
+
+        efficiency = efficiency_of(cfg["sweep_from"])
+    rows = calibration.check_study(cfg, card_name, Path(a.runs_dir), efficiency)
     calibration.write_csv(rows, Path(a.plan), columns=["run", "card", "predicted_peak_gib", "measured_peak_gib"])
-    calibration.write_csv(extrapolate(card_name), Path(a.extrapolation))
+    calibration.write_csv(extrapolate(card_name, efficiency=efficiency), Path(a.extrapolation))
     print(calibration.format_rows(rows) if rows else f"no recorded ok runs under {a.runs_dir}")
 
 
@@ -174,7 +179,12 @@ def plan_study(config_path: str, card_name: str | None = None, out: str | None =
     cfg = prepare(load_yaml(config_path))
     card_name = study_card(cfg, card_name)  # an unknown or missing card fails before any work
     study_dir = REPO_ROOT / "results" / cfg["study"]
-    rows = check_study(cfg, card_name, study_dir / "runs")
+    efficiency = None
+    if cfg.get("sweep_from"):  # each run's predicted time to the recorded sweep's target
+        from llmpar.analysis.batch_sweep import efficiency_of
+
+        efficiency = efficiency_of(cfg["sweep_from"])
+    rows = check_study(cfg, card_name, study_dir / "runs", efficiency)
     parts = []
     if rows:
         path = Path(out) if out else study_dir / "plan.csv"

@@ -233,3 +233,19 @@ def plot(main: dict, fits: list[dict], out_dir) -> None:
         with atomic_path(out_dir / f"batch_sweep.{ext}") as tmp:
             fig.savefig(tmp, format=ext, dpi=130)
     plt.close(fig)
+
+
+def efficiency_of(config_path) -> dict:
+    """The statistical-efficiency model a study takes from a recorded sweep (``sweep_from``): the fit at the
+    sweep's target, with E_min in tokens (llmpar.plan.efficiency)."""
+    from llmpar.config import load_yaml, prepare
+    from llmpar.paths import REPO_ROOT
+
+    cfg = prepare(load_yaml(config_path))
+    out = analyse(study_runs(cfg, REPO_ROOT / "results" / cfg["study"] / "runs"), cfg["train"]["target_loss"],
+                  cfg["model"]["seq_len"], cfg["train"]["pollux_reference_batch"])["fit"]
+    if "s_min" not in out:
+        raise ValueError(f"{config_path}: fewer than 3 batches reached the target, no fit")
+    seq = cfg["model"]["seq_len"]
+    return {"study": cfg["study"], "target_loss": out["target_loss"], "s_min": out["s_min"],
+            "e_min_tokens": out["e_min"] * seq, "b_crit_tokens": out["b_crit"] * seq}

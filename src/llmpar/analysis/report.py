@@ -132,11 +132,40 @@ FULL_TABLES = {
 }
 EXTRAPOLATION_TABLE = ["shape", "strategy", "gpus", "layout", "inter_node", "micro_batch_size", "micro_batches",
                        "predicted_peak_gib", "predicted_fits", "predicted_step_s", "predicted_tokens_per_s_per_gpu",
-                       "predicted_mfu", "predicted_comm_share", "predicted_bubble"]
+                       "predicted_mfu", "predicted_comm_share", "predicted_bubble", "global_batch",
+                       "predicted_steps_to_target", "predicted_time_to_target_s"]
 EXTRAPOLATION_LABELS = {"gpus": "GPUs", "inter_node": "across nodes", "micro_batch_size": "mb",
                         "micro_batches": "mbs", "predicted_peak_gib": "peak GiB", "predicted_fits": "fits",
                         "predicted_step_s": "step s", "predicted_tokens_per_s_per_gpu": "tokens/s per GPU",
-                        "predicted_mfu": "MFU", "predicted_comm_share": "comm share", "predicted_bubble": "bubble"}
+                        "predicted_mfu": "MFU", "predicted_comm_share": "comm share", "predicted_bubble": "bubble",
+                        "global_batch": "batch", "predicted_steps_to_target": "steps to target",
+                        "predicted_time_to_target_s": "s to target"}
+TARGET_TABLE = ["run", "global_batch", "predicted_steps_to_target", "predicted_time_to_target_s", "smallest_batch",
+                "predicted_time_to_target_at_smallest_s", "smallest_batch_why"]
+TARGET_LABELS = {"global_batch": "batch", "predicted_steps_to_target": "steps to target",
+                 "predicted_time_to_target_s": "s to target", "smallest_batch": "smallest batch",
+                 "predicted_time_to_target_at_smallest_s": "s to target at it", "smallest_batch_why": "why"}
+
+
+def time_to_target_context(config: dict, rows: pd.DataFrame, ext: pd.DataFrame | None) -> dict | None:
+    """The plan's predicted time to the sweep's target (sweep_from): per recorded run, and the extrapolation's
+    fastest layout per GPU count by that time beside the one with the highest tokens/s per GPU."""
+    if rows.empty or "predicted_time_to_target_s" not in rows.columns:
+        return None
+    ranked = rows.sort_values("predicted_time_to_target_s")
+    out = {"sweep": config.get("sweep_from"), "table": table(ranked, TARGET_TABLE, TARGET_LABELS), "extrapolation": []}
+    if ext is not None and "predicted_time_to_target_s" in ext.columns:
+        for (shape, gpus), group in ext.dropna(subset=["predicted_time_to_target_s"]).groupby(["shape", "gpus"]):
+            by_time = group.loc[group["predicted_time_to_target_s"].idxmin()]
+            by_rate = group.loc[group["predicted_tokens_per_s_per_gpu"].idxmax()]
+            out["extrapolation"].append(
+                f"{shape} at {int(gpus)} GPUs (batch {int(by_time['global_batch'])}): "
+                f"{by_time['strategy']} reaches the target first, {by_time['predicted_time_to_target_s']:.1f} s "
+                f"({by_time['predicted_steps_to_target']:.0f} steps)"
+                + ("" if by_time["strategy"] == by_rate["strategy"] else
+                   f"; the highest tokens/s per GPU is {by_rate['strategy']}'s, "
+                   f"{by_rate['predicted_time_to_target_s']:.1f} s to the target"))
+    return out
 NO_CARD = ("The plan (llmpar.plan) is not calibrated for CPU: its constants are measured on GPU cards "
            "(src/llmpar/cards.yaml) and this study names no <code>train.card</code>, so it shows no predictions "
            "and no extrapolation (a GPU card's numbers would not describe these runs).")
@@ -272,7 +301,8 @@ def plan_context(config: dict, plan_files: dict | None, captions_dir, number: in
     rows = read_table(plan_files["plan"])
     bounded = rows[rows["bounded"].astype(str).str.lower() == "true"] if not rows.empty else rows
     met = bounded[(bounded["peak_error"].abs() <= MEMORY_BOUND) & (bounded["step_error"].abs() <= TIME_BOUND)]
-    ctx = {"no_card": None, "card": c["name"], "card_key": card_name, "met": len(met), "bounded": len(bounded),
+    ctx = {"no_card": None, "target": time_to_target_context(config, rows, None),
+           "card": c["name"], "card_key": card_name, "met": len(met), "bounded": len(bounded),
            "memory_bound": f"{MEMORY_BOUND:.0%}", "time_bound": f"{TIME_BOUND:.0%}", "figures": [], "notes": [],
            "extrapolation_table": None}
     if plan_files.get("figure"):
@@ -288,6 +318,7 @@ def plan_context(config: dict, plan_files: dict | None, captions_dir, number: in
         ctx["gpus_per_node"] = c["cluster"]["gpus_per_node"]
         ctx["assumptions"] = extrapolate.assumptions(card_name)
         ctx["extrapolation_table"] = table(ext, EXTRAPOLATION_TABLE, EXTRAPOLATION_LABELS)
+        ctx["target"] = time_to_target_context(config, rows, ext)
         ctx["extrapolation_notes"] = [(f"{r['shape']} {r['strategy']} at {int(r['gpus'])} GPUs", r["note"])
                                       for _, r in ext[ext["note"].notna()].iterrows()]
     return ctx

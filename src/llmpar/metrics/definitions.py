@@ -137,6 +137,20 @@ DEFINITIONS: dict[str, str] = {
     "step_error": "Plan: (predicted_step_s - measured_step_s) / measured_step_s; bound 15 %.",
     "predicted_tokens_per_s": "Plan: global batch tokens / predicted_step_s.",
     "predicted_mfu": "Plan: MFU (as defined for mfu) at predicted_tokens_per_s.",
+    "predicted_steps_to_target": "Plan, with sweep_from: the recorded batch-size sweep's fit S(B) = S_min + E_min / B "
+    "at the layout's global batch in tokens (B from the run or the extrapolation's weak scaling): optimizer steps "
+    "to the sweep's target loss (llmpar.plan.efficiency; the steps transfer across models as a function of tokens "
+    "per batch, an assumption stated there).",
+    "predicted_time_to_target_s": "Plan: predicted_steps_to_target × predicted_step_s, the seconds of steady "
+    "training to the sweep's target: the ranking that accounts for the batch a layout trains at, not only its "
+    "throughput.",
+    "global_batch": "Sequences per optimizer step of the run (data-parallel replicas × micro-batches × micro-batch "
+    "size).",
+    "smallest_batch": "Plan: the smallest global batch (sequences) a run's layout can train: one sequence per "
+    "data-parallel replica, times the micro-batches a pipeline needs (max(4, 2 × stages)); smallest_batch_why "
+    "says which.",
+    "predicted_time_to_target_at_smallest_s": "Plan: predicted time to the sweep's target if the layout trained at "
+    "its smallest batch (one sequence per micro-batch; its step time predicted there).",
     # results/<study>/extrapolation.csv (llmpar.plan_extrapolate: model output at 8-1024 GPUs, never measured)
     "predicted_fits": "Extrapolation: whether predicted_peak_gib is at most 90 % of the card's memory (the "
     "launcher's criterion); a layout that does not fit shows its peak at micro-batch 1 and no time.",

@@ -15,6 +15,7 @@ from llmpar.errors import UserError
 from llmpar.io import read_json
 from llmpar.layout import RunSpec
 from llmpar.plan.cards import card
+from llmpar.plan.efficiency import at_smallest_batch, smallest_batch, time_to_target
 from llmpar.plan.predict import error, fits, predict
 from llmpar.record import RunRecord
 
@@ -36,8 +37,10 @@ def measured(record: RunRecord, global_batch: int, seq_len: int) -> dict:
     return {"peak_gib": record.peak_mem_gib, "step_s": global_batch * seq_len / record.tokens_per_s}
 
 
-def check_study(cfg: dict, card_name: str, runs_dir: Path) -> list[dict]:
-    """Predicted vs measured for every recorded ``ok`` run of a prepared study config."""
+def check_study(cfg: dict, card_name: str, runs_dir: Path, efficiency: dict | None = None) -> list[dict]:
+    """Predicted vs measured for every recorded ``ok`` run of a prepared study config; with ``efficiency``
+    (:mod:`llmpar.plan.efficiency`), each run's predicted time to the sweep's target at its own batch and at
+    the smallest batch its layout can train."""
     rows = []
     train, study = cfg["train"], cfg["study"]
     for name in cfg["runs"]:
@@ -59,10 +62,25 @@ def check_study(cfg: dict, card_name: str, runs_dir: Path) -> list[dict]:
                "predicted_tokens_per_s": pred["tokens_per_s"], "predicted_mfu": pred["mfu"]}
         misses = [q for q in ("memory", "step") if (study, name, q) in KNOWN_MISSES]
         notes = [NOT_MODELLED.get((study, name))] + [f"{q} miss: {KNOWN_MISSES[(study, name, q)]}" for q in misses]
+        if efficiency:
+            row.update(target_times(cfg, name, RunSpec.from_dict(spec), pred, efficiency, card_name))
         row["bounded"] = (study, name) not in NOT_MODELLED
         row["note"] = "; ".join(n for n in notes if n)
         rows.append(row)
     return rows
+
+
+def target_times(cfg: dict, name: str, run: RunSpec, pred: dict, efficiency: dict, card_name: str) -> dict:
+    """A run's predicted steps and time to the sweep's target at its batch, and at the smallest batch its
+    layout can train (and why that is the smallest)."""
+    seq = cfg["model"]["seq_len"]
+    out = time_to_target(efficiency, run.global_batch * seq, pred["step_s"])
+    smallest, why = smallest_batch(run)
+    small_run = at_smallest_batch(name, run, cfg["model"], cfg["train"])
+    small = predict(cfg["model"], cfg["tokenizer"]["vocab_size"], small_run, cfg["train"], card_name)
+    at_small = time_to_target(efficiency, smallest * seq, small["step_s"])
+    return {"global_batch": run.global_batch, **out, "smallest_batch": smallest, "smallest_batch_why": why,
+            "predicted_time_to_target_at_smallest_s": at_small["predicted_time_to_target_s"]}
 
 
 def within_bounds(row: dict) -> dict:
@@ -71,12 +89,14 @@ def within_bounds(row: dict) -> dict:
 
 
 def format_rows(rows: list[dict]) -> str:
+    target = any("predicted_time_to_target_s" in r for r in rows)
     lines = [f"{'run':18s} {'peak GiB pred':>13s} {'meas':>6s} {'err':>7s}   {'step s pred':>11s} {'meas':>6s} "
-             f"{'err':>7s} {'tok/s pred':>10s}  note"]
+             f"{'err':>7s} {'tok/s pred':>10s}" + (f" {'s to target':>11s}" if target else "") + "  note"]
     for r in rows:
         lines.append(f"{r['run']:18s} {r['predicted_peak_gib']:13.1f} {r['measured_peak_gib']:6.1f} "
                      f"{r['peak_error']:+7.1%}   {r['predicted_step_s']:11.3f} {r['measured_step_s']:6.3f} "
-                     f"{r['step_error']:+7.1%} {r['predicted_tokens_per_s']:10,.0f}  {r['note'][:60]}")
+                     f"{r['step_error']:+7.1%} {r['predicted_tokens_per_s']:10,.0f}"
+                     + (f" {r['predicted_time_to_target_s']:11.1f}" if target else "") + f"  {r['note'][:60]}")
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ import math
 from llmpar.errors import ConfigError
 from llmpar.layout import RunSpec, resolve
 from llmpar.plan.cards import card
+from llmpar.plan.efficiency import time_to_target
 from llmpar.plan.predict import FIT_MARGIN, auto_micro_batch, fits, predict
 from llmpar.plan.step import link_bw
 from llmpar.shape import model_dims
@@ -126,7 +127,7 @@ def inter_node_groups(run: RunSpec, c: dict) -> str:
 
 
 def predict_row(shape: str, strategy: str, world: int, card_name: str,
-                micro_batch_size: int | str = "auto") -> dict:
+                micro_batch_size: int | str = "auto", efficiency: dict | None = None) -> dict:
     """One row of the extrapolation table (model output)."""
     run, train, note = resolve_layout(shape, strategy, world, card_name, micro_batch_size)
     model = SHAPES[shape]
@@ -148,12 +149,17 @@ def predict_row(shape: str, strategy: str, world: int, card_name: str,
         comm = sum(pred["time_s"].get(k, 0.0) for k in ("tp_comm", "pp_p2p", "dp_comm"))
         row.update(predicted_step_s=pred["step_s"], predicted_tokens_per_s_per_gpu=pred["tokens_per_s"] / world,
                    predicted_mfu=pred["mfu"], predicted_comm_share=comm / pred["step_s"])
+        if efficiency:
+            row.update(time_to_target(efficiency, train["global_batch"] * model["seq_len"], pred["step_s"]))
     return row
 
 
-def extrapolate(card_name: str, shapes=tuple(SHAPES), worlds=WORLDS, strategies=STRATEGIES) -> list[dict]:
-    """The table: every strategy for every shape at every GPU count, on ``card_name``'s constants."""
-    return [predict_row(s, k, w, card_name) for s in shapes for k in strategies for w in worlds]
+def extrapolate(card_name: str, shapes=tuple(SHAPES), worlds=WORLDS, strategies=STRATEGIES,
+                efficiency: dict | None = None) -> list[dict]:
+    """The table: every strategy for every shape at every GPU count, on ``card_name``'s constants (with
+    ``efficiency``, each row's predicted steps and time to the sweep's target)."""
+    return [predict_row(s, k, w, card_name, efficiency=efficiency) for s in shapes for k in strategies
+            for w in worlds]
 
 
 def assumptions(card_name: str) -> list[str]:
