@@ -12,6 +12,16 @@ import time
 import torch
 
 
+def mark(cuda: bool, host_clock=time.perf_counter):
+    """Now, as a recorded CUDA event on the current stream (resolved later, no host sync) or the host clock's
+    reading on CPU, where execution is synchronous."""
+    if cuda:
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+    return host_clock()
+
+
 class Recorder:
     def __init__(self, device: torch.device, t0: float, offset_s: float, tokens_per_step: int,
                  samples_per_step: int, attempt: int):
@@ -27,11 +37,7 @@ class Recorder:
         self._boundary = self._now()
 
     def _now(self):
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.time()
+        return mark(self.cuda, time.time)
 
     def _wall(self, mark) -> float:
         """Seconds since the first process start of the run (across restarts)."""

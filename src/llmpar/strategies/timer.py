@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
+
+from llmpar.metrics.recorder import mark
 
 
 class PhaseTimer:
@@ -25,11 +25,7 @@ class PhaseTimer:
         self._start = None
 
     def _now(self):
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
+        return mark(self.cuda)
 
     def _add(self, phase: str, start, end) -> None:
         if self.cuda:
