@@ -61,10 +61,11 @@ def check_study(cfg: dict, card_name: str, runs_dir: Path, efficiency: dict | No
                "step_error": error(pred["step_s"], meas["step_s"]),
                "predicted_tokens_per_s": pred["tokens_per_s"], "predicted_mfu": pred["mfu"]}
         misses = [q for q in ("memory", "step") if (study, name, q) in KNOWN_MISSES]
-        notes = [NOT_MODELLED.get((study, name))] + [f"{q} miss: {KNOWN_MISSES[(study, name, q)]}" for q in misses]
+        notes = ([NOT_MODELLED.get((study, name))] + [f"{q} miss: {KNOWN_MISSES[(study, name, q)]}" for q in misses]
+                 + [f"not modelled: {why}" for why in pred["unmodelled"]])
         if efficiency:
             row.update(target_times(cfg, name, RunSpec.from_dict(spec), pred, efficiency, card_name))
-        row["bounded"] = (study, name) not in NOT_MODELLED
+        row["bounded"] = (study, name) not in NOT_MODELLED and not pred["unmodelled"]
         row["note"] = "; ".join(n for n in notes if n)
         rows.append(row)
     return rows
@@ -109,7 +110,8 @@ def format_predictions(cfg: dict, card_name: str, names: list[str]) -> str:
         pred = predict(cfg["model"], cfg["tokenizer"]["vocab_size"], cfg["runs"][name], cfg["train"], card_name)
         fit = "yes" if fits(pred["peak_gib"], c["memory_gib"]) else "no"
         lines.append(f"{name:18s} {pred['peak_gib']:9.1f} {fit:>5s} {pred['step_s']:7.3f} "
-                     f"{pred['tokens_per_s']:9,.0f} {pred['mfu']:6.3f}")
+                     f"{pred['tokens_per_s']:9,.0f} {pred['mfu']:6.3f}"
+                     + "".join(f"  (not modelled: {why})" for why in pred["unmodelled"]))
     return "\n".join(lines)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from llmpar.errors import ConfigError
-from llmpar.layout import RunSpec, default_micro_batches, resolve
+from llmpar.layout import Precision, RunSpec, default_micro_batches, resolve
 from llmpar.metrics.definitions import peak_flops_for
 from llmpar.plan.cards import card
 from llmpar.plan.memory import GIB, memory
@@ -15,16 +15,41 @@ from llmpar.shape import flops_per_token, shape_of
 FIT_MARGIN = 0.10  # refuse above 90 % of the card: reserved exceeded allocated by up to 7.5 GiB (9 % of 80 GB)
 
 
+# The per-run levers the plan predicts and has checked against a recorded run it was not fitted on: the
+# compiled and eager layers, bf16 autocast, full activation checkpointing (results/h200-1b-levers), every
+# strategy's default settings (the 1-, 2- and 4-GPU studies). Any other setting is predicted by the same count
+# but never checked, so a prediction for it comes with the reason it is not bounded.
+def unmodelled(run: RunSpec, train: dict) -> list[str]:
+    """Why the plan's prediction of ``run`` is not checked against a recorded run (empty: it is)."""
+    out = []
+    if run.precision is not Precision.BF16:
+        out.append(f"precision {run.precision}: the card's GEMM and attention rates are bf16 rates; no run "
+                   "of this precision is recorded")
+    if run.activation_checkpointing == "selective":
+        out.append("selective activation checkpointing: counted like full checkpointing on every second layer, "
+                   "not checked against a recorded run")
+    if run.offload != "none":
+        out.append(f"offload {run.offload}: host memory and PCIe transfers are not modelled")
+    if not run.reshard_after_forward:
+        out.append("reshard_after_forward false: FSDP2's gathered layers kept through the backward are not counted")
+    if train.get("attention", "cudnn") != "cudnn":
+        out.append(f"attention {train.get('attention')}: the attention rate is cuDNN's, as the runs measured it")
+    if not train.get("fused_loss", True):
+        out.append("fused_loss false: the eager cross-entropy's fp32 logits are not counted in the step time")
+    return out
+
+
 def predict(model_cfg: dict, vocab_size: int, run: RunSpec | dict, train: dict, card_name: str | None) -> dict:
     """Predicted peak GiB (max over ranks), step seconds, tokens/s and MFU of one run on ``card_name``
-    (None: memory only, no allocator overhead; the CPU check uses this)."""
+    (None: memory only, no allocator overhead; the CPU check uses this), and ``unmodelled``: the reasons the
+    prediction is not checked against a recorded run (:func:`unmodelled`)."""
     run = run if isinstance(run, RunSpec) else RunSpec.from_dict(run)
     sh = shape_of(model_cfg, vocab_size)
     compiled = bool(run.compile) and train.get("device", "auto") != "cpu"
     c = card(card_name) if card_name else None
     mem = memory(sh, run, compiled, c["allocator_overhead_gib"] if c else 0.0)
     peak = max(mem, key=lambda r: r["total"])
-    out = {"peak_gib": peak["total"] / GIB, "peak_rank": peak["rank"],
+    out = {"peak_gib": peak["total"] / GIB, "peak_rank": peak["rank"], "unmodelled": unmodelled(run, train),
            "memory_gib": {k: v / GIB for k, v in peak["parts"].items()},
            "per_rank_gib": [r["total"] / GIB for r in mem]}
     if c:
