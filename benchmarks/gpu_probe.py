@@ -108,7 +108,7 @@ def attention_bench(out):
 
 
 def step_bench(out, name, mbs=8, fused_ce=True, backend=None, compile_mode="layers", precision="bf16", steps=6,
-               warm=3):
+               warm=3, mode="default", fused=False):
     from llmpar.strategies.engine import TorchEngine
     from llmpar.strategies.levers import prepare_model
 
@@ -125,7 +125,7 @@ def step_bench(out, name, mbs=8, fused_ce=True, backend=None, compile_mode="laye
     gb, seq = 32, MODEL["seq_len"]
     m = gb // mbs
     spec = RunSpec(name=name, strategy="single", micro_batches=m, micro_batch_size=mbs, precision=precision,
-                   compile=compile_mode == "layers")
+                   compile=compile_mode == "layers", compile_mode=mode, fused_projections=fused)
     ctx = types.SimpleNamespace(device=torch.device("cuda"), is_main=True, rank=0, world_size=1)
     t0 = time.time()
     model = build_model(MODEL, TOKENIZER_VOCAB, 1234, device="cuda")
@@ -146,7 +146,7 @@ def step_bench(out, name, mbs=8, fused_ce=True, backend=None, compile_mode="laye
         xs, ys = x[:, :-1].contiguous().cuda(), x[:, 1:].contiguous().cuda()
         batches.append(list(zip(xs.chunk(m), ys.chunk(m))))
     row = {"kind": "step", "name": name, "mbs": mbs, "m": m, "fused_ce": fused_ce, "backend": backend,
-           "compile": compile_mode, "precision": precision}
+           "compile": compile_mode, "compile_mode": mode, "fused_projections": fused, "precision": precision}
     with attention_backends(backend or "default", "cuda"):  # the backend order holds around the steps
         try:
             losses = []
@@ -226,6 +226,10 @@ VARIANTS = {
     "noce16": dict(mbs=16, backend="cudnn", fused_ce=False),
     "whole16": dict(mbs=16, backend="cudnn", compile_mode="model"),
     "autotune16": dict(mbs=16, backend="cudnn", compile_mode="layers-autotune"),
+    # train.fused_projections and train.compile_mode, one at a time and together
+    "fused16": dict(mbs=16, backend="cudnn", fused=True),
+    "graphs16": dict(mbs=16, backend="cudnn", mode="reduce-overhead"),
+    "fusedgraphs16": dict(mbs=16, backend="cudnn", fused=True, mode="reduce-overhead"),
     # not a lever the study may take (bf16 weights and residual stream: another numerics class), the bound
     # of what the fp32 master weights and the fp32 residual stream cost
     "bf16pure16": dict(mbs=16, backend="cudnn", precision="bf16-pure"),

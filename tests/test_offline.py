@@ -130,7 +130,10 @@ def test_install_joins_installs_once_and_prints_its_environment(tmp_path, fake_p
     assert len((site / "big" / "payload.bin").read_bytes()) == 25 * KIB  # the chunked wheel, joined
     assert (site / "alpha_pkg" / "__init__.py").is_file()
     assert "alpha-pkg 1.0 requires no-such-package-anywhere, which is not installed" in capsys.readouterr().err
-    assert os.path.realpath(site / "bin" / "python") == os.path.realpath(sys.executable)
+    # `python` is this interpreter with its environment (a venv's packages too, where it is a venv's)
+    started = subprocess.run([str(site / "bin" / "python"), "-c", "import sys; print(sys.prefix)"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    assert started == sys.prefix
     assert env_file.read_text().splitlines() == lines
     env = subprocess.run(["bash", "-c", f". {env_file} && env"], capture_output=True, text=True,
                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": "/elsewhere"}, check=True).stdout.splitlines()

@@ -45,7 +45,7 @@ out=$(TT_CHECK=1 PYTHONPATH=$SITE:$SITE/_cpu $PY benchmarks/torchtitan/tt_launch
 echo "$out" | grep "^\[llmpar\]"
 echo "$out" | grep "^\[llmpar\] check " | sed 's/^\[llmpar\] check //' | PYTHONPATH=src $PY -c "
 import json, sys
-from llmpar.model import flops_per_token, param_counts
+from llmpar.shape import flops_per_token, param_counts
 c = json.load(sys.stdin)
 mc = {'size': '1B', 'seq_len': 2048, 'vocab_size': 32000}
 ours = param_counts(mc, 32000)

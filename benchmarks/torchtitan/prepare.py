@@ -31,8 +31,9 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from llmpar.config import REPO_ROOT, load_yaml, prepare
+from llmpar.config import load_yaml, prepare
 from llmpar.data.corpus import load_documents, split_documents
+from llmpar.paths import REPO_ROOT
 
 EOS = "<|endoftext|>"
 

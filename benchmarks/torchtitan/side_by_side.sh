@@ -26,6 +26,9 @@
 # 20 s later), GPU processes it left (torchrun's workers run in their own sessions) are killed by PID when
 # their command line is ours, and the next part runs. STEPS=35 runs 35 steps on all four sides (steady
 # 6-35); STEPS - 5 must be a multiple of 10 (torchtitan's log windows then end exactly at the last step).
+# PARTS picks the parts (default "ours-single ours-fsdp tt-single tt-fsdp"); on one GPU, PARTS=tt-single with
+# OURS_RUNS=results/<study>/runs sets torchtitan beside the runs the workflow trained in the same session
+# (`scripts/offline.py study`), instead of training ours again.
 set -o pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 T0=$(date +%s)
@@ -40,6 +43,9 @@ DATA=results/$NAME/data
 BASE=results/$STUDY_NAME/baselines
 SIDE=$BASE/torchtitan_side_by_side
 TT_SITE=${TT_SITE:-/tmp/tt_site}
+PARTS=${PARTS:-ours-single ours-fsdp tt-single tt-fsdp}
+OURS_RUNS=${OURS_RUNS:-$SIDE}
+part() { [[ " $PARTS " == *" $1 "* ]]; }
 mkdir -p "$OUT" "$SIDE"
 if (( (STEPS - WARMUP) % 10 )); then echo "STEPS - $WARMUP must be a multiple of 10 (got STEPS=$STEPS)"; exit 2; fi
 for p in "$PEERS/manifest.json" "$DATA/tokens/meta.json" "$DATA/torchtitan/assets/tokenizer.json" \
@@ -132,8 +138,8 @@ ours() {  # run limit
   echo "ours $run rc=$? in $(( $(date +%s) - s ))s (at $(( $(date +%s) - T0 ))s)"
   gpu_cleanup
 }
-ours single "${OURS_SINGLE_S:-120}"
-ours fsdp "${OURS_FSDP_S:-110}"
+part ours-single && ours single "${OURS_SINGLE_S:-120}"
+part ours-fsdp && ours fsdp "${OURS_FSDP_S:-110}"
 
 # ---- (c), (d): torchtitan
 tt() {  # mode ngpu limit our-run (whose summary goes into the JSON)
@@ -156,16 +162,16 @@ tt() {  # mode ngpu limit our-run (whose summary goes into the JSON)
     | sed 's/\x1b\[[0-9;]*m//g' | grep -E "^\[rank0\]|^\[titan\]|^\[llmpar\]" | cut -c1-220
   grep -E "Traceback|Error|error:" "$OUT/tt_$mode.log" | grep -v -i warn | head -5
   python3 benchmarks/torchtitan/parse.py --log "$OUT/tt_$mode.log" --mode "$mode" --gpus "$ngpu" --config "$CONFIG" \
-    --warmup "$WARMUP" --steps "$STEPS" --versions "$OUT/tt_versions.json" --ours "$SIDE/$4/summary.json" \
+    --warmup "$WARMUP" --steps "$STEPS" --versions "$OUT/tt_versions.json" --ours "$OURS_RUNS/$4/summary.json" \
     --command "TT_ALIGN_WARMUP=$WARMUP ${cmd[*]}" --wall "$(python3 -c "print(round($e - $s, 1))")" \
     --out "$BASE/torchtitan_$mode.json"
   echo "torchtitan $mode done at $(( $(date +%s) - T0 ))s"
 }
-tt single 1 "${TT_SINGLE_S:-180}" single
-tt fsdp 2 "${TT_FSDP_S:-160}" fsdp
+part tt-single && tt single 1 "${TT_SINGLE_S:-180}" single
+part tt-fsdp && tt fsdp 2 "${TT_FSDP_S:-160}" fsdp
 
 # ---- the table
-python3 - "$BASE" "$CONFIG" <<'EOF' 2>&1 | tee "$SIDE/table.txt"
+python3 - "$BASE" "$CONFIG" "$OURS_RUNS" <<'EOF' 2>&1 | tee "$SIDE/table.txt"
 import json, os, sys
 import yaml
 sys.path.insert(0, "benchmarks/torchtitan")
@@ -177,7 +183,7 @@ print(f"{'run':<18}{'status':<11}{'tokens/s':>10}{'per GPU':>9}{'MFU ours':>9}{'
 for mode in ("single", "fsdp"):
     p = f"{base}/torchtitan_{mode}.json"
     t = json.load(open(p)) if os.path.exists(p) else {}
-    s_path = f"{base}/torchtitan_side_by_side/{mode}/summary.json"
+    s_path = f"{sys.argv[3]}/{mode}/summary.json"
     s = json.load(open(s_path)) if os.path.exists(s_path) else {}
     f = lambda v, fmt: format(v, fmt) if isinstance(v, (int, float)) else "-"
     mfu_tt_ours = (s["tokens_per_s_per_gpu"] * fpt_tt / s["peak_flops"]

@@ -171,6 +171,8 @@ class RunSpec:
     reshard_after_forward: bool = True
     precision: Precision = Precision.FP32
     compile: bool = False
+    compile_mode: str = "default"
+    fused_projections: bool = False
     activation_checkpointing: str = "none"
     runtime_min: int = 20
     fault: dict | None = None
@@ -360,6 +362,8 @@ def resolve(name: str, entry: dict, model: dict, train: dict, runtime_min: int =
         reshard_after_forward=get("reshard_after_forward", True),
         precision=Precision(get("precision", train["precision"])),
         compile=get("compile", train["compile"]),
+        compile_mode=get("compile_mode", train["compile_mode"]),
+        fused_projections=get("fused_projections", train["fused_projections"]),
         activation_checkpointing=get("activation_checkpointing", train["activation_checkpointing"]),
         runtime_min=get("runtime_min", runtime_min),
         fault=entry.get("fault"),
@@ -411,6 +415,17 @@ def check_engine(spec: RunSpec, entry: dict, where: str) -> None:
             f"{where}: precision bf16-pure (bf16 weights and optimizer states, no fp32 master) is available in "
             "DeepSpeed only through bf16_master_weights_and_grads, which requires ZeRO stage 1-3; this run's "
             "DeepSpeed engine runs none. Use precision bf16 (fp32 weights under torch autocast) or a torch engine")
+    if spec.fused_projections and (spec.engine is Engine.DEEPSPEED or tp > 1):
+        raise ConfigError(
+            f"{where}.fused_projections: the fused query/key/value and gate/up GEMMs read the projections' weights "
+            "in the layer's own forward, past the projection modules; "
+            + ("torch tensor parallelism shards each projection by itself" if spec.engine is not Engine.DEEPSPEED
+               else "DeepSpeed's engines (ZeRO-3's gathers, AutoTP's shards, the pipeline's layer specs) work on "
+               "those modules")
+            + ". Use it with single, data_parallel, fsdp (tp 1) or a torch pipeline (pp_engine: torch, tp 1)")
+    if spec.compile_mode != "default" and not spec.compile:
+        raise ConfigError(f"{where}.compile_mode: compile_mode {spec.compile_mode} applies to compiled layers, and "
+                          "this run has compile false")
     for key in ("tp_engine", "pp_engine"):
         if key in entry and key not in spec.preset.engine_keys:
             raise ConfigError(f"{where}.{key} does not apply to strategy {strategy}")

@@ -45,6 +45,67 @@ def build_model(model_cfg: dict, vocab_size: int, seed: int, device="cpu", attn_
     return model
 
 
+def fuse_projections(model) -> None:
+    """Each decoder layer's query, key and value projections as one GEMM, and its gate and up projections as
+    one (``train.fused_projections``): the layer's attention and MLP take the classes below, whose forward
+    concatenates the projections' weights and splits the product. The parameters (names, shapes, initial
+    values) stay those of the separate ``nn.Linear`` modules, so checkpoints, the optimizer's groups and the
+    memory count are unchanged; only the GEMMs' shapes differ (the key and value projections of 4 KV heads
+    are 256 columns wide, too narrow for the tensor cores' large tiles on their own)."""
+    for layer in model.model.layers:
+        layer.self_attn.__class__ = _fused_classes()["attention"]
+        layer.mlp.__class__ = _fused_classes()["mlp"]
+
+
+_FUSED: dict = {}
+
+
+def _fused_classes() -> dict:
+    """The fused attention and MLP classes, subclasses of the installed transformers' Llama ones (built once,
+    on first use, so that importing this module needs no transformers)."""
+    if _FUSED:
+        return _FUSED
+    import torch
+    import torch.nn.functional as F
+    from transformers.models.llama import modeling_llama as llama
+
+    class FusedLlamaAttention(llama.LlamaAttention):
+        """LlamaAttention's training forward (no KV cache) with one GEMM for q, k and v."""
+
+        def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+            for key in ("cache", "past_key_values"):
+                if kwargs.pop(key, None) is not None:
+                    raise ValueError("fused projections train without a KV cache")
+            kwargs.pop("use_cache", None)
+            kwargs.pop("cache_position", None)
+            projections = (self.q_proj, self.k_proj, self.v_proj)
+            weight = torch.cat([p.weight for p in projections])
+            bias = None if self.q_proj.bias is None else torch.cat([p.bias for p in projections])
+            shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+            q, k, v = (t.view(shape).transpose(1, 2) for t in F.linear(hidden_states, weight, bias).split(
+                [p.out_features for p in projections], dim=-1))
+            cos, sin = position_embeddings
+            q, k = llama.apply_rotary_pos_emb(q, k, cos, sin)
+            impl = self.config._attn_implementation
+            attend = (llama.eager_attention_forward if impl == "eager"
+                      else llama.ALL_ATTENTION_FUNCTIONS[impl])
+            out, weights = attend(self, q, k, v, attention_mask, dropout=0.0 if not self.training
+                                  else self.attention_dropout, scaling=self.scaling, **kwargs)
+            return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
+
+    class FusedLlamaMLP(llama.LlamaMLP):
+        """LlamaMLP with one GEMM for the gate and up projections."""
+
+        def forward(self, x):
+            weight = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+            bias = None if self.gate_proj.bias is None else torch.cat([self.gate_proj.bias, self.up_proj.bias])
+            gate, up = F.linear(x, weight, bias).chunk(2, dim=-1)
+            return self.down_proj(self.act_fn(gate) * up)
+
+    _FUSED.update(attention=FusedLlamaAttention, mlp=FusedLlamaMLP)
+    return _FUSED
+
+
 def attention_backends(name: str, device_type: str):
     """Context in which SDPA on CUDA tries ``name`` first (``train.attention``): ``cudnn`` puts cuDNN's
     fused attention first (PyTorch's default order is flash, efficient, math, cuDNN: cuDNN is never

@@ -289,11 +289,15 @@ def install(wheelhouse: Path, target: Path, env_file: Path | None = None) -> lis
         if unmet:
             print(f"{target}: requirements neither this host nor the wheelhouse provides (add them with --extra, "
                   "or install them on the host):\n  " + "\n  ".join(unmet), file=sys.stderr)
-    # the workflow's rules call `python`: the interpreter the wheels were installed for
+    # The workflow's rules call `python`: the interpreter the wheels were installed for, started by its own path.
+    # A symlink would not do where that interpreter is a virtual environment's: Python finds its environment
+    # (pyvenv.cfg) beside the path it was started by, so through a link elsewhere it starts as the base
+    # interpreter, without the environment's packages (torch).
     python = target / "bin" / "python"
     python.parent.mkdir(parents=True, exist_ok=True)
     python.unlink(missing_ok=True)
-    python.symlink_to(sys.executable)
+    python.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} \"$@\"\n")
+    python.chmod(0o755)
     lines = env_lines(target)
     if env_file:
         env_file.write_text("\n".join(lines) + "\n")

@@ -32,6 +32,11 @@ def unmodelled(run: RunSpec, train: dict) -> list[str]:
         out.append(f"offload {run.offload}: host memory and PCIe transfers are not modelled")
     if not run.reshard_after_forward:
         out.append("reshard_after_forward false: FSDP2's gathered layers kept through the backward are not counted")
+    if run.fused_projections:
+        out.append("fused_projections: the card's GEMM rate is fitted on the separate projections")
+    if run.compile_mode != "default":
+        out.append(f"compile_mode {run.compile_mode}: the elementwise rate and host time are fitted on the "
+                   "default mode")
     if train.get("attention", "cudnn") != "cudnn":
         out.append(f"attention {train.get('attention')}: the attention rate is cuDNN's, as the runs measured it")
     if not train.get("fused_loss", True):

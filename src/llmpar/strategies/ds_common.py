@@ -120,7 +120,7 @@ def ds_config(spec, train_cfg: dict, model=None) -> dict:
 def apply_levers(model, spec) -> None:
     """Activation checkpointing and compile on the HF decoder layers (autocast is DeepSpeed's job)."""
     apply_activation_checkpointing(model, spec.activation_checkpointing)
-    apply_compile(model, spec.compile, in_place=True)
+    apply_compile(model, spec.compile, in_place=True, mode=spec.compile_mode)
 
 
 def initialize(module, config: dict, train_cfg: dict, mpu=None):

@@ -8,6 +8,7 @@ import contextlib
 import torch
 
 from llmpar.layout import Precision
+from llmpar.model import fuse_projections
 
 
 def autocast(precision: Precision | str, device: torch.device):
@@ -33,31 +34,35 @@ def apply_activation_checkpointing(model, mode: str) -> None:
             layers[i] = checkpoint_wrapper(layers[i], preserve_rng_state=False)
 
 
-def apply_compile(model, enabled: bool, in_place: bool = False) -> None:
+def apply_compile(model, enabled: bool, in_place: bool = False, mode: str = "default") -> None:
     """torch.compile each decoder layer (torchtitan's per-block compile: small graphs, fast recompiles).
 
     The torch engines replace each layer by its ``OptimizedModule`` wrapper (what the recorded GPU
     runs measured; FSDP2 then wraps the compiled layer, its hooks outside the graph). DeepSpeed engines
     compile in place (``nn.Module.compile``: same module, same parameter names), because ZeRO-3's forward
     hooks fail on the wrappers' plain-dict ``_parameters`` (``'dict' object has no attribute
-    '_in_forward'``).
+    '_in_forward'``). ``mode``: torch.compile's (``train.compile_mode``).
     """
     if not enabled:
         return
+    options = {"fullgraph": False, "mode": None if mode == "default" else mode}
     layers = decoder_layers(model)
     for i in range(len(layers)):
         if in_place:
-            layers[i].compile(fullgraph=False)
+            layers[i].compile(**options)
         else:
-            layers[i] = torch.compile(layers[i], fullgraph=False)
+            layers[i] = torch.compile(layers[i], **options)
 
 
 def prepare_model(model, spec) -> torch.nn.Module:
-    """Precision, activation checkpointing and compile: the per-run levers, in torchtitan's order."""
+    """Fused projections, precision, activation checkpointing and compile: the per-run levers, in
+    torchtitan's order."""
+    if spec.fused_projections:
+        fuse_projections(model)
     if spec.precision is Precision.BF16_PURE:
         model.to(torch.bfloat16)
     apply_activation_checkpointing(model, spec.activation_checkpointing)
-    apply_compile(model, spec.compile)
+    apply_compile(model, spec.compile, mode=spec.compile_mode)
     return model
 
 

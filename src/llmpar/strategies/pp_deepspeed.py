@@ -95,7 +95,7 @@ def parallelize(model, spec, ctx, train_cfg):
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
     apply_activation_checkpointing(model, spec.activation_checkpointing)
-    apply_compile(model, spec.compile)
+    apply_compile(model, spec.compile, mode=spec.compile_mode)
     layers = pipeline_layers(model)
     module = PipelineModule(
         layers=layers,

@@ -1,0 +1,91 @@
+"""``train.fused_projections``: one GEMM for q/k/v and one for gate/up trains the same model as the separate
+projections (same parameters and initial values, losses, gradients), and runs that cannot take it are
+refused before any process starts."""
+
+import types
+
+import pytest
+import torch
+from conftest import make_config
+
+from llmpar.config import prepare
+from llmpar.errors import ConfigError
+from llmpar.layout import RunSpec
+from llmpar.model import build_model
+from llmpar.strategies.engine import TorchEngine
+from llmpar.strategies.levers import prepare_model
+
+MODEL = {"size": "tiny", "seq_len": 64, "num_kv_heads": 2}  # grouped-query attention: k, v narrower than q
+VOCAB = 512
+TRAIN = dict(lr=3e-3, weight_decay=0.0, warmup_steps=1, steps=10, min_lr_ratio=0.1, grad_clip=1.0, metrics=False,
+             fused_loss=False)
+CPU = types.SimpleNamespace(device=torch.device("cpu"), is_main=True, rank=0, world_size=1)
+
+
+def engine(fused: bool) -> TorchEngine:
+    spec = RunSpec(name="single", strategy="single", micro_batches=2, micro_batch_size=2, fused_projections=fused)
+    return TorchEngine(prepare_model(build_model(MODEL, VOCAB, seed=7), spec), spec, CPU, TRAIN)
+
+
+def batches(n: int) -> list:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        x = torch.randint(0, VOCAB, (4, MODEL["seq_len"] + 1), generator=g)
+        out.append(list(zip(x[:, :-1].chunk(2), x[:, 1:].chunk(2))))
+    return out
+
+
+def test_fused_layers_keep_the_parameters():
+    plain, fused = engine(False).model, engine(True).model
+    assert type(fused.model.layers[0].self_attn).__name__ == "FusedLlamaAttention"
+    assert type(fused.model.layers[0].mlp).__name__ == "FusedLlamaMLP"
+    a, b = dict(plain.named_parameters()), dict(fused.named_parameters())
+    assert list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fused_projections_train_as_the_separate_ones():
+    """Per-step losses and gradient norms within fp32 summation order, and after the first backward every
+    parameter's gradient: a q/k/v split in the wrong order or a gate/up swap moves them by far more."""
+    plain, fused = engine(False), engine(True)
+    first = batches(1)[0]
+    for e in (plain, fused):
+        for x, y in first:
+            from llmpar.strategies.loss import causal_lm_loss
+
+            (causal_lm_loss(e.model, x, y) / 2).backward()
+    grads = {n: p.grad for n, p in plain.model.named_parameters()}
+    for n, p in fused.model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    for e in (plain, fused):
+        e.optimizer.zero_grad(set_to_none=True)
+    steps = batches(4)
+    for mb in steps:
+        a, b = float(plain.train_step(mb)), float(fused.train_step(mb))
+        assert abs(a - b) <= 1e-5 * abs(a), (a, b)
+        assert abs(float(plain.grad_norm()) - float(fused.grad_norm())) <= 1e-4 * float(plain.grad_norm())
+
+
+@pytest.mark.parametrize("run, match", [
+    ({"strategy": "zero", "zero_stage": 3, "gpus_per_node": 2, "fused_projections": True},
+     "fused_projections: .*DeepSpeed"),
+    ({"strategy": "tensor_parallel", "tp": 2, "tp_engine": "torch", "gpus_per_node": 2, "fused_projections": True},
+     "fused_projections: .*tensor parallelism"),
+    ({"strategy": "single", "compile_mode": "reduce-overhead"}, "compile_mode: .*compile false"),
+])
+def test_runs_that_cannot_take_a_lever_are_refused(run, match):
+    with pytest.raises(ConfigError, match=match):
+        prepare(make_config(runs={"lever": run}))
+
+
+def test_levers_reach_the_run_spec_and_its_hash():
+    cfg = prepare(make_config(runs={"fused": {"strategy": "data_parallel", "gpus_per_node": 2,
+                                              "fused_projections": True},
+                                    "tuned": {"strategy": "single", "compile": True,
+                                              "compile_mode": "max-autotune-no-cudagraphs"}}))
+    from llmpar.config import run_config
+
+    fused, tuned, single = (run_config(cfg, n)["run"] for n in ("fused", "tuned", "single"))
+    assert fused["fused_projections"] and not single["fused_projections"]
+    assert tuned["compile_mode"] == "max-autotune-no-cudagraphs" and single["compile_mode"] == "default"
