@@ -22,11 +22,12 @@ import math
 import pytest
 from gpu_util import (
     ALL_RUNS,
-    RTOL,
     STEPS,
     build_tokens,
+    check_tracks,
     gpu_count,
     preset_1b,
+    rel_gaps,
     result,
     split_expectations,
     study_config,
@@ -61,36 +62,6 @@ def fp32(runs):
 @pytest.fixture(scope="session")
 def bf16(runs):
     return runs["bf16"]
-
-
-def rel_gaps(steps, ref):
-    assert [r["step"] for r in steps] == [r["step"] for r in ref], "steps differ"
-    return [abs(a["loss"] - b["loss"]) / abs(b["loss"]) for a, b in zip(steps, ref)]
-
-
-def check_tracks(results, name, precision):
-    summary, steps = result(results, name)
-    ref_summary, ref = result(results, "single")
-    assert summary["status"] == "ok", summary["message"]
-    assert summary["device"] == "cuda" and summary["backend"] == "nccl"
-    assert summary["spec"]["precision"] == ref_summary["spec"]["precision"] == precision
-    assert len(steps) == STEPS[precision]
-    gaps = rel_gaps(steps, ref)
-    print(f"{name} {precision}: max rel loss gap {max(gaps):.2e} (step {gaps.index(max(gaps)) + 1}), "
-          f"final {steps[-1]['loss']:.4f} vs {ref[-1]['loss']:.4f}")
-    assert max(gaps) <= RTOL[precision], [f"{g:.2e}" for g in gaps]
-    # gradient norm before clipping and the first update: a summed (not averaged) gradient leaves the
-    # losses within RTOL (clipping and AdamW hide its scale) but is dp times single's norm
-    norm_gaps = [abs(a["grad_norm"] - b["grad_norm"]) / b["grad_norm"] for a, b in zip(steps, ref)]
-    print(f"{name} {precision}: max rel grad_norm gap {max(norm_gaps):.2e} "
-          f"(step {norm_gaps.index(max(norm_gaps)) + 1})")
-    assert max(norm_gaps) <= RTOL[precision], [f"{g:.2e}" for g in norm_gaps]
-    first, ref_first = summary["first_update_norm"], ref_summary["first_update_norm"]
-    assert sorted(first) == sorted(ref_first), (first, ref_first)
-    for param, norm in ref_first.items():
-        assert abs(first[param] - norm) <= RTOL[precision] * norm, (param, first[param], norm)
-    val_gap = abs(summary["final_val_loss"] - ref_summary["final_val_loss"]) / ref_summary["final_val_loss"]
-    assert val_gap <= RTOL[precision], (summary["final_val_loss"], ref_summary["final_val_loss"])
 
 
 @pytest.mark.parametrize("name", ALL_RUNS)
