@@ -1,6 +1,7 @@
 # Configuration (validated against schemas/config.schema.yaml, runs resolved) and input functions.
 import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -35,6 +36,8 @@ onstart:
 
 STUDY = CFG["study"]
 RUNS = list(CFG["runs"])
+# points of a sweep that their layout cannot train: each a record with the reason (rule refuse), a row of the tables
+REFUSED = list(CFG["refused"])
 RES = f"results/{STUDY}"
 LOGS = f"logs/{STUDY}"
 # Entry points relative to the working directory (stable params when a checkout moves).
@@ -68,11 +71,16 @@ def run_json(wildcards):
 
 
 def summaries():
-    return expand(f"{RES}/runs/{{run}}/summary.json", run=RUNS)
+    return expand(f"{RES}/runs/{{run}}/summary.json", run=RUNS + REFUSED)
 
 
 def run_steps():
-    return expand(f"{RES}/runs/{{run}}/steps.jsonl", run=RUNS)
+    return expand(f"{RES}/runs/{{run}}/steps.jsonl", run=RUNS + REFUSED)
+
+
+def one_of(names):
+    """A wildcard pattern matching exactly these run names."""
+    return "|".join(re.escape(n) for n in names) or "(?!)"
 
 
 # A run whose record is damaged (summary.json or a row file unreadable, or inconsistent with each other)

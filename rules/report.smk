@@ -25,7 +25,7 @@ rule aggregate:
         ENV
     params:
         script=STUDY_PY,
-        runs=RUNS,
+        runs=RUNS + REFUSED,
         baseline=CFG["baseline"],
         reference_batch=CFG["train"]["pollux_reference_batch"],
         runs_dir=lambda wildcards, input: str(Path(input.summaries[0]).parent.parent),

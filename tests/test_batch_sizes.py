@@ -62,6 +62,29 @@ def test_a_batch_the_layout_cannot_take_is_refused(run, match):
         prepare(make_config({"bad": run}))
 
 
+def test_a_swept_batch_the_layout_cannot_take_is_a_result_row(tmp_path):
+    """A sweep's point that its layout cannot train is no configuration error: the other points train, and this
+    one is a record (status invalid, the reason, the batch it asked for) and a row of metrics.csv, written by the
+    workflow's refuse rule without training."""
+    from workflow_util import planned_jobs, write_config
+
+    from llmpar import cli
+    from llmpar.analysis.aggregate import metrics_row
+    from llmpar.record import read_run
+
+    raw = make_config({"ddp": {"strategy": "data_parallel", "gpus_per_node": 2, "global_batch": [7, 8]}})
+    cfg = prepare(raw)
+    assert list(cfg["runs"]) == ["single", "ddp-gb8"] and list(cfg["refused"]) == ["ddp-gb7"]
+    out = tmp_path / "runs" / "ddp-gb7"
+    assert cli.main(["refuse", "--record", json.dumps(cfg["refused"]["ddp-gb7"]), "--out", str(out)]) == 0
+    row = metrics_row(read_run(out)["record"], reference_batch=8)
+    assert row["status"] == "invalid" and "global batch 7 is not divisible by dp 2" in row["message"]
+    assert (row["run"], row["global_batch"], row["world_size"], row["tokens_per_s"]) == ("ddp-gb7", 7, 2, None)
+    write_config(tmp_path, raw)
+    jobs = planned_jobs(tmp_path)
+    assert (jobs.get("train"), jobs.get("refuse")) == (2, 1), jobs
+
+
 @pytest.mark.slow
 def test_sweep_on_the_cpu(tiny_tokens, tmp_path):
     """Three batch sizes of one model trained in one launch until the validation loss reaches a target, then

@@ -105,6 +105,19 @@ def _plan_figure(a):
     extrapolation(a.extrapolation, a.out_dir)
 
 
+def _refuse(a):
+    from llmpar.record import RunRecord, write_run
+
+    point = json.loads(a.record)
+    run = point["run"]
+    # no spec: the layout was never resolved; the record keeps the strategy, process counts and batch it asked for
+    record = RunRecord(run=run["name"], status="invalid", message=point["message"], spec={},
+                       strategy=run["strategy"], world_size=run["nodes"] * run["gpus_per_node"], nodes=run["nodes"],
+                       gpus_per_node=run["gpus_per_node"], global_batch=run["global_batch"], steps_completed=0,
+                       steps_planned=point["train"]["steps"])
+    write_run(Path(a.out), record, [], [], [])
+
+
 # subcommand -> (function, help, arguments): ``name`` a required path or value, ``name:json`` settings
 # as JSON, ``name:int`` an integer, ``name+`` one or more, ``name?`` optional
 COMMANDS = {
@@ -116,6 +129,8 @@ COMMANDS = {
     "tokenizer": (_tokenizer, "train a BPE or save a pretrained tokenizer", "tokenizer:json train-txt out"),
     "tokenize": (_tokenize, "pack token shards; refuse a split under min-tokens",
                  "tokenizer-json corpus-dir out min-tokens:int?"),
+    "refuse": (_refuse, "the record of a sweep's point its layout cannot train (status invalid, the reason)",
+               "record:json out"),
     "aggregate": (_aggregate, "run summaries -> metrics.csv, steps.csv, evals.csv, samples.csv",
                   "runs-dir runs+ baseline out-dir reference-batch:int"),
     "derive": (_derive, "summaries and tables -> runs.csv (provenance, time budget), scaling.csv (with the "

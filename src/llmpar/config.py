@@ -180,15 +180,35 @@ def prepare(raw: dict, default_procs: int = 2) -> dict:
     expanded = expand_runs(cfg["runs"])
     for name in expanded:
         check_name(name)
-    specs = {name: resolve_run(name, entry, cfg, default_procs) for name, entry in expanded.items()}
+    specs, run_train, refused = {}, {}, {}
+    for name, entry in expanded.items():
+        try:
+            specs[name] = resolve_run(name, entry, cfg, default_procs)
+            run_train[name] = train_for_batch(cfg, name, specs[name])
+        except ConfigError as exc:
+            if name in cfg["runs"]:  # a run as configured: the config is wrong
+                raise
+            refused[name] = refused_point(name, entry, cfg, str(exc))  # a sweep's point: a result
+            specs.pop(name, None)
     cfg["runs"] = {name: spec.to_dict() for name, spec in specs.items()}
-    cfg["run_train"] = {name: train_for_batch(cfg, name, spec) for name, spec in specs.items()}
+    cfg["run_train"] = run_train
+    cfg["refused"] = refused
     if cfg["baseline"] not in cfg["runs"]:
         raise ConfigError(
             f"config key 'baseline': '{cfg['baseline']}' is not a run of this study "
             f"(runs: {', '.join(cfg['runs'])})"
         )
     return cfg
+
+
+def refused_point(name: str, entry: dict, cfg: dict, message: str) -> dict:
+    """A point of a sweep that its layout cannot train (e.g. a global batch that dp x micro-batches do not
+    divide): what its record says (status invalid, the reason, no steps; ``scripts/study.py refuse`` writes
+    it), so the sweep's other points train and the tables show this one with the reason."""
+    return {"run": {"name": name, "strategy": entry["strategy"], "nodes": entry.get("nodes", 1),
+                    "gpus_per_node": entry.get("gpus_per_node", 1),
+                    "global_batch": entry.get("global_batch", cfg["train"]["global_batch"])},
+            "train": {"steps": cfg["train"]["steps"]}, "message": message}
 
 
 LR_POWER = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}
