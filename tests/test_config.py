@@ -48,6 +48,7 @@ def test_baseline_must_name_a_run():
     ({"strategy": "data_parallel", "gpus_per_node": 3}, "global batch 8 is not divisible by dp 3"),
     ({"strategy": "zero", "zero_stage": 3, "stages": 2, "gpus_per_node": 4}, "rejected by DeepSpeed by design"),
     ({"strategy": "single", "gpus_per_node": 2}, "one process"),
+    ({"strategy": "fsdp", "gpus_per_node": 2, "ddp_bucket_mb": 100}, "ddp_bucket_mb applies to strategy data_parallel"),
 ])
 def test_layout_errors(run, match):
     with pytest.raises(ConfigError, match=match):

@@ -27,7 +27,7 @@
 # their command line is ours, and the next part runs. STEPS=35 runs 35 steps on all four sides (steady
 # 6-35); STEPS - 5 must be a multiple of 10 (torchtitan's log windows then end exactly at the last step).
 # PARTS picks the parts (default "ours-single ours-fsdp tt-single tt-fsdp"); on one GPU, PARTS=tt-single with
-# OURS_RUNS=results/<study>/runs sets torchtitan beside the runs the workflow trained in the same session
+# OURS_RUNS=results/<study>/runs sets torchtitan beside the runs the workflow trained just before on the same host
 # (`scripts/offline.py study`), instead of training ours again.
 set -o pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1

@@ -169,6 +169,7 @@ class RunSpec:
     zero_stage: int = 0
     offload: str = "none"
     reshard_after_forward: bool = True
+    ddp_bucket_mb: int = 25
     precision: Precision = Precision.FP32
     compile: bool = False
     compile_mode: str = "default"
@@ -360,6 +361,7 @@ def resolve(name: str, entry: dict, model: dict, train: dict, runtime_min: int =
         zero_stage=zero_stage,
         offload=get("offload", "none"),
         reshard_after_forward=get("reshard_after_forward", True),
+        ddp_bucket_mb=get("ddp_bucket_mb", 25),
         precision=Precision(get("precision", train["precision"])),
         compile=get("compile", train["compile"]),
         compile_mode=get("compile_mode", train["compile_mode"]),
@@ -426,6 +428,10 @@ def check_engine(spec: RunSpec, entry: dict, where: str) -> None:
     if spec.compile_mode != "default" and not spec.compile:
         raise ConfigError(f"{where}.compile_mode: compile_mode {spec.compile_mode} applies to compiled layers, and "
                           "this run has compile false")
+    for key in ("ddp_bucket_mb",):
+        if key in entry and strategy != "data_parallel":
+            raise ConfigError(f"{where}.{key} applies to strategy data_parallel (DistributedDataParallel), not "
+                              f"{strategy}")
     for key in ("tp_engine", "pp_engine"):
         if key in entry and key not in spec.preset.engine_keys:
             raise ConfigError(f"{where}.{key} does not apply to strategy {strategy}")

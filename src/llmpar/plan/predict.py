@@ -32,6 +32,9 @@ def unmodelled(run: RunSpec, train: dict) -> list[str]:
         out.append(f"offload {run.offload}: host memory and PCIe transfers are not modelled")
     if not run.reshard_after_forward:
         out.append("reshard_after_forward false: FSDP2's gathered layers kept through the backward are not counted")
+    if run.ddp_bucket_mb != 25:
+        out.append(f"ddp_bucket_mb {run.ddp_bucket_mb}: the data-parallel runs the plan was checked on use DDP's "
+                   "25 MiB buckets")
     if run.fused_projections:
         out.append("fused_projections: the card's GEMM rate is fitted on the separate projections")
     if run.compile_mode != "default":
