@@ -170,6 +170,7 @@ class RunSpec:
     offload: str = "none"
     reshard_after_forward: bool = True
     ddp_bucket_mb: int = 25
+    pipeline_balance: str = "parameters"
     precision: Precision = Precision.FP32
     compile: bool = False
     compile_mode: str = "default"
@@ -362,6 +363,7 @@ def resolve(name: str, entry: dict, model: dict, train: dict, runtime_min: int =
         offload=get("offload", "none"),
         reshard_after_forward=get("reshard_after_forward", True),
         ddp_bucket_mb=get("ddp_bucket_mb", 25),
+        pipeline_balance=get("pipeline_balance", "parameters"),
         precision=Precision(get("precision", train["precision"])),
         compile=get("compile", train["compile"]),
         compile_mode=get("compile_mode", train["compile_mode"]),
@@ -428,6 +430,10 @@ def check_engine(spec: RunSpec, entry: dict, where: str) -> None:
     if spec.compile_mode != "default" and not spec.compile:
         raise ConfigError(f"{where}.compile_mode: compile_mode {spec.compile_mode} applies to compiled layers, and "
                           "this run has compile false")
+    if spec.pipeline_balance != "parameters" and not (stages > 1 and spec.pp_engine is Engine.TORCH):
+        raise ConfigError(
+            f"{where}.pipeline_balance: balancing stages by {spec.pipeline_balance} applies to torch pipelines "
+            "(stages > 1, pp_engine: torch); DeepSpeed's PipelineModule partitions by parameters")
     for key in ("ddp_bucket_mb",):
         if key in entry and strategy != "data_parallel":
             raise ConfigError(f"{where}.{key} applies to strategy data_parallel (DistributedDataParallel), not "

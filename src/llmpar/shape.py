@@ -133,10 +133,16 @@ def balanced_split(weights: list[int], parts: int) -> list[tuple[int, int]]:
     return bounds[::-1]
 
 
-def pipeline_layer_weights(sh: Shape) -> list[int]:
-    """The weight of each decoder layer when a pipeline cuts the model by parameters: its own, plus the
-    embedding on the first layer and the final norm and output head on the last (as the engines build
-    their chunks: ``pp_torch.chunk_layer_ranges``)."""
+def pipeline_layer_weights(sh: Shape, balance: str = "parameters") -> list[int]:
+    """The weight of each decoder layer when a pipeline cuts the model (``pipeline_balance``), as the engines
+    build their chunks (``pp_torch.chunk_layer_ranges``): by ``parameters``, its own plus the embedding on the
+    first layer and the final norm and output head on the last; by ``flops``, its training FLOPs per token
+    (6 x its matmul parameters + 6·h·s of causal attention, as :func:`flops_per_token` counts them) plus the
+    output head's (6·V·h) on the last, the embedding (a lookup) counting nothing."""
+    if balance == "flops":
+        weights = [6 * sh.layer_matmul + 6 * sh.h * sh.seq] * sh.layers
+        weights[-1] += 6 * sh.vocab * sh.h
+        return weights
     weights = [sh.layer_params] * sh.layers
     weights[0] += sh.vocab * sh.h
     weights[-1] += sh.vocab * sh.h + sh.h

@@ -29,9 +29,9 @@ DS_MAX_LIVE = 1e9  # DeepSpeed's stage3_max_live_parameters default (elements), 
 
 def pipeline_ranks(sh: Shape, run: RunSpec) -> list[dict]:
     """What each pipeline rank holds: its decoder layers and whether it has the embedding / the head.
-    Chunks are balanced by parameters as the engines cut them (``pp_torch.chunk_layer_ranges``)."""
+    Chunks are balanced as the engines cut them (``pipeline_balance``; ``pp_torch.chunk_layer_ranges``)."""
     p, v = run.stages, run.virtual_stages
-    chunks = balanced_split(pipeline_layer_weights(sh), p * v)
+    chunks = balanced_split(pipeline_layer_weights(sh, run.pipeline_balance), p * v)
     ranks = []
     for r in range(p):
         mine = [chunks[r + i * p] for i in range(v)]

@@ -32,6 +32,8 @@ def unmodelled(run: RunSpec, train: dict) -> list[str]:
         out.append(f"offload {run.offload}: host memory and PCIe transfers are not modelled")
     if not run.reshard_after_forward:
         out.append("reshard_after_forward false: FSDP2's gathered layers kept through the backward are not counted")
+    if run.pipeline_balance != "parameters":
+        out.append(f"pipeline_balance {run.pipeline_balance}: the recorded pipelines cut their stages by parameters")
     if run.ddp_bucket_mb != 25:
         out.append(f"ddp_bucket_mb {run.ddp_bucket_mb}: the data-parallel runs the plan was checked on use DDP's "
                    "25 MiB buckets")

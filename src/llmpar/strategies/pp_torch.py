@@ -67,10 +67,18 @@ def numel(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def chunk_layer_ranges(model, n_chunks: int) -> list[tuple[int, int]]:
-    """Layer ranges per chunk, balanced by parameters with the embedding on the first and the final
-    norm + lm_head on the last chunk."""
+def chunk_layer_ranges(model, n_chunks: int, balance: str = "parameters") -> list[tuple[int, int]]:
+    """Layer ranges per chunk (``pipeline_balance``): balanced by parameters with the embedding on the first
+    and the final norm + lm_head on the last chunk, or by training FLOPs per token (6 x a layer's matmul
+    parameters + 6·h·s of attention; lm_head's 6 x its parameters on the last; the embedding nothing), as
+    :func:`llmpar.shape.pipeline_layer_weights` counts them for the plan."""
     layers = decoder_layers(model)
+    if balance == "flops":
+        cfg = model.config
+        matmul = [sum(p.numel() for p in layer.parameters() if p.dim() == 2) for layer in layers]
+        weights = [6 * n + 6 * cfg.hidden_size * cfg.max_position_embeddings for n in matmul]
+        weights[-1] += 6 * numel(model.lm_head)
+        return balanced_split(weights, n_chunks)
     weights = [numel(layer) for layer in layers]
     weights[0] += numel(model.model.embed_tokens)
     weights[-1] += numel(model.model.norm) + numel(model.lm_head)
@@ -283,7 +291,7 @@ def parallelize(model, spec, ctx, train_cfg) -> PipelineEngine:
 
     mesh = init_device_mesh(ctx.device.type, (pp, dp, tp), mesh_dim_names=(MeshAxis.PP, MeshAxis.DP, MeshAxis.TP))
     pp_rank = mesh.get_local_rank(MeshAxis.PP)
-    ranges = chunk_layer_ranges(model, n_chunks)
+    ranges = chunk_layer_ranges(model, n_chunks, spec.pipeline_balance)
     mine = [c for c in range(n_chunks) if c % pp == pp_rank]
     layer_ids = [i for c in mine for i in range(*ranges[c])]
     has_first, has_last = 0 in mine, n_chunks - 1 in mine
