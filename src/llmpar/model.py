@@ -69,16 +69,6 @@ def _fused_classes() -> dict:
     import torch.nn.functional as F
     from transformers.models.llama import modeling_llama as llama
 
-    def compute_weight(projections):
-        """The projections' weights, one below the other, in the dtype the GEMM computes in: under autocast each
-        fp32 weight is cast first (the cast and the concatenation then fuse into one pass, as the separate
-        projections' casts were), not concatenated in fp32 and cast again."""
-        weights = [p.weight for p in projections]
-        device = weights[0].device.type
-        if torch.is_autocast_enabled(device):
-            weights = [w.to(torch.get_autocast_dtype(device)) for w in weights]
-        return torch.cat(weights)
-
     class FusedLlamaAttention(llama.LlamaAttention):
         """LlamaAttention's training forward (no KV cache) with one GEMM for q, k and v."""
 
@@ -89,7 +79,7 @@ def _fused_classes() -> dict:
             kwargs.pop("use_cache", None)
             kwargs.pop("cache_position", None)
             projections = (self.q_proj, self.k_proj, self.v_proj)
-            weight = compute_weight(projections)
+            weight = torch.cat([p.weight for p in projections])
             bias = None if self.q_proj.bias is None else torch.cat([p.bias for p in projections])
             shape = (*hidden_states.shape[:-1], -1, self.head_dim)
             q, k, v = (t.view(shape).transpose(1, 2) for t in F.linear(hidden_states, weight, bias).split(
@@ -107,7 +97,7 @@ def _fused_classes() -> dict:
         """LlamaMLP with one GEMM for the gate and up projections."""
 
         def forward(self, x):
-            weight = compute_weight((self.gate_proj, self.up_proj))
+            weight = torch.cat([self.gate_proj.weight, self.up_proj.weight])
             bias = None if self.gate_proj.bias is None else torch.cat([self.gate_proj.bias, self.up_proj.bias])
             gate, up = F.linear(x, weight, bias).chunk(2, dim=-1)
             return self.down_proj(self.act_fn(gate) * up)
