@@ -1,11 +1,12 @@
 """Bytes of parameters + gradients + optimizer state each rank holds, measured from the tensors each
 engine keeps, under DDP, ZeRO-1/2/3 and FSDP2: the expected ordering, and the ≈ 1/world share of the
-fully sharded ones (compared with the same strategy on one process)."""
+fully sharded ones (compared with the same strategy on one process). The runs of one process layout
+share one launch (``--batch``)."""
 
 import copy
 
 import pytest
-from conftest import BASE_CONFIG, train_run
+from conftest import BASE_CONFIG, train_batch
 
 pytestmark = pytest.mark.slow
 
@@ -26,15 +27,19 @@ def states(tiny_tokens, tmp_path_factory):
     cfg["train"].update(steps=2, eval_every=2)
     # two micro-batches per step: ZeRO-1 then holds full gradients between them, ZeRO-2 only its partition
     cfg["runs"].update({name: run | {"micro_batches": 2} for name, run in RUNS.items()})
+    root = tmp_path_factory.mktemp("memory-states")
     out = {}
-    for name in RUNS:
-        summary, _, _ = train_run(cfg, name, tiny_tokens, tmp_path_factory.mktemp(name))
-        per_rank = [r["state_bytes"] for r in summary["per_rank"]]
-        out[name] = {
-            "total": max(s["params"] + s["grads"] + s["optimizer"] for s in per_rank),
-            **{k: max(s[k] for s in per_rank) for k in ("params", "grads", "optimizer")},
-        }
-        print(name, out[name])
+    for procs in (2, 1):  # one launch per process layout
+        layout = {name: cfg for name, run in RUNS.items() if run["gpus_per_node"] == procs}
+        for name, (summary, _) in train_batch(layout, tiny_tokens, root / f"w{procs}").items():
+            assert summary["status"] == "ok", (name, summary["message"])
+            per_rank = [r["state_bytes"] for r in summary["per_rank"]]
+            out[name] = {
+                "total": max(s["params"] + s["grads"] + s["optimizer"] for s in per_rank),
+                **{k: max(s[k] for s in per_rank) for k in ("params", "grads", "optimizer")},
+            }
+            print(name, out[name])
+    assert sorted(out) == sorted(RUNS)
     return out
 
 
