@@ -35,6 +35,69 @@ BASE_CONFIG = {
 }
 
 
+# ``make test`` runs the suite in pytest-xdist workers (``-n 2 --dist loadscope``). The tests of one work unit
+# run in one worker, one after another, so that the fixtures they share are made once. A unit is a test
+# module, except that these modules share one per line: SHARED_STUDY_MODULES use the shared study
+# (tests/shared_study.py); LAYOUT_LAUNCH_MODULES train their runs in the session's layout launches
+# (layout_fixtures); REPOSITORY_WORKFLOW_MODULES run Snakemake in the repository itself (its committed
+# studies and its .snakemake directory, which one Snakemake at a time may use).
+SHARED_STUDY_FIXTURES = ("shared_two", "shared_four")
+SHARED_STUDY_MODULES = ("test_noise_scale.py", "test_observed.py", "test_resume.py")
+LAYOUT_LAUNCH_MODULES = ("test_activation_checkpointing.py", "test_compile.py", "test_equivalence_ddp.py",
+                         "test_equivalence_deepspeed.py", "test_equivalence_torch.py", "test_memory_states.py")
+REPOSITORY_WORKFLOW_MODULES = ("test_report.py", "test_rerun.py", "test_slurm_resources.py")
+
+
+def work_unit(nodeid: str) -> str:
+    """The work unit of the test ``nodeid`` (see SHARED_STUDY_MODULES above)."""
+    module = nodeid.split("::", 1)[0]
+    name = Path(module).name
+    if name in SHARED_STUDY_MODULES:
+        return "shared-study"
+    if name in REPOSITORY_WORKFLOW_MODULES:
+        return "repository-workflow"
+    if name in LAYOUT_LAUNCH_MODULES:
+        return "layout-launches"
+    return module
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadscope`` by :func:`work_unit`, the units in the order of the collection (the heaviest first:
+    pytest_collection_modifyitems)."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WorkUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    config.option.loadscopereorder = False  # xdist would order the units by their number of tests
+    return WorkUnits(config, log)
+
+
+def pytest_collection_modifyitems(items):
+    """A test of the shared study must sit in a module of SHARED_STUDY_MODULES (else a parallel run trains
+    the study once more for it). In a pytest-xdist worker, the units come in the order a parallel run
+    should start them: the shared study (the longest), then the units with slow tests, then the rest,
+    each unit's tests together and in their order."""
+    for item in items:
+        if any(f in item.fixturenames for f in SHARED_STUDY_FIXTURES) and item.path.name not in SHARED_STUDY_MODULES:
+            raise pytest.UsageError(f"{item.nodeid} uses the shared study: add {item.path.name} to "
+                                    "SHARED_STUDY_MODULES in tests/conftest.py")
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    units: dict[str, list] = {}
+    for item in items:
+        units.setdefault(work_unit(item.nodeid), []).append(item)
+
+    def rank(unit: str) -> int:
+        return 0 if unit == "shared-study" else 1 if any(i.get_closest_marker("slow") for i in units[unit]) else 2
+
+    items[:] = [item for unit in sorted(units, key=rank) for item in units[unit]]
+
+
 def make_config(runs: dict | None = None, **sections) -> dict:
     cfg = json.loads(json.dumps(BASE_CONFIG))
     if runs:
@@ -197,10 +260,6 @@ def run_matches_single(results: dict, name: str, baseline, rtol: float) -> dict:
 
 
 # --------------------------------------------------------------------------- runs of several modules
-
-# The modules whose runs train in the session's layout launches (layout_fixtures).
-LAYOUT_LAUNCH_MODULES = ("test_activation_checkpointing.py", "test_compile.py", "test_equivalence_ddp.py",
-                         "test_equivalence_deepspeed.py", "test_equivalence_torch.py", "test_memory_states.py")
 
 
 class Launched(dict):
