@@ -35,8 +35,11 @@ report: setup
 	$(BIN)/snakemake --cores 1 --configfile $(STUDY_CONFIG) --report \
 	  report/$$($(BIN)/python -c "import yaml,sys; print(yaml.safe_load(open('$(STUDY_CONFIG)')).get('study','tiny-cpu'))")/snakemake-report.html
 
+# The suite in TEST_WORKERS pytest-xdist worker processes (0: in this process), by the work units of
+# tests/conftest.py: its launches are CPU-bound, so more workers than cores gain nothing.
+TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 # A real Slurm cluster on this machine (root, apt, loopback only; scripts/slurm/), the study through
 # `snakemake --profile slurm` on it (tests/slurm, marker slurm), and the cluster torn down again

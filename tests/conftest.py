@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from launches import run_batch  # the one batch launcher of the CPU tests
@@ -32,6 +33,69 @@ BASE_CONFIG = {
     "runs": {"single": {"strategy": "single"}},
     "baseline": "single",
 }
+
+
+# ``make test`` runs the suite in pytest-xdist workers (``-n 2 --dist loadscope``). The tests of one work unit
+# run in one worker, one after another, so that the fixtures they share are made once. A unit is a test
+# module, except that these modules share one per line: SHARED_STUDY_MODULES use the shared study
+# (tests/shared_study.py); LAYOUT_LAUNCH_MODULES train their runs in the session's layout launches
+# (layout_fixtures); REPOSITORY_WORKFLOW_MODULES run Snakemake in the repository itself (its committed
+# studies and its .snakemake directory, which one Snakemake at a time may use).
+SHARED_STUDY_FIXTURES = ("shared_two", "shared_four")
+SHARED_STUDY_MODULES = ("test_noise_scale.py", "test_observed.py", "test_resume.py")
+LAYOUT_LAUNCH_MODULES = ("test_activation_checkpointing.py", "test_compile.py", "test_equivalence_ddp.py",
+                         "test_equivalence_deepspeed.py", "test_equivalence_torch.py", "test_memory_states.py")
+REPOSITORY_WORKFLOW_MODULES = ("test_report.py", "test_rerun.py", "test_slurm_resources.py")
+
+
+def work_unit(nodeid: str) -> str:
+    """The work unit of the test ``nodeid`` (see SHARED_STUDY_MODULES above)."""
+    module = nodeid.split("::", 1)[0]
+    name = Path(module).name
+    if name in SHARED_STUDY_MODULES:
+        return "shared-study"
+    if name in REPOSITORY_WORKFLOW_MODULES:
+        return "repository-workflow"
+    if name in LAYOUT_LAUNCH_MODULES:
+        return "layout-launches"
+    return module
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadscope`` by :func:`work_unit`, the units in the order of the collection (the heaviest first:
+    pytest_collection_modifyitems)."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WorkUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    config.option.loadscopereorder = False  # xdist would order the units by their number of tests
+    return WorkUnits(config, log)
+
+
+def pytest_collection_modifyitems(items):
+    """A test of the shared study must sit in a module of SHARED_STUDY_MODULES (else a parallel run trains
+    the study once more for it). In a pytest-xdist worker, the units come in the order a parallel run
+    should start them: the shared study (the longest), then the units with slow tests, then the rest,
+    each unit's tests together and in their order."""
+    for item in items:
+        if any(f in item.fixturenames for f in SHARED_STUDY_FIXTURES) and item.path.name not in SHARED_STUDY_MODULES:
+            raise pytest.UsageError(f"{item.nodeid} uses the shared study: add {item.path.name} to "
+                                    "SHARED_STUDY_MODULES in tests/conftest.py")
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    units: dict[str, list] = {}
+    for item in items:
+        units.setdefault(work_unit(item.nodeid), []).append(item)
+
+    def rank(unit: str) -> int:
+        return 0 if unit == "shared-study" else 1 if any(i.get_closest_marker("slow") for i in units[unit]) else 2
+
+    items[:] = [item for unit in sorted(units, key=rank) for item in units[unit]]
 
 
 def make_config(runs: dict | None = None, **sections) -> dict:
@@ -87,16 +151,23 @@ def train_batch(configs: dict[str, dict], tokens: Path, root: Path, sum_grads: t
 
     ``sum_grads``: runs trained with the test-only mutation of tests/mutants (data-parallel gradients
     summed instead of averaged)."""
-    runs = list(configs)
-    jobs = [{"run_config": run_config(prepare(cfg), r), "out": str(root / r)} for r, cfg in configs.items()]
+    train_jobs([(cfg, r, root / r) for r, cfg in configs.items()], tokens, root, "batch", sum_grads, timeout)
+    return {r: read_run(root / r) for r in configs}
+
+
+def train_jobs(jobs: list[tuple[dict, str, Path]], tokens: Path, workdir: Path, name: str,
+               sum_grads: tuple[str, ...] = (), timeout: int = 600) -> str:
+    """Train ``jobs`` (config, run, output directory; one process layout) in one launch, its files in
+    ``workdir`` under ``name``; returns its log. ``sum_grads``: as for :func:`train_batch`."""
+    launch_jobs = [{"run_config": run_config(prepare(cfg), r), "out": str(out)} for cfg, r, out in jobs]
     env = dict(os.environ)
     if sum_grads:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(MUTANTS), env.get("PYTHONPATH")]))
         env["LLMPAR_TEST_SUM_GRADS"] = ",".join(sum_grads)
-    log = run_batch(jobs, tokens, root, "batch", timeout=timeout, env=env)
+    log = run_batch(launch_jobs, tokens, workdir, name, timeout=timeout, env=env)
     for r in sum_grads:
         assert f"[{r}] test mutation" in log, f"the mutation did not reach run {r}"
-    return {r: read_run(root / r) for r in runs}
+    return log
 
 
 # Clipping far below the gradient norm (about 2 in these steps): the clipped gradient's elements (~1e-8)
@@ -188,19 +259,89 @@ def run_matches_single(results: dict, name: str, baseline, rtol: float) -> dict:
     return summary
 
 
-def layout_fixtures(launch):
-    """An equivalence module's module-scoped fixtures ``w2``, ``w4`` and ``nodes2``: one launch per process
-    layout, ``launch(layout, tiny_tokens, root)``, trained when a test first asks for it. Assign them at
-    module level: ``w2, w4, nodes2 = layout_fixtures(launch)``."""
+# --------------------------------------------------------------------------- runs of several modules
 
-    def fixture(layout: str):
-        @pytest.fixture(scope="module", name=layout)
-        def trained(tiny_tokens, root):
-            return launch(layout, tiny_tokens, root)
+
+class Launched(dict):
+    """{run: (summary, steps)} of one module's runs in one launch. ``log``: the launch's output; ``names``:
+    run -> its name in the launch (``<module>.<run>``: the run names of different modules may coincide)."""
+
+    def __init__(self, results: dict, log: str, names: dict[str, str]):
+        super().__init__(results)
+        self.log, self.names = log, names
+
+
+class _Registered(NamedTuple):
+    config: dict  # a config holding the run under its name in the launch
+    name: str  # its name in the launch
+    summed: bool  # trained with the mutation (sum_grads)
+    again: bool  # trained once more in the second launch
+
+
+_LAYOUT_RUNS: dict[str, dict[tuple[str, str], _Registered]] = {}  # layout -> {(module, run): the run}
+
+
+def layout_fixtures(module: str, layouts: dict[str, dict[str, dict]], sum_grads: tuple[str, ...] = (),
+                    again: tuple[str, ...] = ()) -> tuple:
+    """Module fixtures with the results of a test module's runs, which train together with the runs of every
+    module that calls this: one launch per process layout for the session (the fixture ``layout_launches``,
+    made when a test first asks for the layout). Call at module level, with the module's ``__name__``:
+    ``w2, w4 = layout_fixtures(__name__, {"w2": {run: config holding it, ...}, "w4": {...}})``; the fixture
+    of a layout is named like it and gives the module's runs of that layout (:class:`Launched`).
+
+    ``sum_grads``: runs trained with the test-only mutation of tests/mutants (data-parallel gradients
+    summed instead of averaged). ``again``: runs of the first layout trained once more in their
+    directories, in a second launch after the first (each resumes from its newest checkpoint); their
+    results are one more fixture, ``<layout>_again``, after the others."""
+    short = module.rsplit(".", 1)[-1]
+    if f"{short}.py" not in LAYOUT_LAUNCH_MODULES:
+        raise pytest.UsageError(f"{short}.py trains runs in the layout launches: add it to LAYOUT_LAUNCH_MODULES "
+                                "in tests/conftest.py")
+    prefix = short.removeprefix("test_")
+    first = next(iter(layouts))
+    for layout, runs in layouts.items():
+        for run, cfg in runs.items():
+            named = json.loads(json.dumps(cfg))
+            named["runs"] = {(f"{prefix}.{run}" if r == run else r): entry for r, entry in cfg["runs"].items()}
+            _LAYOUT_RUNS.setdefault(layout, {})[(short, run)] = _Registered(
+                named, f"{prefix}.{run}", run in sum_grads, layout == first and run in again)
+
+    def fixture(layout: str, second: bool = False):
+        @pytest.fixture(scope="module", name=f"{layout}_again" if second else layout)
+        def trained(layout_launches):
+            results, log = layout_launches(layout, second)
+            mine = [key for key in results if key[0] == short]
+            return Launched({run: results[(m, run)] for m, run in mine}, log,
+                            {run: _LAYOUT_RUNS[layout][(m, run)].name for m, run in mine})
 
         return trained
 
-    return tuple(fixture(layout) for layout in ("w2", "w4", "nodes2"))
+    return (*(fixture(layout) for layout in layouts), *((fixture(first, True),) if again else ()))
+
+
+@pytest.fixture(scope="session")
+def layout_launches(tiny_tokens, tmp_path_factory):
+    """``launched(layout, again=False)``: ({(module, run): (summary, steps)}, log) of the launch of every run
+    registered for ``layout`` (layout_fixtures), or of the second launch of those registered ``again``;
+    each launch made once, when first asked for. Compiled runs train last in their launch, so that every
+    other run trains in a process that has compiled nothing."""
+    root = tmp_path_factory.mktemp("layouts")
+    made: dict[tuple[str, bool], tuple[dict, str]] = {}
+
+    def launched(layout: str, again: bool = False) -> tuple[dict, str]:
+        if (layout, again) not in made:
+            if again:
+                launched(layout)  # the first launch, whose checkpoints the second resumes from
+            runs = {key: r for key, r in _LAYOUT_RUNS[layout].items() if r.again or not again}
+            order = sorted(runs, key=lambda key: bool(runs[key].config["runs"][runs[key].name].get("compile")))
+            dirs = {key: root / layout / runs[key].name for key in order}
+            log = train_jobs([(runs[key].config, runs[key].name, dirs[key]) for key in order], tiny_tokens,
+                             root / layout, f"{layout}-again" if again else layout,
+                             sum_grads=tuple(runs[key].name for key in order if runs[key].summed))
+            made[layout, again] = {key: read_run(dirs[key]) for key in order}, log
+        return made[layout, again]
+
+    return launched
 
 
 def assert_clipping_is_decisive(baseline, clipped_baseline, rtol: float) -> None:

@@ -12,7 +12,7 @@ summed over time. Two quantities, on a model large enough that the decoder layer
 
 import pytest
 import torch
-from conftest import assert_same_first_update, assert_same_steps, make_config, train_run
+from conftest import assert_same_first_update, assert_same_steps, layout_fixtures, make_config
 from torch.profiler import ProfilerActivity, profile
 from torch.profiler._memory_profiler import Action
 
@@ -74,10 +74,14 @@ def test_checkpointing_lowers_activation_memory_same_gradients():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+# trained in the 1-process launch of the modules that register their runs (conftest.layout_fixtures)
+(w1,) = layout_fixtures(__name__, {"w1": {"single_ac": make_config({"single_ac": {
+    "strategy": "single", "activation_checkpointing": "full"}})}})
+
+
 @pytest.mark.slow
-def test_checkpointing_same_losses_through_the_harness(tiny_tokens, baseline, tmp_path):
-    cfg = make_config({"single_ac": {"strategy": "single", "activation_checkpointing": "full"}})
-    summary, steps, _ = train_run(cfg, "single_ac", tiny_tokens, tmp_path)
+def test_checkpointing_same_losses_through_the_harness(w1, baseline):
+    summary, steps = w1["single_ac"]
     assert summary["status"] == "ok"
     # recomputation observed: every layer's forward runs again in backward (R), the baseline's once
     layers = MODEL_SIZES["tiny"]["num_layers"]

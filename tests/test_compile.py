@@ -2,20 +2,23 @@
 per-step losses within 1e-4 relative for all 6 steps (inductor fuses and reorders float32 arithmetic,
 so bit equality is not expected; measured: 9e-8). ``single`` covers the torch engines' path (each layer
 replaced by its compiled wrapper), ZeRO-3 the DeepSpeed engines' in-place compilation: ZeRO-3's forward
-hooks failed on the wrappers (``'dict' object has no attribute '_in_forward'``)."""
+hooks failed on the wrappers (``'dict' object has no attribute '_in_forward'``). The runs train last in
+the launches of their process layouts (conftest.layout_fixtures)."""
 
 import pytest
-from conftest import assert_same_first_update, assert_same_steps, make_config, train_run
+from conftest import assert_same_first_update, assert_same_steps, layout_fixtures, make_config
 
 pytestmark = pytest.mark.slow
 
+RUNS = {"w1": {"compiled-single": {"strategy": "single"}},
+        "w2": {"compiled-zero3": {"strategy": "zero", "zero_stage": 3, "gpus_per_node": 2}}}
+w1, w2 = layout_fixtures(__name__, {layout: {name: make_config({name: run | {"compile": True}})
+                                             for name, run in runs.items()} for layout, runs in RUNS.items()})
 
-@pytest.mark.parametrize("run", [
-    {"strategy": "single"},
-    {"strategy": "zero", "zero_stage": 3, "gpus_per_node": 2},
-], ids=["single", "zero3"])
-def test_compiled_run_matches_eager_baseline(tiny_tokens, baseline, tmp_path, run):
-    summary, steps, _ = train_run(make_config({"c": run | {"compile": True}}), "c", tiny_tokens, tmp_path)
+
+@pytest.mark.parametrize("layout, name", [("w1", "compiled-single"), ("w2", "compiled-zero3")], ids=["single", "zero3"])
+def test_compiled_run_matches_eager_baseline(baseline, request, layout, name):
+    summary, steps = request.getfixturevalue(layout)[name]
     assert summary["status"] == "ok"
     # compiled, observed: every rank made graphs; the eager baseline made none (CPU: no fused loss)
     assert all(r["compiled_graphs"] > 0 for r in summary["per_rank"]), summary["per_rank"]

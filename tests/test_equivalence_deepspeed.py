@@ -14,7 +14,8 @@ resumed steps' losses equal the first run's exactly. The mutation check trains Z
 DeepSpeed summing the data-parallel gradients instead of averaging them and shows that the
 gradient-norm check fails. ZeRO-2 and the pipeline also train with clipping far below the gradient
 norm (conftest.CLIPPED), against ``single`` clipped alike, where a run that skips clipping is off by far
-more than the tolerance. The runs of one process layout share one launch (``--batch``).
+more than the tolerance. The runs of one process layout share one launch (``--batch``) with those of the
+other modules that register theirs (conftest.layout_fixtures); the resumed runs train in a second launch.
 """
 
 import pickle
@@ -30,8 +31,6 @@ from conftest import (
     make_config,
     max_rel_gap,
     run_matches_single,
-    train_batch,
-    train_run,
 )
 
 from llmpar.config import prepare
@@ -53,7 +52,7 @@ BF16_RUNS = {
     "autotp": AUTOTP,
     "pipeline": PIPELINE,
 }
-LAUNCHES = {  # one launch per process layout
+LAUNCHES = {  # the runs of each process layout
     "w2": {**{f"zero{stage}": run for stage, run in ZERO.items()},
            "zero2-summed": ZERO[2],  # the mutant
            "zero3-offload": ZERO[3] | {"offload": "optimizer"},
@@ -77,23 +76,12 @@ def config(name: str) -> dict:
                                                   **(CLIPPED if name.endswith("-clipped") else {})})
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("deepspeed-engines")
-
-
-def launch(layout: str, tiny_tokens, root) -> dict:
-    return train_batch({name: config(name) for name in LAUNCHES[layout]}, tiny_tokens, root / layout,
-                       sum_grads=("zero2-summed",) if layout == "w2" else ())
-
-
-w2, w4, nodes2 = layout_fixtures(launch)
-
-
-@pytest.fixture(scope="module")
-def resumed(w2, tiny_tokens, root):
-    """The checkpointing runs started again in their directories (one launch): each resumes at step 3."""
-    return train_batch({name: config(name) for name in RESUMED}, tiny_tokens, root / "w2")
+BF16_SINGLE = make_config({"single-bf16": {"strategy": "single"}}, train={"precision": "bf16"})
+# w1: single in bf16 (bf16_baseline); w2_again: the runs of RESUMED trained again in their directories
+w2, w4, nodes2, w1, w2_again = layout_fixtures(
+    __name__, {**{layout: {name: config(name) for name in runs} for layout, runs in LAUNCHES.items()},
+               "w1": {"single-bf16": BF16_SINGLE}},
+    sum_grads=("zero2-summed",), again=RESUMED)
 
 
 def matches_single(results, name: str, baseline, world: int):
@@ -197,11 +185,11 @@ def test_summed_gradients_fail_the_check(w2, baseline):
 
 
 @pytest.mark.parametrize("name", RESUMED)
-def test_resumed_run_repeats_its_losses(w2, resumed, name):
+def test_resumed_run_repeats_its_losses(w2, w2_again, name):
     """Resumed from DeepSpeed's own checkpoint of step 3 (read back through the weights_only loader):
     steps 4-6 and the validation loss exactly as in the uninterrupted run."""
     summary, steps = w2[name]
-    again, steps2 = resumed[name]
+    again, steps2 = w2_again[name]
     assert again["status"] == "ok" and again["attempts"] == 2, again["message"]
     first = {r["step"]: r["loss"] for r in steps}
     after = {r["step"]: r["loss"] for r in steps2 if r["attempt"] == 1}
@@ -236,10 +224,9 @@ def test_autotp_matches_single(w2, w4, baseline, world):
 
 
 @pytest.fixture(scope="module")
-def bf16_baseline(tiny_tokens, tmp_path_factory):
-    summary, steps, _ = train_run(make_config(train={"precision": "bf16"}), "single", tiny_tokens,
-                                  tmp_path_factory.mktemp("single-bf16"))
-    return summary, steps
+def bf16_baseline(w1):
+    """``single`` in bf16 (summary, steps)."""
+    return w1["single-bf16"]
 
 
 @pytest.mark.parametrize("name", list(BF16_RUNS))

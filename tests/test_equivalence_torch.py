@@ -7,9 +7,10 @@ Engines: tensor_parallel (``parallelize_module``, TP2), pipeline_parallel (``tor
 pipelining``: GPipe, 1F1B, interleaved 1F1B, m=4; the interleaved run also checkpoints and resumes),
 hybrid_parallel PP2 x DP2 over two local "nodes", PP2 x TP2 (3-D layout with dp 1), FSDP2 (reshard
 after forward on and off) and FSDP2 x TP (dp 2 x tp 2). The runs of one process layout share one
-launch (``--batch``). The mutation check trains the hybrid run once more with its data-parallel
-gradients summed instead of averaged (tests/mutants) and shows that the gradient-norm check fails.
-TP, FSDP2 and the 1F1B pipeline also train with clipping far below the gradient norm
+launch (``--batch``) with those of the other modules that register theirs (conftest.layout_fixtures);
+the interleaved run is trained again in a second launch. The mutation check trains the hybrid run once
+more with its data-parallel gradients summed instead of averaged (tests/mutants) and shows that the
+gradient-norm check fails. TP, FSDP2 and the 1F1B pipeline also train with clipping far below the gradient norm
 (conftest.CLIPPED), against ``single`` clipped alike: there a run that skips clipping is off by far
 more than the tolerance.
 
@@ -27,8 +28,6 @@ from conftest import (
     make_config,
     max_rel_gap,
     run_matches_single,
-    train_batch,
-    train_run,
 )
 
 from llmpar.config import prepare
@@ -51,7 +50,7 @@ HYBRID = {"strategy": "hybrid_parallel", "stages": 2, "nodes": 2, "gpus_per_node
 # engine's own: each rank saves its stages' parameters under the full model's names)
 RESUMED = "pp-interleaved_1f1b"
 CHECKPOINTING = {"checkpoint_every": 3}
-LAUNCHES = {  # one launch per process layout
+LAUNCHES = {  # the runs of each process layout
     "w2": {"tp": {"strategy": "tensor_parallel", "tp": 2, "tp_engine": "torch"},
            "fsdp-reshard": {"strategy": "fsdp", "gpus_per_node": 2, "reshard_after_forward": True},
            "fsdp-no-reshard": {"strategy": "fsdp", "gpus_per_node": 2, "reshard_after_forward": False},
@@ -72,18 +71,9 @@ def config(name: str, entry: dict) -> dict:
                                              **(CLIPPED if name.endswith("-clipped") else {})})
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("torch-engines")
-
-
-def launch(layout: str, tiny_tokens, root) -> dict:
-    runs = LAUNCHES[layout]
-    return train_batch({name: config(name, entry) for name, entry in runs.items()}, tiny_tokens, root / layout,
-                       sum_grads=("hybrid-summed",) if layout == "nodes2" else ())
-
-
-w2, w4, nodes2 = layout_fixtures(launch)
+CONFIGS = {layout: {name: config(name, entry) for name, entry in runs.items()} for layout, runs in LAUNCHES.items()}
+# w2_again: the interleaved run trained again
+w2, w4, nodes2, w2_again = layout_fixtures(__name__, CONFIGS, sum_grads=("hybrid-summed",), again=(RESUMED,))
 
 
 def matches_single(results, name, baseline):
@@ -197,13 +187,12 @@ def test_torch_engines_clip_as_single_does(w2, baseline, clipped_baseline, name)
     matches_single(w2, name, clipped_baseline)
 
 
-def test_pp_torch_resumes_from_its_checkpoint(w2, tiny_tokens, root):
-    """The interleaved run, checkpointed at step 3, resumed from there: the same losses after it."""
+def test_pp_torch_resumes_from_its_checkpoint(w2, w2_again):
+    """The interleaved run, checkpointed at step 3, trained again in its directory: resumed from there, the
+    same losses after it."""
     summary, steps = w2[RESUMED]
-    out = root / "w2" / RESUMED
-    (out / "summary.json").unlink()
-    summary2, steps2, proc = train_run(config(RESUMED, LAUNCHES["w2"][RESUMED]), RESUMED, tiny_tokens, out)
-    assert "resumed from checkpoint step_00000003" in proc.stdout
+    summary2, steps2 = w2_again[RESUMED]
+    assert f"[{w2_again.names[RESUMED]}] resumed from checkpoint step_00000003" in w2_again.log
     first = {r["step"]: r["loss"] for r in steps}
     after = {r["step"]: r["loss"] for r in steps2 if r["step"] > 3}
     assert sorted(after) == [4, 5, 6] and all(after[k] == first[k] for k in after), (after, first)

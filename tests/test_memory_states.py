@@ -1,11 +1,13 @@
 """Bytes of parameters + gradients + optimizer state each rank holds, measured from the tensors each
 engine keeps, under DDP, ZeRO-1/2/3 and FSDP2: the expected ordering, and the ≈ 1/world share of the
-fully sharded ones (compared with the same strategy on one process)."""
+fully sharded ones (compared with the same strategy on one process). The runs of one process layout
+share one launch (``--batch``) with those of the other modules that register theirs
+(conftest.layout_fixtures)."""
 
 import copy
 
 import pytest
-from conftest import BASE_CONFIG, train_run
+from conftest import BASE_CONFIG, layout_fixtures
 
 pytestmark = pytest.mark.slow
 
@@ -18,23 +20,27 @@ RUNS = {
     "fsdp": {"strategy": "fsdp", "gpus_per_node": 2},
     "fsdp-w1": {"strategy": "fsdp", "gpus_per_node": 1},
 }
+CONFIG = copy.deepcopy(BASE_CONFIG)
+CONFIG["train"].update(steps=2, eval_every=2)
+# two micro-batches per step: ZeRO-1 then holds full gradients between them, ZeRO-2 only its partition
+CONFIG["runs"].update({name: run | {"micro_batches": 2} for name, run in RUNS.items()})
+
+w2, w1 = layout_fixtures(__name__, {f"w{procs}": {name: CONFIG for name, run in RUNS.items()
+                                                  if run["gpus_per_node"] == procs} for procs in (2, 1)})
 
 
 @pytest.fixture(scope="module")
-def states(tiny_tokens, tmp_path_factory):
-    cfg = copy.deepcopy(BASE_CONFIG)
-    cfg["train"].update(steps=2, eval_every=2)
-    # two micro-batches per step: ZeRO-1 then holds full gradients between them, ZeRO-2 only its partition
-    cfg["runs"].update({name: run | {"micro_batches": 2} for name, run in RUNS.items()})
+def states(w2, w1):
     out = {}
-    for name in RUNS:
-        summary, _, _ = train_run(cfg, name, tiny_tokens, tmp_path_factory.mktemp(name))
+    for name, (summary, _) in {**w2, **w1}.items():
+        assert summary["status"] == "ok", (name, summary["message"])
         per_rank = [r["state_bytes"] for r in summary["per_rank"]]
         out[name] = {
             "total": max(s["params"] + s["grads"] + s["optimizer"] for s in per_rank),
             **{k: max(s[k] for s in per_rank) for k in ("params", "grads", "optimizer")},
         }
         print(name, out[name])
+    assert sorted(out) == sorted(RUNS)
     return out
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import shlex
 import signal
 import socket
@@ -37,10 +38,22 @@ from llmpar.record import RunRecord, collect_failure, write_run
 # --------------------------------------------------------------------------- launching
 
 
+# Where a local launch's rendezvous port comes from: below Linux's ephemeral range (32768-60999), whose ports
+# the system hands to outgoing connections (another launch's gloo connections, say), so that none takes the
+# port between free_port's check and torchrun's bind; and apart from a Slurm launch's (20000-39999).
+LOCAL_PORTS = range(10000, 20000)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port of LOCAL_PORTS, drawn at random, that nothing listens on now."""
+    for port in random.sample(LOCAL_PORTS, 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {LOCAL_PORTS.start}-{LOCAL_PORTS.stop - 1} after 200 tries")
 
 
 def torchrun_cmd(nnodes: int, node_rank: int, nproc: int, master: str, port: int) -> list[str]:

@@ -2,8 +2,10 @@
 
 Tests that train a mutant put this directory on PYTHONPATH, so every Python process they start imports
 this module at start-up (Python's ``sitecustomize`` hook); the package knows nothing of it. In a
-torchrun worker (``LOCAL_RANK`` set) with ``LLMPAR_TEST_SUM_GRADS`` naming runs (comma-separated),
-those runs (and only those, also when they share a launch with others) train with
+torchrun worker (``LOCAL_RANK`` set, running ``llmpar.train``; not the processes it starts, such as
+torch.compile's compile workers, which would otherwise import the package too) with
+``LLMPAR_TEST_SUM_GRADS`` naming runs (comma-separated), those runs (and only those, also when they
+share a launch with others) train with
 
 * torch engines (TP x DP, PP x DP): ``torch_common.allreduce_grads_`` returning the sum over the
   data-parallel group: its average times the group size, as if ``flat.div_(size)`` were deleted;
@@ -12,6 +14,7 @@ those runs (and only those, also when they share a launch with others) train wit
 """
 
 import os
+import sys
 
 SUM_RUNS = set(filter(None, os.environ.get("LLMPAR_TEST_SUM_GRADS", "").split(",")))
 mutant = False  # whether the run being built is one of SUM_RUNS
@@ -48,5 +51,5 @@ def install() -> None:
     strategies.parallelize = mutating_parallelize
 
 
-if SUM_RUNS and "LOCAL_RANK" in os.environ:
+if SUM_RUNS and "LOCAL_RANK" in os.environ and "llmpar.train" in sys.orig_argv:
     install()

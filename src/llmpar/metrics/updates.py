@@ -12,10 +12,10 @@ covers shards padded to equal size (ZeRO-3).
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 # name segments that wrappers insert between the model's own (torch.compile, activation checkpointing)
 WRAPPERS = {"_orig_mod", "_checkpoint_wrapped_module"}
@@ -39,7 +39,10 @@ def local_shard(p: torch.Tensor) -> torch.Tensor | None:
     itself, or None (DeepSpeed's pipeline moves the other stages' parameters to the meta device)."""
     if hasattr(p, "ds_tensor"):
         return p.ds_tensor
-    if isinstance(p, DTensor):
+    # (a DTensor exists only where its module was imported: the engines that shard with DTensors import it,
+    # and the others' workers are spared its import, half a second each)
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is not None and isinstance(p, dtensor.DTensor):
         return p.to_local()
     return None if p.is_meta else p
 
