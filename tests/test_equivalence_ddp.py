@@ -12,7 +12,9 @@ pytestmark = pytest.mark.slow
 DDP = {"strategy": "data_parallel", "gpus_per_node": 2}
 CONFIGS = {"ddp": make_config({"ddp": DDP}),
            "ddp-accumulating": make_config({"ddp-accumulating": DDP | {"micro_batches": 2}}),
-           "ddp-unclipped": make_config({"ddp-unclipped": DDP}, train={"grad_clip": 0.0})}
+           "ddp-unclipped": make_config({"ddp-unclipped": DDP}, train={"grad_clip": 0.0}),
+           # buckets of 0.2 MiB: the tiny model's 0.85 MiB of gradients reduce in several
+           "ddp-small-buckets": make_config({"ddp-small-buckets": DDP | {"ddp_bucket_mb": 0.2}})}
 
 (w2,) = layout_fixtures(__name__, {"w2": CONFIGS})
 
@@ -23,6 +25,12 @@ def test_ddp_matches_single(w2, baseline):
     assert_matches_single(summary, steps, baseline, rtol=1e-4)
     # every rank holds the full replica: the model's whole parameter count, not just the same count
     assert [r["local_params"] for r in summary["per_rank"]] == [summary["params_total"]] * 2
+
+
+def test_ddp_with_small_buckets_matches_single(w2, baseline):
+    summary, steps = w2["ddp-small-buckets"]
+    assert summary["spec"]["ddp_bucket_mb"] == 0.2
+    assert_matches_single(summary, steps, baseline, rtol=1e-4)
 
 
 def test_ddp_with_gradient_accumulation_matches_single(w2, baseline):

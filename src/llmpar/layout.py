@@ -169,7 +169,7 @@ class RunSpec:
     zero_stage: int = 0
     offload: str = "none"
     reshard_after_forward: bool = True
-    ddp_bucket_mb: int = 25
+    ddp_bucket_mb: float = 25
     pipeline_balance: str = "parameters"
     precision: Precision = Precision.FP32
     compile: bool = False
