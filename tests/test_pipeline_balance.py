@@ -17,11 +17,15 @@ TINY = {"size": "tiny", "seq_len": 64, "num_layers": 8}
 ONE_B = {"size": "1B", "seq_len": 2048, "vocab_size": 32000}
 
 
+@pytest.fixture(scope="module")
+def tiny_model():
+    return build_model(TINY, 512, seed=1)
+
+
 @pytest.mark.parametrize("balance", ["parameters", "flops"])
 @pytest.mark.parametrize("chunks", [2, 3, 4])
-def test_engine_cuts_the_stages_the_plan_counts(balance, chunks):
-    model = build_model(TINY, 512, seed=1)
-    assert chunk_layer_ranges(model, chunks, balance) == balanced_split(
+def test_engine_cuts_the_stages_the_plan_counts(tiny_model, balance, chunks):
+    assert chunk_layer_ranges(tiny_model, chunks, balance) == balanced_split(
         pipeline_layer_weights(shape_of(TINY, 512), balance), chunks)
 
 
