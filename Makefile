@@ -15,7 +15,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export OMP_NUM_THREADS ?= 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup study report test test-slurm test-gpu check-cuda lint clean
+.PHONY: setup study report test test-reports test-slurm test-gpu check-cuda lint clean
 
 setup: $(VENV)/.installed
 
@@ -40,6 +40,11 @@ report: setup
 TEST_WORKERS ?= 2
 test: setup
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
+
+# Every committed study's report rebuilt from its runs and read in headless Chromium at 1280 px
+# (tests/test_report.py, marker report; Debian's chromium, installed by the test where missing).
+test-reports: setup
+	$(BIN)/python -m pytest -q -m report tests/test_report.py
 
 # A real Slurm cluster on this machine (root, apt, loopback only; scripts/slurm/), the study through
 # `snakemake --profile slurm` on it (tests/slurm, marker slurm), and the cluster torn down again

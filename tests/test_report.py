@@ -18,9 +18,23 @@ from llmpar.analysis.derive import read_records, scaling_table
 from llmpar.analysis.findings import num
 from llmpar.io import read_json
 
-pytestmark = pytest.mark.slow
+# `make test-reports` (marker report; .ci/run calls it): every committed study's report rebuilt, then read
+pytestmark = [pytest.mark.slow, pytest.mark.report]
 
-STUDIES = {"h100x2-1b": "configs/gpu2-1b.yaml", "h100x4-1b": "configs/gpu4-1b.yaml", "h200-1b": "configs/h200-1b.yaml"}
+
+def committed_studies() -> dict[str, str]:
+    """study -> its preset, for every preset in configs/ whose runs are committed (recorded: true)."""
+    import yaml
+
+    out = {}
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        cfg = yaml.safe_load(path.read_text()) or {}
+        if cfg.get("recorded"):
+            out[cfg["study"]] = str(path.relative_to(REPO))
+    return out
+
+
+STUDIES = committed_studies()
 
 
 @pytest.fixture(scope="module")
