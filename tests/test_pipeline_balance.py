@@ -8,7 +8,7 @@ from conftest import make_config
 from llmpar.config import prepare
 from llmpar.errors import ConfigError
 from llmpar.layout import RunSpec
-from llmpar.model import build_model
+from llmpar.model import build_model, model_shape
 from llmpar.plan.memory import pipeline_ranks
 from llmpar.shape import balanced_split, pipeline_layer_weights, shape_of
 from llmpar.strategies.pp_torch import chunk_layer_ranges
@@ -25,6 +25,7 @@ def tiny_model():
 @pytest.mark.parametrize("balance", ["parameters", "flops"])
 @pytest.mark.parametrize("chunks", [2, 3, 4])
 def test_engine_cuts_the_stages_the_plan_counts(tiny_model, balance, chunks):
+    assert model_shape(tiny_model.config) == shape_of(TINY, 512)  # the built model's shape is the plan's
     assert chunk_layer_ranges(tiny_model, chunks, balance) == balanced_split(
         pipeline_layer_weights(shape_of(TINY, 512), balance), chunks)
 

@@ -6,7 +6,7 @@ model's arithmetic (parameter counts, FLOPs per token) is :mod:`llmpar.shape`'s,
 
 from __future__ import annotations
 
-from llmpar.shape import model_dims, model_vocab
+from llmpar.shape import Shape, model_dims, model_vocab
 
 
 def llama_config(model_cfg: dict, vocab_size: int):
@@ -30,6 +30,14 @@ def llama_config(model_cfg: dict, vocab_size: int):
         eos_token_id=None,
         pad_token_id=None,
     )
+
+
+def model_shape(config) -> Shape:
+    """The :class:`~llmpar.shape.Shape` of a built model, from its ``LlamaConfig`` (the inverse of
+    :func:`llama_config`)."""
+    return Shape(h=config.hidden_size, f=config.intermediate_size, heads=config.num_attention_heads,
+                 kv=config.num_key_value_heads * config.hidden_size // config.num_attention_heads,
+                 layers=config.num_hidden_layers, vocab=config.vocab_size, seq=config.max_position_embeddings)
 
 
 def build_model(model_cfg: dict, vocab_size: int, seed: int, device="cpu", attn_implementation="sdpa"):

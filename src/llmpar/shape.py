@@ -134,8 +134,8 @@ def balanced_split(weights: list[int], parts: int) -> list[tuple[int, int]]:
 
 
 def pipeline_layer_weights(sh: Shape, balance: str = "parameters") -> list[int]:
-    """The weight of each decoder layer when a pipeline cuts the model (``pipeline_balance``), as the engines
-    build their chunks (``pp_torch.chunk_layer_ranges``): by ``parameters``, its own plus the embedding on the
+    """The weight of each decoder layer when a pipeline cuts the model (``pipeline_balance``); the torch
+    engine cuts by it too (``pp_torch.chunk_layer_ranges``): by ``parameters``, its own plus the embedding on the
     first layer and the final norm and output head on the last; by ``flops``, its training FLOPs per token
     (6 x its matmul parameters + 6·h·s of causal attention, as :func:`flops_per_token` counts them) plus the
     output head's (6·V·h) on the last, the embedding (a lookup) counting nothing."""

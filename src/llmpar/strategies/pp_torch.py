@@ -3,7 +3,7 @@
 Splitting. The HF model the loop built is cut into ``stages`` chunks (``2 x stages`` for
 ``interleaved_1f1b``), each a contiguous run of decoder layers; the first chunk also holds the
 embedding, the last the final norm and ``lm_head``. The cut minimises the largest chunk's parameter
-count (embedding and head included). Chunk ``c`` runs on pipeline rank ``c % stages`` (loop order, as
+count (embedding and head included), or with ``pipeline_balance: flops`` its training FLOPs. Chunk ``c`` runs on pipeline rank ``c % stages`` (loop order, as
 ``ScheduleInterleaved1F1B`` expects). Chunks take the model's own modules (moved, not re-initialised),
 and the unused modules are dropped from the model so a rank keeps only its layers. Each chunk
 recomputes the rotary embeddings and causal mask itself (``LlamaModel.forward`` computes them once for
@@ -50,8 +50,8 @@ from torch.distributed.pipelining import (
 )
 
 from llmpar.layout import MeshAxis
-from llmpar.model import decoder_layer_kwargs
-from llmpar.shape import balanced_split
+from llmpar.model import decoder_layer_kwargs, model_shape
+from llmpar.shape import balanced_split, pipeline_layer_weights
 from llmpar.strategies.engine import TorchEngine
 from llmpar.strategies.levers import autocast, decoder_layers, prepare_model
 from llmpar.strategies.loss import cross_entropy_for
@@ -63,26 +63,11 @@ SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": S
 # --------------------------------------------------------------------------- splitting
 
 
-def numel(module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def chunk_layer_ranges(model, n_chunks: int, balance: str = "parameters") -> list[tuple[int, int]]:
-    """Layer ranges per chunk (``pipeline_balance``): balanced by parameters with the embedding on the first
-    and the final norm + lm_head on the last chunk, or by training FLOPs per token (6 x a layer's matmul
-    parameters + 6·h·s of attention; lm_head's 6 x its parameters on the last; the embedding nothing), as
-    :func:`llmpar.shape.pipeline_layer_weights` counts them for the plan."""
-    layers = decoder_layers(model)
-    if balance == "flops":
-        cfg = model.config
-        matmul = [sum(p.numel() for p in layer.parameters() if p.dim() == 2) for layer in layers]
-        weights = [6 * n + 6 * cfg.hidden_size * cfg.max_position_embeddings for n in matmul]
-        weights[-1] += 6 * numel(model.lm_head)
-        return balanced_split(weights, n_chunks)
-    weights = [numel(layer) for layer in layers]
-    weights[0] += numel(model.model.embed_tokens)
-    weights[-1] += numel(model.model.norm) + numel(model.lm_head)
-    return balanced_split(weights, n_chunks)
+    """Layer ranges per chunk, balanced (``pipeline_balance``) by the count the plan uses
+    (:func:`llmpar.shape.pipeline_layer_weights` of the model's shape): by parameters, with the embedding on
+    the first and the final norm + lm_head on the last chunk, or by training FLOPs per token."""
+    return balanced_split(pipeline_layer_weights(model_shape(model.config), balance), n_chunks)
 
 
 class PipelineChunk(nn.Module):
