@@ -60,9 +60,10 @@ def fuse_projections(model) -> None:
     values) stay those of the separate ``nn.Linear`` modules, so checkpoints, the optimizer's groups and the
     memory count are unchanged; only the GEMMs' shapes differ (the key and value projections of 4 KV heads
     are 256 columns wide, too narrow for the tensor cores' large tiles on their own)."""
+    fused = _fused_classes()
     for layer in model.model.layers:
-        layer.self_attn.__class__ = _fused_classes()["attention"]
-        layer.mlp.__class__ = _fused_classes()["mlp"]
+        layer.self_attn.__class__ = fused["attention"]
+        layer.mlp.__class__ = fused["mlp"]
 
 
 _FUSED: dict = {}
