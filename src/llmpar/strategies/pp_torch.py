@@ -3,11 +3,11 @@
 Splitting. The HF model the loop built is cut into ``stages`` chunks (``2 x stages`` for
 ``interleaved_1f1b``), each a contiguous run of decoder layers; the first chunk also holds the
 embedding, the last the final norm and ``lm_head``. The cut minimises the largest chunk's parameter
-count (embedding and head included), or with ``pipeline_balance: flops`` its training FLOPs. Chunk ``c`` runs on pipeline rank ``c % stages`` (loop order, as
-``ScheduleInterleaved1F1B`` expects). Chunks take the model's own modules (moved, not re-initialised),
-and the unused modules are dropped from the model so a rank keeps only its layers. Each chunk
-recomputes the rotary embeddings and causal mask itself (``LlamaModel.forward`` computes them once for
-all layers) and runs under the run's autocast.
+count (embedding and head included), or with ``pipeline_balance: flops`` its training FLOPs. Chunk ``c``
+runs on pipeline rank ``c % stages`` (loop order, as ``ScheduleInterleaved1F1B`` expects). Chunks take
+the model's own modules (moved, not re-initialised), and the unused modules are dropped from the model
+so a rank keeps only its layers. Each chunk recomputes the rotary embeddings and causal mask itself
+(``LlamaModel.forward`` computes them once for all layers) and runs under the run's autocast.
 
 Schedules: ``gpipe`` (ScheduleGPipe), ``1f1b`` (Schedule1F1B), ``interleaved_1f1b``
 (ScheduleInterleaved1F1B, 2 virtual stages per rank), manual ``PipelineStage`` objects whose shapes are
