@@ -150,6 +150,9 @@ def virtual_stages(stages: int, schedule: Schedule) -> int:
     return 2 if stages > 1 and schedule is Schedule.INTERLEAVED_1F1B else 1
 
 
+DDP_BUCKET_MB = 25  # DistributedDataParallel's own default bucket_cap_mb
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One training run, every parallel size resolved. world = nodes * gpus_per_node = tp * stages * dp."""
@@ -169,7 +172,7 @@ class RunSpec:
     zero_stage: int = 0
     offload: str = "none"
     reshard_after_forward: bool = True
-    ddp_bucket_mb: float = 25
+    ddp_bucket_mb: float = DDP_BUCKET_MB
     pipeline_balance: str = "parameters"
     precision: Precision = Precision.FP32
     compile: bool = False
@@ -362,7 +365,7 @@ def resolve(name: str, entry: dict, model: dict, train: dict, runtime_min: int =
         zero_stage=zero_stage,
         offload=get("offload", "none"),
         reshard_after_forward=get("reshard_after_forward", True),
-        ddp_bucket_mb=get("ddp_bucket_mb", 25),
+        ddp_bucket_mb=get("ddp_bucket_mb", DDP_BUCKET_MB),
         pipeline_balance=get("pipeline_balance", "parameters"),
         precision=Precision(get("precision", train["precision"])),
         compile=get("compile", train["compile"]),
@@ -434,10 +437,9 @@ def check_engine(spec: RunSpec, entry: dict, where: str) -> None:
         raise ConfigError(
             f"{where}.pipeline_balance: balancing stages by {spec.pipeline_balance} applies to torch pipelines "
             "(stages > 1, pp_engine: torch); DeepSpeed's PipelineModule partitions by parameters")
-    for key in ("ddp_bucket_mb",):
-        if key in entry and strategy != "data_parallel":
-            raise ConfigError(f"{where}.{key} applies to strategy data_parallel (DistributedDataParallel), not "
-                              f"{strategy}")
+    if "ddp_bucket_mb" in entry and strategy != "data_parallel":
+        raise ConfigError(f"{where}.ddp_bucket_mb applies to strategy data_parallel (DistributedDataParallel), not "
+                          f"{strategy}")
     for key in ("tp_engine", "pp_engine"):
         if key in entry and key not in spec.preset.engine_keys:
             raise ConfigError(f"{where}.{key} does not apply to strategy {strategy}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from llmpar.errors import ConfigError
-from llmpar.layout import Precision, RunSpec, default_micro_batches, resolve
+from llmpar.layout import DDP_BUCKET_MB, Precision, RunSpec, default_micro_batches, resolve
 from llmpar.metrics.definitions import peak_flops_for
 from llmpar.plan.cards import card
 from llmpar.plan.memory import GIB, memory
@@ -34,9 +34,9 @@ def unmodelled(run: RunSpec, train: dict) -> list[str]:
         out.append("reshard_after_forward false: FSDP2's gathered layers kept through the backward are not counted")
     if run.pipeline_balance != "parameters":
         out.append(f"pipeline_balance {run.pipeline_balance}: the recorded pipelines cut their stages by parameters")
-    if run.ddp_bucket_mb != 25:
+    if run.ddp_bucket_mb != DDP_BUCKET_MB:
         out.append(f"ddp_bucket_mb {run.ddp_bucket_mb}: the data-parallel runs the plan was checked on use DDP's "
-                   "25 MiB buckets")
+                   f"{DDP_BUCKET_MB} MiB buckets")
     if run.fused_projections:
         out.append("fused_projections: the card's GEMM rate is fitted on the separate projections")
     if run.compile_mode != "default":
