@@ -106,15 +106,14 @@ def _plan_figure(a):
 
 
 def _refuse(a):
+    import dataclasses
+
     from llmpar.record import RunRecord, write_run
 
     point = json.loads(a.record)
-    run = point["run"]
-    # no spec: the layout was never resolved; the record keeps the strategy, process counts and batch it asked for
-    record = RunRecord(run=run["name"], status="invalid", message=point["message"], spec={},
-                       strategy=run["strategy"], world_size=run["nodes"] * run["gpus_per_node"], nodes=run["nodes"],
-                       gpus_per_node=run["gpus_per_node"], global_batch=run["global_batch"], steps_completed=0,
-                       steps_planned=point["train"]["steps"])
+    # no spec: the layout was never resolved; the record keeps the batch it asked for
+    record = dataclasses.replace(RunRecord.failure(point, "invalid", point["message"], []), spec={},
+                                 global_batch=point["run"]["global_batch"])
     write_run(Path(a.out), record, [], [], [])
 
 
