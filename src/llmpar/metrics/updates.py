@@ -12,7 +12,6 @@ covers shards padded to equal size (ZeRO-3).
 from __future__ import annotations
 
 import math
-import sys
 
 import torch
 import torch.distributed as dist
@@ -39,10 +38,7 @@ def local_shard(p: torch.Tensor) -> torch.Tensor | None:
     itself, or None (DeepSpeed's pipeline moves the other stages' parameters to the meta device)."""
     if hasattr(p, "ds_tensor"):
         return p.ds_tensor
-    # (a DTensor exists only where its module was imported: the engines that shard with DTensors import it,
-    # and the others' workers are spared its import, half a second each)
-    dtensor = sys.modules.get("torch.distributed.tensor")
-    if dtensor is not None and isinstance(p, dtensor.DTensor):
+    if hasattr(p, "to_local"):  # a DTensor (told apart as engine.tensor_bytes does, without importing its module)
         return p.to_local()
     return None if p.is_meta else p
 
