@@ -89,3 +89,38 @@ def test_levers_reach_the_run_spec_and_its_hash():
     fused, tuned, single = (run_config(cfg, n)["run"] for n in ("fused", "tuned", "single"))
     assert fused["fused_projections"] and not single["fused_projections"]
     assert tuned["compile_mode"] == "max-autotune-no-cudagraphs" and single["compile_mode"] == "default"
+
+
+def test_under_autocast_the_weights_are_joined_in_bf16(monkeypatch):
+    """Under bf16 autocast the joined q/k/v and gate/up weights reach the GEMM in bf16 (each cast before the
+    concatenation, not the fp32 concatenation cast after), and the layer still trains as the separate
+    projections do within bf16 rounding."""
+    plain, fused = engine(False), engine(True)
+    seen = []
+    linear = torch.nn.functional.linear
+
+    def spy(x, weight, bias=None):
+        seen.append((weight.shape[0], weight.dtype))
+        return linear(x, weight, bias)
+
+    x, y = batches(1)[0][0]
+    from llmpar.strategies.loss import causal_lm_loss
+
+    losses = {}
+    for name, e in (("plain", plain), ("fused", fused)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if name == "fused":
+                monkeypatch.setattr(torch.nn.functional, "linear", spy)
+            losses[name] = causal_lm_loss(e.model, x, y)
+            monkeypatch.undo()
+        losses[name].backward()
+    attn, mlp = fused.model.model.layers[0].self_attn, fused.model.model.layers[0].mlp
+    joined = {attn.q_proj.out_features + attn.k_proj.out_features + attn.v_proj.out_features,
+              2 * mlp.up_proj.out_features}
+    dtypes = {dtype for rows, dtype in seen if rows in joined}
+    assert dtypes == {torch.bfloat16}, seen
+    assert abs(losses["plain"].item() - losses["fused"].item()) <= 1e-2 * losses["plain"].item()
+    grads = dict(plain.model.named_parameters())
+    for n, p in fused.model.named_parameters():
+        assert p.grad.dtype == torch.float32, n
+        torch.testing.assert_close(p.grad, grads[n].grad, rtol=0.05, atol=2e-3, msg=n)

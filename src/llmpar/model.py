@@ -59,7 +59,9 @@ def fuse_projections(model) -> None:
     concatenates the projections' weights and splits the product. The parameters (names, shapes, initial
     values) stay those of the separate ``nn.Linear`` modules, so checkpoints, the optimizer's groups and the
     memory count are unchanged; only the GEMMs' shapes differ (the key and value projections of 4 KV heads
-    are 256 columns wide, too narrow for the tensor cores' large tiles on their own)."""
+    are 256 columns wide, too narrow for the tensor cores' large tiles on their own). Under autocast each
+    weight is cast to the autocast dtype before the concatenation (:func:`_joined`), the cast autocast's own
+    linear makes, so the concatenation and its backward split move half the bytes of fp32 weights."""
     fused = _fused_classes()
     for layer in model.model.layers:
         layer.self_attn.__class__ = fused["attention"]
@@ -78,6 +80,14 @@ def _fused_classes() -> dict:
     import torch.nn.functional as F
     from transformers.models.llama import modeling_llama as llama
 
+    def _joined(tensors, device_type):
+        """The tensors concatenated on dim 0, each first cast to the autocast dtype where autocast is on (the
+        same rounding that autocast's linear applies to an fp32 weight)."""
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            tensors = [t.to(dtype) for t in tensors]
+        return torch.cat(tensors)
+
     class FusedLlamaAttention(llama.LlamaAttention):
         """LlamaAttention's training forward (no KV cache) with one GEMM for q, k and v."""
 
@@ -88,8 +98,9 @@ def _fused_classes() -> dict:
             kwargs.pop("use_cache", None)
             kwargs.pop("cache_position", None)
             projections = (self.q_proj, self.k_proj, self.v_proj)
-            weight = torch.cat([p.weight for p in projections])
-            bias = None if self.q_proj.bias is None else torch.cat([p.bias for p in projections])
+            device_type = hidden_states.device.type
+            weight = _joined([p.weight for p in projections], device_type)
+            bias = None if self.q_proj.bias is None else _joined([p.bias for p in projections], device_type)
             shape = (*hidden_states.shape[:-1], -1, self.head_dim)
             q, k, v = (t.view(shape).transpose(1, 2) for t in F.linear(hidden_states, weight, bias).split(
                 [p.out_features for p in projections], dim=-1))
@@ -106,8 +117,9 @@ def _fused_classes() -> dict:
         """LlamaMLP with one GEMM for the gate and up projections."""
 
         def forward(self, x):
-            weight = torch.cat([self.gate_proj.weight, self.up_proj.weight])
-            bias = None if self.gate_proj.bias is None else torch.cat([self.gate_proj.bias, self.up_proj.bias])
+            weight = _joined([self.gate_proj.weight, self.up_proj.weight], x.device.type)
+            bias = (None if self.gate_proj.bias is None
+                    else _joined([self.gate_proj.bias, self.up_proj.bias], x.device.type))
             gate, up = F.linear(x, weight, bias).chunk(2, dim=-1)
             return self.down_proj(self.act_fn(gate) * up)
 
