@@ -2,13 +2,15 @@
 
 Starting torchrun workers costs seconds on the 2-core machine (imports, process group); a batch pays
 it once for every run of one process layout. A run with the fault ``stall`` stops at a fixed step in
-its first attempt, so the test can kill it when it is certainly mid-run (no race with its end).
+its first attempt, so the test can kill it when it is certainly mid-run (no race with its end), or copy
+its directory (what a kill at that moment leaves) and release it to finish.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,6 +98,28 @@ def wait_until_stalled(proc: subprocess.Popen, run_dir: Path, checkpoint_step: i
         kill_tree(proc)
     raise AssertionError(f"{run_dir.name} never stalled after checkpoint {checkpoint_step} (exit {code}):\n"
                          f"{log.read_text()[-6000:] if log.is_file() else '(no log)'}")
+
+
+def copy_when_stalled(proc: subprocess.Popen, name: str, run_dir: Path, copy: Path, checkpoint_step: int,
+                      stall_step: int, log: Path, timeout: float = 300) -> list[int]:
+    """:func:`wait_until_stalled` and until the run ``name`` has logged its stall (rank 0 then waits in it and
+    the other ranks in their next collective), copy ``run_dir`` to ``copy``, the state that a SIGKILL at that
+    moment leaves, and release the run (``SIGUSR1`` to rank 0) to go on to its end. Returns the steps the copy
+    holds."""
+    wait_until_stalled(proc, run_dir, checkpoint_step, stall_step, log, timeout)
+    line = f"[{name}] injected stall at step {stall_step}"
+    deadline = time.time() + timeout
+    while line not in log.read_text():
+        if time.time() > deadline or proc.poll() is not None:
+            kill_tree(proc)
+            raise AssertionError(f"{name} never logged its stall:\n{log.read_text()[-6000:]}")
+        time.sleep(0.05)
+    shutil.copytree(run_dir, copy)
+    rank0 = [p for p in psutil.Process(proc.pid).children(recursive=True)
+             if "llmpar.train" in p.cmdline() and p.environ().get("RANK") == "0"]
+    assert len(rank0) == 1, [p.cmdline() for p in rank0]
+    rank0[0].send_signal(signal.SIGUSR1)
+    return logged_steps(copy / "progress.jsonl")
 
 
 def kill_when_stalled(proc: subprocess.Popen, run_dir: Path, checkpoint_step: int, stall_step: int,

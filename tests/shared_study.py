@@ -1,12 +1,14 @@
-"""The runs that tests/test_resume.py and tests/test_observed.py check, trained in few launches.
+"""The runs that tests/test_resume.py and tests/test_observed.py check, trained in two launches per
+process layout (2 processes; 4 processes on one node).
 
-Per process layout (2 processes; 4 processes on one node), a chain of launches: each run of
-``VICTIMS`` checkpoints at step 3 and stalls at step 5 in its first attempt (fault ``stall``); the
-test SIGKILLs that launch once the step-3 checkpoint is complete and step 4 is logged, and the next
-launch resumes the run before starting the next victim. The first launch also trains, uninterrupted,
-a reference of every victim (``<name>_ref``: no checkpoints, no fault) and the runs in ``EXTRAS``,
-whose observed behaviour (compile, checkpointing, resharding, schedules, precision) the tests check.
-Every run is BASE_CONFIG's: 6 steps of global batch 8, fp32 unless it says otherwise.
+Every run of ``victims`` checkpoints at step 3 and stalls at step 5 in its first attempt (fault ``stall``).
+The first launch trains the victims one after another; once a victim's step-3 checkpoint is complete, step 4
+is logged and it has logged its stall, the test copies its directory to ``<name>``, the state that a SIGKILL
+at that moment leaves, and releases it to finish in ``<name>_ref`` as the uninterrupted run. The last victim
+is SIGKILLed for real, with its launch, after the runs of ``extras`` (whose observed behaviour: compile,
+checkpointing, resharding, schedules, precision, the tests check). The second launch resumes every victim
+in ``<name>`` and trains the killed one's uninterrupted reference. Every run is BASE_CONFIG's: 6 steps of
+global batch 8, fp32 unless it says otherwise.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from conftest import make_config
-from launches import job, kill_when_stalled, run_batch, start_batch
+from launches import copy_when_stalled, job, kill_when_stalled, run_batch, start_batch
 
 CHECKPOINT_STEP, STALL_STEP = 3, 5
 STALL_TRAIN = {"checkpoint_every": CHECKPOINT_STEP, "log_every": 1}
@@ -77,25 +79,22 @@ def stalled_config(victims: dict) -> dict:
 
 
 def train_layout(layout: str, tokens: Path, root: Path) -> dict:
-    """Train one layout's chain. Returns {"dir": {run: output directory}, "killed_steps": {victim: steps
-    logged when killed}, "resume_log": {victim: log of the launch that resumed it}}."""
+    """Train one layout's two launches. Returns {"dir": {run: output directory}, "killed_steps": {victim: steps
+    logged when copied or killed}, "resume_log": {victim: log of the launch that resumed it}}."""
     victims, extras = LAYOUTS[layout]["victims"], LAYOUTS[layout]["extras"]
-    plain = make_config({f"{n}_ref": e for n, e in victims.items()} | extras)
+    *released, killed = victims
+    plain = make_config({f"{killed}_ref": victims[killed]} | extras)
     stalled = stalled_config(victims)
     dirs = {n: root / n for n in [*victims, *(f"{n}_ref" for n in victims), *extras]}
     result = {"dir": dirs, "killed_steps": {}, "resume_log": {}}
-    pending = [job(plain, n, dirs[n]) for n in plain["runs"] if n != "single"]  # trained uninterrupted
-    previous = None
-    for i, name in enumerate([*victims, None]):
-        jobs = pending + ([] if name is None else [job(stalled, name, dirs[name])])
-        if name is None:
-            log = run_batch(jobs, tokens, root, f"{layout}-{i}")
-        else:
-            proc, log_path = start_batch(jobs, tokens, root, f"{layout}-{i}")
-            result["killed_steps"][name] = kill_when_stalled(proc, dirs[name], CHECKPOINT_STEP, STALL_STEP, log_path)
-            log = log_path.read_text()
-        if previous is not None:
-            result["resume_log"][previous] = log
-        pending = [] if name is None else [job(stalled, name, dirs[name])]  # the next launch resumes it
-        previous = name
+    first = [job(stalled, n, dirs[f"{n}_ref"]) for n in released]
+    first += [job(plain, n, dirs[n]) for n in extras] + [job(stalled, killed, dirs[killed])]
+    proc, log = start_batch(first, tokens, root, f"{layout}-0")
+    for n in released:
+        result["killed_steps"][n] = copy_when_stalled(proc, n, dirs[f"{n}_ref"], dirs[n], CHECKPOINT_STEP,
+                                                      STALL_STEP, log)
+    result["killed_steps"][killed] = kill_when_stalled(proc, dirs[killed], CHECKPOINT_STEP, STALL_STEP, log)
+    second = [job(stalled, n, dirs[n]) for n in victims] + [job(plain, f"{killed}_ref", dirs[f"{killed}_ref"])]
+    resumed = run_batch(second, tokens, root, f"{layout}-1")
+    result["resume_log"] = dict.fromkeys(victims, resumed)
     return result

@@ -1,13 +1,14 @@
-"""SIGKILL mid-run, then rerun: every engine family resumes from its own checkpoint format and trains
+"""Killed mid-run, then rerun: every engine family resumes from its own checkpoint format and trains
 exactly what the same run trains uninterrupted.
 
 Families: torch DCP replicated (DDP) and sharded (FSDP2, torch TP, FSDP2 x TP), DeepSpeed ZeRO-1, ZeRO-2
 with the optimizer offloaded, ZeRO-3 and AutoTP, both pipeline engines (torch 1F1B, DeepSpeed), and the
-hybrids (PP2 x DP2 and 3-D PP2 x TP2, torch). Each
-run checkpoints at step 3 and stalls at step 5 in its first attempt; the launch is killed (SIGKILL to
-the launcher, torchrun agents and workers) once the checkpoint's completion marker exists and step 4
-is logged, read here with the test's own reader. The rerun must resume from step 3, redo step 4, and
-give the uninterrupted run's losses bit for bit (CPU, fp32, deterministic reductions).
+hybrids (PP2 x DP2 and 3-D PP2 x TP2, torch). Each run checkpoints at step 3 and stalls at step 5 in its
+first attempt, once the checkpoint's completion marker exists and step 4 is logged (read here with the
+test's own reader): the last victim of each process layout is SIGKILLed with its launch (launcher, torchrun
+agents and workers), every other one is copied as it stands, the state a SIGKILL then leaves, and released
+to finish as the uninterrupted run (tests/shared_study.py). The rerun must resume from step 3, redo step 4,
+and give the uninterrupted run's losses bit for bit (CPU, fp32, deterministic reductions).
 """
 
 import pytest

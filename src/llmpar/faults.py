@@ -3,7 +3,9 @@
 
 * ``oom``: rank 0 raises ``torch.OutOfMemoryError`` (the run is recorded ``oom``);
 * ``crash``: rank 0 raises ``RuntimeError`` (recorded ``failed``);
-* ``stall``: rank 0 waits to be killed, in the run's first attempt only (a resumed attempt goes on);
+* ``stall``: rank 0 waits, in the run's first attempt only (a resumed attempt goes on), until the process is
+  killed or receives ``SIGUSR1``, which lets the run go on (the resume tests copy the directory of a stalled
+  run, the state a kill at that moment leaves, and release the run to finish as the uninterrupted one);
 * ``nan``: every step from ``at_step`` on returns a non-finite loss (recorded ``diverged``).
 
 The fault wraps the engine's ``train_step`` once, before the loop; a run without one leaves the loop and
@@ -12,6 +14,7 @@ the engine untouched.
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable
 
@@ -32,10 +35,22 @@ def inject(engine, fault: dict, first_step: int, attempt: int, is_main: bool, lo
             if kind == "crash":
                 raise RuntimeError(f"injected crash at step {step}")
             if kind == "stall" and attempt == 0:
-                log(f"injected stall at step {step}: waiting to be killed")
-                while True:
-                    time.sleep(60)
+                stall(step, log)
         loss = inner(micro_batches)
         return loss * float("nan") if kind == "nan" and step >= at else loss
 
     engine.train_step = train_step
+
+
+def stall(step: int, log: Callable[[str], None]) -> None:
+    """Wait until ``SIGUSR1`` arrives (or the process is killed). Its handler is installed before the stall is
+    logged, so a signal sent once the log line is seen always finds it."""
+    released = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: released.append(signum))
+    try:
+        log(f"injected stall at step {step}: waiting to be killed or released (SIGUSR1)")
+        while not released:
+            time.sleep(0.05)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    log(f"stall at step {step} released")
