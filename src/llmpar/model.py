@@ -61,7 +61,9 @@ def fuse_projections(model) -> None:
     memory count are unchanged; only the GEMMs' shapes differ (the key and value projections of 4 KV heads
     are 256 columns wide, too narrow for the tensor cores' large tiles on their own). Under autocast each
     weight is cast to the autocast dtype before the concatenation (:func:`_joined`), the cast autocast's own
-    linear makes, so the concatenation and its backward split move half the bytes of fp32 weights."""
+    linear makes, so the concatenation and its backward split move half the bytes of fp32 weights. On an H100
+    the fused GEMMs' saving is spent again in the backward, which joins the activations' gradients for the
+    fused GEMM (RESULTS.md, "Kernel levers"); the key stays off in the presets."""
     fused = _fused_classes()
     for layer in model.model.layers:
         layer.self_attn.__class__ = fused["attention"]
