@@ -82,9 +82,10 @@ def _fused_classes() -> dict:
     import torch.nn.functional as F
     from transformers.models.llama import modeling_llama as llama
 
-    def _joined(tensors, device_type):
-        """The tensors concatenated on dim 0, each first cast to the autocast dtype where autocast is on (the
-        same rounding that autocast's linear applies to an fp32 weight)."""
+    def _joined(tensors):
+        """The tensors concatenated on dim 0, each first cast to the autocast dtype where autocast is on for
+        their device (the same rounding that autocast's linear applies to an fp32 weight)."""
+        device_type = tensors[0].device.type
         if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
             tensors = [t.to(dtype) for t in tensors]
@@ -100,9 +101,8 @@ def _fused_classes() -> dict:
             kwargs.pop("use_cache", None)
             kwargs.pop("cache_position", None)
             projections = (self.q_proj, self.k_proj, self.v_proj)
-            device_type = hidden_states.device.type
-            weight = _joined([p.weight for p in projections], device_type)
-            bias = None if self.q_proj.bias is None else _joined([p.bias for p in projections], device_type)
+            weight = _joined([p.weight for p in projections])
+            bias = None if self.q_proj.bias is None else _joined([p.bias for p in projections])
             shape = (*hidden_states.shape[:-1], -1, self.head_dim)
             q, k, v = (t.view(shape).transpose(1, 2) for t in F.linear(hidden_states, weight, bias).split(
                 [p.out_features for p in projections], dim=-1))
@@ -119,9 +119,8 @@ def _fused_classes() -> dict:
         """LlamaMLP with one GEMM for the gate and up projections."""
 
         def forward(self, x):
-            weight = _joined([self.gate_proj.weight, self.up_proj.weight], x.device.type)
-            bias = (None if self.gate_proj.bias is None
-                    else _joined([self.gate_proj.bias, self.up_proj.bias], x.device.type))
+            weight = _joined([self.gate_proj.weight, self.up_proj.weight])
+            bias = None if self.gate_proj.bias is None else _joined([self.gate_proj.bias, self.up_proj.bias])
             gate, up = F.linear(x, weight, bias).chunk(2, dim=-1)
             return self.down_proj(self.act_fn(gate) * up)
 
