@@ -82,15 +82,16 @@ def logged_steps(progress: Path) -> list[int]:
 
 
 def wait_until_stalled(proc: subprocess.Popen, run_dir: Path, checkpoint_step: int, stall_step: int,
-                       log: Path, timeout: float = 300) -> list[int]:
+                       log: Path, timeout: float = 300, logged: str | None = None) -> list[int]:
     """Wait until the run in ``run_dir`` has completed its checkpoint of ``checkpoint_step`` (its marker,
     meta.json, is written last, before the directory is renamed into place) and logged every step before
-    its stall at ``stall_step``. Returns the steps it had logged; fails (killing ``proc``'s session) if the
-    run never gets there."""
+    its stall at ``stall_step`` (and, where given, until the launch's log holds the line ``logged``). Returns
+    the steps it had logged; fails (killing ``proc``'s session) if the run never gets there."""
     marker = run_dir / "checkpoints" / f"step_{checkpoint_step:08d}" / "meta.json"
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if marker.is_file() and stall_step - 1 in logged_steps(run_dir / "progress.jsonl"):
+        if (marker.is_file() and stall_step - 1 in logged_steps(run_dir / "progress.jsonl")
+                and (logged is None or logged in log.read_text())):
             return logged_steps(run_dir / "progress.jsonl")
         time.sleep(0.05)
     code = proc.poll()
@@ -102,18 +103,12 @@ def wait_until_stalled(proc: subprocess.Popen, run_dir: Path, checkpoint_step: i
 
 def copy_when_stalled(proc: subprocess.Popen, name: str, run_dir: Path, copy: Path, checkpoint_step: int,
                       stall_step: int, log: Path, timeout: float = 300) -> list[int]:
-    """:func:`wait_until_stalled` and until the run ``name`` has logged its stall (rank 0 then waits in it and
+    """:func:`wait_until_stalled` until the run ``name`` has also logged its stall (rank 0 then waits in it and
     the other ranks in their next collective), copy ``run_dir`` to ``copy``, the state that a SIGKILL at that
     moment leaves, and release the run (``SIGUSR1`` to rank 0) to go on to its end. Returns the steps the copy
     holds."""
-    wait_until_stalled(proc, run_dir, checkpoint_step, stall_step, log, timeout)
-    line = f"[{name}] injected stall at step {stall_step}"
-    deadline = time.time() + timeout
-    while line not in log.read_text():
-        if time.time() > deadline or proc.poll() is not None:
-            kill_tree(proc)
-            raise AssertionError(f"{name} never logged its stall:\n{log.read_text()[-6000:]}")
-        time.sleep(0.05)
+    wait_until_stalled(proc, run_dir, checkpoint_step, stall_step, log, timeout,
+                       logged=f"[{name}] injected stall at step {stall_step}")
     shutil.copytree(run_dir, copy)
     rank0 = [p for p in psutil.Process(proc.pid).children(recursive=True)
              if "llmpar.train" in p.cmdline() and p.environ().get("RANK") == "0"]

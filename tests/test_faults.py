@@ -4,6 +4,7 @@
 import os
 import signal
 import threading
+import time
 import types
 
 import pytest
@@ -19,11 +20,9 @@ def test_a_stall_waits_for_sigusr1_and_then_the_step_runs():
     engine, lines = stalled_engine(), []
     faults.inject(engine, {"kind": "stall", "at_step": 2}, first_step=0, attempt=0, is_main=True, log=lines.append)
     assert engine.train_step([]) == 1.0 and lines == []
-    released = threading.Event()
-
     def release():  # once the stall is logged, as the resume tests do
         while not lines:
-            released.wait(0.01)
+            time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGUSR1)
 
     threading.Thread(target=release, daemon=True).start()
