@@ -128,7 +128,7 @@ def step_bench(out, name, mbs=8, fused_ce=True, backend=None, compile_mode="laye
                    compile=compile_mode == "layers", compile_mode=mode, fused_projections=fused)
     ctx = types.SimpleNamespace(device=torch.device("cuda"), is_main=True, rank=0, world_size=1)
     t0 = time.time()
-    model = build_model(MODEL, TOKENIZER_VOCAB, 1234, device="cuda")
+    model = build_model(MODEL, TOKENIZER_VOCAB, 1234, device="cuda", attention=backend or "default")
     model = prepare_model(model, spec)
     if compile_mode == "model":
         model = torch.compile(model)
@@ -224,6 +224,9 @@ VARIANTS = {
     # config does not offer: this variant records why)
     "fused16": dict(mbs=16, backend="cudnn", fused=True),
     "graphs16": dict(mbs=16, backend="cudnn", mode="reduce-overhead"),
+    # train.attention: fa4 (FlashAttention-4 through transformers' flash_attention_4, instead of SDPA)
+    "fa4_16": dict(mbs=16, backend="fa4"),
+    "fa4fused16": dict(mbs=16, backend="fa4", fused=True),
     # not a lever the study may take (bf16 weights and residual stream: another numerics class), the bound
     # of what the fp32 master weights and the fp32 residual stream cost
     "bf16pure16": dict(mbs=16, backend="cudnn", precision="bf16-pure"),

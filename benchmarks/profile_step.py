@@ -224,7 +224,8 @@ def main() -> int:
         torch.cuda.reset_peak_memory_stats()
     with attention_backends(tc["attention"], ctx.device.type):
         data = TokenData(a.tokens, rc["model"]["seq_len"], rc["seed"])
-        engine = parallelize(build_model(rc["model"], data.vocab_size, rc["seed"], device=ctx.device), spec, ctx, tc)
+        model = build_model(rc["model"], data.vocab_size, rc["seed"], device=ctx.device, attention=tc["attention"])
+        engine = parallelize(model, spec, ctx, tc)
         gb = tc["global_batch"]
 
         def step(i):

@@ -3,12 +3,18 @@ and so of its hash, not environment variables: what each selects, and that CPU r
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
-from conftest import make_config
+from conftest import REPO, make_config
 from torch.nn.attention import SDPBackend
 
+from llmpar import preflight
 from llmpar.config import prepare, run_config
+from llmpar.errors import ConfigError
 from llmpar.model import attention_backends
 from llmpar.strategies.loss import cross_entropy, cross_entropy_for
 
@@ -50,3 +56,62 @@ def test_kernel_choices_are_in_the_run_config():
     assert (train["attention"], train["fused_loss"]) == ("cudnn", True)
     other = run_config(prepare(make_config(train={"attention": "flash", "fused_loss": False})), "single")["train"]
     assert (other["attention"], other["fused_loss"]) == ("flash", False)
+
+
+# -- train.attention: fa4 (FlashAttention-4): refused, with the reason, wherever it cannot run
+
+def fa4_config(**train) -> dict:
+    return make_config(runs={"ddp": {"strategy": "data_parallel", "precision": "bf16"}},
+                       train={"attention": "fa4", "device": "cuda", "precision": "bf16", **train})
+
+
+def test_fa4_is_a_study_setting_of_cuda_bf16_runs():
+    cfg = prepare(fa4_config())
+    assert run_config(cfg, "ddp")["train"]["attention"] == "fa4"
+
+
+@pytest.mark.parametrize("change,reason", [
+    ({"train": {"device": "cpu"}}, "train.device is cpu"),
+    ({"runs": {"ddp": {"strategy": "data_parallel", "precision": "fp32"}}}, "run(s) ddp train in precision fp32"),
+    ({"model": {"size": "tiny", "seq_len": 32, "num_heads": 16, "num_kv_heads": 2}}, "this model's is 4"),
+])
+def test_fa4_config_that_cannot_have_it_is_refused_naming_why(change, reason):
+    cfg = fa4_config()
+    for section, values in change.items():
+        cfg[section].update(values)
+    with pytest.raises(ConfigError, match="train.attention") as err:
+        prepare(cfg)
+    assert reason in str(err.value)
+
+
+@pytest.mark.parametrize("capability,installed,reason", [
+    (None, "4.0.0b40", "this host has none"),
+    ((8, 0), "4.0.0b40", "this one is 8.0"),
+    ((9, 0), None, "flash-attn-4 package, which is not installed"),
+])
+def test_fa4_host_that_cannot_run_it_is_refused_before_any_process(monkeypatch, capability, installed, reason):
+    rc = run_config(prepare(fa4_config()), "ddp")
+    monkeypatch.setattr(preflight, "cuda_capability", lambda: capability)
+    monkeypatch.setattr(preflight, "installed_version", lambda name: installed)
+    monkeypatch.setattr(preflight, "uses_cuda", lambda rc: capability is not None)
+    with pytest.raises(ConfigError, match="run ddp: train.attention fa4") as err:
+        preflight.check_kernels(rc)
+    assert reason in str(err.value)
+
+
+def test_fa4_host_with_a_hopper_gpu_and_the_package_passes(monkeypatch):
+    monkeypatch.setattr(preflight, "cuda_capability", lambda: (9, 0))
+    monkeypatch.setattr(preflight, "installed_version", lambda name: "4.0.0b40")
+    monkeypatch.setattr(preflight, "uses_cuda", lambda rc: True)
+    preflight.check_kernels(run_config(prepare(fa4_config()), "ddp"))
+
+
+def test_fa4_run_on_this_cpu_host_exits_before_writing_anything(tmp_path):
+    """The CLI's check comes before any process starts and before anything is written (no GPU here)."""
+    out, config = tmp_path / "run", tmp_path / "fa4.yaml"
+    config.write_text(json.dumps(fa4_config()))  # JSON is YAML
+    got = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--config", str(config), "--run", "ddp",
+                          "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert got.returncode == 2, got.stderr[-2000:]
+    assert "train.attention fa4 needs a CUDA GPU, and this host has none" in got.stderr
+    assert not out.exists()

@@ -144,6 +144,31 @@ def test_install_joins_installs_once_and_prints_its_environment(tmp_path, fake_p
     assert offline.install(wh, site) == lines
 
 
+def test_environment_puts_the_folders_of_the_wheels_pth_files_on_the_path(tmp_path):
+    """A wheel that works only through its .pth file (nvidia-cutlass-dsl's: an import line that puts its DSL
+    packages on sys.path) works from the --target folder, where Python reads no .pth file by itself."""
+    site = tmp_path / "site"
+    (site / "dslpkg" / "dsl_packages" / "dslcore").mkdir(parents=True)
+    (site / "dslpkg" / "__init__.py").write_text("")
+    (site / "dslpkg" / "dsl_packages" / "dslcore" / "__init__.py").write_text("VALUE = 7\n")
+    (site / "plain" / "lib").mkdir(parents=True)
+    (site / "dslpkg.pth").write_text("import sys, os, dslpkg; "
+                                     "sys.path.insert(0, os.path.join(dslpkg.__path__[0], 'dsl_packages'))\n")
+    (site / "plain.pth").write_text("plain/lib\n")
+    env_file = tmp_path / "env.sh"
+    env_file.write_text("\n".join(offline.env_lines(site)) + "\n")
+    got = subprocess.run(["bash", "-c", f". {env_file} && {sys.executable} -c 'import dslcore; print(dslcore.VALUE)'"],
+                         capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert got.stdout.strip() == "7", got.stderr[-1000:]
+    assert str(site / "plain" / "lib") in next(line for line in offline.env_lines(site) if "PYTHONPATH" in line)
+
+
+def test_a_pth_file_that_fails_is_refused_with_its_error(tmp_path):
+    (tmp_path / "broken.pth").write_text("import no_such_module_for_this_pth\n")
+    with pytest.raises(OfflineError, match="reading its .pth files failed"):
+        offline.env_lines(tmp_path)
+
+
 def test_install_refuses_another_python(tmp_path, fake_pypi):
     wh = tmp_path / "wh"
     offline.build_wheelhouse(wh, [("r", "beta")], "3.99", 1, lock_file(tmp_path))

@@ -21,6 +21,7 @@ import jsonschema
 import yaml
 
 from llmpar.errors import ConfigError
+from llmpar.kernels import FA4, fa4_config_problem
 from llmpar.layout import PRESETS, STRATEGIES, resolve, run_train
 from llmpar.paths import SCHEMA_PATH
 from llmpar.plan import auto_micro_batch
@@ -190,6 +191,10 @@ def prepare(raw: dict, default_procs: int = 2) -> dict:
                 raise
             refused[name] = refused_point(name, entry, cfg, str(exc))  # a sweep's point: a result
             specs.pop(name, None)
+    if train["attention"] == FA4:
+        problem = fa4_config_problem(cfg["model"], train, {name: spec.precision for name, spec in specs.items()})
+        if problem:
+            raise ConfigError(f"config key 'train.attention': {problem}")
     cfg["runs"] = {name: spec.to_dict() for name, spec in specs.items()}
     cfg["run_train"] = run_train
     cfg["refused"] = refused

@@ -40,13 +40,19 @@ def model_shape(config) -> Shape:
                  layers=config.num_hidden_layers, vocab=config.vocab_size, seq=config.max_position_embeddings)
 
 
-def build_model(model_cfg: dict, vocab_size: int, seed: int, device="cpu", attn_implementation="sdpa"):
-    """Build the Llama with weights drawn from ``seed`` on ``device``: identical on every rank."""
+# train.attention -> the transformers attention implementation the model is built with; every other value is
+# SDPA, with the backend order of :func:`attention_backends`
+ATTENTION_IMPLEMENTATIONS = {"fa4": "flash_attention_4"}
+
+
+def build_model(model_cfg: dict, vocab_size: int, seed: int, device="cpu", attention: str = "default"):
+    """Build the Llama with weights drawn from ``seed`` on ``device``: identical on every rank. ``attention``:
+    ``train.attention`` (``fa4``: FlashAttention-4 through transformers, :mod:`llmpar.kernels`)."""
     import torch
     from transformers import LlamaForCausalLM
 
     cfg = llama_config(model_cfg, vocab_size)
-    cfg._attn_implementation = attn_implementation
+    cfg._attn_implementation = ATTENTION_IMPLEMENTATIONS.get(attention, "sdpa")
     torch.manual_seed(seed)
     with torch.device(device):
         model = LlamaForCausalLM(cfg)
@@ -136,12 +142,12 @@ def attention_backends(name: str, device_type: str):
     backend stays enabled: inputs one refuses fall through to the next. ``default`` keeps PyTorch's
     order. It matters for eager runs: compiled graphs ran cuDNN's kernels under either order on the
     H200 (results/h200-1b/device/profile.jsonl: ``python benchmarks/gpu_probe.py --no-micro --profile
-    --variants cudnn16``). On CPU nothing changes."""
+    --variants cudnn16``). On CPU, and for attention that is not SDPA's (``fa4``), nothing changes."""
     import contextlib
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    if device_type != "cuda" or name == "default":
+    if device_type != "cuda" or name == "default" or name in ATTENTION_IMPLEMENTATIONS:
         return contextlib.nullcontext()
     first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[name]
     default = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH,

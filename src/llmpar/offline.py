@@ -244,9 +244,27 @@ def join_chunks(wheelhouse: Path, entry: dict, dest: Path) -> Path:
     return path
 
 
+def pth_folders(target: Path) -> list[str]:
+    """The folders that the installed wheels' ``.pth`` files put on ``sys.path``, as Python would for a site
+    folder: it reads ``.pth`` files only in its site folders, not in ``target`` on PYTHONPATH, and some wheels
+    work only through theirs (nvidia-cutlass-dsl's puts its DSL packages, which flash-attn-4 imports, on the
+    path). Found by letting ``site`` read them in a child interpreter."""
+    if not any(target.glob("*.pth")):
+        return []
+    code = ("import site, sys; before = list(sys.path); site.addsitedir(sys.argv[1]); "
+            "print('\\n'.join(p for p in sys.path if p not in before and p != sys.argv[1]))")
+    got = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(target)})
+    if got.returncode != 0 or "Error processing line" in got.stderr:
+        raise OfflineError(f"{target}: reading its .pth files failed:\n{got.stderr[-2000:]}")
+    return got.stdout.splitlines()
+
+
 def env_lines(target: Path, repo: Path = REPO) -> list[str]:
-    """Shell lines that put the installed packages, the checkout's package and ``python`` first."""
-    path, bin_dir = shlex.quote(f"{target}:{repo / 'src'}"), shlex.quote(str(target / "bin"))
+    """Shell lines that put the installed packages (and the folders their ``.pth`` files add), the checkout's
+    package and ``python`` first."""
+    folders = [str(target), *pth_folders(target), str(repo / "src")]
+    path, bin_dir = shlex.quote(":".join(folders)), shlex.quote(str(target / "bin"))
     return [
         f'export PYTHONPATH={path}"${{PYTHONPATH:+:$PYTHONPATH}}"',
         f'export PATH={bin_dir}":$PATH"',

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import functools
 
-from llmpar.errors import ExpectedFailure
+from llmpar.errors import ConfigError, ExpectedFailure
+from llmpar.kernels import FA4, FA4_DISTRIBUTION, fa4_host_problem, installed_version
 from llmpar.plan import FIT_MARGIN, card_for_device, fits, predict
 
 
@@ -27,6 +28,32 @@ def cuda_device_count() -> int:
     if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
         return 0
     return count.value
+
+
+def cuda_capability() -> tuple[int, int] | None:
+    """Compute capability (major, minor) of the first visible CUDA device, asked of the driver (libcuda);
+    None without one."""
+    import ctypes
+
+    if cuda_device_count() == 0:
+        return None
+    lib = ctypes.CDLL("libcuda.so.1")
+    device, major, minor = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(0)
+    # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75, _MINOR = 76 (cuda.h)
+    if (lib.cuDeviceGet(ctypes.byref(device), 0) != 0 or lib.cuDeviceGetAttribute(ctypes.byref(major), 75, device) != 0
+            or lib.cuDeviceGetAttribute(ctypes.byref(minor), 76, device) != 0):
+        return None
+    return major.value, minor.value
+
+
+def check_kernels(rc: dict) -> None:
+    """Raise ConfigError when the run asks for an attention kernel this host cannot run (``train.attention:
+    fa4``: :func:`llmpar.kernels.fa4_host_problem`), before any process starts."""
+    if rc["train"]["attention"] != FA4:
+        return
+    problem = fa4_host_problem(cuda_capability() if uses_cuda(rc) else None, installed_version(FA4_DISTRIBUTION))
+    if problem:
+        raise ConfigError(f"run {rc['run']['name']}: {problem}")
 
 
 def gpu_name_and_memory() -> tuple[str | None, int | None]:

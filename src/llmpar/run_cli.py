@@ -19,7 +19,7 @@ from llmpar.config import load_schema, load_yaml, prepare, run_config
 from llmpar.errors import ConfigError, ExpectedFailure, UserError
 from llmpar.launch import failure_record, finish, launch, slurm_nodes
 from llmpar.paths import REPO_ROOT
-from llmpar.preflight import check_fits, cuda_device_count
+from llmpar.preflight import check_fits, check_kernels, cuda_device_count
 
 # The CLI's flags are the schema's keys (choices, types and help from schemas/config.schema.yaml), but
 # for the run keys a one-run CLI has no use for (tests' faults, Slurm time, a lever the default gets right)
@@ -155,6 +155,7 @@ def main_batch(args, argv: list[str], t0: float) -> int:
                 rc["train"]["device"] != first["train"]["device"]:
             raise ConfigError(f"--batch: run {rc['run']['name']} has another process layout or device than "
                               f"{first['run']['name']}; a batch shares one launch")
+        check_kernels(rc)
         check_fits(rc, vocab, rc["run"]["gpus_per_node"] * rc["run"]["nodes"])
     for job in jobs:
         Path(job["out"]).mkdir(parents=True, exist_ok=True)
@@ -193,6 +194,7 @@ def main(argv=None) -> int:
             raise ConfigError("--tokens is required with --run-config")
         from llmpar.data.tokenize import read_meta
 
+        check_kernels(rc)
         local_procs = run_gpn = rc["run"]["gpus_per_node"]
         if not os.environ.get("LLMPAR_SRUN_TASK") and slurm_nodes() < rc["run"]["nodes"]:
             local_procs = run_gpn * rc["run"]["nodes"]  # all "nodes" share this machine

@@ -158,7 +158,7 @@ def _train(run_cfg: dict, spec: RunSpec, ctx, tokens_dir: str | Path, out: Path,
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # peaks are per run, also when runs share a process
     data = TokenData(tokens_dir, mc["seq_len"], seed)
-    model = build_model(mc, data.vocab_size, seed, device=ctx.device)
+    model = build_model(mc, data.vocab_size, seed, device=ctx.device, attention=tc["attention"])
     first = FirstUpdate(model)  # the tracked parameters' full sizes, before the strategy shards them
     graphs_before = compiled_graphs()
     probe = LayerProbe(decoder_layers(model)) if tc["metrics"] and not spec.compile else None

@@ -1,5 +1,6 @@
 """The kernel levers on one CUDA GPU train the same model as ``single``: the equivalence study of the GPU
-suite (``gpu_util.GPU_STUDY``) with one GEMM for q/k/v and one for gate/up (``fused_projections``), against
+suite (``gpu_util.GPU_STUDY``) with one GEMM for q/k/v and one for gate/up (``fused_projections``) and, in bf16,
+with FlashAttention-4 (``train.attention: fa4``, where the host has the flash-attn-4 package), against
 ``single`` with the same compile setting and precision: fp32 losses, gradient norms and first updates within
 1e-3, bf16 within 2 % (``gpu_util.check_tracks``). One launch on one GPU for all of them."""
 
@@ -9,6 +10,7 @@ import pytest
 from gpu_util import GPU_STUDY, STEPS, build_tokens, check_tracks, gpu_count, launch_batch, read_run
 
 from llmpar.config import prepare, run_config
+from llmpar.kernels import FA4_DISTRIBUTION, FA4_INSTALL, installed_version
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(gpu_count() < 1, reason="the lever tests need a CUDA GPU; found none")]
@@ -18,9 +20,15 @@ LEVERS = {
 }
 
 
-def lever_study(precision: str) -> dict:
+# study-wide levers (train section), each trained as the `single` run of a study that sets it, in the
+# precisions it takes; present: whether this host can run it (else its tests skip, saying why)
+TRAIN_LEVERS = {"fa4": ({"attention": "fa4"}, ("bf16",), installed_version(FA4_DISTRIBUTION) is not None)}
+SKIP_REASON = {"fa4": f"the {FA4_DISTRIBUTION} package is not installed ({FA4_INSTALL})"}
+
+
+def lever_study(precision: str, train: dict | None = None) -> dict:
     cfg = json.loads(json.dumps(GPU_STUDY))
-    cfg["train"].update(steps=STEPS[precision], precision=precision, compile=True)
+    cfg["train"].update(steps=STEPS[precision], precision=precision, compile=True, **(train or {}))
     cfg["runs"] = {"single": {"strategy": "single"}, **{n: {"strategy": "single", **kw} for n, kw in LEVERS.items()}}
     cfg["baseline"] = "single"
     return prepare(cfg)
@@ -31,8 +39,10 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("levers")
     tokens = build_tokens(lever_study("fp32"), root / "data")
     jobs = [(run_config(lever_study(p), name), root / p / name) for p in STEPS for name in ("single", *LEVERS)]
+    jobs += [(run_config(lever_study(p, train), "single"), root / p / name)
+             for name, (train, precisions, present) in TRAIN_LEVERS.items() if present for p in precisions]
     launch_batch(jobs, tokens, root, timeout=1200)
-    return {p: {name: read_run(root / p / name) for name in ("single", *LEVERS)} for p in STEPS}
+    return {p: {out.name: read_run(out) for rc, out in jobs if out.parent.name == p} for p in STEPS}
 
 
 @pytest.mark.parametrize("precision", list(STEPS))
@@ -41,4 +51,13 @@ def test_lever_tracks_single(runs, name, precision):
     summary = runs[precision][name][0]
     for key, value in LEVERS[name].items():
         assert summary["spec"][key] == value, (key, summary["spec"].get(key))
+    check_tracks(runs[precision], name, precision)
+
+
+@pytest.mark.parametrize("name,precision", [(n, p) for n, (_, ps, _) in TRAIN_LEVERS.items() for p in ps])
+def test_study_lever_tracks_single(runs, name, precision):
+    if not TRAIN_LEVERS[name][2]:
+        pytest.skip(SKIP_REASON[name])
+    # the lever's study is another training config: another hash (a checkpoint of one is not resumed by the other)
+    assert runs[precision][name][0]["config_hash"] != runs[precision]["single"][0]["config_hash"]
     check_tracks(runs[precision], name, precision)

@@ -1,0 +1,60 @@
+"""Attention kernels from outside PyTorch (``train.attention: fa4``), and what a study needs before it uses them.
+
+``fa4`` builds the model with transformers' ``flash_attention_4`` implementation, which calls FlashAttention-4
+(the ``flash-attn-4`` package: CuTe DSL kernels for Hopper and Blackwell, compiled when first called, forward
+and backward). It takes bf16 or fp16 inputs only and trains causal attention without a mask, as the study's
+unpadded sequences need. Nothing falls back: a study that asks for it and cannot have it is refused, in the
+config (:func:`fa4_config_problem`: the device, the precision, the head size) and on the host before any
+process starts (:func:`fa4_host_problem`: a GPU of compute capability 9 or above, the package installed).
+Standard library only: the checks run before torch is imported.
+"""
+
+from __future__ import annotations
+
+from llmpar.shape import model_dims
+
+FA4 = "fa4"
+FA4_DISTRIBUTION = "flash-attn-4"
+FA4_INSTALL = "pip install -r requirements/gpu-kernels.txt"
+# head sizes FA4 trains on every architecture it supports (SM90 takes up to 256, SM100 up to 128), in steps
+# of 16 bytes of bf16 (flash_attn/cute/interface.py, _validate_head_dims)
+FA4_HEAD_DIMS = range(8, 129, 8)
+FA4_MIN_CAPABILITY = 9  # its backward runs on SM90 and newer
+
+
+def fa4_config_problem(model_cfg: dict, train: dict, precisions: dict[str, str]) -> str | None:
+    """Why a study config cannot train with FA4 (``precisions``: run name -> precision), or None."""
+    if train["device"] == "cpu":
+        return "train.attention fa4 runs on CUDA GPUs, and train.device is cpu"
+    fp32 = sorted(name for name, p in precisions.items() if p == "fp32")
+    if fp32:
+        return (f"train.attention fa4 takes bf16 inputs only; run(s) {', '.join(fp32)} train in precision fp32 "
+                "(use bf16, or attention cudnn)")
+    d = model_dims(model_cfg)
+    head = d["hidden_size"] // d["num_heads"]
+    if head not in FA4_HEAD_DIMS:
+        return (f"train.attention fa4 trains head sizes {FA4_HEAD_DIMS.start}-{FA4_HEAD_DIMS.stop - 1} in steps of "
+                f"{FA4_HEAD_DIMS.step}; this model's is {head}")
+    return None
+
+
+def fa4_host_problem(capability: tuple[int, int] | None, installed: str | None) -> str | None:
+    """Why this host cannot run FA4, or None: ``capability`` of its first GPU (None: no CUDA GPU), the
+    installed ``flash-attn-4`` version (None: not installed)."""
+    if capability is None:
+        return "train.attention fa4 needs a CUDA GPU, and this host has none"
+    if capability[0] < FA4_MIN_CAPABILITY:
+        return (f"train.attention fa4 needs a GPU of compute capability {FA4_MIN_CAPABILITY}.0 or above (Hopper, "
+                f"Blackwell); this one is {capability[0]}.{capability[1]}")
+    if installed is None:
+        return f"train.attention fa4 needs the {FA4_DISTRIBUTION} package, which is not installed ({FA4_INSTALL})"
+    return None
+
+
+def installed_version(distribution: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return None
