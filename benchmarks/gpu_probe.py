@@ -226,7 +226,7 @@ VARIANTS = {
     "graphs16": dict(mbs=16, backend="cudnn", mode="reduce-overhead"),
     # train.attention: fa4 (FlashAttention-4 through transformers' flash_attention_4, instead of SDPA)
     "fa4_16": dict(mbs=16, backend="fa4"),
-    "fa4fused16": dict(mbs=16, backend="fa4", fused=True),
+    "fa4op16": dict(mbs=16, backend="fa4-op"),
     # not a lever the study may take (bf16 weights and residual stream: another numerics class), the bound
     # of what the fp32 master weights and the fp32 residual stream cost
     "bf16pure16": dict(mbs=16, backend="cudnn", precision="bf16-pure"),

@@ -191,7 +191,7 @@ def prepare(raw: dict, default_procs: int = 2) -> dict:
                 raise
             refused[name] = refused_point(name, entry, cfg, str(exc))  # a sweep's point: a result
             specs.pop(name, None)
-    if train["attention"] == FA4:
+    if train["attention"] in FA4:
         problem = fa4_config_problem(cfg["model"], train, {name: spec.precision for name, spec in specs.items()})
         if problem:
             raise ConfigError(f"config key 'train.attention': {problem}")

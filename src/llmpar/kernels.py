@@ -2,7 +2,8 @@
 
 ``fa4`` builds the model with transformers' ``flash_attention_4`` implementation, which calls FlashAttention-4
 (the ``flash-attn-4`` package: CuTe DSL kernels for Hopper and Blackwell, compiled when first called, forward
-and backward). It takes bf16 or fp16 inputs only and trains causal attention without a mask, as the study's
+and backward); ``fa4-op`` calls the same kernels as a torch custom op (:mod:`llmpar.fa4_op`), which a compiled
+layer keeps in its graph. It takes bf16 or fp16 inputs only and trains causal attention without a mask, as the study's
 unpadded sequences need. Nothing falls back: a study that asks for it and cannot have it is refused, in the
 config (:func:`fa4_config_problem`: the device, the precision, the head size) and on the host before any
 process starts (:func:`fa4_host_problem`: a GPU of compute capability 9 or above, the package installed).
@@ -13,7 +14,8 @@ from __future__ import annotations
 
 from llmpar.shape import model_dims
 
-FA4 = "fa4"
+# the train.attention values that run FA4: through transformers' flash_attention_4, or as llmpar's custom op
+FA4 = ("fa4", "fa4-op")
 FA4_DISTRIBUTION = "flash-attn-4"
 FA4_INSTALL = "pip install -r requirements/gpu-kernels.txt"
 # head sizes FA4 trains on every architecture it supports (SM90 takes up to 256, SM100 up to 128), in steps

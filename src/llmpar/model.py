@@ -42,17 +42,21 @@ def model_shape(config) -> Shape:
 
 # train.attention -> the transformers attention implementation the model is built with; every other value is
 # SDPA, with the backend order of :func:`attention_backends`
-ATTENTION_IMPLEMENTATIONS = {"fa4": "flash_attention_4"}
+ATTENTION_IMPLEMENTATIONS = {"fa4": "flash_attention_4", "fa4-op": "llmpar_fa4"}
 
 
 def build_model(model_cfg: dict, vocab_size: int, seed: int, device="cpu", attention: str = "default"):
     """Build the Llama with weights drawn from ``seed`` on ``device``: identical on every rank. ``attention``:
-    ``train.attention`` (``fa4``: FlashAttention-4 through transformers, :mod:`llmpar.kernels`)."""
+    ``train.attention`` (``fa4``, ``fa4-op``: FlashAttention-4, :mod:`llmpar.kernels`)."""
     import torch
     from transformers import LlamaForCausalLM
 
     cfg = llama_config(model_cfg, vocab_size)
     cfg._attn_implementation = ATTENTION_IMPLEMENTATIONS.get(attention, "sdpa")
+    if cfg._attn_implementation == "llmpar_fa4":
+        from llmpar import fa4_op
+
+        fa4_op.register()
     torch.manual_seed(seed)
     with torch.device(device):
         model = LlamaForCausalLM(cfg)

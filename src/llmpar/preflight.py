@@ -47,9 +47,9 @@ def cuda_capability() -> tuple[int, int] | None:
 
 
 def check_kernels(rc: dict) -> None:
-    """Raise ConfigError when the run asks for an attention kernel this host cannot run (``train.attention:
-    fa4``: :func:`llmpar.kernels.fa4_host_problem`), before any process starts."""
-    if rc["train"]["attention"] != FA4:
+    """Raise ConfigError when the run asks for an attention kernel this host cannot run (``train.attention``
+    fa4 or fa4-op: :func:`llmpar.kernels.fa4_host_problem`), before any process starts."""
+    if rc["train"]["attention"] not in FA4:
         return
     problem = fa4_host_problem(cuda_capability() if uses_cuda(rc) else None, installed_version(FA4_DISTRIBUTION))
     if problem:
