@@ -1,6 +1,6 @@
 """The kernel levers on one CUDA GPU train the same model as ``single``: the equivalence study of the GPU
 suite (``gpu_util.GPU_STUDY``) with one GEMM for q/k/v and one for gate/up (``fused_projections``) and, in bf16,
-with FlashAttention-4 (``train.attention: fa4``, where the host has the flash-attn-4 package), against
+with FlashAttention-4 (``train.attention`` fa4 and fa4-op, where the host has the flash-attn-4 package), against
 ``single`` with the same compile setting and precision: fp32 losses, gradient norms and first updates within
 1e-3, bf16 within 2 % (``gpu_util.check_tracks``). One launch on one GPU for all of them."""
 
@@ -22,8 +22,9 @@ LEVERS = {
 
 # study-wide levers (train section), each trained as the `single` run of a study that sets it, in the
 # precisions it takes; present: whether this host can run it (else its tests skip, saying why)
-TRAIN_LEVERS = {"fa4": ({"attention": "fa4"}, ("bf16",), installed_version(FA4_DISTRIBUTION) is not None)}
-SKIP_REASON = {"fa4": f"the {FA4_DISTRIBUTION} package is not installed ({FA4_INSTALL})"}
+FA4_PRESENT = installed_version(FA4_DISTRIBUTION) is not None
+TRAIN_LEVERS = {name: ({"attention": name}, ("bf16",), FA4_PRESENT) for name in ("fa4", "fa4-op")}
+SKIP_REASON = {name: f"the {FA4_DISTRIBUTION} package is not installed ({FA4_INSTALL})" for name in TRAIN_LEVERS}
 
 
 def lever_study(precision: str, train: dict | None = None) -> dict:
