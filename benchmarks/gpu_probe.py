@@ -163,7 +163,8 @@ def step_bench(out, name, mbs=8, fused_ce=True, backend=None, compile_mode="laye
             row.update(step_s=[round(x, 4) for x in times], tokens_per_s=tps, mfu=tps * fpt / PEAK,
                        peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30,
                        peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30,
-                       loss_first=float(losses[0]), loss_last=float(losses[-1]))
+                       loss_first=float(losses[0]), loss_last=float(losses[-1]),
+                       losses=[round(float(x), 5) for x in losses])  # same batches in every variant
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
     emit(out, row)
