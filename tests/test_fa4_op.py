@@ -1,6 +1,7 @@
 """``train.attention: fa4-op``'s glue on the CPU: FlashAttention-4's kernels replaced by plain attention (the
 CUDA kernels themselves run in tests/gpu/test_levers_gpu.py), the custom op, its fake implementation and its
-autograd wiring must give a model that trains as SDPA's does, in one graph per compiled decoder layer."""
+autograd wiring must give a model that trains as SDPA's does, and a compiled decoder layer of one graph that
+does too."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import torch
 
 from llmpar import fa4_op
 from llmpar.model import build_model
-from llmpar.strategies.levers import apply_compile
 
 MODEL = {"size": "tiny", "seq_len": 32}
 VOCAB = 300
@@ -53,46 +53,50 @@ def backward(q, k, v, out, dout, lse, scale, causal):
 
 @pytest.fixture
 def cpu_kernels(monkeypatch):
-    import torch._functorch.config
-    import torch._inductor.config
-
     monkeypatch.setattr(fa4_op, "flash_kernels", lambda: (forward, backward))
-    # compile afresh: the caches' keys do not cover the op's Python autograd formula, so a cached graph would
-    # keep an earlier one
-    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
-        yield
 
 
-def loss_and_grads(attention_impl: str, compiled: bool):
-    torch.manual_seed(0)
+def loss_and_grads(attention_impl: str):
     model = build_model(MODEL, VOCAB, seed=3, attention=attention_impl)
-    if compiled:
-        apply_compile(model, True)
     x = torch.randint(0, VOCAB, (2, MODEL["seq_len"] + 1), generator=torch.Generator().manual_seed(1))
     loss = torch.nn.functional.cross_entropy(model(input_ids=x[:, :-1]).logits.flatten(0, 1), x[:, 1:].flatten())
     loss.backward()
-    return loss.detach(), {n.replace("_orig_mod.", ""): p.grad for n, p in model.named_parameters()}
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
 def test_fa4_op_trains_as_sdpa_does(cpu_kernels):
-    ref_loss, ref_grads = loss_and_grads("default", compiled=False)
-    loss, grads = loss_and_grads("fa4-op", compiled=True)
+    ref_loss, ref_grads = loss_and_grads("default")
+    loss, grads = loss_and_grads("fa4-op")
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     assert grads.keys() == ref_grads.keys()
     for name, g in grads.items():
         torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_fa4_op_keeps_the_compiled_layer_one_graph(cpu_kernels):
-    model = build_model(MODEL, VOCAB, seed=3, attention="fa4-op")
+def layer_run(attention_impl: str, compiled: bool):
+    """Decoder layer 0's output and gradients (input and parameters) on one batch of hidden states."""
+    model = build_model(MODEL, VOCAB, seed=3, attention=attention_impl)
     layer = model.model.layers[0]
-    hidden = torch.randn(2, MODEL["seq_len"], model.config.hidden_size, requires_grad=True)
+    hidden = torch.randn(2, MODEL["seq_len"], model.config.hidden_size, generator=torch.Generator().manual_seed(2),
+                         requires_grad=True)
     pos = torch.arange(MODEL["seq_len"])[None]
     kwargs = {"attention_mask": None, "position_ids": pos,
               "position_embeddings": model.model.rotary_emb(hidden, position_ids=pos)}
-    compiled = torch.compile(layer, fullgraph=True)  # a graph break raises
-    compiled(hidden, **kwargs).sum().backward()
-    assert hidden.grad is not None
+    # fullgraph: a graph break raises. aot_eager traces the op's fake and autograd formula as inductor would, without
+    # generating code (and without inductor's caches, whose keys miss the op's Python autograd formula)
+    run = torch.compile(layer, fullgraph=True, backend="aot_eager") if compiled else layer
+    out = run(hidden, **kwargs)
+    out.backward(torch.ones_like(out))
+    return out.detach(), hidden.grad, {n: p.grad for n, p in layer.named_parameters()}
+
+
+def test_fa4_op_compiled_layer_is_one_graph_that_trains_as_sdpa_does(cpu_kernels):
+    ref_out, ref_dx, ref_grads = layer_run("default", compiled=False)
+    out, dx, grads = layer_run("fa4-op", compiled=True)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, ref_dx, rtol=1e-4, atol=1e-5)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_fa4_ops_fakes_and_autograd_agree_with_their_kernels(cpu_kernels):
