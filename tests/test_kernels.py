@@ -92,7 +92,7 @@ def test_fa4_config_that_cannot_have_it_is_refused_naming_why(change, reason):
 def test_fa4_host_that_cannot_run_it_is_refused_before_any_process(monkeypatch, capability, installed, reason):
     rc = run_config(prepare(fa4_config()), "ddp")
     monkeypatch.setattr(preflight, "cuda_capability", lambda: capability)
-    monkeypatch.setattr(preflight, "installed_version", lambda name: installed)
+    monkeypatch.setattr(preflight, "package_version", lambda name: installed)
     monkeypatch.setattr(preflight, "uses_cuda", lambda rc: capability is not None)
     with pytest.raises(ConfigError, match="run ddp: train.attention fa4") as err:
         preflight.check_kernels(rc)
@@ -101,7 +101,7 @@ def test_fa4_host_that_cannot_run_it_is_refused_before_any_process(monkeypatch, 
 
 def test_fa4_host_with_a_hopper_gpu_and_the_package_passes(monkeypatch):
     monkeypatch.setattr(preflight, "cuda_capability", lambda: (9, 0))
-    monkeypatch.setattr(preflight, "installed_version", lambda name: "4.0.0b40")
+    monkeypatch.setattr(preflight, "package_version", lambda name: "4.0.0b40")
     monkeypatch.setattr(preflight, "uses_cuda", lambda rc: True)
     preflight.check_kernels(run_config(prepare(fa4_config()), "ddp"))
 
@@ -115,3 +115,9 @@ def test_fa4_run_on_this_cpu_host_exits_before_writing_anything(tmp_path):
     assert got.returncode == 2, got.stderr[-2000:]
     assert "train.attention fa4 needs a CUDA GPU, and this host has none" in got.stderr
     assert not out.exists()
+
+
+def test_fa4_op_refusal_names_the_value_asked_for():
+    cfg = fa4_config(attention="fa4-op", device="cpu")
+    with pytest.raises(ConfigError, match="train.attention fa4-op runs on CUDA GPUs, and train.device is cpu"):
+        prepare(cfg)

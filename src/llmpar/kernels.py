@@ -3,8 +3,8 @@
 ``fa4`` builds the model with transformers' ``flash_attention_4`` implementation, which calls FlashAttention-4
 (the ``flash-attn-4`` package: CuTe DSL kernels for Hopper and Blackwell, compiled when first called, forward
 and backward); ``fa4-op`` calls the same kernels as a torch custom op (:mod:`llmpar.fa4_op`), which a compiled
-layer keeps in its graph. It takes bf16 or fp16 inputs only and trains causal attention without a mask, as the study's
-unpadded sequences need. Nothing falls back: a study that asks for it and cannot have it is refused, in the
+layer keeps in its graph. Both take bf16 or fp16 inputs only and train causal attention without a mask, as the
+study's unpadded sequences need. Nothing falls back: a study that asks for it and cannot have it is refused, in the
 config (:func:`fa4_config_problem`: the device, the precision, the head size) and on the host before any
 process starts (:func:`fa4_host_problem`: a GPU of compute capability 9 or above, the package installed).
 Standard library only: the checks run before torch is imported.
@@ -26,37 +26,31 @@ FA4_MIN_CAPABILITY = 9  # its backward runs on SM90 and newer
 
 def fa4_config_problem(model_cfg: dict, train: dict, precisions: dict[str, str]) -> str | None:
     """Why a study config cannot train with FA4 (``precisions``: run name -> precision), or None."""
+    attention = train["attention"]
     if train["device"] == "cpu":
-        return "train.attention fa4 runs on CUDA GPUs, and train.device is cpu"
+        return f"train.attention {attention} runs on CUDA GPUs, and train.device is cpu"
     fp32 = sorted(name for name, p in precisions.items() if p == "fp32")
     if fp32:
-        return (f"train.attention fa4 takes bf16 inputs only; run(s) {', '.join(fp32)} train in precision fp32 "
+        return (f"train.attention {attention} takes bf16 inputs only; run(s) {', '.join(fp32)} train in precision fp32 "
                 "(use bf16, or attention cudnn)")
     d = model_dims(model_cfg)
     head = d["hidden_size"] // d["num_heads"]
     if head not in FA4_HEAD_DIMS:
-        return (f"train.attention fa4 trains head sizes {FA4_HEAD_DIMS.start}-{FA4_HEAD_DIMS.stop - 1} in steps of "
-                f"{FA4_HEAD_DIMS.step}; this model's is {head}")
+        return (f"train.attention {attention} trains head sizes {FA4_HEAD_DIMS.start}-{FA4_HEAD_DIMS.stop - 1} in "
+                f"steps of {FA4_HEAD_DIMS.step}; this model's is {head}")
     return None
 
 
-def fa4_host_problem(capability: tuple[int, int] | None, installed: str | None) -> str | None:
-    """Why this host cannot run FA4, or None: ``capability`` of its first GPU (None: no CUDA GPU), the
-    installed ``flash-attn-4`` version (None: not installed)."""
+def fa4_host_problem(attention: str, capability: tuple[int, int] | None, installed: str | None) -> str | None:
+    """Why this host cannot run FA4 as ``attention`` (a :data:`FA4` value), or None: ``capability`` of its first
+    GPU (None: no CUDA GPU), the installed ``flash-attn-4`` version (None: not installed)."""
     if capability is None:
-        return "train.attention fa4 needs a CUDA GPU, and this host has none"
+        return f"train.attention {attention} needs a CUDA GPU, and this host has none"
     if capability[0] < FA4_MIN_CAPABILITY:
-        return (f"train.attention fa4 needs a GPU of compute capability {FA4_MIN_CAPABILITY}.0 or above (Hopper, "
-                f"Blackwell); this one is {capability[0]}.{capability[1]}")
+        return (f"train.attention {attention} needs a GPU of compute capability {FA4_MIN_CAPABILITY}.0 or above "
+                f"(Hopper, Blackwell); this one is {capability[0]}.{capability[1]}")
     if installed is None:
-        return f"train.attention fa4 needs the {FA4_DISTRIBUTION} package, which is not installed ({FA4_INSTALL})"
+        return (f"train.attention {attention} needs the {FA4_DISTRIBUTION} package, which is not installed "
+                f"({FA4_INSTALL})")
     return None
 
-
-def installed_version(distribution: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(distribution)
-    except PackageNotFoundError:
-        return None

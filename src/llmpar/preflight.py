@@ -10,8 +10,21 @@ from __future__ import annotations
 import functools
 
 from llmpar.errors import ConfigError, ExpectedFailure
-from llmpar.kernels import FA4, FA4_DISTRIBUTION, fa4_host_problem, installed_version
+from llmpar.kernels import FA4, FA4_DISTRIBUTION, fa4_host_problem
+from llmpar.metrics.env import package_version
 from llmpar.plan import FIT_MARGIN, card_for_device, fits, predict
+
+
+@functools.cache
+def cuda_driver():
+    """libcuda, initialised (``cuInit``); None without a driver."""
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    return lib if lib.cuInit(0) == 0 else None
 
 
 @functools.cache
@@ -20,12 +33,8 @@ def cuda_device_count() -> int:
     (libcuda). 0 without a driver."""
     import ctypes
 
-    try:
-        lib = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return 0
-    count = ctypes.c_int(0)
-    if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+    lib, count = cuda_driver(), ctypes.c_int(0)
+    if lib is None or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
         return 0
     return count.value
 
@@ -37,7 +46,7 @@ def cuda_capability() -> tuple[int, int] | None:
 
     if cuda_device_count() == 0:
         return None
-    lib = ctypes.CDLL("libcuda.so.1")
+    lib = cuda_driver()
     device, major, minor = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(0)
     # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75, _MINOR = 76 (cuda.h)
     if (lib.cuDeviceGet(ctypes.byref(device), 0) != 0 or lib.cuDeviceGetAttribute(ctypes.byref(major), 75, device) != 0
@@ -51,7 +60,8 @@ def check_kernels(rc: dict) -> None:
     fa4 or fa4-op: :func:`llmpar.kernels.fa4_host_problem`), before any process starts."""
     if rc["train"]["attention"] not in FA4:
         return
-    problem = fa4_host_problem(cuda_capability() if uses_cuda(rc) else None, installed_version(FA4_DISTRIBUTION))
+    problem = fa4_host_problem(rc["train"]["attention"], cuda_capability() if uses_cuda(rc) else None,
+                               package_version(FA4_DISTRIBUTION))
     if problem:
         raise ConfigError(f"run {rc['run']['name']}: {problem}")
 

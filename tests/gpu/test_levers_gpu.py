@@ -10,7 +10,8 @@ import pytest
 from gpu_util import GPU_STUDY, STEPS, build_tokens, check_tracks, gpu_count, launch_batch, read_run
 
 from llmpar.config import prepare, run_config
-from llmpar.kernels import FA4_DISTRIBUTION, FA4_INSTALL, installed_version
+from llmpar.kernels import FA4, FA4_DISTRIBUTION, FA4_INSTALL
+from llmpar.metrics.env import package_version
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(gpu_count() < 1, reason="the lever tests need a CUDA GPU; found none")]
@@ -20,11 +21,9 @@ LEVERS = {
 }
 
 
-# study-wide levers (train section), each trained as the `single` run of a study that sets it, in the
-# precisions it takes; present: whether this host can run it (else its tests skip, saying why)
-FA4_PRESENT = installed_version(FA4_DISTRIBUTION) is not None
-TRAIN_LEVERS = {name: ({"attention": name}, ("bf16",), FA4_PRESENT) for name in ("fa4", "fa4-op")}
-SKIP_REASON = {name: f"the {FA4_DISTRIBUTION} package is not installed ({FA4_INSTALL})" for name in TRAIN_LEVERS}
+# FlashAttention-4, a study-wide lever (train.attention): each value trained as the `single` run of a study that
+# sets it, in bf16 (FA4 takes no fp32), where this host has the package (else its tests skip, saying why)
+FA4_PRESENT = package_version(FA4_DISTRIBUTION) is not None
 
 
 def lever_study(precision: str, train: dict | None = None) -> dict:
@@ -40,10 +39,10 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("levers")
     tokens = build_tokens(lever_study("fp32"), root / "data")
     jobs = [(run_config(lever_study(p), name), root / p / name) for p in STEPS for name in ("single", *LEVERS)]
-    jobs += [(run_config(lever_study(p, train), "single"), root / p / name)
-             for name, (train, precisions, present) in TRAIN_LEVERS.items() if present for p in precisions]
+    jobs += [(run_config(lever_study("bf16", {"attention": name}), "single"), root / "bf16" / name)
+             for name in FA4 if FA4_PRESENT]
     launch_batch(jobs, tokens, root, timeout=1200)
-    return {p: {out.name: read_run(out) for rc, out in jobs if out.parent.name == p} for p in STEPS}
+    return {p: {out.name: read_run(out) for _, out in jobs if out.parent.name == p} for p in STEPS}
 
 
 @pytest.mark.parametrize("precision", list(STEPS))
@@ -55,10 +54,10 @@ def test_lever_tracks_single(runs, name, precision):
     check_tracks(runs[precision], name, precision)
 
 
-@pytest.mark.parametrize("name,precision", [(n, p) for n, (_, ps, _) in TRAIN_LEVERS.items() for p in ps])
-def test_study_lever_tracks_single(runs, name, precision):
-    if not TRAIN_LEVERS[name][2]:
-        pytest.skip(SKIP_REASON[name])
+@pytest.mark.parametrize("name", FA4)
+def test_fa4_tracks_single(runs, name):
+    if not FA4_PRESENT:
+        pytest.skip(f"the {FA4_DISTRIBUTION} package is not installed ({FA4_INSTALL})")
     # the lever's study is another training config: another hash (a checkpoint of one is not resumed by the other)
-    assert runs[precision][name][0]["config_hash"] != runs[precision]["single"][0]["config_hash"]
-    check_tracks(runs[precision], name, precision)
+    assert runs["bf16"][name][0]["config_hash"] != runs["bf16"]["single"][0]["config_hash"]
+    check_tracks(runs["bf16"], name, "bf16")

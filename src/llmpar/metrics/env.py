@@ -10,7 +10,8 @@ import subprocess
 from llmpar.paths import REPO_ROOT
 
 
-def _version(pkg: str) -> str | None:
+def package_version(pkg: str) -> str | None:
+    """The installed version of the distribution ``pkg``, or None."""
     try:
         return importlib.metadata.version(pkg)
     except importlib.metadata.PackageNotFoundError:
@@ -50,11 +51,11 @@ def environment() -> dict:
     env = {
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "deepspeed": _version("deepspeed"),
-        "transformers": _version("transformers"),
-        "tokenizers": _version("tokenizers"),
-        "datasets": _version("datasets"),
-        "snakemake": _version("snakemake"),
+        "deepspeed": package_version("deepspeed"),
+        "transformers": package_version("transformers"),
+        "tokenizers": package_version("tokenizers"),
+        "datasets": package_version("datasets"),
+        "snakemake": package_version("snakemake"),
         "cuda": torch.version.cuda,
         "nccl": None,
         "gpu_name": None,
