@@ -1,5 +1,6 @@
 """Kernels from outside PyTorch on the 1.1B model's shapes (one micro-batch of 16 x 2048 tokens), each against
-what the study runs, timed with CUDA events (3 warm-up calls, 10 timed), with its error against an fp32 reference.
+what the study runs, timed with CUDA events (gpu_probe's: the median of 10 calls after 3 warm-up calls), with
+its error against an fp32 reference.
 Writes JSON lines to the file named first:
 
     python benchmarks/kernel_micro.py kernels.jsonl
@@ -20,36 +21,22 @@ cut-cross-entropy); a kernel whose package is missing or fails is recorded with 
 
 from __future__ import annotations
 
-import json
 import sys
 import traceback
 
 import torch
 import torch.nn.functional as F
+from gpu_probe import emit as emit_to
+from gpu_probe import event_time as timed
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 B, S, H, HKV, D = 16, 2048, 32, 4, 64  # the 1.1B preset's micro-batch and attention
 N, HIDDEN, VOCAB = B * S, 2048, 32000
-OUT = None
+OUT = None  # the output file (the command line's)
 
 
 def emit(row: dict) -> None:
-    print(json.dumps(row), flush=True)
-    OUT.write(json.dumps(row) + "\n")
-    OUT.flush()
-
-
-def timed(fn, warm=3, reps=10) -> float:
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / reps / 1000
+    emit_to(OUT, row)
 
 
 def failed(row: dict, exc: Exception) -> dict:
@@ -224,7 +211,7 @@ def norm_section(g) -> None:
 
 def main() -> None:
     global OUT
-    OUT = open(sys.argv[1], "a")
+    OUT = sys.argv[1]
     emit({"kind": "env", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda})
     g = torch.Generator(device="cuda").manual_seed(0)
     for section in (attention_section, loss_section, norm_section):
