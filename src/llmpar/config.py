@@ -186,15 +186,21 @@ def prepare(raw: dict, default_procs: int = 2) -> dict:
         try:
             specs[name] = resolve_run(name, entry, cfg, default_procs)
             run_train[name] = train_for_batch(cfg, name, specs[name])
+            run_train[name]["attention"] = entry.get("attention", train["attention"])
         except ConfigError as exc:
             if name in cfg["runs"]:  # a run as configured: the config is wrong
                 raise
             refused[name] = refused_point(name, entry, cfg, str(exc))  # a sweep's point: a result
             specs.pop(name, None)
-    if train["attention"] in FA4:
-        problem = fa4_config_problem(cfg["model"], train, {name: spec.precision for name, spec in specs.items()})
+    fa4 = {}  # the config key that asks for FA4 -> (its value, {run: precision})
+    for name, spec in specs.items():
+        key = f"runs.{name}.attention" if "attention" in expanded[name] else "train.attention"
+        if run_train[name]["attention"] in FA4:
+            fa4.setdefault(key, (run_train[name]["attention"], {}))[1][name] = spec.precision
+    for key, (attention, precisions) in fa4.items():
+        problem = fa4_config_problem(cfg["model"], {**train, "attention": attention}, precisions)
         if problem:
-            raise ConfigError(f"config key 'train.attention': {problem}")
+            raise ConfigError(f"config key '{key}': {problem}")
     cfg["runs"] = {name: spec.to_dict() for name, spec in specs.items()}
     cfg["run_train"] = run_train
     cfg["refused"] = refused

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from llmpar.errors import UserError
 from llmpar.io import read_json
-from llmpar.layout import RunSpec
+from llmpar.layout import RunSpec, run_train
 from llmpar.plan.cards import card
 from llmpar.plan.efficiency import at_smallest_batch, smallest_batch, time_to_target
 from llmpar.plan.predict import error, fits, predict
@@ -52,7 +52,7 @@ def check_study(cfg: dict, card_name: str, runs_dir: Path, efficiency: dict | No
             continue
         spec = record.spec  # the run as it was recorded (micro-batch size included)
         vocab = (record.data or {}).get("vocab_size", 0)
-        pred = predict(cfg["model"], vocab, spec, train, card_name)
+        pred = predict(cfg["model"], vocab, spec, run_train(cfg, name), card_name)
         meas = measured(record, RunSpec.from_dict(spec).global_batch, cfg["model"]["seq_len"])
         row = {"run": name, "card": card_name,
                "predicted_peak_gib": pred["peak_gib"], "measured_peak_gib": meas["peak_gib"],
@@ -107,7 +107,7 @@ def format_predictions(cfg: dict, card_name: str, names: list[str]) -> str:
     c = card(card_name)
     lines = [f"{'run':18s} {'peak GiB':>9s} {'fits':>5s} {'step s':>7s} {'tok/s':>9s} {'MFU':>6s}"]
     for name in names:
-        pred = predict(cfg["model"], cfg["tokenizer"]["vocab_size"], cfg["runs"][name], cfg["train"], card_name)
+        pred = predict(cfg["model"], cfg["tokenizer"]["vocab_size"], cfg["runs"][name], run_train(cfg, name), card_name)
         fit = "yes" if fits(pred["peak_gib"], c["memory_gib"]) else "no"
         lines.append(f"{name:18s} {pred['peak_gib']:9.1f} {fit:>5s} {pred['step_s']:7.3f} "
                      f"{pred['tokens_per_s']:9,.0f} {pred['mfu']:6.3f}"
