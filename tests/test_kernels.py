@@ -94,7 +94,7 @@ def test_fa4_host_that_cannot_run_it_is_refused_before_any_process(monkeypatch, 
     monkeypatch.setattr(preflight, "cuda_capability", lambda: capability)
     monkeypatch.setattr(preflight, "package_version", lambda name: installed)
     monkeypatch.setattr(preflight, "uses_cuda", lambda rc: capability is not None)
-    with pytest.raises(ConfigError, match="run ddp: train.attention fa4") as err:
+    with pytest.raises(ConfigError, match="run ddp: attention fa4 ") as err:
         preflight.check_kernels(rc)
     assert reason in str(err.value)
 
@@ -113,11 +113,35 @@ def test_fa4_run_on_this_cpu_host_exits_before_writing_anything(tmp_path):
     got = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--config", str(config), "--run", "ddp",
                           "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert got.returncode == 2, got.stderr[-2000:]
-    assert "train.attention fa4 needs a CUDA GPU, and this host has none" in got.stderr
+    assert "run ddp: attention fa4 needs a CUDA GPU, and this host has none" in got.stderr
     assert not out.exists()
 
 
 def test_fa4_op_refusal_names_the_value_asked_for():
     cfg = fa4_config(attention="fa4-op", device="cpu")
-    with pytest.raises(ConfigError, match="train.attention fa4-op runs on CUDA GPUs, and train.device is cpu"):
+    with pytest.raises(ConfigError, match="config key .train.attention.: attention fa4-op runs on CUDA GPUs, and train.device is cpu"):
         prepare(cfg)
+
+
+def test_a_run_sets_its_own_attention_kernel():
+    """runs.<name>.attention: that run's kernel (part of its config, so of its hash); the others keep
+    train.attention's."""
+    cfg = prepare(make_config(runs={"a": {"strategy": "single", "precision": "bf16"},
+                                    "b": {"strategy": "single", "precision": "bf16", "attention": "fa4-op"}},
+                              train={"device": "cuda", "precision": "bf16"}, baseline="a"))
+    assert run_config(cfg, "a")["train"]["attention"] == "cudnn"
+    assert run_config(cfg, "b")["train"]["attention"] == "fa4-op"
+
+
+@pytest.mark.parametrize("runs,key,reason", [
+    ({"b": {"strategy": "single", "attention": "fa4-op"}}, "runs.b.attention", "run(s) b train in precision fp32"),
+    ({"b": {"strategy": "single", "precision": "bf16", "attention": "fa4"}}, "runs.b.attention",
+     "attention fa4 runs on CUDA GPUs, and train.device is cpu"),
+])
+def test_a_runs_fa4_that_cannot_run_is_refused_naming_its_key(runs, key, reason):
+    cfg = make_config(runs={"a": {"strategy": "single"}, **runs}, baseline="a")
+    if "precision" not in runs["b"]:
+        cfg["train"]["device"] = "cuda"
+    with pytest.raises(ConfigError, match=f"config key '{key}'") as err:
+        prepare(cfg)
+    assert reason in str(err.value)

@@ -15,7 +15,8 @@ from llmpar.paths import REPO_ROOT
 from llmpar.plan import calibration
 
 STUDIES = [("configs/h200-1b.yaml", "h200"), ("configs/gpu2-1b.yaml", "h100"), ("configs/gpu4-1b.yaml", "h100"),
-           ("configs/gpu1-1b.yaml", "h200"), ("configs/gpu1-1b-levers.yaml", "h200")]
+           ("configs/gpu1-1b.yaml", "h200"), ("configs/gpu1-1b-levers.yaml", "h200"),
+           ("configs/gpu1-1b-kernels.yaml", "h100")]
 H100_80GB = ("NVIDIA H100 80GB HBM3", 81559 * 2**20)  # nvidia-smi (benchmarks/results/test_gpu_h100x2_versions.txt)
 
 

@@ -39,3 +39,24 @@ def test_the_plan_script_prints_the_reason(tmp_path):
     text = format_predictions(prepare(raw), "h200", ["sel", "ac-full-mb16"])
     lines = text.splitlines()
     assert "not modelled: selective activation checkpointing" in lines[1] and "not modelled" not in lines[2]
+
+
+def test_an_attention_kernel_runs_at_its_own_rate():
+    """A run's attention kernel takes the card's rate for it (attention_tflops_fa4_op on the H100, measured);
+    a card without one predicts at cuDNN's rate and says so."""
+    from llmpar.plan.cards import card
+
+    cudnn, fa4 = _rc(), _rc(attention="fa4-op")
+    assert cudnn["train"]["attention"] == "cudnn" and fa4["train"]["attention"] == "fa4-op"
+    base = predict(cudnn["model"], 32000, cudnn["run"], cudnn["train"], "h100")
+    got = predict(fa4["model"], 32000, fa4["run"], fa4["train"], "h100")
+    c = card("h100")
+    assert got["unmodelled"] == []
+    assert got["time_s"]["attention"] == pytest.approx(
+        base["time_s"]["attention"] * c["attention_tflops"] / c["attention_tflops_fa4_op"])
+    assert got["step_s"] < base["step_s"]
+    on_h200 = predict(fa4["model"], 32000, fa4["run"], fa4["train"], "h200")
+    assert on_h200["unmodelled"] == ["attention fa4-op: the card has no attention_tflops_fa4_op; the attention "
+                                     "rate is cuDNN's"]
+    assert on_h200["time_s"]["attention"] == pytest.approx(
+        predict(cudnn["model"], 32000, cudnn["run"], cudnn["train"], "h200")["time_s"]["attention"])

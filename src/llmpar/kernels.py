@@ -28,15 +28,15 @@ def fa4_config_problem(model_cfg: dict, train: dict, precisions: dict[str, str])
     """Why a study config cannot train with FA4 (``precisions``: run name -> precision), or None."""
     attention = train["attention"]
     if train["device"] == "cpu":
-        return f"train.attention {attention} runs on CUDA GPUs, and train.device is cpu"
+        return f"attention {attention} runs on CUDA GPUs, and train.device is cpu"
     fp32 = sorted(name for name, p in precisions.items() if p == "fp32")
     if fp32:
-        return (f"train.attention {attention} takes bf16 inputs only; run(s) {', '.join(fp32)} train in precision fp32 "
+        return (f"attention {attention} takes bf16 inputs only; run(s) {', '.join(fp32)} train in precision fp32 "
                 "(use bf16, or attention cudnn)")
     d = model_dims(model_cfg)
     head = d["hidden_size"] // d["num_heads"]
     if head not in FA4_HEAD_DIMS:
-        return (f"train.attention {attention} trains head sizes {FA4_HEAD_DIMS.start}-{FA4_HEAD_DIMS.stop - 1} in "
+        return (f"attention {attention} trains head sizes {FA4_HEAD_DIMS.start}-{FA4_HEAD_DIMS.stop - 1} in "
                 f"steps of {FA4_HEAD_DIMS.step}; this model's is {head}")
     return None
 
@@ -45,12 +45,12 @@ def fa4_host_problem(attention: str, capability: tuple[int, int] | None, install
     """Why this host cannot run FA4 as ``attention`` (a :data:`FA4` value), or None: ``capability`` of its first
     GPU (None: no CUDA GPU), the installed ``flash-attn-4`` version (None: not installed)."""
     if capability is None:
-        return f"train.attention {attention} needs a CUDA GPU, and this host has none"
+        return f"attention {attention} needs a CUDA GPU, and this host has none"
     if capability[0] < FA4_MIN_CAPABILITY:
-        return (f"train.attention {attention} needs a GPU of compute capability {FA4_MIN_CAPABILITY}.0 or above "
+        return (f"attention {attention} needs a GPU of compute capability {FA4_MIN_CAPABILITY}.0 or above "
                 f"(Hopper, Blackwell); this one is {capability[0]}.{capability[1]}")
     if installed is None:
-        return (f"train.attention {attention} needs the {FA4_DISTRIBUTION} package, which is not installed "
+        return (f"attention {attention} needs the {FA4_DISTRIBUTION} package, which is not installed "
                 f"({FA4_INSTALL})")
     return None
 

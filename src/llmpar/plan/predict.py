@@ -19,8 +19,16 @@ FIT_MARGIN = 0.10  # refuse above 90 % of the card: reserved exceeded allocated 
 # compiled and eager layers, bf16 autocast, full activation checkpointing (results/h200-1b-levers), every
 # strategy's default settings (the 1-, 2- and 4-GPU studies). Any other setting is predicted by the same count
 # but never checked, so a prediction for it comes with the reason it is not bounded.
-def unmodelled(run: RunSpec, train: dict) -> list[str]:
-    """Why the plan's prediction of ``run`` is not checked against a recorded run (empty: it is)."""
+def attention_rate_key(train: dict) -> str | None:
+    """The card constant that holds the rate of the run's attention kernel beside cuDNN's
+    (``attention_tflops_fa4_op`` for ``fa4-op``); None for cuDNN's own (``attention_tflops``)."""
+    attention = train.get("attention", "cudnn")
+    return None if attention == "cudnn" else "attention_tflops_" + attention.replace("-", "_")
+
+
+def unmodelled(run: RunSpec, train: dict, c: dict | None = None) -> list[str]:
+    """Why the plan's prediction of ``run`` on card constants ``c`` is not checked against a recorded run
+    (empty: it is)."""
     out = []
     if run.precision is not Precision.BF16:
         out.append(f"precision {run.precision}: the card's GEMM and attention rates are bf16 rates; no run "
@@ -42,8 +50,9 @@ def unmodelled(run: RunSpec, train: dict) -> list[str]:
     if run.compile_mode != "default":
         out.append(f"compile_mode {run.compile_mode}: the elementwise rate and host time are fitted on the "
                    "default mode")
-    if train.get("attention", "cudnn") != "cudnn":
-        out.append(f"attention {train.get('attention')}: the attention rate is cuDNN's, as the runs measured it")
+    key = attention_rate_key(train)
+    if key and not (c and key in c):
+        out.append(f"attention {train['attention']}: the card has no {key}; the attention rate is cuDNN's")
     if not train.get("fused_loss", True):
         out.append("fused_loss false: the eager cross-entropy's fp32 logits are not counted in the step time")
     return out
@@ -57,9 +66,12 @@ def predict(model_cfg: dict, vocab_size: int, run: RunSpec | dict, train: dict, 
     sh = shape_of(model_cfg, vocab_size)
     compiled = bool(run.compile) and train.get("device", "auto") != "cpu"
     c = card(card_name) if card_name else None
+    key = attention_rate_key(train)
+    if c and key in c:  # the run's attention kernel at its own rate
+        c = {**c, "attention_tflops": c[key]}
     mem = memory(sh, run, compiled, c["allocator_overhead_gib"] if c else 0.0)
     peak = max(mem, key=lambda r: r["total"])
-    out = {"peak_gib": peak["total"] / GIB, "peak_rank": peak["rank"], "unmodelled": unmodelled(run, train),
+    out = {"peak_gib": peak["total"] / GIB, "peak_rank": peak["rank"], "unmodelled": unmodelled(run, train, c),
            "memory_gib": {k: v / GIB for k, v in peak["parts"].items()},
            "per_rank_gib": [r["total"] / GIB for r in mem]}
     if c:
