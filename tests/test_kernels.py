@@ -119,7 +119,8 @@ def test_fa4_run_on_this_cpu_host_exits_before_writing_anything(tmp_path):
 
 def test_fa4_op_refusal_names_the_value_asked_for():
     cfg = fa4_config(attention="fa4-op", device="cpu")
-    with pytest.raises(ConfigError, match="config key .train.attention.: attention fa4-op runs on CUDA GPUs, and train.device is cpu"):
+    why = "config key .train.attention.: attention fa4-op runs on CUDA GPUs, and train.device is cpu"
+    with pytest.raises(ConfigError, match=why):
         prepare(cfg)
 
 

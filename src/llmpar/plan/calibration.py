@@ -42,7 +42,7 @@ def check_study(cfg: dict, card_name: str, runs_dir: Path, efficiency: dict | No
     (:mod:`llmpar.plan.efficiency`), each run's predicted time to the sweep's target at its own batch and at
     the smallest batch its layout can train."""
     rows = []
-    train, study = cfg["train"], cfg["study"]
+    study = cfg["study"]
     for name in cfg["runs"]:
         path = runs_dir / name / "summary.json"
         if not path.is_file():
