@@ -101,6 +101,17 @@ def test_findings_name_the_tables_winners(reports):
     assert "fsdp†" in section(page, "findings") and "the code no longer uses" in section(page, "findings")
 
 
+def test_least_memory_is_the_baselines_where_the_peaks_tie(reports):
+    """The kernels study's fa4-op peaks within 0.5 % of single (the same kernels' memory): the finding names
+    the baseline and the tie, not a ratio of 1.00x, and no other run is called leaner."""
+    m = read_table(REPO / "results" / "h100-1b-kernels" / "metrics.csv").set_index("run")
+    assert m["peak_mem_gib"].idxmin() != "single"  # single is not the smallest by the allocator's last bytes
+    page = reports["h100-1b-kernels"].read_text()
+    text = finding(page, "Least memory")
+    assert text.startswith("single") and "fa4-op: within 0.5 %" in text and "less than" not in text
+    assert "<dt>Fast and lean</dt>" not in page  # single is within 10 % of the fastest: no leaner fast run
+
+
 def test_scaling_joins_the_compared_study(reports):
     """The 4-GPU report's scaling table joins the 2-GPU study's runs; its header says the runs came from
     several sessions and what the span between them is."""

@@ -17,6 +17,7 @@ from llmpar.analysis.figure_list import colour, family_rank, strategy_label
 NEAR_FASTEST = 0.10
 # A final-loss gap to the baseline above this is called out as a different training.
 LOSS_GAP_FLAG = 0.01
+SAME_MEMORY = 0.005  # peaks this close to the baseline's are the same memory (allocator noise): the baseline's
 
 
 @dataclass
@@ -233,8 +234,14 @@ def memory(st: Study) -> list[Finding]:
     if ok.empty:
         return []
     least = ok["peak_mem_gib"].idxmin()
+    tied = []
+    base = ok.loc[st.baseline, "peak_mem_gib"] if st.baseline in ok.index else None
+    if base is not None and base <= (1 + SAME_MEMORY) * ok.loc[least, "peak_mem_gib"]:
+        tied = [st.name(run) for run in ok.index[ok["peak_mem_gib"] < base]]
+        least = st.baseline
     r = ok.loc[least]
-    text = (f"{st.name(least)}{st.note(least)} ({st.described(least)}) peaks at {num(r['peak_mem_gib'])} GiB per rank")
+    text = (f"{st.name(least)}{st.note(least)} ({st.described(least)}) peaks at {num(r['peak_mem_gib'])} GiB per rank"
+            + (f" ({', '.join(tied)}: within {pct(SAME_MEMORY)})" if tied else ""))
     if st.baseline in ok.index and least != st.baseline:
         b = ok.loc[st.baseline]
         text += (f", {times(b['peak_mem_gib'] / r['peak_mem_gib'])} less than {st.name(st.baseline)}'s "
@@ -253,7 +260,7 @@ def memory(st: Study) -> list[Finding]:
     out = [Finding("Least memory", text + ".")]
     fast = ok[ok["tokens_per_s"] >= (1 - NEAR_FASTEST) * ok["tokens_per_s"].max()]
     lean = fast["peak_mem_gib"].idxmin()
-    if lean != least:
+    if ok.loc[lean, "peak_mem_gib"] > (1 + SAME_MEMORY) * ok.loc[least, "peak_mem_gib"]:  # not the same memory
         out.append(Finding("Fast and lean", f"Of the runs within {pct(NEAR_FASTEST, 0)} of the fastest's tokens/s, "
                            f"{st.name(lean)}{st.note(lean)} needs the least memory: "
                            f"{num(ok.loc[lean, 'peak_mem_gib'])} GiB "
