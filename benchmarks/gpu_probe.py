@@ -149,11 +149,13 @@ def step_bench(out, name, mbs=8, fused_ce=True, backend=None, compile_mode="laye
             torch.cuda.synchronize()
             row["warmup_s"] = time.time() - t0
             evs = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+            window = [time.time()]
             evs[0].record()
             for i in range(steps):
                 losses.append(engine.train_step(batches[i % 4]))
                 evs[i + 1].record()
             torch.cuda.synchronize()
+            row["timed_window"] = window + [time.time()]  # Unix seconds: match clock and power samples to it
             if PROFILE:
                 row["profile"] = profile_steps(engine, batches, 2)
             times = [evs[i].elapsed_time(evs[i + 1]) / 1000 for i in range(steps)]
@@ -231,6 +233,10 @@ VARIANTS = {
     # not a lever the study may take (bf16 weights and residual stream: another numerics class), the bound
     # of what the fp32 master weights and the fp32 residual stream cost
     "bf16pure16": dict(mbs=16, backend="cudnn", precision="bf16-pure"),
+    # precision bf16-residual: the residual stream in bf16, fp32 master weights and states
+    "res16": dict(mbs=16, backend="cudnn", precision="bf16-residual"),
+    "fa4opres16": dict(mbs=16, backend="fa4-op", precision="bf16-residual"),
+    "fusedfa4opres16": dict(mbs=16, backend="fa4-op", precision="bf16-residual", fused=True),
 }
 
 

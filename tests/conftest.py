@@ -180,10 +180,12 @@ CLIPPED = {"grad_clip": 1e-5}
 
 @pytest.fixture(scope="session")
 def baselines(tiny_tokens, tmp_path_factory):
-    """The single-process reference runs of BASE_CONFIG, one launch: ``single`` and ``single-clipped``
-    (CLIPPED). {run: (summary, steps)}."""
+    """The single-process reference runs of BASE_CONFIG, one launch: ``single``, ``single-clipped``
+    (CLIPPED) and ``single-bf16-residual`` (precision bf16-residual). {run: (summary, steps)}."""
+    residual = {"strategy": "single", "precision": "bf16-residual"}
     return train_batch({"single": make_config(),
-                        "single-clipped": make_config({"single-clipped": {"strategy": "single"}}, train=CLIPPED)},
+                        "single-clipped": make_config({"single-clipped": {"strategy": "single"}}, train=CLIPPED),
+                        "single-bf16-residual": make_config({"single-bf16-residual": residual})},
                        tiny_tokens, tmp_path_factory.mktemp("baselines"))
 
 

@@ -53,6 +53,11 @@ LAYOUTS = {
             "ddp_bf16": {"strategy": "data_parallel", "precision": "bf16", **TWO},
             "fsdp_bf16": {"strategy": "fsdp", "precision": "bf16", **TWO},
             "ddp_bf16_pure": {"strategy": "data_parallel", "precision": "bf16-pure", **TWO},
+            "ddp_bf16_residual": {"strategy": "data_parallel", "precision": "bf16-residual", **TWO},
+            "fsdp_bf16_residual": {"strategy": "fsdp", "precision": "bf16-residual", **TWO},
+            "pp_bf16_residual": {**PP, "schedule": "1f1b", "pp_engine": "torch", "precision": "bf16-residual"},
+            "zero3_bf16_residual": {"strategy": "zero", "zero_stage": 3, "precision": "bf16-residual", **TWO},
+            "pp_deepspeed_bf16_residual": {**PP, "pp_engine": "deepspeed", "precision": "bf16-residual"},
         },
     },
     "four": {

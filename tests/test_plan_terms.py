@@ -37,6 +37,12 @@ RUNS = {
     "ddp-bf16-pure": {"strategy": "data_parallel", "gpus_per_node": 2, "precision": "bf16-pure"},
     "pp": {"strategy": "pipeline_parallel", "stages": 2, "pp_engine": "torch", "schedule": "1f1b"},
     "single-ac": {"strategy": "single", "activation_checkpointing": "full"},
+    "single-bf16": {"strategy": "single", "precision": "bf16"},
+    "single-bf16-residual": {"strategy": "single", "precision": "bf16-residual"},
+    "pp-bf16": {"strategy": "pipeline_parallel", "stages": 2, "pp_engine": "torch", "schedule": "1f1b",
+                "precision": "bf16"},
+    "pp-bf16-residual": {"strategy": "pipeline_parallel", "stages": 2, "pp_engine": "torch", "schedule": "1f1b",
+                         "precision": "bf16-residual"},
 }
 
 
@@ -130,6 +136,23 @@ def micro_batch_parts(tokens: int, layers: int, first: bool, last: bool) -> dict
 
 def test_saved_bytes_per_token(specs):
     assert saved_bytes_per_token(SH, specs["fsdp"], 2, True, compiled=False) == 2 * SAVED_LAYER + SAVED_HEAD
+
+
+def test_a_bf16_residual_stream_halves_the_residual_bytes(specs):
+    """bf16-residual against bf16 (eager, 2 layers): each layer saves its two residual-stream tensors twice
+    over (2·2 of h each) in 2 bytes instead of 4, and the head its final norm's input: 2·(4·2·8) + 8·2 = 144
+    bytes a token less; the pipeline sends and receives the hidden state and its gradient in 2 bytes, and the
+    weights, gradients and AdamW moments stay fp32 (the states of bf16)."""
+    fp32_stream, bf16_stream = specs["single-bf16"], specs["single-bf16-residual"]
+    saved = [saved_bytes_per_token(SH, s, 2, True, compiled=False) for s in (fp32_stream, bf16_stream)]
+    assert saved[0] - saved[1] == 2 * (4 * 2 * 8) + 8 * 2
+    assert state_bytes(SH, bf16_stream, N) == state_bytes(SH, fp32_stream, N)
+    # the 1F1B pipeline's 5 slots (test_pipeline_step_time_parts), each sending 16 tokens forward and back
+    p2p = [step_time(SH, specs[n], compiled=False, c=CARD)["parts"]["pp_p2p"] for n in ("pp-bf16", "pp-bf16-residual")]
+    assert p2p == pytest.approx([5 * 2 * (LAT + 16 * 8 * b / BW) for b in (4, 2)], rel=1e-12)
+    buffers = [memory(SH, specs[n], compiled=False, overhead_gib=0.0)[0]["parts"]["buffers"]
+               for n in ("pp-bf16", "pp-bf16-residual")]
+    assert buffers[0] == 2 * buffers[1] > 0
 
 
 def test_fsdp_step_time_parts(specs):

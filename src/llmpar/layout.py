@@ -23,21 +23,31 @@ from llmpar.shape import model_dims
 
 
 class Precision(enum.StrEnum):
-    """``fp32``; ``bf16``: autocast bf16 over fp32 weights, gradients and optimizer states (the study's
-    mixed precision, every engine); ``bf16-pure``: bf16 weights and optimizer states, no fp32 master."""
+    """``fp32``; ``bf16``: autocast bf16 over fp32 weights, gradients and optimizer states, the residual stream
+    in fp32 (the study's mixed precision, every engine); ``bf16-residual``: the same autocast and fp32 states
+    with the residual stream in bf16 (the embedding's output cast, as Megatron-LM's default and FSDP2's usual
+    mixed precision carry it; :func:`llmpar.strategies.levers.carry_residual_in_bf16`); ``bf16-pure``: bf16
+    weights and optimizer states, no fp32 master."""
 
     FP32 = "fp32"
     BF16 = "bf16"
+    BF16_RESIDUAL = "bf16-residual"
     BF16_PURE = "bf16-pure"
 
     @property
     def autocast(self) -> bool:
-        return self is Precision.BF16
+        return self in (Precision.BF16, Precision.BF16_RESIDUAL)
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes per element of weights, gradients and the residual stream."""
+        """Bytes per element of weights and gradients."""
         return 2 if self is Precision.BF16_PURE else 4
+
+    @property
+    def residual_bytes(self) -> int:
+        """Bytes per element of the residual stream (the hidden states between decoder layers) and its
+        gradient."""
+        return 2 if self in (Precision.BF16_PURE, Precision.BF16_RESIDUAL) else 4
 
     @property
     def compute_bytes(self) -> int:

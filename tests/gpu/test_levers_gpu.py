@@ -1,8 +1,9 @@
 """The kernel levers on one CUDA GPU train the same model as ``single``: the equivalence study of the GPU
 suite (``gpu_util.GPU_STUDY``) with one GEMM for q/k/v and one for gate/up (``fused_projections``) and, in bf16,
-with FlashAttention-4 (``train.attention`` fa4 and fa4-op, where the host has the flash-attn-4 package), against
-``single`` with the same compile setting and precision: fp32 losses, gradient norms and first updates within
-1e-3, bf16 within 2 % (``gpu_util.check_tracks``). One launch on one GPU for all of them."""
+with the residual stream in bf16 (``precision: bf16-residual``) and with FlashAttention-4 (``train.attention``
+fa4 and fa4-op, where the host has the flash-attn-4 package), against ``single`` with the same compile setting
+and precision (bf16 for bf16-residual): fp32 losses, gradient norms and first updates within 1e-3, bf16 within
+2 % (``gpu_util.check_tracks``). One launch on one GPU for all of them."""
 
 import json
 
@@ -28,7 +29,8 @@ FA4_PRESENT = package_version(FA4_DISTRIBUTION) is not None
 
 def lever_study(precision: str, train: dict | None = None) -> dict:
     cfg = json.loads(json.dumps(GPU_STUDY))
-    cfg["train"].update(steps=STEPS[precision], precision=precision, compile=True, **(train or {}))
+    steps = STEPS["bf16" if precision == "bf16-residual" else precision]
+    cfg["train"].update(steps=steps, precision=precision, compile=True, **(train or {}))
     cfg["runs"] = {"single": {"strategy": "single"}, **{n: {"strategy": "single", **kw} for n, kw in LEVERS.items()}}
     cfg["baseline"] = "single"
     return prepare(cfg)
@@ -41,6 +43,7 @@ def runs(tmp_path_factory):
     jobs = [(run_config(lever_study(p), name), root / p / name) for p in STEPS for name in ("single", *LEVERS)]
     jobs += [(run_config(lever_study("bf16", {"attention": name}), "single"), root / "bf16" / name)
              for name in FA4 if FA4_PRESENT]
+    jobs += [(run_config(lever_study("bf16-residual"), "single"), root / "bf16" / "bf16-residual")]
     launch_batch(jobs, tokens, root, timeout=1200)
     return {p: {out.name: read_run(out) for _, out in jobs if out.parent.name == p} for p in STEPS}
 
@@ -61,3 +64,9 @@ def test_fa4_tracks_single(runs, name):
     # the lever's study is another training config: another hash (a checkpoint of one is not resumed by the other)
     assert runs["bf16"][name][0]["config_hash"] != runs["bf16"]["single"][0]["config_hash"]
     check_tracks(runs["bf16"], name, "bf16")
+
+
+def test_bf16_residual_tracks_bf16(runs):
+    """The residual stream in bf16 (the embedding's output cast) against bf16 autocast's fp32 stream: a
+    different rounding path, the same training within bf16's tolerance."""
+    check_tracks(runs["bf16"], "bf16-residual", "bf16", own_precision="bf16-residual")

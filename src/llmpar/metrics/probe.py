@@ -17,7 +17,7 @@ lever would change.
     schedule shows here: GPipe runs every micro-batch's forward before any backward, 1F1B alternates.
   - ``input_dtype``: the dtype of the hidden states entering that layer (its first forward): the
     residual stream's precision. bf16 autocast keeps it fp32 in every engine (FSDP2 included, whose
-    usual policy would cast it to bf16); ``bf16-pure`` carries it in bf16.
+    usual policy would cast it to bf16); ``bf16-residual`` and ``bf16-pure`` carry it in bf16.
   - ``params_at_backward``: elements of that layer's parameters this rank holds when the step's
     first backward reaches a decoder layer, i.e. between forward and backward: FSDP with
     ``reshard_after_forward`` is back to its shard, without it the whole layer stays gathered.

@@ -58,9 +58,9 @@ def saved_bytes_per_token(sh: Shape, run: RunSpec, layers: int, last: bool, comp
     """Bytes one token of a micro-batch keeps alive for the backward on one rank (its layers, and the
     head on the last pipeline rank). See the module docstring for the count."""
     tp = run.tp
-    # The residual stream's dtype: fp32 under autocast in every engine (FSDP2 included since it leaves
-    # the layers' inputs uncast, strategies/fsdp.py), bf16 only with bf16 weights (bf16-pure).
-    residual = run.precision.weight_bytes
+    # The residual stream's dtype: fp32 under bf16 autocast in every engine (FSDP2 included since it leaves
+    # the layers' inputs uncast, strategies/fsdp.py), bf16 with bf16-residual and bf16-pure.
+    residual = run.precision.residual_bytes
     compute = run.precision.compute_bytes  # matmul inputs/outputs
     zero3 = run.sharding is Sharding.ZERO3
     if run.activation_checkpointing == "full":
@@ -100,7 +100,7 @@ def head_bytes_per_token(sh: Shape, run: RunSpec, compiled: bool) -> float:
     """What the head saves per token: the final norm's input and output, and the logits the cross-entropy
     saves: bf16 when compiled (the CUDA loss; on every TP rank in full), else the eager loss's fp32
     log-softmax."""
-    residual, compute = run.precision.weight_bytes, run.precision.compute_bytes
+    residual, compute = run.precision.residual_bytes, run.precision.compute_bytes
     total = residual * sh.h + compute * sh.h + (compute if compiled else 4) * sh.vocab
     if run.sharding is Sharding.ZERO3:
         # the final norm (never compiled) keeps its normalised fp32 input, and lm_head's ZeRO-3
@@ -150,11 +150,12 @@ def buffer_bytes(sh: Shape, run: RunSpec, n_local: int, share: dict) -> float:
     """Communication buffers beside the states: DDP's reducer buckets hold a second gradient copy while
     ``no_sync`` micro-batches accumulate into separate ``.grad`` tensors; DeepSpeed ZeRO's fp32 reduce
     bucket (and ZeRO-3's live gathered parameters); FSDP2's two gathered bf16 layers; torch
-    pipelining's receive buffers, one fp32 hidden state per micro-batch for each input and gradient
-    a rank's chunks receive (allocated for every micro-batch up front)."""
+    pipelining's receive buffers, one hidden state in the residual stream's dtype per micro-batch for each
+    input and gradient a rank's chunks receive (allocated for every micro-batch up front)."""
     w = run.precision.weight_bytes
     if run.stages > 1 and run.pp_engine is Engine.TORCH:
-        return share["receives"] * run.micro_batches * run.micro_batch_size * sh.seq * sh.h * 4
+        return (share["receives"] * run.micro_batches * run.micro_batch_size * sh.seq * sh.h
+                * run.precision.residual_bytes)
     if run.ddp and run.dp > 1 and run.micro_batches > 1:
         return w * n_local
     if run.sharding in (Sharding.ZERO1, Sharding.ZERO2, Sharding.ZERO3):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from llmpar.errors import ConfigError
-from llmpar.layout import DDP_BUCKET_MB, Precision, RunSpec, default_micro_batches, resolve
+from llmpar.layout import DDP_BUCKET_MB, RunSpec, default_micro_batches, resolve
 from llmpar.metrics.definitions import peak_flops_for
 from llmpar.plan.cards import card
 from llmpar.plan.memory import GIB, memory
@@ -30,7 +30,7 @@ def unmodelled(run: RunSpec, train: dict, c: dict | None = None) -> list[str]:
     """Why the plan's prediction of ``run`` on card constants ``c`` is not checked against a recorded run
     (empty: it is)."""
     out = []
-    if run.precision is not Precision.BF16:
+    if not run.precision.autocast:  # bf16 and bf16-residual (recorded in the kernels study) are checked
         out.append(f"precision {run.precision}: the card's GEMM and attention rates are bf16 rates; no run "
                    "of this precision is recorded")
     if run.activation_checkpointing == "selective":

@@ -61,9 +61,8 @@ def step_time(sh: Shape, run: RunSpec, compiled: bool, c: dict) -> dict:
     bw_tp, bw_dp, bw_pp = fitted_bw(c, "tp_allreduce_busbw_gbps", tp, 1), link_bw(c, dp, tp), link_bw(c, 2, tp * dp)
     compute = run.precision.compute_bytes
     # tensor parallel all-reduces: the row-parallel outputs in the forward (compute dtype) and the gradients
-    # of the column-parallel inputs in the backward, which under bf16 autocast are the fp32 residual
-    # stream's (fp32 unless the weights and stream are bf16)
-    grad_bytes_tp = run.precision.weight_bytes
+    # of the column-parallel inputs in the backward, which are in the residual stream's dtype
+    grad_bytes_tp = run.precision.residual_bytes
     per_rank = []
     shares = pipeline_ranks(sh, run)
     # Activation checkpointing recomputes a checkpointed layer's forward in its backward: a third more of the
@@ -84,8 +83,8 @@ def step_time(sh: Shape, run: RunSpec, compiled: bool, c: dict) -> dict:
         # Tensor parallel: two all-reduces of the activations per layer in the forward, two in the backward.
         t["tp_comm"] = 2 * share["layers"] * (allreduce_s(tokens * sh.h * compute, tp, bw_tp, lat)
                                               + allreduce_s(tokens * sh.h * grad_bytes_tp, tp, bw_tp, lat))
-        if p > 1:  # the fp32 hidden state forward and its gradient backward, on the critical path
-            t["pp_p2p"] = 2 * (lat + tokens * sh.h * 4 / bw_pp)
+        if p > 1:  # the hidden state forward and its gradient backward, on the critical path
+            t["pp_p2p"] = 2 * (lat + tokens * sh.h * run.precision.residual_bytes / bw_pp)
         per_rank.append(t)
     slowest = max(per_rank, key=lambda t: sum(t.values()))
     t_mb = sum(slowest.values())

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from llmpar.errors import ConfigError
 from llmpar.layout import Precision
 from llmpar.strategies.engine import Engine
-from llmpar.strategies.levers import apply_activation_checkpointing, apply_compile
+from llmpar.strategies.levers import apply_activation_checkpointing, apply_compile, carry_residual_in_bf16
 from llmpar.strategies.loss import causal_lm_loss, cross_entropy_for
 from llmpar.strategies.optim import make_optimizer, make_scheduler
 
@@ -68,7 +68,7 @@ def init_deepspeed(ctx) -> None:
 def precision_config(spec) -> dict:
     if spec.precision is Precision.FP32:
         return {}
-    if spec.precision is Precision.BF16:
+    if spec.precision.autocast:  # bf16 and bf16-residual (whose residual cast is apply_levers')
         # fp32 weights under torch.autocast; no module's gradients are communicated in bf16
         return {"torch_autocast": {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}}
     if spec.precision is Precision.BF16_PURE:  # needs ZeRO stage 1-3 (checked by config)
@@ -118,7 +118,10 @@ def ds_config(spec, train_cfg: dict, model=None) -> dict:
 
 
 def apply_levers(model, spec) -> None:
-    """Activation checkpointing and compile on the HF decoder layers (autocast is DeepSpeed's job)."""
+    """The bf16 residual stream, activation checkpointing and compile on the HF decoder layers (autocast is
+    DeepSpeed's job)."""
+    if spec.precision is Precision.BF16_RESIDUAL:
+        carry_residual_in_bf16(model)
     apply_activation_checkpointing(model, spec.activation_checkpointing)
     apply_compile(model, spec.compile, in_place=True, mode=spec.compile_mode)
 

@@ -21,7 +21,9 @@ fp32 as autocast does everywhere else: FSDP2's usual policy (bf16 everywhere, in
 residual stream in bf16, a different rounding path that on the GPU suite's model moved the gradient
 norm 3.4 % from ``single``'s where every other engine stays within 0.7 % (2 x H100; on CPU 1.9 %
 against DDP's 0.5 %). What remains is the layers' norm weights rounded to bf16 on the way in, as
-autocast rounds every projection's. ``bf16-pure`` shards bf16 weights.
+autocast rounds every projection's. ``bf16-residual`` takes the same policies with the residual stream
+cast to bf16 at the embedding (:func:`~llmpar.strategies.levers.carry_residual_in_bf16`), as every engine
+does. ``bf16-pure`` shards bf16 weights.
 
 Noise scale: every reduce-scatter goes through :class:`ReplicaNormReduceScatter` (FSDP2's public
 ``set_custom_reduce_scatter``), which adds the squared norm of its input, this rank's own unsharded
@@ -39,7 +41,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from llmpar.layout import MeshAxis, Precision
+from llmpar.layout import MeshAxis
 from llmpar.strategies.levers import decoder_layers, prepare_model
 from llmpar.strategies.replica_norm import SquaredNorms
 from llmpar.strategies.torch_common import MeshEngine
@@ -120,7 +122,7 @@ def parallelize(model, spec, ctx, train_cfg) -> FSDPEngine:
 
     model = prepare_model(model, spec)
     layer_mp = root_mp = MixedPrecisionPolicy()
-    if spec.precision is Precision.BF16:  # the residual stream stays fp32, as under autocast (module docstring)
+    if spec.precision.autocast:  # the layers' inputs are left as the residual stream comes (module docstring)
         layer_mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                                         cast_forward_inputs=False)
         root_mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)

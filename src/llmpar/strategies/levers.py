@@ -22,6 +22,21 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     return model.model.layers
 
 
+def _to_bf16(module, args, output):
+    return output.to(torch.bfloat16)
+
+
+def carry_residual_in_bf16(model) -> None:
+    """``precision: bf16-residual``: the token embedding's output cast to bf16, so the residual stream (the
+    hidden states every decoder layer reads and adds to) and its gradient are bf16 while the weights,
+    gradients and optimizer states stay fp32 under autocast. Each RMSNorm still normalises in fp32; its
+    output rounds to bf16 before the projections, as autocast rounds it anyway. Megatron-LM carries the
+    residual in bf16 by default (``fp32_residual_connection`` off), as FSDP2's usual mixed precision does;
+    the hook is on the embedding module itself, so every engine that runs the module (a pipeline's first
+    stage, ZeRO-3's gathered module) runs it."""
+    model.model.embed_tokens.register_forward_hook(_to_bf16)
+
+
 def apply_activation_checkpointing(model, mode: str) -> None:
     """Wrap decoder layers in non-reentrant checkpointing: ``full`` every layer, ``selective`` every 2nd."""
     if mode == "none":
@@ -61,6 +76,8 @@ def prepare_model(model, spec) -> torch.nn.Module:
         fuse_projections(model)
     if spec.precision is Precision.BF16_PURE:
         model.to(torch.bfloat16)
+    if spec.precision is Precision.BF16_RESIDUAL:
+        carry_residual_in_bf16(model)
     apply_activation_checkpointing(model, spec.activation_checkpointing)
     apply_compile(model, spec.compile, mode=spec.compile_mode)
     return model

@@ -35,10 +35,16 @@ import torch
 from torch import nn
 
 from llmpar.errors import ConfigError
+from llmpar.layout import Precision
 from llmpar.model import decoder_layer_kwargs
 from llmpar.strategies import ds_common
 from llmpar.strategies.engine import Engine
-from llmpar.strategies.levers import apply_activation_checkpointing, apply_compile, decoder_layers
+from llmpar.strategies.levers import (
+    apply_activation_checkpointing,
+    apply_compile,
+    carry_residual_in_bf16,
+    decoder_layers,
+)
 from llmpar.strategies.loss import cross_entropy_for
 
 
@@ -94,6 +100,8 @@ def parallelize(model, spec, ctx, train_cfg):
     from deepspeed.pipe import PipelineModule
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
+    if spec.precision is Precision.BF16_RESIDUAL:
+        carry_residual_in_bf16(model)
     apply_activation_checkpointing(model, spec.activation_checkpointing)
     apply_compile(model, spec.compile, mode=spec.compile_mode)
     layers = pipeline_layers(model)
