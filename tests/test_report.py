@@ -102,14 +102,34 @@ def test_findings_name_the_tables_winners(reports):
 
 
 def test_least_memory_is_the_baselines_where_the_peaks_tie(reports):
-    """The kernels study's fa4-op peaks within 0.5 % of single (the same kernels' memory): the finding names
-    the baseline and the tie, not a ratio of 1.00x, and no other run is called leaner."""
-    m = read_table(REPO / "results" / "h100-1b-kernels" / "metrics.csv").set_index("run")
-    assert m["peak_mem_gib"].idxmin() != "single"  # single is not the smallest by the allocator's last bytes
-    page = reports["h100-1b-kernels"].read_text()
-    text = finding(page, "Least memory")
-    assert text.startswith("single") and "fa4-op: within 0.5 %" in text and "less than" not in text
-    assert "<dt>Fast and lean</dt>" not in page  # single is within 10 % of the fastest: no leaner fast run
+    """A run whose peak is within 0.5 % below the baseline's (allocator noise, as fa4-op's beside single's in the
+    kernels study) leaves the baseline as the least memory: the finding names the tie, not a ratio of 1.00x, and
+    no run is called leaner; 1 % below, it is the least memory, a ratio below single's. The kernels study's
+    tables with fa4-op's peak set against single's; the committed report names a run of the bf16 stream."""
+    from llmpar.analysis import findings
+    from llmpar.config import load_yaml, prepare
+
+    root = REPO / "results" / "h100-1b-kernels"
+    tables = {k: read_table(root / f"{k}.csv") for k in ("metrics", "runs", "scaling", "peers")}
+    config = prepare(load_yaml(REPO / "configs" / "gpu1-1b-kernels.yaml"))
+    metrics = tables["metrics"][tables["metrics"]["run"].isin(["single", "fa4-op"])].copy()
+    single_peak = metrics.loc[metrics["run"] == "single", "peak_mem_gib"].item()
+
+    def memory_findings(fa4_peak_ratio: float) -> dict[str, str]:
+        metrics.loc[metrics["run"] == "fa4-op", "peak_mem_gib"] = single_peak * fa4_peak_ratio
+        study = findings.Study(config, metrics, tables["runs"], tables["scaling"], tables["peers"])
+        return {f.title: html.unescape(re.sub(r"<[^>]+>", "", f.html)) for f in findings.memory(study)}
+
+    tie = memory_findings(0.998)
+    assert tie["Least memory"].startswith("single") and "fa4-op: within 0.5 %" in tie["Least memory"]
+    assert "less than" not in tie["Least memory"] and "Fast and lean" not in tie
+    apart = memory_findings(0.99)
+    assert apart["Least memory"].startswith("fa4-op") and "less than single" in apart["Least memory"]
+    m = tables["metrics"].set_index("run")
+    least = m["peak_mem_gib"].idxmin()
+    assert m.loc[least, "precision"] == "bf16-residual"
+    text = finding(reports["h100-1b-kernels"].read_text(), "Least memory")
+    assert text.startswith(least) and "less than single" in text and "within 0.5 %" not in text
 
 
 def test_scaling_joins_the_compared_study(reports):
