@@ -322,9 +322,7 @@ def run_record(run_cfg: dict, spec: RunSpec, ctx, data, engine, config_hash: str
     peak = D.peak_flops_for(env["gpu_name"], tc["peak_flops"])
     warm = tc["warmup_steps_excluded"]
     tput = D.throughput(all_steps, warm, mc["seq_len"], world) if all_steps else {}
-    steady = D.steady_steps(all_steps, warm) if all_steps else []
-    t_lo = steady[0]["elapsed_s"] - steady[0]["step_time_s"] if steady else 0.0
-    t_hi = all_steps[-1]["elapsed_s"] if all_steps else 0.0
+    t_lo, t_hi = D.steady_window(all_steps, warm)
     mem = [r["memory"] for r in per_rank]
     record = RunRecord(
         run=spec.name,

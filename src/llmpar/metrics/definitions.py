@@ -200,6 +200,15 @@ def steady_steps(steps: list[dict], warmup: int) -> list[dict]:
     return rows or steps[-1:]
 
 
+def steady_window(steps: list[dict], warmup: int) -> tuple[float, float]:
+    """The steady steps' span on the run's clock (``elapsed_s``, the samples' ``t_s``): from the start of the
+    first steady step to the end of the last step; (0, 0) without steps."""
+    if not steps:
+        return 0.0, 0.0
+    first = steady_steps(steps, warmup)[0]
+    return first["elapsed_s"] - first["step_time_s"], steps[-1]["elapsed_s"]
+
+
 def throughput(steps: list[dict], warmup: int, seq_len: int, world_size: int):
     """Steady-state and overall throughput (see DEFINITIONS)."""
     if not steps:
