@@ -58,6 +58,10 @@ LAYOUTS = {
             "pp_bf16_residual": {**PP, "schedule": "1f1b", "pp_engine": "torch", "precision": "bf16-residual"},
             "zero3_bf16_residual": {"strategy": "zero", "zero_stage": 3, "precision": "bf16-residual", **TWO},
             "pp_deepspeed_bf16_residual": {**PP, "pp_engine": "deepspeed", "precision": "bf16-residual"},
+            "tp_bf16_residual": {"strategy": "tensor_parallel", "tp": 2, "tp_engine": "torch",
+                                 "precision": "bf16-residual"},
+            "tp_deepspeed_bf16_residual": {"strategy": "tensor_parallel", "tp": 2, "tp_engine": "deepspeed",
+                                           "precision": "bf16-residual"},
         },
     },
     "four": {
