@@ -117,13 +117,14 @@ def ds_config(spec, train_cfg: dict, model=None) -> dict:
     return cfg
 
 
-def apply_levers(model, spec) -> None:
+def apply_levers(model, spec, in_place: bool = True) -> None:
     """The bf16 residual stream, activation checkpointing and compile on the HF decoder layers (autocast is
-    DeepSpeed's job)."""
+    DeepSpeed's job). ``in_place``: compile each layer in place (ZeRO and AutoTP, :func:`apply_compile`); the
+    pipeline engine's layer specs take the compiled wrappers instead."""
     if spec.precision is Precision.BF16_RESIDUAL:
         carry_residual_in_bf16(model)
     apply_activation_checkpointing(model, spec.activation_checkpointing)
-    apply_compile(model, spec.compile, in_place=True, mode=spec.compile_mode)
+    apply_compile(model, spec.compile, in_place=in_place, mode=spec.compile_mode)
 
 
 def initialize(module, config: dict, train_cfg: dict, mpu=None):

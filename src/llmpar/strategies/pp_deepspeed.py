@@ -35,16 +35,10 @@ import torch
 from torch import nn
 
 from llmpar.errors import ConfigError
-from llmpar.layout import Precision
 from llmpar.model import decoder_layer_kwargs
 from llmpar.strategies import ds_common
 from llmpar.strategies.engine import Engine
-from llmpar.strategies.levers import (
-    apply_activation_checkpointing,
-    apply_compile,
-    carry_residual_in_bf16,
-    decoder_layers,
-)
+from llmpar.strategies.levers import decoder_layers
 from llmpar.strategies.loss import cross_entropy_for
 
 
@@ -100,10 +94,7 @@ def parallelize(model, spec, ctx, train_cfg):
     from deepspeed.pipe import PipelineModule
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
-    if spec.precision is Precision.BF16_RESIDUAL:
-        carry_residual_in_bf16(model)
-    apply_activation_checkpointing(model, spec.activation_checkpointing)
-    apply_compile(model, spec.compile, mode=spec.compile_mode)
+    ds_common.apply_levers(model, spec, in_place=False)
     layers = pipeline_layers(model)
     module = PipelineModule(
         layers=layers,
