@@ -23,7 +23,8 @@ w1, w2 = layout_fixtures(__name__, {layout: {name: make_config({name: run | {"co
 
 
 @pytest.mark.parametrize("layout, name", [("w1", "compiled-single"), ("w2", "compiled-zero3"),
-                                          ("w2", "compiled-pp-deepspeed-ac")], ids=["single", "zero3", "pp-deepspeed-ac"])
+                                          ("w2", "compiled-pp-deepspeed-ac")],
+                         ids=["single", "zero3", "pp-deepspeed-ac"])
 def test_compiled_run_matches_eager_baseline(baseline, request, layout, name):
     summary, steps = request.getfixturevalue(layout)[name]
     assert summary["status"] == "ok"

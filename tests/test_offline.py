@@ -169,6 +169,19 @@ def test_a_pth_file_that_fails_is_refused_with_its_error(tmp_path):
         offline.env_lines(tmp_path)
 
 
+def test_quack_installs_only_under_a_site_packages_folder(tmp_path, fake_pypi):
+    """quack-kernels tells installed libraries from its own code by a site-packages folder in their path (else its
+    gated GEMMs fail on the CUTLASS DSL's globals): a target outside one is refused, naming a target that works."""
+    wh = tmp_path / "wh"
+    offline.build_wheelhouse(wh, [("r", "quack-kernels==0.6.5"), ("r", "beta")], PY, 1, lock_file(tmp_path))
+    with pytest.raises(OfflineError, match=r"quack-kernels must be installed under a folder named site-packages .*"
+                                           r"--target .*kernels/site-packages"):
+        offline.install(wh, tmp_path / "kernels")
+    assert not (tmp_path / "kernels").exists()
+    offline.install(wh, tmp_path / "kernels" / "site-packages")
+    assert (tmp_path / "kernels" / "site-packages" / "quack_kernels" / "__init__.py").is_file()
+
+
 def test_install_refuses_another_python(tmp_path, fake_pypi):
     wh = tmp_path / "wh"
     offline.build_wheelhouse(wh, [("r", "beta")], "3.99", 1, lock_file(tmp_path))

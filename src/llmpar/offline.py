@@ -279,6 +279,15 @@ def unmet_requirements(target: Path, names: set[str]) -> list[str]:
     return [line for line in got.stdout.splitlines() if line.split() and canonical(line.split()[0]) in names]
 
 
+# Wheels whose code tells installed libraries from its own by a site-packages or dist-packages folder in their
+# path. quack-kernels 0.6.5 keys its compiled GEMM epilogues by their source and, through every function they call
+# outside such a folder, those functions' globals (quack/gemm_runtime/identity.py, _is_extern_function): installed
+# under another folder, the CUTLASS DSL's functions count as its own, and the first gated GEMM fails with
+# "epilogue fn depends on <ContextVar name='_LOC_TRANSFORMS' ...> which has no fail-closed semantic key".
+SITE_FOLDERS = ("site-packages", "dist-packages")
+PATH_SENSITIVE = ("quack-kernels",)
+
+
 def install(wheelhouse: Path, target: Path, env_file: Path | None = None) -> list[str]:
     """Install the wheelhouse into ``target`` with this interpreter's pip (no index, no dependencies resolved:
     the wheelhouse is the whole set). A second call with the same manifest installs nothing."""
@@ -287,6 +296,11 @@ def install(wheelhouse: Path, target: Path, env_file: Path | None = None) -> lis
     if manifest["python_version"] != here:
         raise OfflineError(f"the wheelhouse is for Python {manifest['python_version']}, this is {here} "
                            f"({sys.executable}); build it with --python-version {here}")
+    sensitive = sorted(e["name"] for e in manifest["wheels"] if e["name"] in PATH_SENSITIVE)
+    if sensitive and not set(SITE_FOLDERS) & set(target.absolute().parts):
+        raise OfflineError(f"{target}: {', '.join(sensitive)} must be installed under a folder named "
+                           f"{' or '.join(SITE_FOLDERS)} (it tells installed libraries from its own code by that "
+                           f"folder in their path); use e.g. --target {target / 'site-packages'}")
     marker = target / MARKER
     if marker.is_file() and marker.read_text().strip() == digest:
         print(f"{target}: this wheelhouse is installed already", file=sys.stderr)
