@@ -108,7 +108,7 @@ def attention_bench(out):
 
 
 def step_bench(out, name, mbs=8, fused_ce=True, backend=None, compile_mode="layers", precision="bf16", steps=6,
-               warm=3, mode="default", fused=False):
+               warm=3, mode="default", fused=False, mlp="torch"):
     from llmpar.strategies.engine import TorchEngine
     from llmpar.strategies.levers import prepare_model
 
@@ -125,10 +125,13 @@ def step_bench(out, name, mbs=8, fused_ce=True, backend=None, compile_mode="laye
     gb, seq = 32, MODEL["seq_len"]
     m = gb // mbs
     spec = RunSpec(name=name, strategy="single", micro_batches=m, micro_batch_size=mbs, precision=precision,
-                   compile=compile_mode == "layers", compile_mode=mode, fused_projections=fused)
+                   compile=compile_mode == "layers", compile_mode=mode, fused_projections=fused, mlp=mlp)
     ctx = types.SimpleNamespace(device=torch.device("cuda"), is_main=True, rank=0, world_size=1)
     t0 = time.time()
     model = build_model(MODEL, TOKENIZER_VOCAB, 1234, device="cuda", attention=backend or "default")
+    if mlp == "quack":
+        emit(out, {"kind": "mlp_check", "name": name, **quack_mlp_check(model.model.layers[0].mlp)})
+        torch._dynamo.reset()  # the step compiles its layers afresh
     model = prepare_model(model, spec)
     if compile_mode == "model":
         model = torch.compile(model)
@@ -140,7 +143,8 @@ def step_bench(out, name, mbs=8, fused_ce=True, backend=None, compile_mode="laye
         xs, ys = x[:, :-1].contiguous().cuda(), x[:, 1:].contiguous().cuda()
         batches.append(list(zip(xs.chunk(m), ys.chunk(m))))
     row = {"kind": "step", "name": name, "mbs": mbs, "m": m, "fused_ce": fused_ce, "backend": backend,
-           "compile": compile_mode, "compile_mode": mode, "fused_projections": fused, "precision": precision}
+           "compile": compile_mode, "compile_mode": mode, "fused_projections": fused, "precision": precision,
+           "mlp": mlp}
     with attention_backends(backend or "default", "cuda"):  # the backend order holds around the steps
         try:
             losses = []
@@ -174,6 +178,65 @@ def step_bench(out, name, mbs=8, fused_ce=True, backend=None, compile_mode="laye
     gc.collect()
     torch.cuda.empty_cache()
     return row
+
+
+def quack_mlp_check(mlp, tokens=4096):
+    """The errors of torch's and quack's MLP (``train.mlp``, bf16 autocast) against the same MLP in fp32 on one
+    batch: the output and the input's and weights' gradients, each as max |err| / max |ref|; and both MLPs'
+    time (:func:`mlp_times`)."""
+    import copy
+
+    from llmpar.quack_mlp import quack_mlp_class
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(2, tokens // 2, mlp.gate_proj.in_features, device="cuda", generator=g)
+    dy = torch.randn(2, tokens // 2, mlp.down_proj.out_features, device="cuda", generator=g)
+
+    def run(m, autocast):
+        m = copy.deepcopy(m)
+        xx = x.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            y = m(xx)
+        y.float().backward(dy)
+        return [y.float(), xx.grad] + [p.weight.grad for p in (m.gate_proj, m.up_proj, m.down_proj)]
+
+    ref = run(mlp, False)
+    std = run(mlp, True)
+    q = copy.deepcopy(mlp)
+    q.__class__ = quack_mlp_class()
+    try:
+        fused = run(q, True)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
+    names = ("out", "dx", "dgate", "dup", "ddown")
+
+    def err(a):
+        return {n: float((t - r).abs().max() / r.abs().max()) for n, t, r in zip(names, a, ref)}
+
+    return {"standard_vs_fp32": err(std), "quack_vs_fp32": err(fused), "fwd_bwd_ms": mlp_times(mlp, q)}
+
+
+def mlp_times(standard, quack, tokens=16 * 2048):
+    """Forward + backward of one micro-batch through the MLP (bf16 autocast, the bf16 input of the bf16
+    residual stream), each compiled as the study compiles its layers, and quack's also eager."""
+    x = torch.randn(16, tokens // 16, standard.gate_proj.in_features, device="cuda", dtype=torch.bfloat16,
+                    requires_grad=True)
+    dy = torch.randn(16, tokens // 16, standard.down_proj.out_features, device="cuda", dtype=torch.bfloat16)
+    out = {}
+    for name, m in (("standard_compiled", torch.compile(standard)), ("quack_eager", quack),
+                    ("quack_compiled", torch.compile(quack))):
+        def step(m=m):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = m(x)
+            y.backward(dy)
+
+        try:
+            out[name] = round(event_time(step) * 1e3, 3)
+        except Exception as exc:
+            out[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    for m in (standard, quack):
+        m.zero_grad(set_to_none=True)
+    return out
 
 
 PROFILE = False
@@ -237,6 +300,9 @@ VARIANTS = {
     "res16": dict(mbs=16, backend="cudnn", precision="bf16-residual"),
     "fa4opres16": dict(mbs=16, backend="fa4-op", precision="bf16-residual"),
     "fusedfa4opres16": dict(mbs=16, backend="fa4-op", precision="bf16-residual", fused=True),
+    # train.mlp quack: quack-kernels' gated MLP, SwiGLU and its gradient in the GEMMs' epilogues
+    "qmlp16": dict(mbs=16, backend="cudnn", mlp="quack"),
+    "qmlpfa4opres16": dict(mbs=16, backend="fa4-op", precision="bf16-residual", mlp="quack"),
 }
 
 

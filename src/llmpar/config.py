@@ -21,7 +21,7 @@ import jsonschema
 import yaml
 
 from llmpar.errors import ConfigError
-from llmpar.kernels import FA4, fa4_config_problem
+from llmpar.kernels import FA4, fa4_config_problem, quack_config_problem
 from llmpar.layout import PRESETS, STRATEGIES, resolve, run_train
 from llmpar.paths import SCHEMA_PATH
 from llmpar.plan import auto_micro_batch
@@ -199,6 +199,15 @@ def prepare(raw: dict, default_procs: int = 2) -> dict:
             fa4.setdefault(key, (run_train[name]["attention"], {}))[1][name] = spec.precision
     for key, (attention, precisions) in fa4.items():
         problem = fa4_config_problem(cfg["model"], {**train, "attention": attention}, precisions)
+        if problem:
+            raise ConfigError(f"config key '{key}': {problem}")
+    quack = {}  # the config key that asks for quack's MLP -> {run: precision}
+    for name, spec in specs.items():
+        if spec.mlp == "quack":
+            key = f"runs.{name}.mlp" if "mlp" in expanded[name] else "train.mlp"
+            quack.setdefault(key, {})[name] = spec.precision
+    for key, precisions in quack.items():
+        problem = quack_config_problem(train, precisions)
         if problem:
             raise ConfigError(f"config key '{key}': {problem}")
     cfg["runs"] = {name: spec.to_dict() for name, spec in specs.items()}

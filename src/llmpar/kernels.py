@@ -1,4 +1,5 @@
-"""Attention kernels from outside PyTorch (``train.attention: fa4``), and what a study needs before it uses them.
+"""Kernels from outside PyTorch (``train.attention: fa4``, ``train.mlp: quack``), and what a study needs before it
+uses them.
 
 ``fa4`` builds the model with transformers' ``flash_attention_4`` implementation, which calls FlashAttention-4
 (the ``flash-attn-4`` package: CuTe DSL kernels for Hopper and Blackwell, compiled when first called, forward
@@ -7,6 +8,8 @@ layer keeps in its graph. Both take bf16 or fp16 inputs only and train causal at
 study's unpadded sequences need. Nothing falls back: a study that asks for it and cannot have it is refused, in the
 config (:func:`fa4_config_problem`: the device, the precision, the head size) and on the host before any
 process starts (:func:`fa4_host_problem`: a GPU of compute capability 9 or above, the package installed).
+``train.mlp: quack`` runs each decoder layer's MLP on quack-kernels' gated GEMMs (:mod:`llmpar.quack_mlp`), which
+FA4 installs with it; it is refused likewise (:func:`quack_config_problem`, :func:`quack_host_problem`).
 Standard library only: the checks run before torch is imported.
 """
 
@@ -54,3 +57,31 @@ def fa4_host_problem(attention: str, capability: tuple[int, int] | None, install
                 f"({FA4_INSTALL})")
     return None
 
+
+
+QUACK_DISTRIBUTION = "quack-kernels"
+QUACK_MIN_CAPABILITY = 9  # its gated-epilogue GEMMs are written for SM90 and SM100 (quack/gemm_sm90.py, gemm_sm100.py)
+
+
+def quack_config_problem(train: dict, precisions: dict[str, str]) -> str | None:
+    """Why runs with ``train.mlp: quack`` (``precisions``: run name -> precision) cannot train, or None."""
+    if train["device"] == "cpu":
+        return "mlp quack runs on CUDA GPUs, and train.device is cpu"
+    fp32 = sorted(name for name, p in precisions.items() if p == "fp32")
+    if fp32:
+        return (f"mlp quack runs bf16 GEMMs; run(s) {', '.join(fp32)} train in precision fp32 (use bf16, or "
+                "mlp torch)")
+    return None
+
+
+def quack_host_problem(capability: tuple[int, int] | None, installed: str | None) -> str | None:
+    """Why this host cannot run ``train.mlp: quack`` (``capability`` of its first GPU, None: no CUDA GPU; the
+    installed ``quack-kernels`` version, None: not installed), or None."""
+    if capability is None:
+        return "mlp quack needs a CUDA GPU, and this host has none"
+    if capability[0] < QUACK_MIN_CAPABILITY:
+        return (f"mlp quack needs a GPU of compute capability {QUACK_MIN_CAPABILITY}.0 or above (Hopper, "
+                f"Blackwell); this one is {capability[0]}.{capability[1]}")
+    if installed is None:
+        return f"mlp quack needs the {QUACK_DISTRIBUTION} package, which is not installed ({FA4_INSTALL})"
+    return None

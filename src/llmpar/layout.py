@@ -188,6 +188,7 @@ class RunSpec:
     compile: bool = False
     compile_mode: str = "default"
     fused_projections: bool = False
+    mlp: str = "torch"
     activation_checkpointing: str = "none"
     runtime_min: int = 20
     fault: dict | None = None
@@ -381,6 +382,7 @@ def resolve(name: str, entry: dict, model: dict, train: dict, runtime_min: int =
         compile=get("compile", train["compile"]),
         compile_mode=get("compile_mode", train["compile_mode"]),
         fused_projections=get("fused_projections", train["fused_projections"]),
+        mlp=get("mlp", train["mlp"]),
         activation_checkpointing=get("activation_checkpointing", train["activation_checkpointing"]),
         runtime_min=get("runtime_min", runtime_min),
         fault=entry.get("fault"),
@@ -437,6 +439,15 @@ def check_engine(spec: RunSpec, entry: dict, where: str) -> None:
             f"{where}.fused_projections: the fused query/key/value and gate/up GEMMs read the projections' weights "
             "in the layer's own forward, past the projection modules; "
             + ("torch tensor parallelism shards each projection by itself" if spec.engine is not Engine.DEEPSPEED
+               else "DeepSpeed's engines (ZeRO-3's gathers, AutoTP's shards, the pipeline's layer specs) work on "
+               "those modules")
+            + ". Use it with single, data_parallel, fsdp (tp 1) or a torch pipeline (pp_engine: torch, tp 1)")
+    if spec.mlp == "quack" and (spec.engine is Engine.DEEPSPEED or tp > 1 or spec.fused_projections):
+        raise ConfigError(
+            f"{where}.mlp: quack's gated MLP reads the gate, up and down weights in the MLP's own forward, past the "
+            "projection modules; "
+            + ("it stacks the gate and up weights itself (fused_projections: false)" if spec.fused_projections
+               else "torch tensor parallelism shards each projection by itself" if spec.engine is not Engine.DEEPSPEED
                else "DeepSpeed's engines (ZeRO-3's gathers, AutoTP's shards, the pipeline's layer specs) work on "
                "those modules")
             + ". Use it with single, data_parallel, fsdp (tp 1) or a torch pipeline (pp_engine: torch, tp 1)")

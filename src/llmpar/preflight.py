@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 
 from llmpar.errors import ConfigError, ExpectedFailure
-from llmpar.kernels import FA4, FA4_DISTRIBUTION, fa4_host_problem
+from llmpar.kernels import FA4, FA4_DISTRIBUTION, QUACK_DISTRIBUTION, fa4_host_problem, quack_host_problem
 from llmpar.metrics.env import package_version
 from llmpar.plan import FIT_MARGIN, card_for_device, fits, predict
 
@@ -56,14 +56,19 @@ def cuda_capability() -> tuple[int, int] | None:
 
 
 def check_kernels(rc: dict) -> None:
-    """Raise ConfigError when the run asks for an attention kernel this host cannot run (``train.attention``
-    fa4 or fa4-op: :func:`llmpar.kernels.fa4_host_problem`), before any process starts."""
-    if rc["train"]["attention"] not in FA4:
-        return
-    problem = fa4_host_problem(rc["train"]["attention"], cuda_capability() if uses_cuda(rc) else None,
-                               package_version(FA4_DISTRIBUTION))
-    if problem:
-        raise ConfigError(f"run {rc['run']['name']}: {problem}")
+    """Raise ConfigError when the run asks for kernels this host cannot run (``train.attention`` fa4 or fa4-op:
+    :func:`llmpar.kernels.fa4_host_problem`; ``mlp`` quack: :func:`llmpar.kernels.quack_host_problem`), before
+    any process starts."""
+    problems = []
+    if rc["train"]["attention"] in FA4:
+        problems.append(fa4_host_problem(rc["train"]["attention"], cuda_capability() if uses_cuda(rc) else None,
+                                         package_version(FA4_DISTRIBUTION)))
+    if rc["run"].get("mlp") == "quack":
+        problems.append(quack_host_problem(cuda_capability() if uses_cuda(rc) else None,
+                                           package_version(QUACK_DISTRIBUTION)))
+    problems = [p for p in problems if p]
+    if problems:
+        raise ConfigError(f"run {rc['run']['name']}: {'; '.join(problems)}")
 
 
 def gpu_name_and_memory() -> tuple[str | None, int | None]:

@@ -1,8 +1,9 @@
 """The kernel levers on one CUDA GPU train the same model as ``single``: the equivalence study of the GPU
 suite (``gpu_util.GPU_STUDY``) with one GEMM for q/k/v and one for gate/up (``fused_projections``) and, in bf16,
 with the residual stream in bf16 (``precision: bf16-residual``) and with FlashAttention-4 (``train.attention``
-fa4 and fa4-op, where the host has the flash-attn-4 package), against ``single`` with the same compile setting
-and precision (bf16 for bf16-residual): fp32 losses, gradient norms and first updates within 1e-3, bf16 within
+fa4 and fa4-op, where the host has the flash-attn-4 package) and with quack-kernels' gated MLP (``mlp: quack``,
+where the host has quack-kernels), against ``single`` with the same compile setting and precision (bf16 for
+bf16-residual): fp32 losses, gradient norms and first updates within 1e-3, bf16 within
 2 % (``gpu_util.check_tracks``). One launch on one GPU for all of them."""
 
 import json
@@ -11,7 +12,7 @@ import pytest
 from gpu_util import GPU_STUDY, STEPS, build_tokens, check_tracks, gpu_count, launch_batch, read_run
 
 from llmpar.config import prepare, run_config
-from llmpar.kernels import FA4, FA4_DISTRIBUTION, FA4_INSTALL
+from llmpar.kernels import FA4, FA4_DISTRIBUTION, FA4_INSTALL, QUACK_DISTRIBUTION
 from llmpar.metrics.env import package_version
 
 pytestmark = [pytest.mark.gpu,
@@ -25,6 +26,7 @@ LEVERS = {
 # FlashAttention-4, a study-wide lever (train.attention): each value trained as the `single` run of a study that
 # sets it, in bf16 (FA4 takes no fp32), where this host has the package (else its tests skip, saying why)
 FA4_PRESENT = package_version(FA4_DISTRIBUTION) is not None
+QUACK_PRESENT = package_version(QUACK_DISTRIBUTION) is not None
 
 
 def lever_study(precision: str, train: dict | None = None) -> dict:
@@ -44,6 +46,8 @@ def runs(tmp_path_factory):
     jobs += [(run_config(lever_study("bf16", {"attention": name}), "single"), root / "bf16" / name)
              for name in FA4 if FA4_PRESENT]
     jobs += [(run_config(lever_study("bf16-residual"), "single"), root / "bf16" / "bf16-residual")]
+    jobs += [(run_config(lever_study("bf16", {"mlp": "quack"}), "single"), root / "bf16" / "quack-mlp")
+             ] if QUACK_PRESENT else []
     launch_batch(jobs, tokens, root, timeout=1200)
     return {p: {out.name: read_run(out) for _, out in jobs if out.parent.name == p} for p in STEPS}
 
@@ -70,3 +74,11 @@ def test_bf16_residual_tracks_bf16(runs):
     """The residual stream in bf16 (the embedding's output cast) against bf16 autocast's fp32 stream: a
     different rounding path, the same training within bf16's tolerance."""
     check_tracks(runs["bf16"], "bf16-residual", "bf16", own_precision="bf16-residual")
+
+
+def test_quack_mlp_tracks_single(runs):
+    """quack's gated MLP (SwiGLU in the GEMMs' epilogues) against torch's MLP, both bf16 autocast."""
+    if not QUACK_PRESENT:
+        pytest.skip(f"the {QUACK_DISTRIBUTION} package is not installed ({FA4_INSTALL})")
+    assert runs["bf16"]["quack-mlp"][0]["spec"]["mlp"] == "quack"
+    check_tracks(runs["bf16"], "quack-mlp", "bf16")

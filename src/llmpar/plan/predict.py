@@ -47,6 +47,8 @@ def unmodelled(run: RunSpec, train: dict, c: dict | None = None) -> list[str]:
                    f"{DDP_BUCKET_MB} MiB buckets")
     if run.fused_projections:
         out.append("fused_projections: the card's GEMM rate is fitted on the separate projections")
+    if run.mlp != "torch":
+        out.append(f"mlp {run.mlp}: the GEMM and elementwise rates and SwiGLU's saved activations are torch's MLP's")
     if run.compile_mode != "default":
         out.append(f"compile_mode {run.compile_mode}: the elementwise rate and host time are fitted on the "
                    "default mode")

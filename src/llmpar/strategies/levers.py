@@ -70,10 +70,14 @@ def apply_compile(model, enabled: bool, in_place: bool = False, mode: str = "def
 
 
 def prepare_model(model, spec) -> torch.nn.Module:
-    """Fused projections, precision, activation checkpointing and compile: the per-run levers, in
-    torchtitan's order."""
+    """Fused projections or quack's MLP, precision, activation checkpointing and compile: the per-run levers,
+    in torchtitan's order."""
     if spec.fused_projections:
         fuse_projections(model)
+    if spec.mlp == "quack":
+        from llmpar.quack_mlp import use_quack_mlp
+
+        use_quack_mlp(model)
     if spec.precision is Precision.BF16_PURE:
         model.to(torch.bfloat16)
     if spec.precision is Precision.BF16_RESIDUAL:

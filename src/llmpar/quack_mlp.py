@@ -1,0 +1,62 @@
+"""The decoder layers' MLP on quack-kernels' gated GEMMs (``train.mlp: quack``).
+
+LlamaMLP computes ``down(silu(gate(x)) * up(x))`` as three GEMMs and, between them, SwiGLU's elementwise
+kernels: in the forward they read the gate/up products and write the product the down projection reads, in the
+backward they read its gradient and write the gate/up gradients, each pass over (tokens x intermediate size)
+tensors at the memory's bandwidth. quack's gated MLP (``quack.mlp.mlp_func`` with a SwiGLU activation) does
+that work in the GEMMs' epilogues: the gate/up GEMM writes SwiGLU's output beside its own, and the down
+projection's input-gradient GEMM computes SwiGLU's gradient from the saved gate/up products as it writes. Its
+GEMMs are torch custom ops with shape-only implementations, so a compiled decoder layer keeps them in its graph.
+
+The parameters stay the three ``nn.Linear`` modules' (names, shapes, initial values), so checkpoints, the
+optimizer's groups and the memory count are unchanged. Each weight is cast to the autocast dtype before the gate
+and up weights are stacked (``concat_layout``: gate rows, then up rows), the cast autocast's own linear makes.
+The GEMMs take quack's default tile configuration (``tuned=False``): its autotuner would compile and time every
+candidate kernel of each GEMM when first called, on an H100 18 for the gated GEMM and 44 for each plain one
+(quack/gemm_config.py), each a CuTe DSL compilation. quack-kernels 0.6.5 (requirements/gpu-kernels.txt) on CUDA
+GPUs; :mod:`llmpar.kernels` refuses a study that cannot have it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ACTIVATION = "swiglu"  # quack's name for silu(gate) * up, LlamaMLP's act_fn (hidden_act silu) on the gate
+
+_CLASS: list = []
+
+
+def mlp_function():
+    """quack's gated MLP (imported on first use: importing quack needs a CUDA host's CUTLASS DSL)."""
+    from quack.mlp import mlp_func
+
+    return mlp_func
+
+
+def quack_mlp_class():
+    """A subclass of the installed transformers' LlamaMLP whose forward is quack's gated MLP (built once)."""
+    if _CLASS:
+        return _CLASS[0]
+    from transformers.models.llama import modeling_llama as llama
+
+    class QuackLlamaMLP(llama.LlamaMLP):
+        def forward(self, x):
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            stacked = torch.cat([self.gate_proj.weight.to(dtype), self.up_proj.weight.to(dtype)])
+            return mlp_function()(x.to(dtype), stacked, self.down_proj.weight.to(dtype), activation=ACTIVATION,
+                                  concat_layout=True, tuned=False)
+
+    _CLASS.append(QuackLlamaMLP)
+    return QuackLlamaMLP
+
+
+def use_quack_mlp(model) -> None:
+    """Give every decoder layer's MLP quack's gated GEMMs (``train.mlp: quack``)."""
+    if model.config.hidden_act != "silu" or model.config.mlp_bias:
+        raise ValueError("train.mlp quack computes SwiGLU without biases; this model's MLP has activation "
+                         f"{model.config.hidden_act}, mlp_bias {model.config.mlp_bias}")
+    cls = quack_mlp_class()
+    for layer in model.model.layers:
+        if type(layer.mlp).__name__ != "LlamaMLP":
+            raise TypeError(f"train.mlp quack replaces LlamaMLP; this layer's MLP is a {type(layer.mlp).__name__}")
+        layer.mlp.__class__ = cls

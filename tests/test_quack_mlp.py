@@ -1,0 +1,152 @@
+"""``train.mlp: quack``: each decoder layer's MLP on quack-kernels' gated GEMMs (llmpar.quack_mlp), and the runs
+and hosts that cannot have it refused, naming why, before any process starts.
+
+quack's kernels need a Hopper GPU, so on CPU the MLP calls a stand-in with the contract of ``quack.mlp.mlp_func``
+as llmpar calls it (SwiGLU, the gate and up weights stacked gate first: ``concat_layout``): these tests check
+llmpar's side, the weights it passes, their order and their casts. That quack's kernels keep the contract is
+checked on a GPU (tests/gpu/test_levers_gpu.py: quack's MLP trains as torch's; benchmarks/gpu_probe.py, variant
+qmlp16: its errors against fp32 beside torch's)."""
+
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_config
+
+from llmpar import preflight, quack_mlp
+from llmpar.config import prepare, run_config
+from llmpar.errors import ConfigError
+from llmpar.layout import RunSpec
+from llmpar.model import build_model
+from llmpar.strategies.engine import TorchEngine
+from llmpar.strategies.levers import prepare_model
+from llmpar.strategies.loss import causal_lm_loss
+
+MODEL = {"size": "tiny", "seq_len": 64}
+VOCAB = 512
+TRAIN = dict(lr=3e-3, weight_decay=0.0, warmup_steps=1, steps=10, min_lr_ratio=0.1, grad_clip=1.0, metrics=False,
+             fused_loss=False)
+CPU = types.SimpleNamespace(device=torch.device("cpu"), is_main=True, rank=0, world_size=1)
+CALLS = []
+
+
+def mlp_func_contract(x, weight1, weight2, activation, concat_layout=False, **kwargs):
+    """quack.mlp.mlp_func's result for llmpar's call: silu(x gateᵀ) * (x upᵀ), then the down projection."""
+    assert activation == "swiglu" and concat_layout and kwargs == {"tuned": False}
+    CALLS.append((x.dtype, weight1.dtype, weight2.dtype))
+    gate, up = F.linear(x, weight1).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, weight2)
+
+
+@pytest.fixture(autouse=True)
+def contract(monkeypatch):
+    monkeypatch.setattr(quack_mlp, "mlp_function", lambda: mlp_func_contract)
+    CALLS.clear()
+
+
+def engine(mlp: str) -> TorchEngine:
+    spec = RunSpec(name="single", strategy="single", micro_batches=2, micro_batch_size=2, mlp=mlp)
+    return TorchEngine(prepare_model(build_model(MODEL, VOCAB, seed=7), spec), spec, CPU, TRAIN)
+
+
+def batches(n: int) -> list:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        x = torch.randint(0, VOCAB, (4, MODEL["seq_len"] + 1), generator=g)
+        out.append(list(zip(x[:, :-1].chunk(2), x[:, 1:].chunk(2))))
+    return out
+
+
+def test_quack_mlp_keeps_the_parameters():
+    plain, quack = engine("torch").model, engine("quack").model
+    assert {type(layer.mlp).__name__ for layer in quack.model.layers} == {"QuackLlamaMLP"}
+    a, b = dict(plain.named_parameters()), dict(quack.named_parameters())
+    assert list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_quack_mlp_trains_as_torchs():
+    """After the first backward every parameter's gradient, then per-step losses and gradient norms, within fp32
+    summation order: a gate/up swap or a wrong weight moves them by far more."""
+    plain, quack = engine("torch"), engine("quack")
+    for e in (plain, quack):
+        for x, y in batches(1)[0]:
+            (causal_lm_loss(e.model, x, y) / 2).backward()
+    grads = {n: p.grad for n, p in plain.model.named_parameters()}
+    for n, p in quack.model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6, msg=n)
+        p.grad = None
+    for p in plain.model.parameters():
+        p.grad = None
+    for batch in batches(4):
+        a, b = plain.train_step(batch), quack.train_step(batch)
+        assert abs(a - b) <= 1e-5 * abs(a), (a, b)
+    assert CALLS and all(c == (torch.float32,) * 3 for c in CALLS)
+
+
+def test_quack_mlp_takes_the_autocast_dtype():
+    """Under autocast the input and every weight reach quack in the autocast dtype (its GEMMs take bf16), cast
+    from the fp32 parameters as autocast's linear casts them; the gradients reach the fp32 parameters."""
+    model = engine("quack").model
+    x = torch.randint(0, VOCAB, (2, MODEL["seq_len"]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = causal_lm_loss(model, x, x)
+    loss.backward()
+    assert CALLS and all(c == (torch.bfloat16,) * 3 for c in CALLS)
+    mlp = model.model.layers[0].mlp
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0
+               for p in mlp.parameters())
+
+
+# -- refused, with the reason, wherever it cannot run
+
+def quack_config(runs=None, **train) -> dict:
+    return make_config(runs=runs or {"ddp": {"strategy": "data_parallel", "precision": "bf16"}},
+                       train={"mlp": "quack", "device": "cuda", "precision": "bf16", **train})
+
+
+def test_quack_mlp_is_in_the_run_config():
+    """Part of the run spec, so of the run's hash: the workflow trains it again when it changes."""
+    assert run_config(prepare(quack_config()), "ddp")["run"]["mlp"] == "quack"
+    assert run_config(prepare(make_config()), "single")["run"]["mlp"] == "torch"
+
+
+@pytest.mark.parametrize("cfg,key,reason", [
+    (quack_config(device="cpu"), "train.mlp", "mlp quack runs on CUDA GPUs, and train.device is cpu"),
+    (quack_config({"ddp": {"strategy": "data_parallel", "precision": "fp32"}}), "train.mlp",
+     "run(s) ddp train in precision fp32"),
+    (make_config({"b": {"strategy": "single", "mlp": "quack"}}, train={"device": "cuda"}), "runs.b.mlp",
+     "run(s) b train in precision fp32"),
+    (quack_config({"z": {"strategy": "zero", "zero_stage": 3, "gpus_per_node": 2}}), "runs.z.mlp",
+     "DeepSpeed's engines"),
+    (quack_config({"t": {"strategy": "tensor_parallel", "tp": 2, "tp_engine": "torch"}}), "runs.t.mlp",
+     "torch tensor parallelism shards each projection"),
+    (quack_config({"f": {"strategy": "single", "fused_projections": True}}), "runs.f.mlp",
+     "stacks the gate and up weights itself"),
+])
+def test_quack_mlp_config_that_cannot_have_it_is_refused_naming_why(cfg, key, reason):
+    with pytest.raises(ConfigError, match=f"'?{key}'?") as err:
+        prepare(cfg)
+    assert reason in str(err.value)
+
+
+@pytest.mark.parametrize("capability,installed,reason", [
+    (None, "0.6.5", "mlp quack needs a CUDA GPU, and this host has none"),
+    ((8, 0), "0.6.5", "this one is 8.0"),
+    ((9, 0), None, "quack-kernels package, which is not installed"),
+])
+def test_quack_mlp_host_that_cannot_run_it_is_refused_before_any_process(monkeypatch, capability, installed,
+                                                                          reason):
+    rc = run_config(prepare(quack_config()), "ddp")
+    monkeypatch.setattr(preflight, "cuda_capability", lambda: capability)
+    monkeypatch.setattr(preflight, "package_version", lambda name: installed)
+    monkeypatch.setattr(preflight, "uses_cuda", lambda rc: capability is not None)
+    with pytest.raises(ConfigError, match="run ddp: ") as err:
+        preflight.check_kernels(rc)
+    assert reason in str(err.value)
+    monkeypatch.setattr(preflight, "cuda_capability", lambda: (9, 0))
+    monkeypatch.setattr(preflight, "package_version", lambda name: "0.6.5")
+    monkeypatch.setattr(preflight, "uses_cuda", lambda rc: True)
+    preflight.check_kernels(rc)
