@@ -39,6 +39,7 @@ RUNS = {
     "single-ac": {"strategy": "single", "activation_checkpointing": "full"},
     "single-bf16": {"strategy": "single", "precision": "bf16"},
     "single-bf16-residual": {"strategy": "single", "precision": "bf16-residual"},
+    "ddp-bf16": {"strategy": "data_parallel", "gpus_per_node": 2, "precision": "bf16"},
     "pp-bf16": {"strategy": "pipeline_parallel", "stages": 2, "pp_engine": "torch", "schedule": "1f1b",
                 "precision": "bf16"},
     "pp-bf16-residual": {"strategy": "pipeline_parallel", "stages": 2, "pp_engine": "torch", "schedule": "1f1b",
@@ -153,6 +154,22 @@ def test_a_bf16_residual_stream_halves_the_residual_bytes(specs):
     buffers = [memory(SH, specs[n], compiled=False, overhead_gib=0.0)[0]["parts"]["buffers"]
                for n in ("pp-bf16", "pp-bf16-residual")]
     assert buffers[0] == 2 * buffers[1] > 0
+
+
+def test_quack_mlp_saves_neither_swiglu_product_nor_silu_output(specs):
+    """quack's MLP recomputes SwiGLU's product (f = 16 wide, bf16) in the backward: 2·16 bytes a token and layer
+    fewer when compiled, twice that where the torch MLP also saves its silu output (eager layers, and DDP's
+    compiled layers split at the gradient buckets). The specs are built directly: a study refuses quack on CPU."""
+    import dataclasses
+
+    torch_mlp = specs["single-bf16"]
+    quack = dataclasses.replace(torch_mlp, mlp="quack")
+    for compiled, fewer in ((True, 2 * 16), (False, 2 * 2 * 16)):
+        saved = [saved_bytes_per_token(SH, s, 2, True, compiled=compiled) for s in (torch_mlp, quack)]
+        assert saved[0] - saved[1] == 2 * fewer, compiled
+    ddp = [saved_bytes_per_token(SH, s, 2, True, compiled=True)
+           for s in (specs["ddp-bf16"], dataclasses.replace(specs["ddp-bf16"], mlp="quack"))]
+    assert ddp[0] - ddp[1] == 2 * 2 * 2 * 16
 
 
 def test_fsdp_step_time_parts(specs):

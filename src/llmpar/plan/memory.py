@@ -9,6 +9,11 @@ SwiGLU product 3 x 2f. At the 1.1B shape that is 67,712 bytes; with the head's 2
 measured slope between micro-batch 8 and 16 (results/h100x2-1b: single and single-mb8) is 1.548 MB per
 token against 1.554 MB counted.
 
+With quack's MLP (``mlp: quack``) the down projection's backward recomputes SwiGLU's product in its epilogue
+from the saved gate/up products: f x 2 bytes a token and layer fewer (7.56 GiB at the 1.1B shape and a micro-batch
+of 16 x 2048 tokens, as measured between results/h100-1b-kernels' single and quack-mlp), and no silu output is
+saved where the lines below count one.
+
 Eager layers (no compile) also save, per token and layer: each RMSNorm's normalised fp32 input
 (2 x 4h), one bf16 cast of a norm's output per projection that reads it beyond the first (q/k/v: 2,
 gate/up: 1; 3 x 2h), o_proj's contiguous copy of the attention output (2h, split) and SwiGLU's
@@ -67,11 +72,12 @@ def saved_bytes_per_token(sh: Shape, run: RunSpec, layers: int, last: bool, comp
         # Each layer keeps only its input; one layer's full set is recomputed at a time (memory() adds it).
         per_layer_kept = residual * sh.h
     replicated = 2 * (residual * sh.h + compute * sh.h)
-    split = compute * (2 * sh.h + 2 * sh.kv + 3 * sh.f) + 4 * sh.heads
+    quack = run.mlp == "quack"  # SwiGLU's product and silu output are not saved (module docstring)
+    split = compute * (2 * sh.h + 2 * sh.kv + (2 if quack else 3) * sh.f) + 4 * sh.heads
     if not compiled:
         replicated += 2 * residual * sh.h + (3 * compute * sh.h if run.precision.autocast else 0)
-        split += compute * (sh.h + sh.f)
-    elif run.ddp:
+        split += compute * (sh.h + (0 if quack else sh.f))
+    elif run.ddp and not quack:
         # Under DDP, Dynamo's DDPOptimizer splits each compiled layer at the 25 MB bucket boundaries
         # (every MLP weight is a bucket of its own), so SwiGLU's silu output is materialised and saved.
         split += compute * sh.f

@@ -48,7 +48,8 @@ def unmodelled(run: RunSpec, train: dict, c: dict | None = None) -> list[str]:
     if run.fused_projections:
         out.append("fused_projections: the card's GEMM rate is fitted on the separate projections")
     if run.mlp != "torch":
-        out.append(f"mlp {run.mlp}: the GEMM and elementwise rates and SwiGLU's saved activations are torch's MLP's")
+        out.append(f"mlp {run.mlp}: the card's GEMM and elementwise rates are fitted on torch's MLP (its saved "
+                   "activations are counted)")
     if run.compile_mode != "default":
         out.append(f"compile_mode {run.compile_mode}: the elementwise rate and host time are fitted on the "
                    "default mode")
