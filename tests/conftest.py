@@ -110,6 +110,18 @@ def make_config(runs: dict | None = None, **sections) -> dict:
     return cfg
 
 
+def token_batches(n: int, vocab: int, seq_len: int, seed: int = 0) -> list:
+    """``n`` optimizer steps of random tokens, each 4 sequences in 2 micro-batches of (input, target) pairs."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randint(0, vocab, (4, seq_len + 1), generator=g)
+        out.append(list(zip(x[:, :-1].chunk(2), x[:, 1:].chunk(2))))
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_tokens(tmp_path_factory) -> Path:
     """Corpus -> BPE -> token shards for BASE_CONFIG, built once per test session."""

@@ -6,7 +6,7 @@ import types
 
 import pytest
 import torch
-from conftest import make_config
+from conftest import make_config, token_batches
 
 from llmpar.config import prepare
 from llmpar.errors import ConfigError
@@ -28,12 +28,7 @@ def engine(fused: bool) -> TorchEngine:
 
 
 def batches(n: int) -> list:
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(n):
-        x = torch.randint(0, VOCAB, (4, MODEL["seq_len"] + 1), generator=g)
-        out.append(list(zip(x[:, :-1].chunk(2), x[:, 1:].chunk(2))))
-    return out
+    return token_batches(n, VOCAB, MODEL["seq_len"])
 
 
 def test_fused_layers_keep_the_parameters():

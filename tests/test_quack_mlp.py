@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_config
+from conftest import make_config, token_batches
 
 from llmpar import preflight, quack_mlp
 from llmpar.config import prepare, run_config
@@ -51,12 +51,7 @@ def engine(mlp: str) -> TorchEngine:
 
 
 def batches(n: int) -> list:
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(n):
-        x = torch.randint(0, VOCAB, (4, MODEL["seq_len"] + 1), generator=g)
-        out.append(list(zip(x[:, :-1].chunk(2), x[:, 1:].chunk(2))))
-    return out
+    return token_batches(n, VOCAB, MODEL["seq_len"])
 
 
 def test_quack_mlp_keeps_the_parameters():

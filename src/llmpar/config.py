@@ -192,22 +192,21 @@ def prepare(raw: dict, default_procs: int = 2) -> dict:
                 raise
             refused[name] = refused_point(name, entry, cfg, str(exc))  # a sweep's point: a result
             specs.pop(name, None)
-    fa4 = {}  # the config key that asks for FA4 -> (its value, {run: precision})
-    for name, spec in specs.items():
-        key = f"runs.{name}.attention" if "attention" in expanded[name] else "train.attention"
-        if run_train[name]["attention"] in FA4:
-            fa4.setdefault(key, (run_train[name]["attention"], {}))[1][name] = spec.precision
-    for key, (attention, precisions) in fa4.items():
-        problem = fa4_config_problem(cfg["model"], {**train, "attention": attention}, precisions)
-        if problem:
-            raise ConfigError(f"config key '{key}': {problem}")
-    quack = {}  # the config key that asks for quack's MLP -> {run: precision}
-    for name, spec in specs.items():
-        if spec.mlp == "quack":
-            key = f"runs.{name}.mlp" if "mlp" in expanded[name] else "train.mlp"
-            quack.setdefault(key, {})[name] = spec.precision
-    for key, precisions in quack.items():
-        problem = quack_config_problem(train, precisions)
+    def asking(field: str, values: dict[str, str], wanted) -> dict:
+        """The config key that asks for a wanted ``field`` value -> (the value, {run: precision})."""
+        out = {}
+        for name, value in values.items():
+            if wanted(value):
+                key = f"runs.{name}.{field}" if field in expanded[name] else f"train.{field}"
+                out.setdefault(key, (value, {}))[1][name] = specs[name].precision
+        return out
+
+    problems = [(key, fa4_config_problem(cfg["model"], {**train, "attention": attention}, precisions))
+                for key, (attention, precisions) in asking(
+                    "attention", {n: run_train[n]["attention"] for n in specs}, lambda v: v in FA4).items()]
+    problems += [(key, quack_config_problem(train, precisions)) for key, (_, precisions) in asking(
+        "mlp", {n: spec.mlp for n, spec in specs.items()}, lambda v: v == "quack").items()]
+    for key, problem in problems:
         if problem:
             raise ConfigError(f"config key '{key}': {problem}")
     cfg["runs"] = {name: spec.to_dict() for name, spec in specs.items()}

@@ -27,15 +27,38 @@ FA4_HEAD_DIMS = range(8, 129, 8)
 FA4_MIN_CAPABILITY = 9  # its backward runs on SM90 and newer
 
 
+def bf16_cuda_problem(what: str, train: dict, precisions: dict[str, str], takes: str, instead: str) -> str | None:
+    """Why runs asking for the kernel ``what`` (e.g. ``attention fa4``) cannot have it in this config: it runs on
+    CUDA and ``takes`` bf16 only (``precisions``: run name -> precision; ``instead``: the setting to use instead)."""
+    if train["device"] == "cpu":
+        return f"{what} runs on CUDA GPUs, and train.device is cpu"
+    fp32 = sorted(name for name, p in precisions.items() if p == "fp32")
+    if fp32:
+        return f"{what} {takes}; run(s) {', '.join(fp32)} train in precision fp32 (use bf16, or {instead})"
+    return None
+
+
+def host_problem(what: str, min_capability: int, distribution: str, capability: tuple[int, int] | None,
+                 installed: str | None) -> str | None:
+    """Why this host cannot run the kernel ``what``, or None: ``capability`` of its first GPU (None: no CUDA GPU),
+    the installed version of ``distribution`` (None: not installed)."""
+    if capability is None:
+        return f"{what} needs a CUDA GPU, and this host has none"
+    if capability[0] < min_capability:
+        return (f"{what} needs a GPU of compute capability {min_capability}.0 or above (Hopper, Blackwell); this "
+                f"one is {capability[0]}.{capability[1]}")
+    if installed is None:
+        return f"{what} needs the {distribution} package, which is not installed ({FA4_INSTALL})"
+    return None
+
+
 def fa4_config_problem(model_cfg: dict, train: dict, precisions: dict[str, str]) -> str | None:
     """Why a study config cannot train with FA4 (``precisions``: run name -> precision), or None."""
     attention = train["attention"]
-    if train["device"] == "cpu":
-        return f"attention {attention} runs on CUDA GPUs, and train.device is cpu"
-    fp32 = sorted(name for name, p in precisions.items() if p == "fp32")
-    if fp32:
-        return (f"attention {attention} takes bf16 inputs only; run(s) {', '.join(fp32)} train in precision fp32 "
-                "(use bf16, or attention cudnn)")
+    problem = bf16_cuda_problem(f"attention {attention}", train, precisions, "takes bf16 inputs only",
+                                "attention cudnn")
+    if problem:
+        return problem
     d = model_dims(model_cfg)
     head = d["hidden_size"] // d["num_heads"]
     if head not in FA4_HEAD_DIMS:
@@ -45,18 +68,8 @@ def fa4_config_problem(model_cfg: dict, train: dict, precisions: dict[str, str])
 
 
 def fa4_host_problem(attention: str, capability: tuple[int, int] | None, installed: str | None) -> str | None:
-    """Why this host cannot run FA4 as ``attention`` (a :data:`FA4` value), or None: ``capability`` of its first
-    GPU (None: no CUDA GPU), the installed ``flash-attn-4`` version (None: not installed)."""
-    if capability is None:
-        return f"attention {attention} needs a CUDA GPU, and this host has none"
-    if capability[0] < FA4_MIN_CAPABILITY:
-        return (f"attention {attention} needs a GPU of compute capability {FA4_MIN_CAPABILITY}.0 or above "
-                f"(Hopper, Blackwell); this one is {capability[0]}.{capability[1]}")
-    if installed is None:
-        return (f"attention {attention} needs the {FA4_DISTRIBUTION} package, which is not installed "
-                f"({FA4_INSTALL})")
-    return None
-
+    """Why this host cannot run FA4 as ``attention`` (a :data:`FA4` value), or None (:func:`host_problem`)."""
+    return host_problem(f"attention {attention}", FA4_MIN_CAPABILITY, FA4_DISTRIBUTION, capability, installed)
 
 
 QUACK_DISTRIBUTION = "quack-kernels"
@@ -65,23 +78,9 @@ QUACK_MIN_CAPABILITY = 9  # its gated-epilogue GEMMs are written for SM90 and SM
 
 def quack_config_problem(train: dict, precisions: dict[str, str]) -> str | None:
     """Why runs with ``train.mlp: quack`` (``precisions``: run name -> precision) cannot train, or None."""
-    if train["device"] == "cpu":
-        return "mlp quack runs on CUDA GPUs, and train.device is cpu"
-    fp32 = sorted(name for name, p in precisions.items() if p == "fp32")
-    if fp32:
-        return (f"mlp quack runs bf16 GEMMs; run(s) {', '.join(fp32)} train in precision fp32 (use bf16, or "
-                "mlp torch)")
-    return None
+    return bf16_cuda_problem("mlp quack", train, precisions, "runs bf16 GEMMs", "mlp torch")
 
 
 def quack_host_problem(capability: tuple[int, int] | None, installed: str | None) -> str | None:
-    """Why this host cannot run ``train.mlp: quack`` (``capability`` of its first GPU, None: no CUDA GPU; the
-    installed ``quack-kernels`` version, None: not installed), or None."""
-    if capability is None:
-        return "mlp quack needs a CUDA GPU, and this host has none"
-    if capability[0] < QUACK_MIN_CAPABILITY:
-        return (f"mlp quack needs a GPU of compute capability {QUACK_MIN_CAPABILITY}.0 or above (Hopper, "
-                f"Blackwell); this one is {capability[0]}.{capability[1]}")
-    if installed is None:
-        return f"mlp quack needs the {QUACK_DISTRIBUTION} package, which is not installed ({FA4_INSTALL})"
-    return None
+    """Why this host cannot run ``train.mlp: quack``, or None (:func:`host_problem`)."""
+    return host_problem("mlp quack", QUACK_MIN_CAPABILITY, QUACK_DISTRIBUTION, capability, installed)

@@ -397,6 +397,17 @@ def run_train(cfg: dict, name: str) -> dict:
     return {**cfg["train"], **cfg.get("run_train", {}).get(name, {})}
 
 
+OWN_FORWARD_ENGINES = ". Use it with single, data_parallel, fsdp (tp 1) or a torch pipeline (pp_engine: torch, tp 1)"
+
+
+def own_forward_conflict(spec: RunSpec) -> str:
+    """Why a lever whose forward reads the projections' weights past their modules (fused_projections,
+    mlp quack) cannot run on ``spec``'s engine (DeepSpeed's, or torch tensor parallelism)."""
+    return ("torch tensor parallelism shards each projection by itself" if spec.engine is not Engine.DEEPSPEED
+            else "DeepSpeed's engines (ZeRO-3's gathers, AutoTP's shards, the pipeline's layer specs) work on those "
+            "modules")
+
+
 def check_engine(spec: RunSpec, entry: dict, where: str) -> None:
     """What each engine can run, checked once before any process starts (the engines trust the spec)."""
     strategy, stages, tp, m = spec.strategy, spec.stages, spec.tp, spec.micro_batches
@@ -437,20 +448,14 @@ def check_engine(spec: RunSpec, entry: dict, where: str) -> None:
     if spec.fused_projections and (spec.engine is Engine.DEEPSPEED or tp > 1):
         raise ConfigError(
             f"{where}.fused_projections: the fused query/key/value and gate/up GEMMs read the projections' weights "
-            "in the layer's own forward, past the projection modules; "
-            + ("torch tensor parallelism shards each projection by itself" if spec.engine is not Engine.DEEPSPEED
-               else "DeepSpeed's engines (ZeRO-3's gathers, AutoTP's shards, the pipeline's layer specs) work on "
-               "those modules")
-            + ". Use it with single, data_parallel, fsdp (tp 1) or a torch pipeline (pp_engine: torch, tp 1)")
+            f"in the layer's own forward, past the projection modules; {own_forward_conflict(spec)}"
+            + OWN_FORWARD_ENGINES)
     if spec.mlp == "quack" and (spec.engine is Engine.DEEPSPEED or tp > 1 or spec.fused_projections):
         raise ConfigError(
             f"{where}.mlp: quack's gated MLP reads the gate, up and down weights in the MLP's own forward, past the "
             "projection modules; "
             + ("it stacks the gate and up weights itself (fused_projections: false)" if spec.fused_projections
-               else "torch tensor parallelism shards each projection by itself" if spec.engine is not Engine.DEEPSPEED
-               else "DeepSpeed's engines (ZeRO-3's gathers, AutoTP's shards, the pipeline's layer specs) work on "
-               "those modules")
-            + ". Use it with single, data_parallel, fsdp (tp 1) or a torch pipeline (pp_engine: torch, tp 1)")
+               else own_forward_conflict(spec)) + OWN_FORWARD_ENGINES)
     if spec.compile_mode != "default" and not spec.compile:
         raise ConfigError(f"{where}.compile_mode: compile_mode {spec.compile_mode} applies to compiled layers, and "
                           "this run has compile false")

@@ -59,13 +59,15 @@ def check_kernels(rc: dict) -> None:
     """Raise ConfigError when the run asks for kernels this host cannot run (``train.attention`` fa4 or fa4-op:
     :func:`llmpar.kernels.fa4_host_problem`; ``mlp`` quack: :func:`llmpar.kernels.quack_host_problem`), before
     any process starts."""
+    attention, quack = rc["train"]["attention"], rc["run"].get("mlp") == "quack"
+    if attention not in FA4 and not quack:
+        return
+    capability = cuda_capability() if uses_cuda(rc) else None
     problems = []
-    if rc["train"]["attention"] in FA4:
-        problems.append(fa4_host_problem(rc["train"]["attention"], cuda_capability() if uses_cuda(rc) else None,
-                                         package_version(FA4_DISTRIBUTION)))
-    if rc["run"].get("mlp") == "quack":
-        problems.append(quack_host_problem(cuda_capability() if uses_cuda(rc) else None,
-                                           package_version(QUACK_DISTRIBUTION)))
+    if attention in FA4:
+        problems.append(fa4_host_problem(attention, capability, package_version(FA4_DISTRIBUTION)))
+    if quack:
+        problems.append(quack_host_problem(capability, package_version(QUACK_DISTRIBUTION)))
     problems = [p for p in problems if p]
     if problems:
         raise ConfigError(f"run {rc['run']['name']}: {'; '.join(problems)}")
