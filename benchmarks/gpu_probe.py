@@ -108,7 +108,7 @@ def attention_bench(out):
 
 
 def step_bench(out, name, mbs=8, fused_ce=True, backend=None, compile_mode="layers", precision="bf16", steps=6,
-               warm=3, mode="default", fused=False, mlp="torch"):
+               warm=3, mode="default", fused=False, mlp="torch", tuned=False):
     from llmpar.strategies.engine import TorchEngine
     from llmpar.strategies.levers import prepare_model
 
@@ -116,7 +116,10 @@ def step_bench(out, name, mbs=8, fused_ce=True, backend=None, compile_mode="laye
     # Run with TORCHINDUCTOR_FX_GRAPH_CACHE=0 TORCHINDUCTOR_AUTOGRAD_CACHE=0 when comparing backends:
     # the caches' keys do not include the SDPA choice, so a cached graph keeps its first backend.
     torch._dynamo.reset()
+    import llmpar.quack_mlp as quack_mlp
     import llmpar.strategies.loss as loss_module
+
+    quack_mlp.TUNED = tuned
 
     loss_module._FUSED_CE = None
     gc.collect()
@@ -144,7 +147,7 @@ def step_bench(out, name, mbs=8, fused_ce=True, backend=None, compile_mode="laye
         batches.append(list(zip(xs.chunk(m), ys.chunk(m))))
     row = {"kind": "step", "name": name, "mbs": mbs, "m": m, "fused_ce": fused_ce, "backend": backend,
            "compile": compile_mode, "compile_mode": mode, "fused_projections": fused, "precision": precision,
-           "mlp": mlp}
+           "mlp": mlp, "tuned": tuned}
     with attention_backends(backend or "default", "cuda"):  # the backend order holds around the steps
         try:
             losses = []
@@ -303,6 +306,9 @@ VARIANTS = {
     # train.mlp quack: quack-kernels' gated MLP, SwiGLU and its gradient in the GEMMs' epilogues
     "qmlp16": dict(mbs=16, backend="cudnn", mlp="quack"),
     "qmlpfa4opres16": dict(mbs=16, backend="fa4-op", precision="bf16-residual", mlp="quack"),
+    # the same with quack's autotuned tiles (llmpar.quack_mlp.TUNED): every candidate kernel of each GEMM is
+    # compiled and timed at the first step, the fastest kept
+    "qmlptunedfa4opres16": dict(mbs=16, backend="fa4-op", precision="bf16-residual", mlp="quack", tuned=True),
 }
 
 

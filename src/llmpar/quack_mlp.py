@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 ACTIVATION = "swiglu"  # quack's name for silu(gate) * up, LlamaMLP's act_fn (hidden_act silu) on the gate
+TUNED = False  # quack's default tiles; benchmarks/gpu_probe.py's tuned variant sets it to time quack's autotuner
 
 _CLASS: list = []
 
@@ -44,7 +45,7 @@ def quack_mlp_class():
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
             stacked = torch.cat([self.gate_proj.weight.to(dtype), self.up_proj.weight.to(dtype)])
             return mlp_function()(x.to(dtype), stacked, self.down_proj.weight.to(dtype), activation=ACTIVATION,
-                                  concat_layout=True, tuned=False)
+                                  concat_layout=True, tuned=TUNED)
 
     _CLASS.append(QuackLlamaMLP)
     return QuackLlamaMLP
