@@ -16,7 +16,8 @@ def _rc(**lever):
     return run_config(prepare(raw), "r")
 
 
-@pytest.mark.parametrize("lever", [{}, {"activation_checkpointing": "full"}, {"compile": False}])
+@pytest.mark.parametrize("lever", [{}, {"activation_checkpointing": "full"}, {"compile": False},
+                                   {"fused_projections": True}, {"mlp": "quack"}])
 def test_checked_levers_are_modelled(lever):
     rc = _rc(**lever)
     assert predict(rc["model"], 32000, rc["run"], rc["train"], "h200")["unmodelled"] == []
@@ -64,7 +65,10 @@ def test_an_attention_kernel_runs_at_its_own_rate():
 
 def test_quack_mlp_memory_matches_the_recorded_runs():
     """The peak quack's MLP saves, predicted against measured: single and quack-mlp of the kernels study, one
-    session on one card (7.56 GiB measured), within 3 %; its step time stays unmodelled, saying why."""
+    session on one card (7.56 GiB measured), within 3 %. Its step is bounded like any checked run's
+    (test_plan.test_recorded_runs_meet_the_bounds); the time it saves is not: the plan takes the unsaved product
+    off the elementwise traffic at the card's fitted clock, and the measured step gives part of that back to a
+    lower clock at the power cap (RESULTS.md, kernel levers)."""
     import json
 
     raw = load_yaml(REPO_ROOT / "configs" / "gpu1-1b-kernels.yaml")
@@ -77,4 +81,4 @@ def test_quack_mlp_memory_matches_the_recorded_runs():
         measured[name] = json.loads((runs / name / "summary.json").read_text())["peak_mem_gib"]
     saved = predicted["single"]["peak_gib"] - predicted["quack-mlp"]["peak_gib"]
     assert saved == pytest.approx(measured["single"] - measured["quack-mlp"], rel=0.03)
-    assert predicted["quack-mlp"]["unmodelled"][0].startswith("mlp quack: the card's GEMM and elementwise rates")
+    assert predicted["quack-mlp"]["unmodelled"] == []
