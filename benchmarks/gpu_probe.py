@@ -20,6 +20,7 @@ import types
 
 import torch  # noqa: E402
 
+from llmpar.kernels import QUACK_MLPS  # noqa: E402
 from llmpar.layout import RunSpec  # noqa: E402
 from llmpar.model import attention_backends, build_model  # noqa
 from llmpar.shape import flops_per_token  # noqa: E402
@@ -108,7 +109,7 @@ def attention_bench(out):
 
 
 def step_bench(out, name, mbs=8, fused_ce=True, backend=None, compile_mode="layers", precision="bf16", steps=6,
-               warm=3, mode="default", fused=False, mlp="torch", tuned=False):
+               warm=3, mode="default", fused=False, mlp="torch"):
     from llmpar.strategies.engine import TorchEngine
     from llmpar.strategies.levers import prepare_model
 
@@ -116,10 +117,7 @@ def step_bench(out, name, mbs=8, fused_ce=True, backend=None, compile_mode="laye
     # Run with TORCHINDUCTOR_FX_GRAPH_CACHE=0 TORCHINDUCTOR_AUTOGRAD_CACHE=0 when comparing backends:
     # the caches' keys do not include the SDPA choice, so a cached graph keeps its first backend.
     torch._dynamo.reset()
-    import llmpar.quack_mlp as quack_mlp
     import llmpar.strategies.loss as loss_module
-
-    quack_mlp.TUNED = tuned
 
     loss_module._FUSED_CE = None
     gc.collect()
@@ -132,8 +130,9 @@ def step_bench(out, name, mbs=8, fused_ce=True, backend=None, compile_mode="laye
     ctx = types.SimpleNamespace(device=torch.device("cuda"), is_main=True, rank=0, world_size=1)
     t0 = time.time()
     model = build_model(MODEL, TOKENIZER_VOCAB, 1234, device="cuda", attention=backend or "default")
-    if mlp == "quack":
-        emit(out, {"kind": "mlp_check", "name": name, **quack_mlp_check(model.model.layers[0].mlp)})
+    if mlp in QUACK_MLPS:
+        emit(out, {"kind": "mlp_check", "name": name,
+                   **quack_mlp_check(model.model.layers[0].mlp, autotuned=mlp == "quack-autotuned")})
         torch._dynamo.reset()  # the step compiles its layers afresh
     model = prepare_model(model, spec)
     if compile_mode == "model":
@@ -147,7 +146,7 @@ def step_bench(out, name, mbs=8, fused_ce=True, backend=None, compile_mode="laye
         batches.append(list(zip(xs.chunk(m), ys.chunk(m))))
     row = {"kind": "step", "name": name, "mbs": mbs, "m": m, "fused_ce": fused_ce, "backend": backend,
            "compile": compile_mode, "compile_mode": mode, "fused_projections": fused, "precision": precision,
-           "mlp": mlp, "tuned": tuned}
+           "mlp": mlp}
     with attention_backends(backend or "default", "cuda"):  # the backend order holds around the steps
         try:
             losses = []
@@ -183,7 +182,7 @@ def step_bench(out, name, mbs=8, fused_ce=True, backend=None, compile_mode="laye
     return row
 
 
-def quack_mlp_check(mlp, tokens=4096):
+def quack_mlp_check(mlp, tokens=4096, autotuned=False):
     """The errors of torch's and quack's MLP (``train.mlp``, bf16 autocast) against the same MLP in fp32 on one
     batch: the output and the input's and weights' gradients, each as max |err| / max |ref|; and both MLPs'
     time (:func:`mlp_times`)."""
@@ -206,7 +205,7 @@ def quack_mlp_check(mlp, tokens=4096):
     ref = run(mlp, False)
     std = run(mlp, True)
     q = copy.deepcopy(mlp)
-    q.__class__ = quack_mlp_class()
+    q.__class__ = quack_mlp_class(autotuned)
     try:
         fused = run(q, True)
     except Exception as exc:
@@ -306,9 +305,8 @@ VARIANTS = {
     # train.mlp quack: quack-kernels' gated MLP, SwiGLU and its gradient in the GEMMs' epilogues
     "qmlp16": dict(mbs=16, backend="cudnn", mlp="quack"),
     "qmlpfa4opres16": dict(mbs=16, backend="fa4-op", precision="bf16-residual", mlp="quack"),
-    # the same with quack's autotuned tiles (llmpar.quack_mlp.TUNED): every candidate kernel of each GEMM is
-    # compiled and timed at the first step, the fastest kept
-    "qmlptunedfa4opres16": dict(mbs=16, backend="fa4-op", precision="bf16-residual", mlp="quack", tuned=True),
+    # train.mlp quack-autotuned: the same on the tiles quack's autotuner picks at the first step
+    "qmlptunedfa4opres16": dict(mbs=16, backend="fa4-op", precision="bf16-residual", mlp="quack-autotuned"),
 }
 
 

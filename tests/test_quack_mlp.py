@@ -33,8 +33,8 @@ CALLS = []
 
 def mlp_func_contract(x, weight1, weight2, activation, concat_layout=False, **kwargs):
     """quack.mlp.mlp_func's result for llmpar's call: silu(x gateᵀ) * (x upᵀ), then the down projection."""
-    assert activation == "swiglu" and concat_layout and kwargs == {"tuned": False}
-    CALLS.append((x.dtype, weight1.dtype, weight2.dtype))
+    assert activation == "swiglu" and concat_layout and set(kwargs) == {"tuned"}
+    CALLS.append((x.dtype, weight1.dtype, weight2.dtype, kwargs["tuned"]))
     gate, up = F.linear(x, weight1).chunk(2, dim=-1)
     return F.linear(F.silu(gate) * up, weight2)
 
@@ -78,7 +78,7 @@ def test_quack_mlp_trains_as_torchs():
     for batch in batches(4):
         a, b = plain.train_step(batch), quack.train_step(batch)
         assert abs(a - b) <= 1e-5 * abs(a), (a, b)
-    assert CALLS and all(c == (torch.float32,) * 3 for c in CALLS)
+    assert CALLS and all(c[:3] == (torch.float32,) * 3 for c in CALLS)
 
 
 def test_quack_mlp_takes_the_autocast_dtype():
@@ -89,10 +89,21 @@ def test_quack_mlp_takes_the_autocast_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = causal_lm_loss(model, x, x)
     loss.backward()
-    assert CALLS and all(c == (torch.bfloat16,) * 3 for c in CALLS)
+    assert CALLS and all(c[:3] == (torch.bfloat16,) * 3 for c in CALLS)
     mlp = model.model.layers[0].mlp
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0
                for p in mlp.parameters())
+
+
+@pytest.mark.parametrize("mlp,tuned", [("quack", False), ("quack-autotuned", True)])
+def test_quack_autotuned_asks_quack_for_its_autotuner(mlp, tuned):
+    """quack-autotuned is quack's MLP on the tiles quack's autotuner picks (``tuned=True``), quack on its
+    default tiles; the products, so the training, are the same."""
+    plain, quack = engine("torch"), engine(mlp)
+    for batch in batches(2):
+        a, b = plain.train_step(batch), quack.train_step(batch)
+        assert abs(a - b) <= 1e-5 * abs(a), (a, b)
+    assert CALLS and {c[3] for c in CALLS} == {tuned}
 
 
 # -- refused, with the reason, wherever it cannot run
@@ -110,6 +121,10 @@ def test_quack_mlp_is_in_the_run_config():
 
 @pytest.mark.parametrize("cfg,key,reason", [
     (quack_config(device="cpu"), "train.mlp", "mlp quack runs on CUDA GPUs, and train.device is cpu"),
+    (quack_config(device="cpu", mlp="quack-autotuned"), "train.mlp",
+     "mlp quack-autotuned runs on CUDA GPUs, and train.device is cpu"),
+    (quack_config({"z": {"strategy": "zero", "zero_stage": 2, "gpus_per_node": 2, "mlp": "quack-autotuned"}}),
+     "runs.z.mlp", "DeepSpeed's engines"),
     (quack_config({"ddp": {"strategy": "data_parallel", "precision": "fp32"}}), "train.mlp",
      "run(s) ddp train in precision fp32"),
     (make_config({"b": {"strategy": "single", "mlp": "quack"}}, train={"device": "cuda"}), "runs.b.mlp",

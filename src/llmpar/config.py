@@ -21,7 +21,7 @@ import jsonschema
 import yaml
 
 from llmpar.errors import ConfigError
-from llmpar.kernels import FA4, fa4_config_problem, quack_config_problem
+from llmpar.kernels import FA4, QUACK_MLPS, fa4_config_problem, quack_config_problem
 from llmpar.layout import PRESETS, STRATEGIES, resolve, run_train
 from llmpar.paths import SCHEMA_PATH
 from llmpar.plan import auto_micro_batch
@@ -204,8 +204,8 @@ def prepare(raw: dict, default_procs: int = 2) -> dict:
     problems = [(key, fa4_config_problem(cfg["model"], {**train, "attention": attention}, precisions))
                 for key, (attention, precisions) in asking(
                     "attention", {n: run_train[n]["attention"] for n in specs}, lambda v: v in FA4).items()]
-    problems += [(key, quack_config_problem(train, precisions)) for key, (_, precisions) in asking(
-        "mlp", {n: spec.mlp for n, spec in specs.items()}, lambda v: v == "quack").items()]
+    problems += [(key, quack_config_problem(mlp, train, precisions)) for key, (mlp, precisions) in asking(
+        "mlp", {n: spec.mlp for n, spec in specs.items()}, lambda v: v in QUACK_MLPS).items()]
     for key, problem in problems:
         if problem:
             raise ConfigError(f"config key '{key}': {problem}")

@@ -8,8 +8,9 @@ layer keeps in its graph. Both take bf16 or fp16 inputs only and train causal at
 study's unpadded sequences need. Nothing falls back: a study that asks for it and cannot have it is refused, in the
 config (:func:`fa4_config_problem`: the device, the precision, the head size) and on the host before any
 process starts (:func:`fa4_host_problem`: a GPU of compute capability 9 or above, the package installed).
-``train.mlp: quack`` runs each decoder layer's MLP on quack-kernels' gated GEMMs (:mod:`llmpar.quack_mlp`), which
-FA4 installs with it; it is refused likewise (:func:`quack_config_problem`, :func:`quack_host_problem`).
+``train.mlp: quack`` (and ``quack-autotuned``) runs each decoder layer's MLP on quack-kernels' gated GEMMs
+(:mod:`llmpar.quack_mlp`), which FA4 installs with it; it is refused likewise (:func:`quack_config_problem`,
+:func:`quack_host_problem`).
 Standard library only: the checks run before torch is imported.
 """
 
@@ -72,13 +73,16 @@ def fa4_host_problem(attention: str, capability: tuple[int, int] | None, install
     return host_problem(f"attention {attention}", FA4_MIN_CAPABILITY, FA4_DISTRIBUTION, capability, installed)
 
 
+# the train.mlp values that run quack's gated MLP: on quack's default tiles, or on the tiles its autotuner picks
+QUACK_MLPS = ("quack", "quack-autotuned")
 QUACK_DISTRIBUTION = "quack-kernels"
 QUACK_MIN_CAPABILITY = 9  # its gated-epilogue GEMMs are written for SM90 and SM100 (quack/gemm_sm90.py, gemm_sm100.py)
 
 
-def quack_config_problem(train: dict, precisions: dict[str, str]) -> str | None:
-    """Why runs with ``train.mlp: quack`` (``precisions``: run name -> precision) cannot train, or None."""
-    return bf16_cuda_problem("mlp quack", train, precisions, "runs bf16 GEMMs", "mlp torch")
+def quack_config_problem(mlp: str, train: dict, precisions: dict[str, str]) -> str | None:
+    """Why runs with ``train.mlp`` ``mlp`` (a :data:`QUACK_MLPS` value; ``precisions``: run name -> precision)
+    cannot train, or None."""
+    return bf16_cuda_problem(f"mlp {mlp}", train, precisions, "runs bf16 GEMMs", "mlp torch")
 
 
 def quack_host_problem(capability: tuple[int, int] | None, installed: str | None) -> str | None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmpar.errors import ConfigError
+from llmpar.kernels import QUACK_MLPS
 from llmpar.shape import model_dims
 
 
@@ -450,7 +451,7 @@ def check_engine(spec: RunSpec, entry: dict, where: str) -> None:
             f"{where}.fused_projections: the fused query/key/value and gate/up GEMMs read the projections' weights "
             f"in the layer's own forward, past the projection modules; {own_forward_conflict(spec)}"
             + OWN_FORWARD_ENGINES)
-    if spec.mlp == "quack" and (spec.engine is Engine.DEEPSPEED or tp > 1 or spec.fused_projections):
+    if spec.mlp in QUACK_MLPS and (spec.engine is Engine.DEEPSPEED or tp > 1 or spec.fused_projections):
         raise ConfigError(
             f"{where}.mlp: quack's gated MLP reads the gate, up and down weights in the MLP's own forward, past the "
             "projection modules; "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 
 from llmpar.errors import ConfigError, ExpectedFailure
-from llmpar.kernels import FA4, FA4_DISTRIBUTION, QUACK_DISTRIBUTION, fa4_host_problem, quack_host_problem
+from llmpar.kernels import FA4, FA4_DISTRIBUTION, QUACK_DISTRIBUTION, QUACK_MLPS, fa4_host_problem, quack_host_problem
 from llmpar.metrics.env import package_version
 from llmpar.plan import FIT_MARGIN, card_for_device, fits, predict
 
@@ -57,9 +57,9 @@ def cuda_capability() -> tuple[int, int] | None:
 
 def check_kernels(rc: dict) -> None:
     """Raise ConfigError when the run asks for kernels this host cannot run (``train.attention`` fa4 or fa4-op:
-    :func:`llmpar.kernels.fa4_host_problem`; ``mlp`` quack: :func:`llmpar.kernels.quack_host_problem`), before
-    any process starts."""
-    attention, quack = rc["train"]["attention"], rc["run"].get("mlp") == "quack"
+    :func:`llmpar.kernels.fa4_host_problem`; ``mlp`` quack or quack-autotuned:
+    :func:`llmpar.kernels.quack_host_problem`), before any process starts."""
+    attention, quack = rc["train"]["attention"], rc["run"].get("mlp") in QUACK_MLPS
     if attention not in FA4 and not quack:
         return
     capability = cuda_capability() if uses_cuda(rc) else None

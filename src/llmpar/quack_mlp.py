@@ -11,10 +11,12 @@ GEMMs are torch custom ops with shape-only implementations, so a compiled decode
 The parameters stay the three ``nn.Linear`` modules' (names, shapes, initial values), so checkpoints, the
 optimizer's groups and the memory count are unchanged. Each weight is cast to the autocast dtype before the gate
 and up weights are stacked (``concat_layout``: gate rows, then up rows), the cast autocast's own linear makes.
-The GEMMs take quack's default tile configuration (``tuned=False``): its autotuner would compile and time every
-candidate kernel of each GEMM when first called, on an H100 18 for the gated GEMM and 44 for each plain one
-(quack/gemm_config.py), each a CuTe DSL compilation. quack-kernels 0.6.5 (requirements/gpu-kernels.txt) on CUDA
-GPUs; :mod:`llmpar.kernels` refuses a study that cannot have it.
+With ``train.mlp: quack`` the GEMMs take quack's default tile configuration (``tuned=False``); with
+``quack-autotuned`` quack's autotuner picks each GEMM's tiles when it is first called: it compiles and times every
+candidate kernel, on an H100 18 for each gated GEMM and 44 for each plain one (quack/gemm_config.py), each a CuTe
+DSL compilation in a pool of QUACK_COMPILE_WORKERS processes (quack/cache/async_compile.py), and keeps the fastest
+for the step's shapes. The same products either way, in other tiles. quack-kernels 0.6.5
+(requirements/gpu-kernels.txt) on CUDA GPUs; :mod:`llmpar.kernels` refuses a study that cannot have it.
 """
 
 from __future__ import annotations
@@ -22,9 +24,8 @@ from __future__ import annotations
 import torch
 
 ACTIVATION = "swiglu"  # quack's name for silu(gate) * up, LlamaMLP's act_fn (hidden_act silu) on the gate
-TUNED = False  # quack's default tiles; benchmarks/gpu_probe.py's tuned variant sets it to time quack's autotuner
 
-_CLASS: list = []
+_CLASSES: dict = {}
 
 
 def mlp_function():
@@ -34,10 +35,11 @@ def mlp_function():
     return mlp_func
 
 
-def quack_mlp_class():
-    """A subclass of the installed transformers' LlamaMLP whose forward is quack's gated MLP (built once)."""
-    if _CLASS:
-        return _CLASS[0]
+def quack_mlp_class(autotuned: bool = False):
+    """A subclass of the installed transformers' LlamaMLP whose forward is quack's gated MLP, on quack's default
+    tiles or its autotuned ones (built once each)."""
+    if autotuned in _CLASSES:
+        return _CLASSES[autotuned]
     from transformers.models.llama import modeling_llama as llama
 
     class QuackLlamaMLP(llama.LlamaMLP):
@@ -45,18 +47,18 @@ def quack_mlp_class():
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
             stacked = torch.cat([self.gate_proj.weight.to(dtype), self.up_proj.weight.to(dtype)])
             return mlp_function()(x.to(dtype), stacked, self.down_proj.weight.to(dtype), activation=ACTIVATION,
-                                  concat_layout=True, tuned=TUNED)
+                                  concat_layout=True, tuned=autotuned)
 
-    _CLASS.append(QuackLlamaMLP)
+    _CLASSES[autotuned] = QuackLlamaMLP
     return QuackLlamaMLP
 
 
-def use_quack_mlp(model) -> None:
-    """Give every decoder layer's MLP quack's gated GEMMs (``train.mlp: quack``)."""
+def use_quack_mlp(model, autotuned: bool = False) -> None:
+    """Give every decoder layer's MLP quack's gated GEMMs (``train.mlp: quack``, or ``quack-autotuned``)."""
     if model.config.hidden_act != "silu" or model.config.mlp_bias:
         raise ValueError("train.mlp quack computes SwiGLU without biases; this model's MLP has activation "
                          f"{model.config.hidden_act}, mlp_bias {model.config.mlp_bias}")
-    cls = quack_mlp_class()
+    cls = quack_mlp_class(autotuned)
     for layer in model.model.layers:
         if type(layer.mlp).__name__ != "LlamaMLP":
             raise TypeError(f"train.mlp quack replaces LlamaMLP; this layer's MLP is a {type(layer.mlp).__name__}")

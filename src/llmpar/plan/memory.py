@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from llmpar.kernels import QUACK_MLPS
 from llmpar.layout import Engine, RunSpec, Schedule, Sharding
 from llmpar.shape import Shape, balanced_split, pipeline_layer_weights
 
@@ -72,7 +73,7 @@ def saved_bytes_per_token(sh: Shape, run: RunSpec, layers: int, last: bool, comp
         # Each layer keeps only its input; one layer's full set is recomputed at a time (memory() adds it).
         per_layer_kept = residual * sh.h
     replicated = 2 * (residual * sh.h + compute * sh.h)
-    quack = run.mlp == "quack"  # SwiGLU's product and silu output are not saved (module docstring)
+    quack = run.mlp in QUACK_MLPS  # SwiGLU's product and silu output are not saved (module docstring)
     split = compute * (2 * sh.h + 2 * sh.kv + (2 if quack else 3) * sh.f) + 4 * sh.heads
     if not compiled:
         replicated += 2 * residual * sh.h + (3 * compute * sh.h if run.precision.autocast else 0)

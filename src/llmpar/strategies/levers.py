@@ -7,6 +7,7 @@ import contextlib
 
 import torch
 
+from llmpar.kernels import QUACK_MLPS
 from llmpar.layout import Precision
 from llmpar.model import fuse_projections
 
@@ -74,10 +75,10 @@ def prepare_model(model, spec) -> torch.nn.Module:
     in torchtitan's order."""
     if spec.fused_projections:
         fuse_projections(model)
-    if spec.mlp == "quack":
+    if spec.mlp in QUACK_MLPS:
         from llmpar.quack_mlp import use_quack_mlp
 
-        use_quack_mlp(model)
+        use_quack_mlp(model, autotuned=spec.mlp == "quack-autotuned")
     if spec.precision is Precision.BF16_PURE:
         model.to(torch.bfloat16)
     if spec.precision is Precision.BF16_RESIDUAL:
