@@ -2,7 +2,7 @@
 
     python benchmarks/torchtitan/parse.py --log tt_fsdp.log --mode fsdp --gpus 2 --out torchtitan_fsdp.json \
         [--config configs/gpu2-1b.yaml] [--warmup 5] [--steps 45] [--versions versions.json] \
-        [--ours runs/fsdp/summary.json] [--command "torchrun ..."] [--wall 95.2]
+        [--ours runs/fsdp/summary.json --started 1796658928.4] [--command "torchrun ..."] [--wall 95.2]
 
 What torchtitan 0.2.2 logs (torchtitan/components/metrics.py, MetricsProcessor.log), at step 1 and at every
 logged step, one line per rank (torchrun --tee prefixes "[rank0]:"; colours unless disabled):
@@ -279,17 +279,42 @@ def summarize(parsed: dict, *, mode: str, gpus: int, warmup: int, steps: int, mo
     return row
 
 
-def ours_block(summary_path: Path, fpt_tt: float, tt_row: dict) -> dict:
-    """Our run of the same invocation, from its summary.json, beside the peer's numbers."""
+def other_session(s: dict, tt_row: dict, started: float | None) -> str | None:
+    """Why our run ``s`` (a summary) is not of torchtitan's session, or None: it must have finished on the same
+    card model at most the report's session gap (llmpar.analysis.derive.SESSION_GAP_S) before torchtitan's
+    command ``started`` (Unix seconds)."""
+    from llmpar.analysis.derive import SESSION_GAP_S
+
+    ours_gpu, tt_gpu = s.get("environment", {}).get("gpu_name"), tt_row.get("gpu")
+    if ours_gpu and tt_gpu and ours_gpu != tt_gpu:
+        return f"our run trained on {ours_gpu}, torchtitan on {tt_gpu}"
+    if started is None:
+        return None
+    if s.get("finished_at") is None:
+        return "our run's summary has no finished_at to place it in torchtitan's session"
+    gap = started - s["finished_at"]
+    if not 0 <= gap <= SESSION_GAP_S:
+        return (f"our run finished {gap:,.0f} s before torchtitan started; one session spans at most "
+                f"{SESSION_GAP_S} s between runs")
+    return None
+
+
+def ours_block(summary_path: Path, fpt_tt: float, tt_row: dict, started: float | None = None) -> dict:
+    """Our run of the same invocation, from its summary.json, beside the peer's numbers; only its name, path
+    and the reason where it was not trained in torchtitan's session (status ``other session``)."""
     s = json.loads(summary_path.read_text())
+    path = str(summary_path)
+    where = path[path.index("results/"):] if "results/" in path else path  # as in the repository
+    why = other_session(s, tt_row, started)
+    if why:
+        return {"run": s.get("run"), "status": "other session", "message": why, "summary": where}
     keep = ("run", "status", "message", "strategy", "world_size", "tokens_per_s", "tokens_per_s_per_gpu", "mfu",
             "flops_per_token", "peak_flops", "peak_mem_gib", "peak_reserved_gib", "steady_steps", "final_loss",
             "wall_time_s", "util_mean_pct")
     out = {k: s.get(k) for k in keep}
     out["micro_batch_size"] = s.get("spec", {}).get("micro_batch_size")
     out["gpu"] = s.get("environment", {}).get("gpu_name")
-    path = str(summary_path)
-    out["summary"] = path[path.index("results/"):] if "results/" in path else path  # as in the repository
+    out["summary"] = where
     if s.get("tokens_per_s_per_gpu") and s.get("peak_flops"):
         out["mfu_torchtitan_formula"] = s["tokens_per_s_per_gpu"] * fpt_tt / s["peak_flops"]
     if s.get("tokens_per_s") and tt_row.get("tokens_per_s"):
@@ -308,6 +333,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="steps run (default: the config's)")
     p.add_argument("--versions", help="JSON of versions written by side_by_side.sh")
     p.add_argument("--ours", help="our run's summary.json from the same invocation")
+    p.add_argument("--started", type=float, default=None,
+                   help="Unix seconds torchtitan's command started at: our run must have finished in its session")
     p.add_argument("--command", default=None)
     p.add_argument("--wall", type=float, default=None, help="wall seconds of the torchrun command")
     a = p.parse_args(argv)
@@ -340,7 +367,7 @@ def main(argv=None) -> int:
         row["gpu"] = row.get("gpu") or (v.get("gpus") or [None])[0]
     if a.ours and Path(a.ours).is_file():
         row["ours_same_call"] = ours_block(Path(a.ours), torchtitan_flops_per_token(model_cfg,
-                                           model_cfg.get("vocab_size") or 32000), row)
+                                           model_cfg.get("vocab_size") or 32000), row, a.started)
     elif a.ours:
         row["ours_same_call"] = {"summary": a.ours, "status": "missing"}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

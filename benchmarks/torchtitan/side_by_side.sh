@@ -28,7 +28,9 @@
 # 6-35); STEPS - 5 must be a multiple of 10 (torchtitan's log windows then end exactly at the last step).
 # PARTS picks the parts (default "ours-single ours-fsdp tt-single tt-fsdp"); on one GPU, PARTS=tt-single with
 # OURS_RUNS=results/<study>/runs sets torchtitan beside the runs the workflow trained just before on the same host
-# (`scripts/offline.py study`), instead of training ours again.
+# (`scripts/offline.py study`), instead of training ours again; OURS_SINGLE names the run torchtitan's single-GPU
+# run is set beside (default single). parse.py keeps that run's numbers only where it finished in torchtitan's
+# session (same card model, at most the report's session gap before torchtitan started), and says why not.
 set -o pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 T0=$(date +%s)
@@ -163,11 +165,12 @@ tt() {  # mode ngpu limit our-run (whose summary goes into the JSON)
   grep -E "Traceback|Error|error:" "$OUT/tt_$mode.log" | grep -v -i warn | head -5
   python3 benchmarks/torchtitan/parse.py --log "$OUT/tt_$mode.log" --mode "$mode" --gpus "$ngpu" --config "$CONFIG" \
     --warmup "$WARMUP" --steps "$STEPS" --versions "$OUT/tt_versions.json" --ours "$OURS_RUNS/$4/summary.json" \
+    --started "$s" \
     --command "TT_ALIGN_WARMUP=$WARMUP ${cmd[*]}" --wall "$(python3 -c "print(round($e - $s, 1))")" \
     --out "$BASE/torchtitan_$mode.json"
   echo "torchtitan $mode done at $(( $(date +%s) - T0 ))s"
 }
-part tt-single && tt single 1 "${TT_SINGLE_S:-180}" single
+part tt-single && tt single 1 "${TT_SINGLE_S:-180}" "${OURS_SINGLE:-single}"
 part tt-fsdp && tt fsdp 2 "${TT_FSDP_S:-160}" fsdp
 
 # ---- the table

@@ -172,3 +172,61 @@ def test_missing_log_gives_a_failed_row(tmp_path):
     row = json.loads(out.read_text())
     assert row["status"] == "failed" and "no log" in row["message"]
     assert row["ours_same_call"]["status"] == "missing"
+
+
+def ours_summary(path: Path, finished_at: float, gpu: str = "NVIDIA H100 80GB HBM3") -> Path:
+    path.write_text(json.dumps({"run": "single", "status": "ok", "world_size": 1, "tokens_per_s": 72000.0,
+                                "tokens_per_s_per_gpu": 72000.0, "peak_flops": 989e12, "peak_mem_gib": 65.6,
+                                "finished_at": finished_at, "spec": {"micro_batch_size": 16},
+                                "environment": {"gpu_name": gpu}}))
+    return path
+
+
+@pytest.mark.parametrize("finished_before,gpu,why", [
+    (40.0, "NVIDIA H100 80GB HBM3", None),
+    (7200.0, "NVIDIA H100 80GB HBM3", "finished 7,200 s before torchtitan started"),
+    (-30.0, "NVIDIA H100 80GB HBM3", "finished -30 s before torchtitan started"),
+    (40.0, "NVIDIA H200", "our run trained on NVIDIA H200, torchtitan on NVIDIA H100 80GB HBM3"),
+])
+def test_ours_is_kept_only_from_torchtitans_session(tmp_path, finished_before, gpu, why):
+    """A run of ours is set beside torchtitan's only where it trained in the same session: on the same card
+    model, finished at most the report's session gap before torchtitan started (a run left in OURS_RUNS by an
+    earlier session is named, with the reason, and its numbers left out)."""
+    started = 1796658928.4
+    ours = ours_summary(tmp_path / "summary.json", started - finished_before, gpu)
+    out = tmp_path / "tt.json"
+    subprocess.run([sys.executable, str(HERE / "parse.py"), "--log", str(HERE / "sample_log.txt"), "--mode", "fsdp",
+                    "--gpus", "2", "--out", str(out), "--ours", str(ours), "--started", str(started)],
+                   check=True, capture_output=True)
+    o = json.loads(out.read_text())["ours_same_call"]
+    assert o["run"] == "single"
+    if why is None:
+        assert o["status"] == "ok" and o["tokens_per_s"] == 72000.0
+    else:
+        assert o["status"] == "other session" and why in o["message"] and "tokens_per_s" not in o
+
+
+def test_the_report_sets_torchtitan_beside_ours_of_its_session_only(tmp_path):
+    """peers.csv takes the run in the torchtitan file only where it trained in torchtitan's session; else this
+    study's run of the same strategy, saying so."""
+    import pandas as pd
+
+    from llmpar.analysis.derive import peers_table
+
+    metrics = pd.DataFrame([{"run": "single", "strategy": "single", "world_size": 1, "status": "ok",
+                             "tokens_per_s_per_gpu": 72000.0, "peak_mem_gib": 65.6},
+                            {"run": "fast", "strategy": "single", "world_size": 1, "status": "ok",
+                             "tokens_per_s_per_gpu": 79000.0, "peak_mem_gib": 55.2}])
+    summaries = [{"flops_per_token": 6.76e9, "peak_flops": 989e12}]
+    tt = {"kind": "torchtitan", "mode": "single", "status": "ok", "gpus": 1, "tokens_per_s": 70000.0,
+          "tokens_per_s_per_gpu": 70000.0}
+    for same_call, run, where in (
+            ({"run": "fast", "status": "ok", "tokens_per_s_per_gpu": 79000.0, "peak_mem_gib": 55.2}, "fast",
+             "ours in the same session"),
+            ({"run": "fast", "status": "other session", "message": "..."}, "single", "this study's run"),
+            ({"summary": "runs/fast/summary.json", "status": "missing"}, "single", "this study's run")):
+        (tmp_path / "torchtitan_single.json").write_text(json.dumps({**tt, "ours_same_call": same_call}))
+        row = peers_table(tmp_path, metrics, summaries).iloc[0]
+        assert (row["ours_run"], row["ours_from"]) == (run, where)
+        assert row["ours_over_peer"] == pytest.approx(metrics.set_index("run").loc[run, "tokens_per_s_per_gpu"]
+                                                      / 70000.0)

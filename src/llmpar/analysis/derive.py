@@ -157,8 +157,9 @@ def scaling_table(study: str, summaries: list[dict], others: dict[str, list[RunR
 def peers_table(baselines_dir: Path, metrics: pd.DataFrame, summaries: list[dict]) -> pd.DataFrame:
     """peers.csv: each committed peer-framework run (results/<study>/baselines/*.json: torchtitan, the Hugging
     Face Trainer) beside the run of ours it compares with: the run of ours recorded in the same session where
-    the file holds one (``ours_same_call``), else this study's run of the same strategy and GPU count (the
-    baseline for one GPU). MFU of both by our definition (our FLOPs per token and peak)."""
+    the file holds one that trained (``ours_same_call``; benchmarks/torchtitan/parse.py keeps a run of another
+    session out of it), else this study's run of the same strategy and GPU count (the baseline for one GPU).
+    MFU of both by our definition (our FLOPs per token and peak)."""
     rows = []
     by_run = metrics.set_index("run")
     flops = next((s.get("flops_per_token") for s in summaries if s.get("flops_per_token")), None)
@@ -170,7 +171,7 @@ def peers_table(baselines_dir: Path, metrics: pd.DataFrame, summaries: list[dict
         gpus = b.get("gpus") or 1
         per_gpu = b.get("tokens_per_s_per_gpu") or b["tokens_per_s"] / gpus
         same_call = b.get("ours_same_call")
-        if same_call:
+        if same_call and same_call.get("status") == "ok":
             ours_run, ours_per_gpu = same_call["run"], same_call["tokens_per_s_per_gpu"]
             ours_mem = same_call["peak_mem_gib"]
             where = "ours in the same session"
