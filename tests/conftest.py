@@ -122,6 +122,38 @@ def token_batches(n: int, vocab: int, seq_len: int, seed: int = 0) -> list:
     return out
 
 
+# the optimizer and schedule of the single-process lever engines (lever_engine)
+LEVER_TRAIN = dict(lr=3e-3, weight_decay=0.0, warmup_steps=1, steps=10, min_lr_ratio=0.1, grad_clip=1.0,
+                   metrics=False, fused_loss=False)
+
+
+def lever_engine(model: dict, vocab: int, **levers):
+    """``single`` on CPU in this process (2 micro-batches of 2, seed 7) with the per-run ``levers`` of
+    RunSpec (e.g. ``mlp="quack"``) applied as the training applies them (``prepare_model``)."""
+    import types
+
+    import torch
+
+    from llmpar.layout import RunSpec
+    from llmpar.model import build_model
+    from llmpar.strategies.engine import TorchEngine
+    from llmpar.strategies.levers import prepare_model
+
+    spec = RunSpec(name="single", strategy="single", micro_batches=2, micro_batch_size=2, **levers)
+    ctx = types.SimpleNamespace(device=torch.device("cpu"), is_main=True, rank=0, world_size=1)
+    return TorchEngine(prepare_model(build_model(model, vocab, seed=7), spec), spec, ctx, LEVER_TRAIN)
+
+
+def pretend_host(monkeypatch, capability: tuple[int, int] | None, installed: str | None) -> None:
+    """Make llmpar.preflight see a host whose first GPU has ``capability`` (None: no CUDA GPU) and where every
+    kernel package is installed at version ``installed`` (None: not installed)."""
+    from llmpar import preflight
+
+    monkeypatch.setattr(preflight, "cuda_capability", lambda: capability)
+    monkeypatch.setattr(preflight, "package_version", lambda name: installed)
+    monkeypatch.setattr(preflight, "uses_cuda", lambda rc: capability is not None)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokens(tmp_path_factory) -> Path:
     """Corpus -> BPE -> token shards for BASE_CONFIG, built once per test session."""

@@ -2,29 +2,20 @@
 projections (same parameters and initial values, losses, gradients), and runs that cannot take it are
 refused before any process starts."""
 
-import types
 
 import pytest
 import torch
-from conftest import make_config, token_batches
+from conftest import lever_engine, make_config, token_batches
 
 from llmpar.config import prepare
 from llmpar.errors import ConfigError
-from llmpar.layout import RunSpec
-from llmpar.model import build_model
-from llmpar.strategies.engine import TorchEngine
-from llmpar.strategies.levers import prepare_model
 
 MODEL = {"size": "tiny", "seq_len": 64, "num_kv_heads": 2}  # grouped-query attention: k, v narrower than q
 VOCAB = 512
-TRAIN = dict(lr=3e-3, weight_decay=0.0, warmup_steps=1, steps=10, min_lr_ratio=0.1, grad_clip=1.0, metrics=False,
-             fused_loss=False)
-CPU = types.SimpleNamespace(device=torch.device("cpu"), is_main=True, rank=0, world_size=1)
 
 
-def engine(fused: bool) -> TorchEngine:
-    spec = RunSpec(name="single", strategy="single", micro_batches=2, micro_batch_size=2, fused_projections=fused)
-    return TorchEngine(prepare_model(build_model(MODEL, VOCAB, seed=7), spec), spec, CPU, TRAIN)
+def engine(fused: bool):
+    return lever_engine(MODEL, VOCAB, fused_projections=fused)
 
 
 def batches(n: int) -> list:

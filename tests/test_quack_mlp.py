@@ -7,27 +7,19 @@ llmpar's side, the weights it passes, their order and their casts. That quack's 
 checked on a GPU (tests/gpu/test_levers_gpu.py: quack's MLP trains as torch's; benchmarks/gpu_probe.py, variant
 qmlp16: its errors against fp32 beside torch's)."""
 
-import types
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_config, token_batches
+from conftest import lever_engine, make_config, pretend_host, token_batches
 
 from llmpar import preflight, quack_mlp
 from llmpar.config import prepare, run_config
 from llmpar.errors import ConfigError
-from llmpar.layout import RunSpec
-from llmpar.model import build_model
-from llmpar.strategies.engine import TorchEngine
-from llmpar.strategies.levers import prepare_model
 from llmpar.strategies.loss import causal_lm_loss
 
 MODEL = {"size": "tiny", "seq_len": 64}
 VOCAB = 512
-TRAIN = dict(lr=3e-3, weight_decay=0.0, warmup_steps=1, steps=10, min_lr_ratio=0.1, grad_clip=1.0, metrics=False,
-             fused_loss=False)
-CPU = types.SimpleNamespace(device=torch.device("cpu"), is_main=True, rank=0, world_size=1)
 CALLS = []
 
 
@@ -45,9 +37,8 @@ def contract(monkeypatch):
     CALLS.clear()
 
 
-def engine(mlp: str) -> TorchEngine:
-    spec = RunSpec(name="single", strategy="single", micro_batches=2, micro_batch_size=2, mlp=mlp)
-    return TorchEngine(prepare_model(build_model(MODEL, VOCAB, seed=7), spec), spec, CPU, TRAIN)
+def engine(mlp: str):
+    return lever_engine(MODEL, VOCAB, mlp=mlp)
 
 
 def batches(n: int) -> list:
@@ -150,13 +141,9 @@ def test_quack_mlp_config_that_cannot_have_it_is_refused_naming_why(cfg, key, re
 def test_quack_mlp_host_that_cannot_run_it_is_refused_before_any_process(monkeypatch, capability, installed,
                                                                           reason):
     rc = run_config(prepare(quack_config()), "ddp")
-    monkeypatch.setattr(preflight, "cuda_capability", lambda: capability)
-    monkeypatch.setattr(preflight, "package_version", lambda name: installed)
-    monkeypatch.setattr(preflight, "uses_cuda", lambda rc: capability is not None)
+    pretend_host(monkeypatch, capability, installed)
     with pytest.raises(ConfigError, match="run ddp: ") as err:
         preflight.check_kernels(rc)
     assert reason in str(err.value)
-    monkeypatch.setattr(preflight, "cuda_capability", lambda: (9, 0))
-    monkeypatch.setattr(preflight, "package_version", lambda name: "0.6.5")
-    monkeypatch.setattr(preflight, "uses_cuda", lambda rc: True)
+    pretend_host(monkeypatch, (9, 0), "0.6.5")
     preflight.check_kernels(rc)

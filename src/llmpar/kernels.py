@@ -21,7 +21,7 @@ from llmpar.shape import model_dims
 # the train.attention values that run FA4: through transformers' flash_attention_4, or as llmpar's custom op
 FA4 = ("fa4", "fa4-op")
 FA4_DISTRIBUTION = "flash-attn-4"
-FA4_INSTALL = "pip install -r requirements/gpu-kernels.txt"
+KERNELS_INSTALL = "pip install -r requirements/gpu-kernels.txt"  # flash-attn-4 and quack-kernels, which it needs
 # head sizes FA4 trains on every architecture it supports (SM90 takes up to 256, SM100 up to 128), in steps
 # of 16 bytes of bf16 (flash_attn/cute/interface.py, _validate_head_dims)
 FA4_HEAD_DIMS = range(8, 129, 8)
@@ -49,7 +49,7 @@ def host_problem(what: str, min_capability: int, distribution: str, capability: 
         return (f"{what} needs a GPU of compute capability {min_capability}.0 or above (Hopper, Blackwell); this "
                 f"one is {capability[0]}.{capability[1]}")
     if installed is None:
-        return f"{what} needs the {distribution} package, which is not installed ({FA4_INSTALL})"
+        return f"{what} needs the {distribution} package, which is not installed ({KERNELS_INSTALL})"
     return None
 
 

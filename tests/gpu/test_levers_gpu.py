@@ -12,7 +12,7 @@ import pytest
 from gpu_util import GPU_STUDY, STEPS, build_tokens, check_tracks, gpu_count, launch_batch, read_run
 
 from llmpar.config import prepare, run_config
-from llmpar.kernels import FA4, FA4_DISTRIBUTION, FA4_INSTALL, QUACK_DISTRIBUTION
+from llmpar.kernels import FA4, FA4_DISTRIBUTION, KERNELS_INSTALL, QUACK_DISTRIBUTION
 from llmpar.metrics.env import package_version
 
 pytestmark = [pytest.mark.gpu,
@@ -64,7 +64,7 @@ def test_lever_tracks_single(runs, name, precision):
 @pytest.mark.parametrize("name", FA4)
 def test_fa4_tracks_single(runs, name):
     if not FA4_PRESENT:
-        pytest.skip(f"the {FA4_DISTRIBUTION} package is not installed ({FA4_INSTALL})")
+        pytest.skip(f"the {FA4_DISTRIBUTION} package is not installed ({KERNELS_INSTALL})")
     # the lever's study is another training config: another hash (a checkpoint of one is not resumed by the other)
     assert runs["bf16"][name][0]["config_hash"] != runs["bf16"]["single"][0]["config_hash"]
     check_tracks(runs["bf16"], name, "bf16")
@@ -79,6 +79,6 @@ def test_bf16_residual_tracks_bf16(runs):
 def test_quack_mlp_tracks_single(runs):
     """quack's gated MLP (SwiGLU in the GEMMs' epilogues) against torch's MLP, both bf16 autocast."""
     if not QUACK_PRESENT:
-        pytest.skip(f"the {QUACK_DISTRIBUTION} package is not installed ({FA4_INSTALL})")
+        pytest.skip(f"the {QUACK_DISTRIBUTION} package is not installed ({KERNELS_INSTALL})")
     assert runs["bf16"]["quack-mlp"][0]["spec"]["mlp"] == "quack"
     check_tracks(runs["bf16"], "quack-mlp", "bf16")
