@@ -97,6 +97,19 @@ def test_quack_autotuned_asks_quack_for_its_autotuner(mlp, tuned):
     assert CALLS and {c[3] for c in CALLS} == {tuned}
 
 
+def test_fused_projections_with_quack_fuse_only_the_attentions():
+    """fused_projections beside quack's MLP: one GEMM for q/k/v, and the MLP stays quack's, which stacks gate and
+    up itself; it trains as torch's separate projections do."""
+    plain, both = engine("torch"), lever_engine(MODEL, VOCAB, mlp="quack", fused_projections=True)
+    layers = both.model.model.layers
+    assert {(type(layer.self_attn).__name__, type(layer.mlp).__name__) for layer in layers} == {
+        ("FusedLlamaAttention", "QuackLlamaMLP")}
+    for batch in batches(3):
+        a, b = plain.train_step(batch), both.train_step(batch)
+        assert abs(a - b) <= 1e-5 * abs(a), (a, b)
+    assert CALLS
+
+
 # -- refused, with the reason, wherever it cannot run
 
 def quack_config(runs=None, **train) -> dict:
@@ -124,8 +137,6 @@ def test_quack_mlp_is_in_the_run_config():
      "DeepSpeed's engines"),
     (quack_config({"t": {"strategy": "tensor_parallel", "tp": 2, "tp_engine": "torch"}}), "runs.t.mlp",
      "torch tensor parallelism shards each projection"),
-    (quack_config({"f": {"strategy": "single", "fused_projections": True}}), "runs.f.mlp",
-     "stacks the gate and up weights itself"),
 ])
 def test_quack_mlp_config_that_cannot_have_it_is_refused_naming_why(cfg, key, reason):
     with pytest.raises(ConfigError, match=f"'?{key}'?") as err:

@@ -27,28 +27,32 @@ class Precision(enum.StrEnum):
     """``fp32``; ``bf16``: autocast bf16 over fp32 weights, gradients and optimizer states, the residual stream
     in fp32 (the study's mixed precision, every engine); ``bf16-residual``: the same autocast and fp32 states
     with the residual stream in bf16 (the embedding's output cast, as Megatron-LM's default and FSDP2's usual
-    mixed precision carry it; :func:`llmpar.strategies.levers.carry_residual_in_bf16`); ``bf16-pure``: bf16
-    weights and optimizer states, no fp32 master."""
+    mixed precision carry it; :func:`llmpar.strategies.levers.carry_residual_in_bf16`); ``bf16-master``: the
+    model's weights, their gradients and the residual stream in bf16 under the same autocast, with fp32 master
+    weights, gradient sums and AdamW states in the optimizer (:class:`llmpar.strategies.master.MasterWeights`;
+    strategy single); ``bf16-pure``: bf16 weights and optimizer states, no fp32 master."""
 
     FP32 = "fp32"
     BF16 = "bf16"
     BF16_RESIDUAL = "bf16-residual"
+    BF16_MASTER = "bf16-master"
     BF16_PURE = "bf16-pure"
 
     @property
     def autocast(self) -> bool:
-        return self in (Precision.BF16, Precision.BF16_RESIDUAL)
+        return self in (Precision.BF16, Precision.BF16_RESIDUAL, Precision.BF16_MASTER)
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes per element of weights and gradients."""
+        """Bytes per element of the weights and gradients the optimizer steps (``bf16-master``'s fp32 masters;
+        its model holds bf16 copies beside them, :func:`llmpar.plan.memory.state_bytes`)."""
         return 2 if self is Precision.BF16_PURE else 4
 
     @property
     def residual_bytes(self) -> int:
         """Bytes per element of the residual stream (the hidden states between decoder layers) and its
         gradient."""
-        return 2 if self in (Precision.BF16_PURE, Precision.BF16_RESIDUAL) else 4
+        return 2 if self in (Precision.BF16_PURE, Precision.BF16_RESIDUAL, Precision.BF16_MASTER) else 4
 
     @property
     def compute_bytes(self) -> int:
@@ -446,17 +450,20 @@ def check_engine(spec: RunSpec, entry: dict, where: str) -> None:
             f"{where}: precision bf16-pure (bf16 weights and optimizer states, no fp32 master) is available in "
             "DeepSpeed only through bf16_master_weights_and_grads, which requires ZeRO stage 1-3; this run's "
             "DeepSpeed engine runs none. Use precision bf16 (fp32 weights under torch autocast) or a torch engine")
+    if spec.precision is Precision.BF16_MASTER and strategy != "single":
+        raise ConfigError(
+            f"{where}: precision bf16-master (bf16 weights, fp32 master weights and gradient sums in the optimizer) "
+            f"is implemented for strategy single, not {strategy}; use precision bf16-residual, whose autocast "
+            "rounds the same weights to bf16 in every projection")
     if spec.fused_projections and (spec.engine is Engine.DEEPSPEED or tp > 1):
         raise ConfigError(
             f"{where}.fused_projections: the fused query/key/value and gate/up GEMMs read the projections' weights "
             f"in the layer's own forward, past the projection modules; {own_forward_conflict(spec)}"
             + OWN_FORWARD_ENGINES)
-    if spec.mlp in QUACK_MLPS and (spec.engine is Engine.DEEPSPEED or tp > 1 or spec.fused_projections):
+    if spec.mlp in QUACK_MLPS and (spec.engine is Engine.DEEPSPEED or tp > 1):
         raise ConfigError(
             f"{where}.mlp: quack's gated MLP reads the gate, up and down weights in the MLP's own forward, past the "
-            "projection modules; "
-            + ("it stacks the gate and up weights itself (fused_projections: false)" if spec.fused_projections
-               else own_forward_conflict(spec)) + OWN_FORWARD_ENGINES)
+            f"projection modules; {own_forward_conflict(spec)}" + OWN_FORWARD_ENGINES)
     if spec.compile_mode != "default" and not spec.compile:
         raise ConfigError(f"{where}.compile_mode: compile_mode {spec.compile_mode} applies to compiled layers, and "
                           "this run has compile false")

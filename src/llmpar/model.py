@@ -63,9 +63,10 @@ def build_model(model_cfg: dict, vocab_size: int, seed: int, device="cpu", atten
     return model
 
 
-def fuse_projections(model) -> None:
-    """Each decoder layer's query, key and value projections as one GEMM, and its gate and up projections as
-    one (``train.fused_projections``): the layer's attention and MLP take the classes below, whose forward
+def fuse_projections(model, mlp: bool = True) -> None:
+    """Each decoder layer's query, key and value projections as one GEMM, and, with ``mlp``, its gate and up
+    projections as one (``train.fused_projections``; quack's gated MLP, ``train.mlp: quack``, computes gate and
+    up as one GEMM itself and keeps its class): the layer's attention and MLP take the classes below, whose forward
     concatenates the projections' weights and splits the product. The parameters (names, shapes, initial
     values) stay those of the separate ``nn.Linear`` modules, so checkpoints, the optimizer's groups and the
     memory count are unchanged; only the GEMMs' shapes differ (the key and value projections of 4 KV heads
@@ -77,7 +78,8 @@ def fuse_projections(model) -> None:
     fused = _fused_classes()
     for layer in model.model.layers:
         layer.self_attn.__class__ = fused["attention"]
-        layer.mlp.__class__ = fused["mlp"]
+        if mlp:
+            layer.mlp.__class__ = fused["mlp"]
 
 
 _FUSED: dict = {}

@@ -169,7 +169,7 @@ def _train(run_cfg: dict, spec: RunSpec, ctx, tokens_dir: str | Path, out: Path,
     progress_path = out / "progress.jsonl"
     resumed = resume(engine, ckpts, progress_path, config_hash, ctx, spec.name)
     if resumed.step == 0:
-        first.snapshot(model)
+        first.snapshot(engine.named_weights(model))
     dist.barrier()
 
     seq, gb = mc["seq_len"], tc["global_batch"]
@@ -253,7 +253,7 @@ def train_steps(engine, model, data, rec, ckpts, first, probe, resumed: Resumed,
         if replica_sq is not None:
             out.local_sq[step] = replica_sq  # resolved once, after the last step (no per-step sync)
         if step == 1:  # host copies, outside the step's time (as an evaluation is)
-            out.first_update = first.norms(model, ctx.device)
+            out.first_update = first.norms(engine.named_weights(model), ctx.device)
             if ctx.is_main:
                 _append_jsonl(progress_path, [{"kind": "first_update", "norms": out.first_update,
                                                "elapsed_s": rec.now_elapsed(), "config_hash": config_hash}])

@@ -1,10 +1,11 @@
 """The kernel levers on one CUDA GPU train the same model as ``single``: the equivalence study of the GPU
 suite (``gpu_util.GPU_STUDY``) with one GEMM for q/k/v and one for gate/up (``fused_projections``) and, in bf16,
-with the residual stream in bf16 (``precision: bf16-residual``) and with FlashAttention-4 (``train.attention``
-fa4 and fa4-op, where the host has the flash-attn-4 package) and with quack-kernels' gated MLP (``mlp: quack``,
-where the host has quack-kernels), against ``single`` with the same compile setting and precision (bf16 for
-bf16-residual): fp32 losses, gradient norms and first updates within 1e-3, bf16 within
-2 % (``gpu_util.check_tracks``). One launch on one GPU for all of them."""
+with the residual stream in bf16 (``precision: bf16-residual``), with bf16 weights and fp32 masters
+(``precision: bf16-master``), with FlashAttention-4 (``train.attention`` fa4 and fa4-op, where the host has the
+flash-attn-4 package) and with quack-kernels' gated MLP (``mlp: quack``, where the host has quack-kernels; alone
+and with fused_projections), against ``single`` with the same compile setting and precision (bf16 for
+bf16-residual and bf16-master): fp32 losses, gradient norms and first updates within 1e-3, bf16 within 2 %
+(``gpu_util.check_tracks``). One launch on one GPU for all of them."""
 
 import json
 
@@ -31,7 +32,7 @@ QUACK_PRESENT = package_version(QUACK_DISTRIBUTION) is not None
 
 def lever_study(precision: str, train: dict | None = None, levers: dict = LEVERS) -> dict:
     cfg = json.loads(json.dumps(GPU_STUDY))
-    steps = STEPS["bf16" if precision == "bf16-residual" else precision]
+    steps = STEPS["fp32" if precision == "fp32" else "bf16"]
     cfg["train"].update(steps=steps, precision=precision, compile=True, **(train or {}))
     cfg["runs"] = {"single": {"strategy": "single"}, **{n: {"strategy": "single", **kw} for n, kw in levers.items()}}
     cfg["baseline"] = "single"
@@ -45,9 +46,10 @@ def runs(tmp_path_factory):
     jobs = [(run_config(lever_study(p), name), root / p / name) for p in STEPS for name in ("single", *LEVERS)]
     jobs += [(run_config(lever_study("bf16", {"attention": name}), "single"), root / "bf16" / name)
              for name in FA4 if FA4_PRESENT]
-    jobs += [(run_config(lever_study("bf16-residual"), "single"), root / "bf16" / "bf16-residual")]
-    jobs += [(run_config(lever_study("bf16", {"mlp": "quack"}, levers={}), "single"), root / "bf16" / "quack-mlp")
-             ] if QUACK_PRESENT else []
+    jobs += [(run_config(lever_study(p), "single"), root / "bf16" / p) for p in ("bf16-residual", "bf16-master")]
+    quack = lever_study("bf16", {"mlp": "quack"}, levers={"fused": {"fused_projections": True}})
+    jobs += [(run_config(quack, "single"), root / "bf16" / "quack-mlp"),
+             (run_config(quack, "fused"), root / "bf16" / "quack-mlp-fused")] if QUACK_PRESENT else []
     launch_batch(jobs, tokens, root, timeout=1200)
     return {p: {out.name: read_run(out) for _, out in jobs if out.parent.name == p} for p in STEPS}
 
@@ -76,9 +78,17 @@ def test_bf16_residual_tracks_bf16(runs):
     check_tracks(runs["bf16"], "bf16-residual", "bf16", own_precision="bf16-residual")
 
 
-def test_quack_mlp_tracks_single(runs):
-    """quack's gated MLP (SwiGLU in the GEMMs' epilogues) against torch's MLP, both bf16 autocast."""
+def test_bf16_master_tracks_bf16(runs):
+    """bf16 weights in the model with fp32 masters in the optimizer against bf16 autocast over fp32 weights."""
+    check_tracks(runs["bf16"], "bf16-master", "bf16", own_precision="bf16-master")
+
+
+@pytest.mark.parametrize("name,fused", [("quack-mlp", False), ("quack-mlp-fused", True)])
+def test_quack_mlp_tracks_single(runs, name, fused):
+    """quack's gated MLP (SwiGLU in the GEMMs' epilogues) against torch's MLP, both bf16 autocast, alone and with
+    one GEMM for q/k/v (fused_projections)."""
     if not QUACK_PRESENT:
         pytest.skip(f"the {QUACK_DISTRIBUTION} package is not installed ({KERNELS_INSTALL})")
-    assert runs["bf16"]["quack-mlp"][0]["spec"]["mlp"] == "quack"
-    check_tracks(runs["bf16"], "quack-mlp", "bf16")
+    assert runs["bf16"][name][0]["spec"]["mlp"] == "quack"
+    assert runs["bf16"][name][0]["spec"]["fused_projections"] is fused
+    check_tracks(runs["bf16"], name, "bf16")

@@ -44,7 +44,8 @@ def local_shard(p: torch.Tensor) -> torch.Tensor | None:
 
 
 class FirstUpdate:
-    """``snapshot(model)`` before step 1, ``norms(model, device)`` after it (a collective: every rank)."""
+    """``snapshot(named)`` before step 1, ``norms(named, device)`` after it (a collective: every rank);
+    ``named``: the weights the optimizer updates by parameter name (``engine.named_weights(model)``)."""
 
     def __init__(self, model):
         """``model``: the plain model, before a strategy shards it (the full size of each parameter)."""
@@ -52,21 +53,21 @@ class FirstUpdate:
         self.numel = {n: p.numel() for n, p in model.named_parameters() if n in names}
         self.before: dict[str, torch.Tensor] = {}
 
-    def _held(self, model) -> dict[str, torch.Tensor]:
+    def _held(self, named) -> dict[str, torch.Tensor]:
         """The tracked parameters' shards on this rank (a torch pipeline stage drops the others)."""
         held = {}
-        for name, p in model.named_parameters():
+        for name, p in named:
             shard = local_shard(p)
             if model_name(name) in self.numel and shard is not None:
                 held[model_name(name)] = shard.detach()
         return held
 
-    def snapshot(self, model) -> None:
-        self.before = {n: s.to("cpu", torch.float64, copy=True) for n, s in self._held(model).items()}
+    def snapshot(self, named) -> None:
+        self.before = {n: s.to("cpu", torch.float64, copy=True) for n, s in self._held(named).items()}
 
-    def norms(self, model, device) -> dict[str, float]:
+    def norms(self, named, device) -> dict[str, float]:
         names = sorted(self.numel)
-        held = self._held(model)
+        held = self._held(named)
         sums = torch.zeros(2, len(names), dtype=torch.float64)  # squared differences, elements held
         for i, name in enumerate(names):
             if name in held:

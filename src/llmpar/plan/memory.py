@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 
 from llmpar.kernels import QUACK_MLPS
-from llmpar.layout import Engine, RunSpec, Schedule, Sharding
+from llmpar.layout import Engine, Precision, RunSpec, Schedule, Sharding
 from llmpar.shape import Shape, balanced_split, pipeline_layer_weights
 
 GIB = 2**30
@@ -139,6 +139,8 @@ def state_bytes(sh: Shape, run: RunSpec, n_local: int) -> dict:
     """Parameters, gradients and optimizer state (bytes) one rank holds, as each engine shards them."""
     dp, sharding = run.dp, run.sharding
     w = run.precision.weight_bytes
+    if run.precision is Precision.BF16_MASTER:  # strategy single: bf16 weights beside fp32 masters, fp32 sums
+        return {"params": (2 + w) * n_local, "grads": w * n_local, "optimizer": 2 * w * n_local}
     if run.engine is Engine.TORCH:
         shard = dp if sharding is Sharding.FSDP else 1
         return {"params": w * n_local / shard, "grads": w * n_local / shard, "optimizer": 2 * w * n_local / shard}

@@ -19,6 +19,8 @@ The training loop only calls:
   with gradient accumulation, ZeRO-1 holds full gradients between micro-batches, ZeRO-2 only its
   partition);
 * ``engine.local_param_count()`` – parameters (elements) held by this rank;
+* ``engine.named_weights(model)`` – the weights the optimizer updates, under ``model``'s parameter names
+  (the parameters themselves, or their fp32 masters where the model holds bf16 copies);
 * ``engine.lr()`` – the current learning rate;
 * ``engine.grad_norm()`` – the last step's global gradient norm before clipping (the norm the
   clipping divides ``train.grad_clip`` by), the same on every rank, as a 0-d tensor without a host
@@ -37,11 +39,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from llmpar.layout import Precision
 from llmpar.strategies.levers import autocast
 from llmpar.strategies.loss import causal_lm_loss, cross_entropy_for
+from llmpar.strategies.master import MasterWeights
 from llmpar.strategies.optim import make_optimizer, make_scheduler
 from llmpar.strategies.replica_norm import ReplicaNorm
 from llmpar.strategies.timer import PhaseTimer
+
+MASTERS = "masters.pt"  # a bf16-master engine's checkpoint: fp32 masters and AdamW's state
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -129,6 +135,10 @@ class Engine:
     def local_param_count(self) -> int:
         raise NotImplementedError
 
+    def named_weights(self, model) -> list[tuple[str, torch.Tensor]]:
+        """The weights the optimizer updates, by ``model``'s parameter names: its parameters."""
+        return list(model.named_parameters())
+
     def lr(self) -> float:
         raise NotImplementedError
 
@@ -170,7 +180,9 @@ class TorchEngine(Engine):
         super().__init__(spec, ctx, train_cfg, dp_rank=dp_rank, dp_size=dp_size, dp_group=dp_group)
         self.model = model
         self.no_sync = no_sync  # context manager factory skipping gradient sync on non-final micro-batches
-        self.optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], train_cfg)
+        # precision bf16-master: the model's weights cast to bf16 here, the optimizer steps their fp32 masters
+        self.masters = MasterWeights(model) if spec.precision is Precision.BF16_MASTER else None
+        self.optimizer = make_optimizer(self.stepped(), train_cfg)
         self.scheduler = make_scheduler(self.optimizer, train_cfg)
         self.loss_fn = cross_entropy_for(ctx.device, train_cfg["fused_loss"])
         self.watch_optimizer(self.optimizer)
@@ -197,6 +209,16 @@ class TorchEngine(Engine):
         self.step_optimizer()
         return self._reduce_mean(total)
 
+    def stepped(self) -> list[torch.Tensor]:
+        """The tensors the optimizer steps and the clipping measures: the model's trainable parameters, or their
+        fp32 masters (``bf16-master``)."""
+        if self.masters is not None:
+            return self.masters.masters
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def named_weights(self, model) -> list[tuple[str, torch.Tensor]]:
+        return self.masters.named() if self.masters is not None else super().named_weights(model)
+
     def hook_replica(self, tp_rank: int) -> None:
         """With one replica (dp 1) spread over the world's ranks (tensor-parallel shards, pipeline stages):
         the noise scale per micro-batch from hooks on this rank's part of it. A DTensor parameter is this
@@ -217,9 +239,11 @@ class TorchEngine(Engine):
     def step_optimizer(self) -> None:
         """Clip (keeping the norm before clipping), step AdamW, clear the gradients, advance the schedule."""
         if self.train_cfg["grad_clip"] > 0:
-            self._grad_norm = self.clip_grads(list(self.model.parameters()))
+            self._grad_norm = self.clip_grads(self.stepped())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.masters is not None:
+            self.masters.round_into_model()
         self.scheduler.step()
         self.timer.stop("optimizer")
 
@@ -236,7 +260,7 @@ class TorchEngine(Engine):
 
     # -- accounting
     def model_state_bytes(self) -> dict[str, int]:
-        params = list(self.model.parameters())
+        params = list(self.model.parameters()) + (self.masters.masters if self.masters is not None else [])
         return {
             "params": tensor_bytes(params),
             "grads": tensor_bytes(p.grad for p in params),
@@ -247,12 +271,17 @@ class TorchEngine(Engine):
         return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in self.model.parameters())
 
     # -- checkpoints: torch distributed checkpoint, sharded as the model is (works for DDP, FSDP2, TP)
+    # (bf16-master, one process: the masters and the optimizer's state in one file, MASTERS)
     def save_checkpoint(self, path: Path) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+        if self.masters is not None:
+            Path(path).mkdir(parents=True, exist_ok=True)
+            torch.save(self.masters.state_dict(self.optimizer), Path(path) / MASTERS)
+        else:
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
         if self.ctx.is_main:
             torch.save({"scheduler": self.scheduler.state_dict()}, Path(path) / "scheduler.pt")
 
@@ -260,9 +289,14 @@ class TorchEngine(Engine):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if self.masters is not None:
+            state = torch.load(Path(path) / MASTERS, map_location=self.ctx.device, weights_only=True)
+            self.masters.load_state_dict(state, self.optimizer)
+        else:
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+            state = {"model": model_sd, "optim": optim_sd}
+            dcp.load(state, checkpoint_id=str(path))
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"])
         sched = torch.load(Path(path) / "scheduler.pt", weights_only=True)
         self.scheduler.load_state_dict(sched["scheduler"])

@@ -72,9 +72,10 @@ def apply_compile(model, enabled: bool, in_place: bool = False, mode: str = "def
 
 def prepare_model(model, spec) -> torch.nn.Module:
     """Fused projections or quack's MLP, precision, activation checkpointing and compile: the per-run levers,
-    in torchtitan's order."""
+    in torchtitan's order. (``bf16-master`` casts the weights in its engine, which keeps their fp32 masters:
+    :class:`llmpar.strategies.master.MasterWeights`.)"""
     if spec.fused_projections:
-        fuse_projections(model)
+        fuse_projections(model, mlp=spec.mlp not in QUACK_MLPS)
     if spec.mlp in QUACK_MLPS:
         from llmpar.quack_mlp import use_quack_mlp
 
