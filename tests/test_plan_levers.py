@@ -27,6 +27,7 @@ def test_checked_levers_are_modelled(lever):
     ({"activation_checkpointing": "selective"}, "selective activation checkpointing"),
     ({"precision": "fp32"}, "precision fp32"),
     ({"precision": "bf16-pure"}, "precision bf16-pure"),
+    ({"precision": "bf16-master"}, "precision bf16-master"),
 ])
 def test_unchecked_levers_say_why(lever, why):
     rc = _rc(**lever)
@@ -82,3 +83,24 @@ def test_quack_mlp_memory_matches_the_recorded_runs():
     saved = predicted["single"]["peak_gib"] - predicted["quack-mlp"]["peak_gib"]
     assert saved == pytest.approx(measured["single"] - measured["quack-mlp"], rel=0.03)
     assert predicted["quack-mlp"]["unmodelled"] == []
+
+
+def predict_spec(rc):
+    from llmpar.layout import RunSpec
+
+    return RunSpec(**rc["run"])
+
+
+def test_bf16_master_states_count_the_bf16_weights_beside_fp32_masters():
+    """bf16 weights (2 bytes) beside fp32 masters (4), fp32 gradient sums (4) and AdamW's two fp32 moments (8):
+    2 bytes a parameter more than bf16 autocast's fp32 weights, gradients and moments."""
+    from llmpar.plan.memory import state_bytes
+    from llmpar.shape import shape_of
+
+    plain, master = _rc(precision="bf16-residual"), _rc(precision="bf16-master")
+    sh = shape_of(plain["model"], 32000)
+    n = 1000
+    a = state_bytes(sh, predict_spec(plain), n)
+    b = state_bytes(sh, predict_spec(master), n)
+    assert a == {"params": 4 * n, "grads": 4 * n, "optimizer": 8 * n}
+    assert b == {"params": 6 * n, "grads": 4 * n, "optimizer": 8 * n}
