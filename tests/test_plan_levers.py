@@ -17,7 +17,7 @@ def _rc(**lever):
 
 
 @pytest.mark.parametrize("lever", [{}, {"activation_checkpointing": "full"}, {"compile": False},
-                                   {"fused_projections": True}, {"mlp": "quack"}])
+                                   {"fused_projections": True}, {"mlp": "quack"}, {"precision": "bf16-master"}])
 def test_checked_levers_are_modelled(lever):
     rc = _rc(**lever)
     assert predict(rc["model"], 32000, rc["run"], rc["train"], "h200")["unmodelled"] == []
@@ -27,7 +27,6 @@ def test_checked_levers_are_modelled(lever):
     ({"activation_checkpointing": "selective"}, "selective activation checkpointing"),
     ({"precision": "fp32"}, "precision fp32"),
     ({"precision": "bf16-pure"}, "precision bf16-pure"),
-    ({"precision": "bf16-master"}, "precision bf16-master"),
 ])
 def test_unchecked_levers_say_why(lever, why):
     rc = _rc(**lever)

@@ -4,8 +4,8 @@ with the residual stream in bf16 (``precision: bf16-residual``), with bf16 weigh
 (``precision: bf16-master``), with FlashAttention-4 (``train.attention`` fa4 and fa4-op, where the host has the
 flash-attn-4 package) and with quack-kernels' gated MLP (``mlp: quack``, where the host has quack-kernels; alone
 and with fused_projections), against ``single`` with the same compile setting and precision (bf16 for
-bf16-residual and bf16-master): fp32 losses, gradient norms and first updates within 1e-3, bf16 within 2 %
-(``gpu_util.check_tracks``). One launch on one GPU for all of them."""
+bf16-residual; bf16-master against bf16-residual): fp32 losses, gradient norms and first updates within 1e-3,
+bf16 within 2 % (``gpu_util.check_tracks``). One launch on one GPU for all of them."""
 
 import json
 
@@ -78,9 +78,12 @@ def test_bf16_residual_tracks_bf16(runs):
     check_tracks(runs["bf16"], "bf16-residual", "bf16", own_precision="bf16-residual")
 
 
-def test_bf16_master_tracks_bf16(runs):
-    """bf16 weights in the model with fp32 masters in the optimizer against bf16 autocast over fp32 weights."""
-    check_tracks(runs["bf16"], "bf16-master", "bf16", own_precision="bf16-master")
+def test_bf16_master_tracks_bf16_residual(runs):
+    """bf16 weights in the model with fp32 masters in the optimizer against bf16-residual, whose residual stream is
+    bf16 as well (against bf16's fp32 stream the two roundings add up: on an H100 bf16-master's gradient norms were
+    2.5 % from bf16's, bf16-residual's 1.5 %; benchmarks/results/test_levers_gpu_master_h100.txt)."""
+    pair = {"single": runs["bf16"]["bf16-residual"], "bf16-master": runs["bf16"]["bf16-master"]}
+    check_tracks(pair, "bf16-master", "bf16-residual", own_precision="bf16-master")
 
 
 @pytest.mark.parametrize("name,fused", [("quack-mlp", False), ("quack-mlp-fused", True)])

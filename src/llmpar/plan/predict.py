@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from llmpar.errors import ConfigError
-from llmpar.layout import DDP_BUCKET_MB, Precision, RunSpec, default_micro_batches, resolve
+from llmpar.layout import DDP_BUCKET_MB, RunSpec, default_micro_batches, resolve
 from llmpar.metrics.definitions import peak_flops_for
 from llmpar.plan.cards import card
 from llmpar.plan.memory import GIB, memory
@@ -33,12 +33,12 @@ def unmodelled(run: RunSpec, train: dict, c: dict | None = None) -> list[str]:
     """Why the plan's prediction of ``run`` on card constants ``c`` is not checked against a recorded run
     (empty: it is)."""
     out = []
-    if not run.precision.autocast:  # bf16 and bf16-residual (recorded in the kernels study) are checked
+    # bf16, bf16-residual and bf16-master (recorded in the kernels study) are checked; bf16-master's step is counted
+    # as bf16-residual's (the plan does not count the weight casts it saves) and its states as bf16 weights beside
+    # fp32 masters
+    if not run.precision.autocast:
         out.append(f"precision {run.precision}: the card's GEMM and attention rates are bf16 rates; no run "
                    "of this precision is recorded")
-    elif run.precision is Precision.BF16_MASTER:
-        out.append("precision bf16-master: its states are counted (bf16 weights beside fp32 masters), its step as "
-                   "bf16-residual's; no run of this precision is recorded")
     if run.activation_checkpointing == "selective":
         out.append("selective activation checkpointing: counted like full checkpointing on every second layer, "
                    "not checked against a recorded run")
