@@ -109,7 +109,7 @@ def attention_bench(out):
 
 
 def step_bench(out, name, mbs=8, fused_ce=True, backend=None, compile_mode="layers", precision="bf16", steps=6,
-               warm=3, mode="default", fused=False, mlp="torch"):
+               warm=3, mode="default", fused=False, mlp="torch", norm="torch"):
     from llmpar.strategies.engine import TorchEngine
     from llmpar.strategies.levers import prepare_model
 
@@ -126,7 +126,7 @@ def step_bench(out, name, mbs=8, fused_ce=True, backend=None, compile_mode="laye
     gb, seq = 32, MODEL["seq_len"]
     m = gb // mbs
     spec = RunSpec(name=name, strategy="single", micro_batches=m, micro_batch_size=mbs, precision=precision,
-                   compile=compile_mode == "layers", compile_mode=mode, fused_projections=fused, mlp=mlp)
+                   compile=compile_mode == "layers", compile_mode=mode, fused_projections=fused, mlp=mlp, norm=norm)
     ctx = types.SimpleNamespace(device=torch.device("cuda"), is_main=True, rank=0, world_size=1)
     t0 = time.time()
     model = build_model(MODEL, TOKENIZER_VOCAB, 1234, device="cuda", attention=backend or "default")
@@ -146,7 +146,7 @@ def step_bench(out, name, mbs=8, fused_ce=True, backend=None, compile_mode="laye
         batches.append(list(zip(xs.chunk(m), ys.chunk(m))))
     row = {"kind": "step", "name": name, "mbs": mbs, "m": m, "fused_ce": fused_ce, "backend": backend,
            "compile": compile_mode, "compile_mode": mode, "fused_projections": fused, "precision": precision,
-           "mlp": mlp}
+           "mlp": mlp, "norm": norm}
     with attention_backends(backend or "default", "cuda"):  # the backend order holds around the steps
         try:
             losses = []
@@ -315,6 +315,10 @@ VARIANTS = {
     "qmlpfusedfa4opmaster16": dict(mbs=16, backend="fa4-op", precision="bf16-master", mlp="quack", fused=True),
     "qmlptunedfusedfa4opmaster16": dict(mbs=16, backend="fa4-op", precision="bf16-master", mlp="quack-autotuned",
                                         fused=True),
+    # train.norm quack: quack's RMSNorms, each fused with the residual add before it
+    "qnormqmlpfa4opmaster16": dict(mbs=16, backend="fa4-op", precision="bf16-master", mlp="quack", norm="quack"),
+    "qnormqmlptunedfa4opmaster16": dict(mbs=16, backend="fa4-op", precision="bf16-master", mlp="quack-autotuned",
+                                        norm="quack"),
 }
 
 

@@ -204,8 +204,10 @@ def prepare(raw: dict, default_procs: int = 2) -> dict:
     problems = [(key, fa4_config_problem(cfg["model"], {**train, "attention": attention}, precisions))
                 for key, (attention, precisions) in asking(
                     "attention", {n: run_train[n]["attention"] for n in specs}, lambda v: v in FA4).items()]
-    problems += [(key, quack_config_problem(mlp, train, precisions)) for key, (mlp, precisions) in asking(
+    problems += [(key, quack_config_problem(f"mlp {mlp}", train, precisions)) for key, (mlp, precisions) in asking(
         "mlp", {n: spec.mlp for n, spec in specs.items()}, lambda v: v in QUACK_MLPS).items()]
+    problems += [(key, quack_config_problem(f"norm {norm}", train, precisions)) for key, (norm, precisions) in asking(
+        "norm", {n: spec.norm for n, spec in specs.items()}, lambda v: v == "quack").items()]
     for key, problem in problems:
         if problem:
             raise ConfigError(f"config key '{key}': {problem}")

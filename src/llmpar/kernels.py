@@ -1,5 +1,5 @@
-"""Kernels from outside PyTorch (``train.attention: fa4``, ``train.mlp: quack``), and what a study needs before it
-uses them.
+"""Kernels from outside PyTorch (``train.attention: fa4``, ``train.mlp: quack``, ``train.norm: quack``), and what a
+study needs before it uses them.
 
 ``fa4`` builds the model with transformers' ``flash_attention_4`` implementation, which calls FlashAttention-4
 (the ``flash-attn-4`` package: CuTe DSL kernels for Hopper and Blackwell, compiled when first called, forward
@@ -9,8 +9,9 @@ study's unpadded sequences need. Nothing falls back: a study that asks for it an
 config (:func:`fa4_config_problem`: the device, the precision, the head size) and on the host before any
 process starts (:func:`fa4_host_problem`: a GPU of compute capability 9 or above, the package installed).
 ``train.mlp: quack`` (and ``quack-autotuned``) runs each decoder layer's MLP on quack-kernels' gated GEMMs
-(:mod:`llmpar.quack_mlp`), which FA4 installs with it; it is refused likewise (:func:`quack_config_problem`,
-:func:`quack_host_problem`).
+(:mod:`llmpar.quack_mlp`), which FA4 installs with it, and ``train.norm: quack`` its RMSNorms on quack's kernel, each
+fused with the residual add before it (:mod:`llmpar.quack_norm`); both are refused likewise
+(:func:`quack_config_problem`, :func:`quack_host_problem`).
 Standard library only: the checks run before torch is imported.
 """
 
@@ -77,14 +78,18 @@ def fa4_host_problem(attention: str, capability: tuple[int, int] | None, install
 QUACK_MLPS = ("quack", "quack-autotuned")
 QUACK_DISTRIBUTION = "quack-kernels"
 QUACK_MIN_CAPABILITY = 9  # its gated-epilogue GEMMs are written for SM90 and SM100 (quack/gemm_sm90.py, gemm_sm100.py)
+# the train.norm values: LlamaRMSNorm under inductor, or quack's RMSNorm with the residual adds fused
+NORMS = ("torch", "quack")
 
 
-def quack_config_problem(mlp: str, train: dict, precisions: dict[str, str]) -> str | None:
-    """Why runs with ``train.mlp`` ``mlp`` (a :data:`QUACK_MLPS` value; ``precisions``: run name -> precision)
-    cannot train, or None."""
-    return bf16_cuda_problem(f"mlp {mlp}", train, precisions, "runs bf16 GEMMs", "mlp torch")
+def quack_config_problem(what: str, train: dict, precisions: dict[str, str]) -> str | None:
+    """Why runs asking for quack's kernels as ``what`` (``mlp quack``, ``mlp quack-autotuned``, ``norm quack``;
+    ``precisions``: run name -> precision) cannot train, or None."""
+    key = what.split()[0]
+    return bf16_cuda_problem(what, train, precisions, "runs bf16 kernels", f"{key} torch")
 
 
-def quack_host_problem(capability: tuple[int, int] | None, installed: str | None) -> str | None:
-    """Why this host cannot run ``train.mlp: quack``, or None (:func:`host_problem`)."""
-    return host_problem("mlp quack", QUACK_MIN_CAPABILITY, QUACK_DISTRIBUTION, capability, installed)
+def quack_host_problem(what: str, capability: tuple[int, int] | None, installed: str | None) -> str | None:
+    """Why this host cannot run quack's kernels as ``what`` (``mlp quack``, ``norm quack``), or None
+    (:func:`host_problem`)."""
+    return host_problem(what, QUACK_MIN_CAPABILITY, QUACK_DISTRIBUTION, capability, installed)

@@ -194,6 +194,7 @@ class RunSpec:
     compile_mode: str = "default"
     fused_projections: bool = False
     mlp: str = "torch"
+    norm: str = "torch"
     activation_checkpointing: str = "none"
     runtime_min: int = 20
     fault: dict | None = None
@@ -388,6 +389,7 @@ def resolve(name: str, entry: dict, model: dict, train: dict, runtime_min: int =
         compile_mode=get("compile_mode", train["compile_mode"]),
         fused_projections=get("fused_projections", train["fused_projections"]),
         mlp=get("mlp", train["mlp"]),
+        norm=get("norm", train["norm"]),
         activation_checkpointing=get("activation_checkpointing", train["activation_checkpointing"]),
         runtime_min=get("runtime_min", runtime_min),
         fault=entry.get("fault"),
@@ -464,6 +466,11 @@ def check_engine(spec: RunSpec, entry: dict, where: str) -> None:
         raise ConfigError(
             f"{where}.mlp: quack's gated MLP reads the gate, up and down weights in the MLP's own forward, past the "
             f"projection modules; {own_forward_conflict(spec)}" + OWN_FORWARD_ENGINES)
+    if spec.norm == "quack" and strategy != "single":
+        raise ConfigError(
+            f"{where}.norm: norm quack (the residual adds fused into quack's RMSNorms, the decoder layers handing "
+            f"each other the stream and the branch output unsummed) is implemented for strategy single, not "
+            f"{strategy}; use norm torch")
     if spec.compile_mode != "default" and not spec.compile:
         raise ConfigError(f"{where}.compile_mode: compile_mode {spec.compile_mode} applies to compiled layers, and "
                           "this run has compile false")

@@ -57,17 +57,18 @@ def cuda_capability() -> tuple[int, int] | None:
 
 def check_kernels(rc: dict) -> None:
     """Raise ConfigError when the run asks for kernels this host cannot run (``train.attention`` fa4 or fa4-op:
-    :func:`llmpar.kernels.fa4_host_problem`; ``mlp`` quack or quack-autotuned:
+    :func:`llmpar.kernels.fa4_host_problem`; ``mlp`` quack or quack-autotuned, ``norm`` quack:
     :func:`llmpar.kernels.quack_host_problem`), before any process starts."""
-    attention, quack = rc["train"]["attention"], rc["run"].get("mlp") in QUACK_MLPS
+    attention = rc["train"]["attention"]
+    quack = [f"{key} quack" for key, wanted in (("mlp", QUACK_MLPS), ("norm", ("quack",)))
+             if rc["run"].get(key) in wanted]
     if attention not in FA4 and not quack:
         return
     capability = cuda_capability() if uses_cuda(rc) else None
     problems = []
     if attention in FA4:
         problems.append(fa4_host_problem(attention, capability, package_version(FA4_DISTRIBUTION)))
-    if quack:
-        problems.append(quack_host_problem(capability, package_version(QUACK_DISTRIBUTION)))
+    problems += [quack_host_problem(what, capability, package_version(QUACK_DISTRIBUTION)) for what in quack]
     problems = [p for p in problems if p]
     if problems:
         raise ConfigError(f"run {rc['run']['name']}: {'; '.join(problems)}")

@@ -3,9 +3,10 @@ suite (``gpu_util.GPU_STUDY``) with one GEMM for q/k/v and one for gate/up (``fu
 with the residual stream in bf16 (``precision: bf16-residual``), with bf16 weights and fp32 masters
 (``precision: bf16-master``), with FlashAttention-4 (``train.attention`` fa4 and fa4-op, where the host has the
 flash-attn-4 package) and with quack-kernels' gated MLP (``mlp: quack``, where the host has quack-kernels; alone
-and with fused_projections), against ``single`` with the same compile setting and precision (bf16 for
-bf16-residual; bf16-master against bf16-residual): fp32 losses, gradient norms and first updates within 1e-3,
-bf16 within 2 % (``gpu_util.check_tracks``). One launch on one GPU for all of them."""
+and with fused_projections) and its RMSNorms with the residual adds fused (``norm: quack``), against ``single``
+with the same compile setting and precision (bf16 for bf16-residual; bf16-master against bf16-residual): fp32
+losses, gradient norms and first updates within 1e-3, bf16 within 2 % (``gpu_util.check_tracks``).
+One launch on one GPU for all of them."""
 
 import json
 
@@ -49,7 +50,9 @@ def runs(tmp_path_factory):
     jobs += [(run_config(lever_study(p), "single"), root / "bf16" / p) for p in ("bf16-residual", "bf16-master")]
     quack = lever_study("bf16", {"mlp": "quack"}, levers={"fused": {"fused_projections": True}})
     jobs += [(run_config(quack, "single"), root / "bf16" / "quack-mlp"),
-             (run_config(quack, "fused"), root / "bf16" / "quack-mlp-fused")] if QUACK_PRESENT else []
+             (run_config(quack, "fused"), root / "bf16" / "quack-mlp-fused"),
+             (run_config(lever_study("bf16", {"norm": "quack"}), "single"), root / "bf16" / "quack-norm"),
+             ] if QUACK_PRESENT else []
     launch_batch(jobs, tokens, root, timeout=1200)
     return {p: {out.name: read_run(out) for _, out in jobs if out.parent.name == p} for p in STEPS}
 
@@ -95,3 +98,12 @@ def test_quack_mlp_tracks_single(runs, name, fused):
     assert runs["bf16"][name][0]["spec"]["mlp"] == "quack"
     assert runs["bf16"][name][0]["spec"]["fused_projections"] is fused
     check_tracks(runs["bf16"], name, "bf16")
+
+
+def test_quack_norm_tracks_single(runs):
+    """quack's RMSNorms, each fused with the residual add before it (the layers handing each other the stream and
+    the MLP output unsummed), against LlamaRMSNorm under inductor, both bf16 autocast."""
+    if not QUACK_PRESENT:
+        pytest.skip(f"the {QUACK_DISTRIBUTION} package is not installed ({KERNELS_INSTALL})")
+    assert runs["bf16"]["quack-norm"][0]["spec"]["norm"] == "quack"
+    check_tracks(runs["bf16"], "quack-norm", "bf16")

@@ -34,7 +34,7 @@ WORLDS = (8, 64, 512, 1024)
 TOKENS_PER_GPU = 16384  # 8 x 2048 (1.1B) or 2 x 8192 (8B) sequences per GPU per step: weak scaling
 PP_STAGES = 4  # stages of the hybrid layouts from 64 GPUs (2 at 8 GPUs for 3-D, where tp takes 4)
 TRAIN = {"precision": "bf16", "compile": True, "compile_mode": "default", "fused_projections": False, "mlp": "torch",
-         "device": "cuda", "activation_checkpointing": "none", "micro_batch_size": None}
+         "norm": "torch", "device": "cuda", "activation_checkpointing": "none", "micro_batch_size": None}
 
 
 def tp_degree(shape: str) -> int:

@@ -71,7 +71,7 @@ def apply_compile(model, enabled: bool, in_place: bool = False, mode: str = "def
 
 
 def prepare_model(model, spec) -> torch.nn.Module:
-    """Fused projections or quack's MLP, precision, activation checkpointing and compile: the per-run levers,
+    """Fused projections, quack's MLP or norms, precision, activation checkpointing and compile: the per-run levers,
     in torchtitan's order. (``bf16-master`` casts the weights in its engine, which keeps their fp32 masters:
     :class:`llmpar.strategies.master.MasterWeights`.)"""
     if spec.fused_projections:
@@ -80,6 +80,10 @@ def prepare_model(model, spec) -> torch.nn.Module:
         from llmpar.quack_mlp import use_quack_mlp
 
         use_quack_mlp(model, autotuned=spec.mlp == "quack-autotuned")
+    if spec.norm == "quack":
+        from llmpar.quack_norm import use_quack_norm
+
+        use_quack_norm(model)
     if spec.precision is Precision.BF16_PURE:
         model.to(torch.bfloat16)
     if spec.precision is Precision.BF16_RESIDUAL:
