@@ -53,6 +53,49 @@ def test_micro_batch_gradients_sum_in_fp32_and_the_step_rounds_the_masters_into_
     assert torch.equal(p, master.to(torch.bfloat16)) and not torch.equal(master, master.to(torch.bfloat16).float())
 
 
+def test_an_earlier_micro_batch_gradient_is_held_in_bf16_and_summed_with_the_next_in_fp32():
+    """Within a step the first of two micro-batches' bf16 gradients is held (no fp32 gradient yet), and the second's
+    arrival forms their fp32 sum, the same bits as casting the first and adding the second; nothing stays held."""
+    e = engine("bf16-master")
+    name = "model.layers.1.self_attn.q_proj.weight"
+    p, master = dict(e.model.named_parameters())[name], dict(e.named_weights(e.model))[name]
+    seen = []
+    p.register_hook(lambda g: seen.append(g.clone()))
+    (x1, y1), (x2, y2) = batches(1)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        e.masters.last = False
+        causal_lm_loss(e.model, x1, y1).backward()
+        assert master.grad is None and e.masters.held[e.masters.names.index(name)].dtype == torch.bfloat16
+        e.masters.last = True
+        causal_lm_loss(e.model, x2, y2).backward()
+    assert master.grad.dtype == torch.float32 and torch.equal(master.grad, seen[0].float().add_(seen[1]))
+    assert all(h is None for h in e.masters.held)
+    e.masters.check_summed()
+
+
+def test_a_gradient_held_past_the_last_micro_batch_stops_the_step():
+    e = engine("bf16-master")
+    e.masters.last = False
+    (x, y), _ = batches(1)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        causal_lm_loss(e.model, x, y).backward()
+    with pytest.raises(RuntimeError, match="last micro-batch gave no gradient"):
+        e.step_optimizer()
+
+
+def test_the_compiled_fp32_sum_is_the_eager_cast_and_add():
+    """The one-kernel sum CUDA runs (inductor's code, here compiled for CPU) gives the bits of the eager cast and
+    add, also where the bf16 sum would round (1 + 2⁻⁹)."""
+    from llmpar.strategies import master
+
+    g = torch.Generator().manual_seed(3)
+    a = (torch.randn(4099, generator=g) * torch.logspace(-8, 8, 4099)).to(torch.bfloat16)
+    b = torch.randn(4099, generator=g).to(torch.bfloat16)
+    a[0], b[0] = 1.0, 2.0 ** -9
+    compiled = torch.compile(master._sum, dynamic=True)(a, b)
+    assert compiled.dtype == torch.float32 and torch.equal(compiled, a.float().add_(b)) and compiled[0] == 1 + 2 ** -9
+
+
 def test_bf16_master_trains_as_bf16_residual():
     """Over 6 steps: losses within 10⁻⁴ of bf16-residual's, and the weights' change within 5 % of its change (the
     RMSNorm weights rounded to bf16 differ; bf16 autocast's fp32 stream is 3.7 % away, masters the step leaves

@@ -194,6 +194,8 @@ class TorchEngine(Engine):
         total = torch.zeros((), device=self.ctx.device)
         for i, (x, y) in enumerate(micro_batches):
             sync_ctx = self.no_sync() if (self.no_sync is not None and i < n - 1) else contextlib.nullcontext()
+            if self.masters is not None:
+                self.masters.last = i == n - 1
             with sync_ctx:
                 self.timer.start()
                 with autocast(self.spec.precision, self.ctx.device):
@@ -238,6 +240,8 @@ class TorchEngine(Engine):
 
     def step_optimizer(self) -> None:
         """Clip (keeping the norm before clipping), step AdamW, clear the gradients, advance the schedule."""
+        if self.masters is not None:
+            self.masters.check_summed()
         if self.train_cfg["grad_clip"] > 0:
             self._grad_norm = self.clip_grads(self.stepped())
         self.optimizer.step()
@@ -261,9 +265,10 @@ class TorchEngine(Engine):
     # -- accounting
     def model_state_bytes(self) -> dict[str, int]:
         params = list(self.model.parameters()) + (self.masters.masters if self.masters is not None else [])
+        held = list(self.masters.held) if self.masters is not None else []  # bf16 gradients awaiting their sum
         return {
             "params": tensor_bytes(params),
-            "grads": tensor_bytes(p.grad for p in params),
+            "grads": tensor_bytes([p.grad for p in params] + held),
             "optimizer": tensor_bytes(optimizer_state_tensors(self.optimizer)),
         }
 
