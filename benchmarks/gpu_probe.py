@@ -312,6 +312,7 @@ VARIANTS = {
     "qmlpfusedfa4opres16": dict(mbs=16, backend="fa4-op", precision="bf16-residual", mlp="quack", fused=True),
     # precision bf16-master: bf16 weights in the model, fp32 masters in the optimizer (no per-micro-batch casts)
     "qmlpfa4opmaster16": dict(mbs=16, backend="fa4-op", precision="bf16-master", mlp="quack"),
+    "qmlptunedfa4opmaster16": dict(mbs=16, backend="fa4-op", precision="bf16-master", mlp="quack-autotuned"),
     "qmlpfusedfa4opmaster16": dict(mbs=16, backend="fa4-op", precision="bf16-master", mlp="quack", fused=True),
     "qmlptunedfusedfa4opmaster16": dict(mbs=16, backend="fa4-op", precision="bf16-master", mlp="quack-autotuned",
                                         fused=True),
