@@ -54,8 +54,9 @@ def test_micro_batch_gradients_sum_in_fp32_and_the_step_rounds_the_masters_into_
 
 
 def test_an_earlier_micro_batch_gradient_is_held_in_bf16_and_summed_with_the_next_in_fp32():
-    """Within a step the first of two micro-batches' bf16 gradients is held (no fp32 gradient yet), and the second's
-    arrival forms their fp32 sum, the same bits as casting the first and adding the second; nothing stays held."""
+    """Within a step the first of two micro-batches' bf16 gradients is held (no fp32 gradient yet; they count as
+    gradient bytes), and the second's arrival forms their fp32 sum, the same bits as casting the first and adding
+    the second; nothing stays held."""
     e = engine("bf16-master")
     name = "model.layers.1.self_attn.q_proj.weight"
     p, master = dict(e.model.named_parameters())[name], dict(e.named_weights(e.model))[name]
@@ -66,6 +67,7 @@ def test_an_earlier_micro_batch_gradient_is_held_in_bf16_and_summed_with_the_nex
         e.masters.last = False
         causal_lm_loss(e.model, x1, y1).backward()
         assert master.grad is None and e.masters.held[e.masters.names.index(name)].dtype == torch.bfloat16
+        assert e.model_state_bytes()["grads"] == 2 * sum(q.numel() for q in e.model.parameters())  # held bf16
         e.masters.last = True
         causal_lm_loss(e.model, x2, y2).backward()
     assert master.grad.dtype == torch.float32 and torch.equal(master.grad, seen[0].float().add_(seen[1]))

@@ -27,6 +27,7 @@ def test_checked_levers_are_modelled(lever):
     ({"activation_checkpointing": "selective"}, "selective activation checkpointing"),
     ({"precision": "fp32"}, "precision fp32"),
     ({"precision": "bf16-pure"}, "precision bf16-pure"),
+    ({"norm": "quack"}, "norm quack"),
 ])
 def test_unchecked_levers_say_why(lever, why):
     rc = _rc(**lever)
@@ -103,3 +104,17 @@ def test_bf16_master_states_count_the_bf16_weights_beside_fp32_masters():
     b = state_bytes(sh, predict_spec(master), n)
     assert a == {"params": 4 * n, "grads": 4 * n, "optimizer": 8 * n}
     assert b == {"params": 6 * n, "grads": 4 * n, "optimizer": 8 * n}
+
+
+@pytest.mark.parametrize("micro_batch_size,grad_bytes", [(32, 0), (16, 2), (8, 4)])
+def test_bf16_master_gradients_at_the_peak(micro_batch_size, grad_bytes):
+    """At the peak (the last micro-batch's activations): no gradient with one micro-batch; with two, the first's
+    bf16 gradients, held for their fp32 sum with the second's (2 bytes a parameter); with more, the fp32 sums (4)."""
+    from llmpar.plan.memory import memory
+    from llmpar.shape import shape_of
+
+    rc = _rc(precision="bf16-master", micro_batch_size=micro_batch_size)
+    run = predict_spec(rc)
+    sh = shape_of(rc["model"], 32000)
+    (rank,) = memory(sh, run, compiled=True, overhead_gib=0.0)
+    assert rank["parts"]["grads"] == grad_bytes * rank["params_local"]
