@@ -98,6 +98,71 @@ def test_the_compiled_fp32_sum_is_the_eager_cast_and_add():
     assert compiled.dtype == torch.float32 and torch.equal(compiled, a.float().add_(b)) and compiled[0] == 1 + 2 ** -9
 
 
+SHAPES = [(64, 32), (32,), (128, 64), (7,)]
+LRS = (1e-3, 2e-3, 3e-3)
+
+
+def _masters_and_grads():
+    g = torch.Generator().manual_seed(0)
+    masters = [torch.randn(s, generator=g) for s in SHAPES]
+    grads = [[torch.randn(s, generator=g) * (10.0 if k == 1 else 0.01) for s in SHAPES] for k in range(len(LRS))]
+    return masters, grads  # the second step's gradients far above the clipping norm, the others below it
+
+
+@pytest.mark.parametrize("max_norm", [1.0, 0.0])
+def test_the_step_is_clipping_then_adamw_then_the_rounding(max_norm):
+    """Three steps of clip_adamw_round against the sequence it replaces: clip_grad_norm_, the fused AdamW kernel,
+    the copy into the bf16 weights: the masters within AdamW's rounding (another order of the same arithmetic),
+    the bf16 weights, the moments and the norms before clipping the same."""
+    from llmpar.strategies.master import clip_adamw_round
+
+    start, grads = _masters_and_grads()
+    ref = [m.clone() for m in start]
+    ref_bf16 = [m.to(torch.bfloat16) for m in ref]
+    opt = torch.optim.AdamW(ref, lr=LRS[0], betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)
+    ours = [m.clone() for m in start]
+    ours_bf16 = [m.to(torch.bfloat16) for m in ours]
+    exp_avgs, exp_avg_sqs = [torch.zeros_like(m) for m in ours], [torch.zeros_like(m) for m in ours]
+    steps = [torch.zeros(()) for _ in ours]
+    for lr, step_grads in zip(LRS, grads):
+        for m, g in zip(ref, step_grads):
+            m.grad = g.clone()
+        opt.param_groups[0]["lr"] = lr
+        want = torch.nn.utils.clip_grad_norm_(ref, max_norm) if max_norm else None
+        opt.step()
+        torch._foreach_copy_(ref_bf16, ref)
+        got = clip_adamw_round(ours_bf16, ours, [g.clone() for g in step_grads], exp_avgs, exp_avg_sqs, steps, lr=lr,
+                               max_norm=max_norm, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, capturable=False)
+        assert (got is None and want is None) or torch.equal(got, want)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    assert all(torch.equal(a, b) for a, b in zip(ours_bf16, ref_bf16))
+    state = [opt.state[m] for m in ref]
+    for a, s in zip(exp_avg_sqs, state):
+        torch.testing.assert_close(a, s["exp_avg_sq"], rtol=1e-6, atol=1e-12)
+    assert [float(s) for s in steps] == [float(s["step"]) for s in state] == [len(LRS)] * len(SHAPES)
+
+
+def test_the_compiled_step_trains_as_the_eager_one():
+    """The step as CUDA runs it (compiled, the learning rate and step counters device tensors; here compiled for
+    CPU) against the eager step in the engine: after one step the masters within AdamW's rounding; over three the
+    losses within 2 x 10⁻⁵ (masters a few ulps apart round to other bf16 weights, and Adam turns the changed
+    near-zero gradients into whole updates), each step at the scheduler's learning rate; each bf16 weight its master
+    rounded; the optimizer's state in the fused AdamW's form."""
+    eager, compiled = engine("bf16-master"), engine("bf16-master")
+    compiled.masters.compiled = True
+    for i, batch in enumerate(batches(3)):
+        lr = compiled.optimizer.param_groups[0]["lr"]  # the scheduler's, which each step sets anew
+        a, b = eager.train_step(batch), compiled.train_step(batch)
+        assert abs(a - b) <= 2e-5 * abs(a), (a, b)
+        assert float(compiled.masters._lr) == pytest.approx(lr, rel=1e-7)
+        if i == 0:
+            for x, y in zip(compiled.masters.masters, eager.masters.masters):
+                torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+    assert all(torch.equal(p, m.to(torch.bfloat16)) for p, m in zip(compiled.masters.params, compiled.masters.masters))
+    assert compiled.optimizer.state_dict()["state"][0].keys() == eager.optimizer.state_dict()["state"][0].keys()
+
+
 def test_bf16_master_trains_as_bf16_residual():
     """Over 6 steps: losses within 10⁻⁴ of bf16-residual's, and the weights' change within 5 % of its change (the
     RMSNorm weights rounded to bf16 differ; bf16 autocast's fp32 stream is 3.7 % away, masters the step leaves

@@ -241,13 +241,13 @@ class TorchEngine(Engine):
     def step_optimizer(self) -> None:
         """Clip (keeping the norm before clipping), step AdamW, clear the gradients, advance the schedule."""
         if self.masters is not None:
-            self.masters.check_summed()
-        if self.train_cfg["grad_clip"] > 0:
-            self._grad_norm = self.clip_grads(self.stepped())
-        self.optimizer.step()
+            norm = self.masters.step(self.optimizer, self.train_cfg["grad_clip"])
+            self._grad_norm = norm if norm is not None else self._grad_norm
+        else:
+            if self.train_cfg["grad_clip"] > 0:
+                self._grad_norm = self.clip_grads(self.stepped())
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.masters is not None:
-            self.masters.round_into_model()
         self.scheduler.step()
         self.timer.stop("optimizer")
 

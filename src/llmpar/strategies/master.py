@@ -8,6 +8,13 @@ and :class:`MasterWeights` holds the fp32 master copies the optimizer steps, as 
 gradient as soon as autograd has accumulated it (a post-accumulate hook, then the bf16 gradient is dropped), so the
 sum over micro-batches is fp32 as in ``bf16``; after the step the masters are rounded into the model's weights.
 
+The step (:meth:`MasterWeights.step`) is torch's AdamW (``torch.optim.adamw.adamw``, its multi-tensor form) on the
+masters, after ``clip_grad_norm_``'s clipping, followed by the rounding: on CUDA one compiled function, so inductor
+fuses the clipping coefficient, the update and the bf16 copy into one pass over the masters, gradients and moments,
+where the eager sequence makes four (the clip's scaling, the fused AdamW kernel, and the copy's read of the masters).
+The state is the fused AdamW optimizer's (the same keys, a device step counter), so checkpoints and the state bytes
+are unchanged; the arithmetic is AdamW's, in another order than the fused kernel's.
+
 The bf16 weight gradients are the ones ``bf16`` autocast computes too (bf16 GEMM outputs), the projections see
 the same bf16-rounded weights, and the residual stream is bf16 as in ``bf16-residual`` (the embedding's weight is
 bf16). What differs from ``bf16-residual``: each RMSNorm multiplies by its weight rounded to bf16, and the
@@ -17,6 +24,7 @@ rotary embedding's buffers stay fp32 (only parameters are cast).
 from __future__ import annotations
 
 import torch
+from torch.optim.adamw import adamw
 
 
 class MasterWeights:
@@ -36,6 +44,8 @@ class MasterWeights:
         self.masters = [p.detach().clone().float() for p in self.params]
         self.held: list[torch.Tensor | None] = [None] * len(self.params)
         self.last = True  # whether the micro-batch whose backward runs next is the step's last
+        self.compiled: bool | None = None  # whether the step is compiled (None: on CUDA, decided at the first step)
+        self._lr: torch.Tensor | None = None
         for i, (p, master) in enumerate(zip(self.params, self.masters)):
             p.data = p.data.to(torch.bfloat16)
             p.register_post_accumulate_grad_hook(self._sum_into(i, master))
@@ -62,6 +72,36 @@ class MasterWeights:
         if left:
             raise RuntimeError(f"bf16-master: the step's last micro-batch gave no gradient for {left[:3]} "
                                f"({len(left)} parameters), whose earlier micro-batch gradients are held unsummed")
+
+    @torch.no_grad()
+    def step(self, optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor | None:
+        """Clip the masters' gradients to ``max_norm`` (0: no clipping), step AdamW on the masters and round them
+        into the model (:func:`clip_adamw_round`); returns the gradients' norm before clipping (None without
+        clipping). ``optimizer``: the AdamW the engine made, whose hyperparameters, learning rate (as its scheduler
+        sets it) and state this step uses and keeps."""
+        self.check_summed()
+        (group,) = optimizer.param_groups
+        if group["params"] != list(self.masters):
+            raise ValueError("bf16-master steps an optimizer of its masters, in their order")
+        states = []
+        for m in self.masters:
+            state = optimizer.state[m]
+            if not state:  # the fused AdamW's state: a device step counter and fp32 moments
+                state.update(step=torch.zeros((), dtype=torch.float32, device=m.device),
+                             exp_avg=torch.zeros_like(m), exp_avg_sq=torch.zeros_like(m))
+            states.append(state)
+        if self.compiled is None:
+            self.compiled = self.masters[0].device.type == "cuda"
+        lr = group["lr"]
+        if self.compiled:  # the learning rate as a device tensor, which the compiled step's guards do not specialise on
+            if self._lr is None:
+                self._lr = torch.zeros((), device=self.masters[0].device)
+            lr = self._lr.fill_(group["lr"])
+        beta1, beta2 = group["betas"]
+        return step_function(self.compiled)(
+            list(self.params), self.masters, [m.grad for m in self.masters], [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states], [s["step"] for s in states], lr=lr, max_norm=max_norm, beta1=beta1,
+            beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], capturable=self.compiled)
 
     @torch.no_grad()
     def round_into_model(self) -> None:
@@ -107,3 +147,32 @@ def fp32_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if _COMPILED_SUM is None:
         _COMPILED_SUM = torch.compile(_sum, dynamic=True)
     return _COMPILED_SUM(a.view(-1), b.view(-1)).view(a.shape)
+
+
+def clip_adamw_round(params, masters, grads, exp_avgs, exp_avg_sqs, steps, *, lr, max_norm, beta1, beta2, eps,
+                     weight_decay, capturable):
+    """``clip_grad_norm_``'s coefficient (``max_norm`` over the gradients' 2-norm + 10⁻⁶, at most 1) applied to the
+    gradients without writing them, torch's multi-tensor AdamW on the masters, and the masters rounded into the
+    bf16 ``params``. Returns the norm before clipping (None where ``max_norm`` is 0)."""
+    norm = None
+    if max_norm > 0:
+        norm = torch.nn.utils.get_total_norm(grads, 2.0)
+        grads = torch._foreach_mul(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+    adamw(masters, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=True, capturable=capturable, amsgrad=False,
+          beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=False)
+    torch._foreach_copy_(params, masters)
+    return norm
+
+
+_COMPILED_STEP = None
+
+
+def step_function(compiled: bool):
+    """:func:`clip_adamw_round`, compiled (once: the learning rate and step counters are tensors, which its guards
+    do not specialise on; the multi-tensor AdamW's capturable form, which keeps them on the device) or eager."""
+    global _COMPILED_STEP
+    if not compiled:
+        return clip_adamw_round
+    if _COMPILED_STEP is None:
+        _COMPILED_STEP = torch.compile(clip_adamw_round)
+    return _COMPILED_STEP
