@@ -4,14 +4,16 @@ Under ``bf16`` autocast every projection casts its fp32 weight to bf16 in each m
 bf16 weight gradient back to fp32 in the backward before autograd adds it to the fp32 ``.grad``: three passes over
 every weight per micro-batch. Here the model holds bf16 weights, which autocast's projections take as they are,
 and :class:`MasterWeights` holds the fp32 master copies the optimizer steps, as Megatron-LM's bf16 training does
-(fp32 main parameters and gradients beside the bf16 model). Each bf16 gradient is added to its master's fp32
-gradient as soon as autograd has accumulated it (a post-accumulate hook, then the bf16 gradient is dropped), so the
-sum over micro-batches is fp32 as in ``bf16``; after the step the masters are rounded into the model's weights.
+(fp32 main parameters and gradients beside the bf16 model). Each micro-batch's bf16 gradient goes into its
+master's fp32 gradient as soon as autograd has accumulated it (a post-accumulate hook, then the model's bf16 gradient
+is dropped; an earlier micro-batch's is held and summed with the next one's), so the sum over micro-batches is fp32
+as in ``bf16``; after the step the masters are rounded into the model's weights.
 
 The step (:meth:`MasterWeights.step`) is torch's AdamW (``torch.optim.adamw.adamw``, its multi-tensor form) on the
 masters, after ``clip_grad_norm_``'s clipping, followed by the rounding: on CUDA one compiled function, so inductor
-fuses the clipping coefficient, the update and the bf16 copy into one pass over the masters, gradients and moments,
-where the eager sequence makes four (the clip's scaling, the fused AdamW kernel, and the copy's read of the masters).
+fuses the clipping coefficient, the update and the bf16 copy into one pass over the masters, gradients and moments
+after the norm's, where the eager sequence also scales the gradients in place and reads the masters again to copy
+them.
 The state is the fused AdamW optimizer's (the same keys, a device step counter), so checkpoints and the state bytes
 are unchanged; the arithmetic is AdamW's, in another order than the fused kernel's.
 
