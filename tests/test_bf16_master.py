@@ -31,71 +31,71 @@ def test_the_model_holds_bf16_and_the_optimizer_fp32_masters_of_the_initial_weig
     assert stepped == {id(m) for m in master.masters.masters}
 
 
-def test_micro_batch_gradients_sum_in_fp32_and_the_step_rounds_the_masters_into_the_model():
-    """The second micro-batch's bf16 gradient is added to the first's in fp32, exactly; the model keeps no
-    gradient of its own; after the step each bf16 weight is its master rounded."""
+def test_micro_batch_gradients_are_held_in_bf16_and_the_step_rounds_the_masters_into_the_model():
+    """Two micro-batches' bf16 gradients are held as autograd made them (2 bytes a parameter after the first, 4
+    after the second); the model keeps no gradient of its own and the masters none yet; the step takes them all
+    and leaves each bf16 weight its master rounded."""
     e = engine("bf16-master")
-    named = dict(e.model.named_parameters())
+    n = sum(q.numel() for q in e.model.parameters())
     name = "model.layers.0.mlp.down_proj.weight"
-    p, master = named[name], dict(e.named_weights(e.model))[name]
+    i = e.masters.names.index(name)
+    p, master = e.masters.params[i], e.masters.masters[i]
     seen = []
     p.register_hook(lambda g: seen.append(g.clone()))
     (x1, y1), (x2, y2) = batches(1)[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         causal_lm_loss(e.model, x1, y1).backward()
-        first = master.grad.clone()
+        assert e.model_state_bytes()["grads"] == 2 * n
         causal_lm_loss(e.model, x2, y2).backward()
-    assert seen[0].dtype == torch.bfloat16 and torch.equal(first, seen[0].float())
-    assert master.grad.dtype == torch.float32 and torch.equal(master.grad, first + seen[1].float())
-    assert all(q.grad is None for q in e.model.parameters())
-    e.optimizer.zero_grad(set_to_none=True)
-    e.train_step(batches(1)[0])
+    assert e.model_state_bytes()["grads"] == 4 * n
+    assert [g.dtype for g in e.masters.held[i]] == [torch.bfloat16] * 2
+    assert all(torch.equal(a, b) for a, b in zip(e.masters.held[i], seen))
+    assert master.grad is None and all(q.grad is None for q in e.model.parameters())
+    e.step_optimizer()
+    assert all(not h for h in e.masters.held) and master.grad is None
     assert torch.equal(p, master.to(torch.bfloat16)) and not torch.equal(master, master.to(torch.bfloat16).float())
 
 
-def test_an_earlier_micro_batch_gradient_is_held_in_bf16_and_summed_with_the_next_in_fp32():
-    """Within a step the first of two micro-batches' bf16 gradients is held (no fp32 gradient yet; they count as
-    gradient bytes), and the second's arrival forms their fp32 sum, the same bits as casting the first and adding
-    the second; nothing stays held."""
+def test_the_step_sums_the_held_gradients_in_fp32():
+    """A step from two lists of bf16 gradients is the step from their fp32 sums, bit for bit (1 + 2⁻⁹, which bf16
+    rounds to 1, among them); a third micro-batch's gradient forms the fp32 sum in the hook, adding in order."""
+    from llmpar.strategies.master import clip_adamw_round
+
+    g = torch.Generator().manual_seed(3)
+    a, b = [torch.randn(s, generator=g).to(torch.bfloat16) for s in SHAPES], [
+        torch.randn(s, generator=g).to(torch.bfloat16) for s in SHAPES]
+    a[0][0, 0], b[0][0, 0] = 1.0, 2.0 ** -9
+    results = []
+    for parts in ([a, b], [[x.float().add_(y) for x, y in zip(a, b)]]):
+        masters = [torch.ones(s) for s in SHAPES]
+        bf16 = [m.to(torch.bfloat16) for m in masters]
+        moments = [[torch.zeros(s) for s in SHAPES] for _ in range(2)]
+        norm = clip_adamw_round(bf16, masters, parts, *moments, [torch.zeros(()) for _ in SHAPES], lr=1e-3,
+                                max_norm=1.0, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, capturable=False)
+        results.append((norm, masters, moments[1]))
+    (n1, m1, v1), (n2, m2, v2) = results
+    assert torch.equal(n1, n2) and all(torch.equal(x, y) for x, y in zip(m1 + v1, m2 + v2))
+    assert v1[0][0, 0] > 0 and float(a[0][0, 0].float() + b[0][0, 0].float()) == 1 + 2 ** -9
+
     e = engine("bf16-master")
-    name = "model.layers.1.self_attn.q_proj.weight"
-    p, master = dict(e.model.named_parameters())[name], dict(e.named_weights(e.model))[name]
+    p, master = e.masters.params[3], e.masters.masters[3]
     seen = []
-    p.register_hook(lambda g: seen.append(g.clone()))
-    (x1, y1), (x2, y2) = batches(1)[0]
+    p.register_hook(lambda grad: seen.append(grad.clone()))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        e.masters.last = False
-        causal_lm_loss(e.model, x1, y1).backward()
-        assert master.grad is None and e.masters.held[e.masters.names.index(name)].dtype == torch.bfloat16
-        assert e.model_state_bytes()["grads"] == 2 * sum(q.numel() for q in e.model.parameters())  # held bf16
-        e.masters.last = True
-        causal_lm_loss(e.model, x2, y2).backward()
-    assert master.grad.dtype == torch.float32 and torch.equal(master.grad, seen[0].float().add_(seen[1]))
-    assert all(h is None for h in e.masters.held)
-    e.masters.check_summed()
+        for x, y in batches(2)[0] + batches(2)[1][:1]:
+            causal_lm_loss(e.model, x, y).backward()
+    assert not e.masters.held[3] and torch.equal(master.grad, seen[0].float().add_(seen[1]).add_(seen[2]))
+    assert len(e.masters.gradient_parts()) == 1
 
 
-def test_a_gradient_held_past_the_last_micro_batch_stops_the_step():
+def test_parameters_left_without_a_micro_batch_gradient_stop_the_step():
     e = engine("bf16-master")
-    e.masters.last = False
     (x, y), _ = batches(1)[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         causal_lm_loss(e.model, x, y).backward()
-    with pytest.raises(RuntimeError, match="last micro-batch gave no gradient"):
+    e.masters.held[0].clear()  # as if the micro-batch had not reached the first parameter
+    with pytest.raises(RuntimeError, match="gradients of different micro-batch counts"):
         e.step_optimizer()
-
-
-def test_the_compiled_fp32_sum_is_the_eager_cast_and_add():
-    """The one-kernel sum CUDA runs (inductor's code, here compiled for CPU) gives the bits of the eager cast and
-    add, also where the bf16 sum would round (1 + 2⁻⁹)."""
-    from llmpar.strategies import master
-
-    g = torch.Generator().manual_seed(3)
-    a = (torch.randn(4099, generator=g) * torch.logspace(-8, 8, 4099)).to(torch.bfloat16)
-    b = torch.randn(4099, generator=g).to(torch.bfloat16)
-    a[0], b[0] = 1.0, 2.0 ** -9
-    compiled = torch.compile(master._sum, dynamic=True)(a, b)
-    assert compiled.dtype == torch.float32 and torch.equal(compiled, a.float().add_(b)) and compiled[0] == 1 + 2 ** -9
 
 
 SHAPES = [(64, 32), (32,), (128, 64), (7,)]
@@ -131,7 +131,7 @@ def test_the_step_is_clipping_then_adamw_then_the_rounding(max_norm):
         want = torch.nn.utils.clip_grad_norm_(ref, max_norm) if max_norm else None
         opt.step()
         torch._foreach_copy_(ref_bf16, ref)
-        got = clip_adamw_round(ours_bf16, ours, [g.clone() for g in step_grads], exp_avgs, exp_avg_sqs, steps, lr=lr,
+        got = clip_adamw_round(ours_bf16, ours, [[g.clone() for g in step_grads]], exp_avgs, exp_avg_sqs, steps, lr=lr,
                                max_norm=max_norm, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, capturable=False)
         assert (got is None and want is None) or torch.equal(got, want)
     for a, b in zip(ours, ref):

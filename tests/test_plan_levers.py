@@ -109,7 +109,8 @@ def test_bf16_master_states_count_the_bf16_weights_beside_fp32_masters():
 @pytest.mark.parametrize("micro_batch_size,grad_bytes", [(32, 0), (16, 2), (8, 4)])
 def test_bf16_master_gradients_at_the_peak(micro_batch_size, grad_bytes):
     """At the peak (the last micro-batch's activations): no gradient with one micro-batch; with two, the first's
-    bf16 gradients, held for their fp32 sum with the second's (2 bytes a parameter); with more, the fp32 sums (4)."""
+    bf16 gradients, held for the step's fp32 sum (2 bytes a parameter); with more, two bf16 gradients or their fp32
+    sums (4)."""
     from llmpar.plan.memory import memory
     from llmpar.shape import shape_of
 

@@ -192,8 +192,8 @@ def memory(sh: Shape, run: RunSpec, compiled: bool, overhead_gib: float) -> list
             # gradients are held through the next's activations.
             states["grads"] = 0.0
         if run.precision is Precision.BF16_MASTER and run.micro_batches == 2:
-            # the first micro-batch's bf16 gradients are held through the second's activations, and their fp32
-            # sums form in the second's backward as the activations are freed (llmpar.strategies.master)
+            # the first micro-batch's bf16 gradients are held through the second's activations (with more
+            # micro-batches two bf16 gradients or their fp32 sums, 4 bytes; llmpar.strategies.master)
             states["grads"] = 2 * n_local
         act = tokens * saved_bytes_per_token(sh, run, share["layers"], share["last"], compiled)
         live = live_micro_batches(run, share["rank"])

@@ -194,8 +194,6 @@ class TorchEngine(Engine):
         total = torch.zeros((), device=self.ctx.device)
         for i, (x, y) in enumerate(micro_batches):
             sync_ctx = self.no_sync() if (self.no_sync is not None and i < n - 1) else contextlib.nullcontext()
-            if self.masters is not None:
-                self.masters.last = i == n - 1
             with sync_ctx:
                 self.timer.start()
                 with autocast(self.spec.precision, self.ctx.device):
@@ -265,7 +263,7 @@ class TorchEngine(Engine):
     # -- accounting
     def model_state_bytes(self) -> dict[str, int]:
         params = list(self.model.parameters()) + (self.masters.masters if self.masters is not None else [])
-        held = list(self.masters.held) if self.masters is not None else []  # bf16 gradients awaiting their sum
+        held = [g for h in self.masters.held for g in h] if self.masters is not None else []  # bf16, awaiting their sum
         return {
             "params": tensor_bytes(params),
             "grads": tensor_bytes([p.grad for p in params] + held),

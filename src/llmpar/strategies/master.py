@@ -32,56 +32,58 @@ from torch.optim.adamw import adamw
 class MasterWeights:
     """fp32 masters of ``model``'s trainable parameters (taken before the model is cast, so they start at the
     fp32 initial values), the model's parameters cast to bf16 in place (the same ``Parameter`` objects, so
-    compiled layers, hooks and names are unchanged), and the hooks that sum each micro-batch's bf16 gradient into
-    the master's fp32 ``.grad``.
+    compiled layers, hooks and names are unchanged), and the hooks that take each micro-batch's bf16 gradient.
 
-    The engine sets :attr:`last` before each micro-batch's backward. A gradient of a micro-batch that is not the
-    step's last is held in bf16 until the next micro-batch's arrives, and the two are summed into the fp32 gradient
-    in one pass (:func:`fp32_sum`: 8 bytes a parameter, where casting the first and adding the second moves 16);
-    a later micro-batch's is added to that sum, and a step of one micro-batch casts its gradient.
+    The first two micro-batches' gradients are held in bf16 (:attr:`held`), and the step forms their fp32 sum as it
+    reads them (:func:`clip_adamw_round`), so no fp32 gradient is written: on CUDA the sum is part of the compiled
+    step, and nothing compiled runs in the backward's hooks (which run on autograd's device thread). A third
+    micro-batch's gradient turns the pair into the fp32 ``.grad`` of the master (cast, add, add), to which later ones
+    are added, so at most two bf16 gradients are held a parameter.
     """
 
     def __init__(self, model: torch.nn.Module):
         self.names, self.params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
         self.masters = [p.detach().clone().float() for p in self.params]
-        self.held: list[torch.Tensor | None] = [None] * len(self.params)
-        self.last = True  # whether the micro-batch whose backward runs next is the step's last
+        self.held: list[list[torch.Tensor]] = [[] for _ in self.params]
         self.compiled: bool | None = None  # whether the step is compiled (None: on CUDA, decided at the first step)
         self._lr: torch.Tensor | None = None
         for i, (p, master) in enumerate(zip(self.params, self.masters)):
             p.data = p.data.to(torch.bfloat16)
-            p.register_post_accumulate_grad_hook(self._sum_into(i, master))
+            p.register_post_accumulate_grad_hook(self._take(self.held[i], master))
 
-    def _sum_into(self, i: int, master: torch.Tensor):
+    @staticmethod
+    def _take(held: list, master: torch.Tensor):
         def hook(p: torch.Tensor) -> None:
             grad, p.grad = p.grad, None
-            held, self.held[i] = self.held[i], None
-            if held is not None:
-                master.grad = fp32_sum(held, grad)
-            elif master.grad is not None:
+            if master.grad is not None:
                 master.grad.add_(grad)
-            elif self.last:
-                master.grad = grad.float()
+            elif len(held) < 2:
+                held.append(grad)
             else:
-                self.held[i] = grad
+                master.grad = held.pop(0).float().add_(held.pop(0)).add_(grad)
 
         return hook
 
-    def check_summed(self) -> None:
-        """Before the optimizer step: every held gradient was summed (a parameter the last micro-batch left without
-        a gradient would otherwise carry its held one into the next step's sum)."""
-        left = [name for name, held in zip(self.names, self.held) if held is not None]
-        if left:
-            raise RuntimeError(f"bf16-master: the step's last micro-batch gave no gradient for {left[:3]} "
-                               f"({len(left)} parameters), whose earlier micro-batch gradients are held unsummed")
+    def gradient_parts(self) -> list[list[torch.Tensor]]:
+        """The step's gradients as the lists whose fp32 sum they are: the held bf16 gradients of every parameter,
+        first micro-batch's list first (one or two lists), or the masters' fp32 ``.grad`` (one list). Raises
+        where parameters differ in what they hold (a micro-batch that left a parameter without a gradient)."""
+        kinds = {(len(h), m.grad is not None) for h, m in zip(self.held, self.masters)}
+        if len(kinds) != 1 or kinds == {(0, False)}:
+            missing = [n for n, h, m in zip(self.names, self.held, self.masters) if not h and m.grad is None]
+            raise RuntimeError(f"bf16-master: the parameters hold gradients of different micro-batch counts "
+                               f"{sorted(kinds)} (none for {missing[:3]}): a micro-batch left some without one")
+        if self.masters[0].grad is not None:
+            return [[m.grad for m in self.masters]]
+        return [list(part) for part in zip(*self.held)]
 
     @torch.no_grad()
     def step(self, optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor | None:
-        """Clip the masters' gradients to ``max_norm`` (0: no clipping), step AdamW on the masters and round them
-        into the model (:func:`clip_adamw_round`); returns the gradients' norm before clipping (None without
-        clipping). ``optimizer``: the AdamW the engine made, whose hyperparameters, learning rate (as its scheduler
-        sets it) and state this step uses and keeps."""
-        self.check_summed()
+        """Sum the micro-batches' gradients in fp32, clip them to ``max_norm`` (0: no clipping), step AdamW on the
+        masters and round them into the model (:func:`clip_adamw_round`); returns the gradients' norm before
+        clipping (None without clipping). ``optimizer``: the AdamW the engine made, whose hyperparameters, learning
+        rate (as its scheduler sets it) and state this step uses and keeps."""
+        parts = self.gradient_parts()
         (group,) = optimizer.param_groups
         if group["params"] != list(self.masters):
             raise ValueError("bf16-master steps an optimizer of its masters, in their order")
@@ -100,10 +102,14 @@ class MasterWeights:
                 self._lr = torch.zeros((), device=self.masters[0].device)
             lr = self._lr.fill_(group["lr"])
         beta1, beta2 = group["betas"]
-        return step_function(self.compiled)(
-            list(self.params), self.masters, [m.grad for m in self.masters], [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states], [s["step"] for s in states], lr=lr, max_norm=max_norm, beta1=beta1,
-            beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], capturable=self.compiled)
+        norm = step_function(self.compiled)(
+            list(self.params), self.masters, parts, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            [s["step"] for s in states], lr=lr, max_norm=max_norm, beta1=beta1, beta2=beta2, eps=group["eps"],
+            weight_decay=group["weight_decay"], capturable=self.compiled)
+        for held, m in zip(self.held, self.masters):
+            held.clear()
+            m.grad = None
+        return norm
 
     @torch.no_grad()
     def round_into_model(self) -> None:
@@ -130,32 +136,16 @@ class MasterWeights:
         self.round_into_model()
 
 
-_COMPILED_SUM = None
-
-
-def _sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return a.float() + b.float()
-
-
-def fp32_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a + b`` of two bf16 gradients, formed and returned in fp32: exact for the same IEEE result as
-    ``a.float().add_(b)``. On CUDA one compiled kernel (inductor's, shapes dynamic, so one kernel for every
-    parameter) reads both and writes the sum; eager CUDA has no kernel that adds bf16 tensors into fp32 without
-    rounding the sum to bf16 first (``torch.add(a, b, out=fp32)`` computes in the inputs' dtype). Elsewhere the
-    eager cast and add."""
-    global _COMPILED_SUM
-    if a.device.type != "cuda":
-        return a.float().add_(b)
-    if _COMPILED_SUM is None:
-        _COMPILED_SUM = torch.compile(_sum, dynamic=True)
-    return _COMPILED_SUM(a.view(-1), b.view(-1)).view(a.shape)
-
-
-def clip_adamw_round(params, masters, grads, exp_avgs, exp_avg_sqs, steps, *, lr, max_norm, beta1, beta2, eps,
+def clip_adamw_round(params, masters, parts, exp_avgs, exp_avg_sqs, steps, *, lr, max_norm, beta1, beta2, eps,
                      weight_decay, capturable):
-    """``clip_grad_norm_``'s coefficient (``max_norm`` over the gradients' 2-norm + 10⁻⁶, at most 1) applied to the
-    gradients without writing them, torch's multi-tensor AdamW on the masters, and the masters rounded into the
-    bf16 ``params``. Returns the norm before clipping (None where ``max_norm`` is 0)."""
+    """The gradients, each the fp32 sum of its ``parts`` (lists of one tensor a master: the micro-batches' bf16
+    gradients, or fp32 sums), ``clip_grad_norm_``'s coefficient (``max_norm`` over the gradients' 2-norm + 10⁻⁶, at
+    most 1) applied to them, torch's multi-tensor AdamW on the masters, and the masters rounded into the bf16
+    ``params``. Returns the norm before clipping (None where ``max_norm`` is 0). Compiled, nothing but the moments,
+    masters and bf16 weights is written: the sums and the clipped gradients stay in registers."""
+    grads = [part.float() for part in parts[0]]
+    for more in parts[1:]:
+        grads = [g + part.float() for g, part in zip(grads, more)]
     norm = None
     if max_norm > 0:
         norm = torch.nn.utils.get_total_norm(grads, 2.0)
