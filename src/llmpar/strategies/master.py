@@ -4,18 +4,18 @@ Under ``bf16`` autocast every projection casts its fp32 weight to bf16 in each m
 bf16 weight gradient back to fp32 in the backward before autograd adds it to the fp32 ``.grad``: three passes over
 every weight per micro-batch. Here the model holds bf16 weights, which autocast's projections take as they are,
 and :class:`MasterWeights` holds the fp32 master copies the optimizer steps, as Megatron-LM's bf16 training does
-(fp32 main parameters and gradients beside the bf16 model). Each micro-batch's bf16 gradient goes into its
-master's fp32 gradient as soon as autograd has accumulated it (a post-accumulate hook, then the model's bf16 gradient
-is dropped; an earlier micro-batch's is held and summed with the next one's), so the sum over micro-batches is fp32
-as in ``bf16``; after the step the masters are rounded into the model's weights.
+(fp32 main parameters and gradients beside the bf16 model). Each micro-batch's bf16 gradient is taken from the
+model as soon as autograd has accumulated it (a post-accumulate hook) and held, and the step sums the micro-batches'
+gradients in fp32, so the sum over micro-batches is fp32 as in ``bf16``; after the step the masters are rounded into
+the model's weights.
 
-The step (:meth:`MasterWeights.step`) is torch's AdamW (``torch.optim.adamw.adamw``, its multi-tensor form) on the
-masters, after ``clip_grad_norm_``'s clipping, followed by the rounding: on CUDA one compiled function, so inductor
-fuses the clipping coefficient, the update and the bf16 copy into one pass over the masters, gradients and moments
-after the norm's, where the eager sequence also scales the gradients in place and reads the masters again to copy
-them.
-The state is the fused AdamW optimizer's (the same keys, a device step counter), so checkpoints and the state bytes
-are unchanged; the arithmetic is AdamW's, in another order than the fused kernel's.
+The step (:meth:`MasterWeights.step`) is that sum, ``clip_grad_norm_``'s clipping, torch's AdamW
+(``torch.optim.adamw.adamw``, its multi-tensor form) on the masters and the rounding, on CUDA as one compiled
+function: inductor may then fuse the sum, the clipping coefficient, the update and the bf16 copy into the kernels
+that read the gradients, where the eager sequence writes the fp32 sums, scales them in place for the clipping and
+reads the masters again to copy them. The state is the fused AdamW optimizer's (the same keys, a device step
+counter), so checkpoints and the state bytes are unchanged; the arithmetic is AdamW's, in another order than the
+fused kernel's.
 
 The bf16 weight gradients are the ones ``bf16`` autocast computes too (bf16 GEMM outputs), the projections see
 the same bf16-rounded weights, and the residual stream is bf16 as in ``bf16-residual`` (the embedding's weight is
@@ -141,8 +141,8 @@ def clip_adamw_round(params, masters, parts, exp_avgs, exp_avg_sqs, steps, *, lr
     """The gradients, each the fp32 sum of its ``parts`` (lists of one tensor a master: the micro-batches' bf16
     gradients, or fp32 sums), ``clip_grad_norm_``'s coefficient (``max_norm`` over the gradients' 2-norm + 10⁻⁶, at
     most 1) applied to them, torch's multi-tensor AdamW on the masters, and the masters rounded into the bf16
-    ``params``. Returns the norm before clipping (None where ``max_norm`` is 0). Compiled, nothing but the moments,
-    masters and bf16 weights is written: the sums and the clipped gradients stay in registers."""
+    ``params``. Returns the norm before clipping (None where ``max_norm`` is 0). Eager, each sum and clipped
+    gradient is written; compiled, inductor may compute them in the kernels that read them."""
     grads = [part.float() for part in parts[0]]
     for more in parts[1:]:
         grads = [g + part.float() for g, part in zip(grads, more)]
