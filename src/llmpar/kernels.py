@@ -78,8 +78,6 @@ def fa4_host_problem(attention: str, capability: tuple[int, int] | None, install
 QUACK_MLPS = ("quack", "quack-autotuned")
 QUACK_DISTRIBUTION = "quack-kernels"
 QUACK_MIN_CAPABILITY = 9  # its gated-epilogue GEMMs are written for SM90 and SM100 (quack/gemm_sm90.py, gemm_sm100.py)
-# the train.norm values: LlamaRMSNorm under inductor, or quack's RMSNorm with the residual adds fused
-NORMS = ("torch", "quack")
 
 
 def quack_config_problem(what: str, train: dict, precisions: dict[str, str]) -> str | None:
