@@ -35,13 +35,25 @@ def rmsnorm_function():
 def add_norm(norm, branch: torch.Tensor, stream: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``norm`` (a LlamaRMSNorm's weight and epsilon) of ``branch + stream``, and that sum, the stream the layer goes
     on with; with no ``stream`` (the first layer's input), ``norm`` of ``branch`` and ``branch``."""
-    device = branch.device.type
-    out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    out_dtype = autocast_dtype(branch)
     rmsnorm = rmsnorm_function()
     if stream is None:
         return rmsnorm(branch, norm.weight, out_dtype=out_dtype, eps=norm.variance_epsilon), branch
     return rmsnorm(branch, norm.weight, residual=stream, out_dtype=out_dtype, eps=norm.variance_epsilon,
                    prenorm=True)
+
+
+def final_norm(norm, branch: torch.Tensor, stream: torch.Tensor) -> torch.Tensor:
+    """``norm`` of ``branch + stream`` alone (the model's last norm: nothing reads the sum after it, so quack's
+    backward takes no gradient for it)."""
+    return rmsnorm_function()(branch, norm.weight, residual=stream, out_dtype=autocast_dtype(branch),
+                              eps=norm.variance_epsilon)
+
+
+def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast computes in on ``t``'s device (the norms' output dtype), None where it is off."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
 def quack_norm_classes() -> dict:
@@ -71,7 +83,7 @@ def quack_norm_classes() -> dict:
             if not isinstance(hidden_states, tuple):
                 raise TypeError("norm quack's final norm takes the last decoder layer's (MLP output, stream) pair; "
                                 f"it got a {type(hidden_states).__name__}")
-            return add_norm(self, *hidden_states)[0]
+            return final_norm(self, *hidden_states)
 
     _CLASSES.update(layer=QuackNormDecoderLayer, final=QuackFinalNorm)
     return _CLASSES
