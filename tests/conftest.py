@@ -154,6 +154,19 @@ def pretend_host(monkeypatch, capability: tuple[int, int] | None, installed: str
     monkeypatch.setattr(preflight, "uses_cuda", lambda rc: capability is not None)
 
 
+def assert_host_refused(monkeypatch, rc: dict, capability: tuple[int, int] | None, installed: str | None,
+                        match: str, reason: str) -> None:
+    """On the host :func:`pretend_host` makes, ``llmpar.preflight.check_kernels`` refuses run config ``rc`` with a
+    message matching ``match`` and containing ``reason``."""
+    from llmpar import preflight
+    from llmpar.errors import ConfigError
+
+    pretend_host(monkeypatch, capability, installed)
+    with pytest.raises(ConfigError, match=match) as err:
+        preflight.check_kernels(rc)
+    assert reason in str(err.value)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokens(tmp_path_factory) -> Path:
     """Corpus -> BPE -> token shards for BASE_CONFIG, built once per test session."""
