@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from llmpar.autocast import compute_dtype
+
 IMPLEMENTATION = "llmpar_fa4"
 
 
@@ -75,7 +77,7 @@ def fa4_attention(module, query, key, value, attention_mask, scaling=None, dropo
         raise ValueError("llmpar_fa4 trains causal attention without a mask; this batch has one")
     if dropout:
         raise ValueError("llmpar_fa4 has no attention dropout")
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
+    dtype = compute_dtype(query, query.dtype)
     q, k, v = (t.transpose(1, 2).to(dtype).contiguous() for t in (query, key, value))
     out, _ = fa4_forward(q, k, v, scaling if scaling is not None else query.shape[-1] ** -0.5)
     return out, None

@@ -94,12 +94,13 @@ def _fused_classes() -> dict:
     import torch.nn.functional as F
     from transformers.models.llama import modeling_llama as llama
 
+    from llmpar.autocast import compute_dtype
+
     def _joined(tensors):
         """The tensors concatenated on dim 0, each first cast to the autocast dtype where autocast is on for
         their device (the same rounding that autocast's linear applies to an fp32 weight)."""
-        device_type = tensors[0].device.type
-        if torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
+        dtype = compute_dtype(tensors[0])
+        if dtype is not None:
             tensors = [t.to(dtype) for t in tensors]
         return torch.cat(tensors)
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from llmpar.autocast import compute_dtype
+
 ACTIVATION = "swiglu"  # quack's name for silu(gate) * up, LlamaMLP's act_fn (hidden_act silu) on the gate
 
 _CLASSES: dict = {}
@@ -44,7 +46,7 @@ def quack_mlp_class(autotuned: bool = False):
 
     class QuackLlamaMLP(llama.LlamaMLP):
         def forward(self, x):
-            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            dtype = compute_dtype(x, x.dtype)
             stacked = torch.cat([self.gate_proj.weight.to(dtype), self.up_proj.weight.to(dtype)])
             return mlp_function()(x.to(dtype), stacked, self.down_proj.weight.to(dtype), activation=ACTIVATION,
                                   concat_layout=True, tuned=autotuned)

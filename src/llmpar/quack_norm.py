@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from llmpar.autocast import compute_dtype
+
 _CLASSES: dict = {}
 
 
@@ -35,7 +37,7 @@ def rmsnorm_function():
 def add_norm(norm, branch: torch.Tensor, stream: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``norm`` (a LlamaRMSNorm's weight and epsilon) of ``branch + stream``, and that sum, the stream the layer goes
     on with; with no ``stream`` (the first layer's input), ``norm`` of ``branch`` and ``branch``."""
-    out_dtype = autocast_dtype(branch)
+    out_dtype = compute_dtype(branch)
     rmsnorm = rmsnorm_function()
     if stream is None:
         return rmsnorm(branch, norm.weight, out_dtype=out_dtype, eps=norm.variance_epsilon), branch
@@ -46,14 +48,8 @@ def add_norm(norm, branch: torch.Tensor, stream: torch.Tensor | None) -> tuple[t
 def final_norm(norm, branch: torch.Tensor, stream: torch.Tensor) -> torch.Tensor:
     """``norm`` of ``branch + stream`` alone (the model's last norm: nothing reads the sum after it, so quack's
     backward takes no gradient for it)."""
-    return rmsnorm_function()(branch, norm.weight, residual=stream, out_dtype=autocast_dtype(branch),
+    return rmsnorm_function()(branch, norm.weight, residual=stream, out_dtype=compute_dtype(branch),
                               eps=norm.variance_epsilon)
-
-
-def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast computes in on ``t``'s device (the norms' output dtype), None where it is off."""
-    device = t.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
 def quack_norm_classes() -> dict:
