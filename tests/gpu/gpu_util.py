@@ -37,6 +37,11 @@ GPU_STUDY = {
 }
 STEPS = {"fp32": 10, "bf16": 20}  # steps compared per precision
 RTOL = {"fp32": 1e-3, "bf16": 0.02}
+# Gradient norms after the first step between two bf16 precisions that round different tensors (bf16-residual
+# against bf16, bf16-master against bf16-residual): on an H100 their gaps over 20 steps reached 1.5-1.7 % and
+# 2.0-2.5 % while the losses stayed within 0.1 % (benchmarks/results/test_levers_gpu_*_h100.txt). The bug this check
+# is for, a gradient summed and not averaged, is off by its factor (2 or more) at step 1.
+PRECISION_NORM_RTOL = 0.05
 
 # Every strategy and engine of the study at 2 GPUs, grouped by process layout (one launch each).
 # Runs of one process layout share a launch (train_all).
@@ -150,7 +155,9 @@ def rel_gaps(steps, ref):
 
 def check_tracks(results, name, precision, own_precision=None):
     """Run ``name`` trains as ``single`` of ``precision`` does, within RTOL of its class (fp32, or any bf16 precision);
-    ``own_precision``: the run's own where it differs (bf16-residual against bf16)."""
+    ``own_precision``: the run's own where it differs (bf16-residual against bf16). Where it differs, the two runs
+    round different tensors to bf16, and their gradient norms after the first step drift apart by the roundings'
+    divergence, not by a bug: they are held to PRECISION_NORM_RTOL, the first step's to RTOL."""
     kind = "fp32" if precision == "fp32" else "bf16"
     summary, steps = result(results, name)
     ref_summary, ref = result(results, "single")
@@ -168,7 +175,9 @@ def check_tracks(results, name, precision, own_precision=None):
     norm_gaps = [abs(a["grad_norm"] - b["grad_norm"]) / b["grad_norm"] for a, b in zip(steps, ref)]
     print(f"{name} {precision}: max rel grad_norm gap {max(norm_gaps):.2e} "
           f"(step {norm_gaps.index(max(norm_gaps)) + 1})")
-    assert max(norm_gaps) <= RTOL[kind], [f"{g:.2e}" for g in norm_gaps]
+    assert norm_gaps[0] <= RTOL[kind], f"step 1: {norm_gaps[0]:.2e}"
+    norm_rtol = PRECISION_NORM_RTOL if own_precision not in (None, precision) else RTOL[kind]
+    assert max(norm_gaps) <= norm_rtol, [f"{g:.2e}" for g in norm_gaps]
     first, ref_first = summary["first_update_norm"], ref_summary["first_update_norm"]
     assert sorted(first) == sorted(ref_first), (first, ref_first)
     for param, norm in ref_first.items():

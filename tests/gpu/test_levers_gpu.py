@@ -3,9 +3,11 @@ suite (``gpu_util.GPU_STUDY``) with one GEMM for q/k/v and one for gate/up (``fu
 with the residual stream in bf16 (``precision: bf16-residual``), with bf16 weights and fp32 masters
 (``precision: bf16-master``), with FlashAttention-4 (``train.attention`` fa4 and fa4-op, where the host has the
 flash-attn-4 package) and with quack-kernels' gated MLP (``mlp: quack``, where the host has quack-kernels; alone
-and with fused_projections) and its RMSNorms with the residual adds fused (``norm: quack``), against ``single``
-with the same compile setting and precision (bf16 for bf16-residual; bf16-master against bf16-residual): fp32
-losses, gradient norms and first updates within 1e-3, bf16 within 2 % (``gpu_util.check_tracks``).
+and with fused_projections) and its RMSNorms with the residual adds fused (``norm: quack``), and the fastest
+combination of them, against ``single`` with the same compile setting and precision (bf16 for bf16-residual;
+bf16-master and the combination against bf16-residual): fp32 losses, gradient norms and first updates within 1e-3,
+bf16 within 2 %, the gradient norms after the first step of a run in another precision within 5 %
+(``gpu_util.check_tracks``).
 One launch on one GPU for all of them."""
 
 import json
@@ -29,6 +31,8 @@ LEVERS = {
 # sets it, in bf16 (FA4 takes no fp32), where this host has the package (else its tests skip, saying why)
 FA4_PRESENT = package_version(FA4_DISTRIBUTION) is not None
 QUACK_PRESENT = package_version(QUACK_DISTRIBUTION) is not None
+# the fastest combination of configs/gpu1-1b-kernels.yaml (with bf16-master), on quack's default tiles
+COMBINED = {"attention": "fa4-op", "mlp": "quack", "norm": "quack"}
 
 
 def lever_study(precision: str, train: dict | None = None, levers: dict = LEVERS) -> dict:
@@ -53,6 +57,8 @@ def runs(tmp_path_factory):
              (run_config(quack, "fused"), root / "bf16" / "quack-mlp-fused"),
              (run_config(lever_study("bf16", {"norm": "quack"}), "single"), root / "bf16" / "quack-norm"),
              ] if QUACK_PRESENT else []
+    jobs += [(run_config(lever_study("bf16-master", COMBINED), "single"), root / "bf16" / "combined")
+             ] if QUACK_PRESENT and FA4_PRESENT else []
     launch_batch(jobs, tokens, root, timeout=1200)
     return {p: {out.name: read_run(out) for _, out in jobs if out.parent.name == p} for p in STEPS}
 
@@ -107,3 +113,15 @@ def test_quack_norm_tracks_single(runs):
         pytest.skip(f"the {QUACK_DISTRIBUTION} package is not installed ({KERNELS_INSTALL})")
     assert runs["bf16"]["quack-norm"][0]["spec"]["norm"] == "quack"
     check_tracks(runs["bf16"], "quack-norm", "bf16")
+
+
+def test_combination_tracks_bf16_residual(runs):
+    """FlashAttention-4 as a custom op, quack's gated MLP and RMSNorms, and bf16 weights with fp32 masters together,
+    against bf16-residual (torch's attention, MLP and norms)."""
+    if not (QUACK_PRESENT and FA4_PRESENT):
+        pytest.skip(f"the {FA4_DISTRIBUTION} and {QUACK_DISTRIBUTION} packages are not both installed "
+                    f"({KERNELS_INSTALL})")
+    spec = runs["bf16"]["combined"][0]["spec"]  # (train.attention is study-wide: in the hash, not the spec)
+    assert (spec["mlp"], spec["norm"]) == (COMBINED["mlp"], COMBINED["norm"]), spec
+    pair = {"single": runs["bf16"]["bf16-residual"], "combined": runs["bf16"]["combined"]}
+    check_tracks(pair, "combined", "bf16-residual", own_precision="bf16-master")
