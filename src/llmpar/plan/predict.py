@@ -55,7 +55,8 @@ def unmodelled(run: RunSpec, train: dict, c: dict | None = None) -> list[str]:
         out.append(f"compile_mode {run.compile_mode}: the elementwise rate and host time are fitted on the "
                    "default mode")
     if run.norm != "torch":
-        out.append(f"norm {run.norm}: counted as LlamaRMSNorm's kernels and adds, not checked against a recorded run")
+        out.append(f"norm {run.norm}: counted as LlamaRMSNorm's kernels and the residual adds; the time the fused "
+                   "kernel saves is not modelled")
     key = attention_rate_key(train)
     if key and not (c and key in c):
         out.append(f"attention {train['attention']}: the card has no {key}; the attention rate is cuDNN's")
