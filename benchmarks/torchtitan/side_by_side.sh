@@ -174,32 +174,34 @@ part tt-single && tt single 1 "${TT_SINGLE_S:-180}" "${OURS_SINGLE:-single}"
 part tt-fsdp && tt fsdp 2 "${TT_FSDP_S:-160}" fsdp
 
 # ---- the table
-python3 - "$BASE" "$CONFIG" "$OURS_RUNS" <<'EOF' 2>&1 | tee "$SIDE/table.txt"
+python3 - "$BASE" "$CONFIG" "$OURS_RUNS" "${OURS_SINGLE:-single}" <<'EOF' 2>&1 | tee "$SIDE/table.txt"
 import json, os, sys
 import yaml
 sys.path.insert(0, "benchmarks/torchtitan")
 from parse import torchtitan_flops_per_token
 base, mc = sys.argv[1], yaml.safe_load(open(sys.argv[2]))["model"]
 fpt_tt = torchtitan_flops_per_token(mc, mc.get("vocab_size") or 32000)
-print(f"{'run':<18}{'status':<11}{'tokens/s':>10}{'per GPU':>9}{'MFU ours':>9}{'MFU tt':>8}{'alloc GiB':>10}"
+w = max(18, len("ours " + sys.argv[4]) + 2)  # the run column, as wide as the longest name
+print(f"{'run':<{w}}{'status':<11}{'tokens/s':>10}{'per GPU':>9}{'MFU ours':>9}{'MFU tt':>8}{'alloc GiB':>10}"
       f"{'rsrvd GiB':>10}{'loss':>8}")
 for mode in ("single", "fsdp"):
     p = f"{base}/torchtitan_{mode}.json"
     t = json.load(open(p)) if os.path.exists(p) else {}
-    s_path = f"{sys.argv[3]}/{mode}/summary.json"
+    ours = sys.argv[4] if mode == "single" else mode  # the run torchtitan's run of this mode is set beside
+    s_path = f"{sys.argv[3]}/{ours}/summary.json"
     s = json.load(open(s_path)) if os.path.exists(s_path) else {}
     f = lambda v, fmt: format(v, fmt) if isinstance(v, (int, float)) else "-"
     mfu_tt_ours = (s["tokens_per_s_per_gpu"] * fpt_tt / s["peak_flops"]
                    if fpt_tt and s.get("tokens_per_s_per_gpu") and s.get("peak_flops") else None)
-    print(f"{'ours ' + mode:<18}{s.get('status', 'missing'):<11}{f(s.get('tokens_per_s'), ',.0f'):>10}"
+    print(f"{'ours ' + ours:<{w}}{s.get('status', 'missing'):<11}{f(s.get('tokens_per_s'), ',.0f'):>10}"
           f"{f(s.get('tokens_per_s_per_gpu'), ',.0f'):>9}{f(s.get('mfu'), '.3f'):>9}{f(mfu_tt_ours, '.3f'):>8}"
           f"{f(s.get('peak_mem_gib'), '.1f'):>10}{f(s.get('peak_reserved_gib'), '.1f'):>10}{f(s.get('final_loss'), '.4f'):>8}")
-    print(f"{'torchtitan ' + mode:<18}{t.get('status', 'missing'):<11}{f(t.get('tokens_per_s'), ',.0f'):>10}"
+    print(f"{'torchtitan ' + mode:<{w}}{t.get('status', 'missing'):<11}{f(t.get('tokens_per_s'), ',.0f'):>10}"
           f"{f(t.get('tokens_per_s_per_gpu'), ',.0f'):>9}{f(t.get('mfu'), '.3f'):>9}{f(t.get('mfu_torchtitan'), '.3f'):>8}"
           f"{f(t.get('peak_mem_gib'), '.1f'):>10}{f(t.get('peak_reserved_gib'), '.1f'):>10}{f(t.get('train_loss'), '.4f'):>8}"
           f"  {t.get('message', '')[:100]}")
     if s.get("tokens_per_s") and t.get("tokens_per_s"):
-        print(f"  torchtitan / ours {mode}: {t['tokens_per_s'] / s['tokens_per_s']:.3f}x tokens/s "
+        print(f"  torchtitan / ours {ours}: {t['tokens_per_s'] / s['tokens_per_s']:.3f}x tokens/s "
               f"(steady steps: ours {s.get('steady_steps')}, torchtitan {t.get('steady_windows')})")
 print("MFU ours = 6N'+6Lhs per token (llmpar.metrics.definitions); MFU tt = 6N'+12Lhs (torchtitan's own); "
       "same tokens/s per GPU and peak; alloc = max_memory_allocated over the run, max over ranks")
