@@ -154,6 +154,17 @@ def pretend_host(monkeypatch, capability: tuple[int, int] | None, installed: str
     monkeypatch.setattr(preflight, "uses_cuda", lambda rc: capability is not None)
 
 
+def assert_config_refused(cfg: dict, match: str, reason: str) -> None:
+    """``llmpar.config.prepare`` refuses study config ``cfg`` with a message matching ``match`` (the config key) and
+    containing ``reason``."""
+    from llmpar.config import prepare
+    from llmpar.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match) as err:
+        prepare(cfg)
+    assert reason in str(err.value)
+
+
 def assert_host_refused(monkeypatch, rc: dict, capability: tuple[int, int] | None, installed: str | None,
                         match: str, reason: str) -> None:
     """On the host :func:`pretend_host` makes, ``llmpar.preflight.check_kernels`` refuses run config ``rc`` with a

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, assert_host_refused, make_config
+from conftest import REPO, assert_config_refused, assert_host_refused, make_config, pretend_host
 from torch.nn.attention import SDPBackend
 
 from llmpar import preflight
@@ -79,9 +79,7 @@ def test_fa4_config_that_cannot_have_it_is_refused_naming_why(change, reason):
     cfg = fa4_config()
     for section, values in change.items():
         cfg[section].update(values)
-    with pytest.raises(ConfigError, match="train.attention") as err:
-        prepare(cfg)
-    assert reason in str(err.value)
+    assert_config_refused(cfg, "train.attention", reason)
 
 
 @pytest.mark.parametrize("capability,installed,reason", [
@@ -95,9 +93,7 @@ def test_fa4_host_that_cannot_run_it_is_refused_before_any_process(monkeypatch, 
 
 
 def test_fa4_host_with_a_hopper_gpu_and_the_package_passes(monkeypatch):
-    monkeypatch.setattr(preflight, "cuda_capability", lambda: (9, 0))
-    monkeypatch.setattr(preflight, "package_version", lambda name: "4.0.0b40")
-    monkeypatch.setattr(preflight, "uses_cuda", lambda rc: True)
+    pretend_host(monkeypatch, (9, 0), "4.0.0b40")
     preflight.check_kernels(run_config(prepare(fa4_config()), "ddp"))
 
 
@@ -138,6 +134,4 @@ def test_a_runs_fa4_that_cannot_run_is_refused_naming_its_key(runs, key, reason)
     cfg = make_config(runs={"a": {"strategy": "single"}, **runs}, baseline="a")
     if "precision" not in runs["b"]:
         cfg["train"]["device"] = "cuda"
-    with pytest.raises(ConfigError, match=f"config key '{key}'") as err:
-        prepare(cfg)
-    assert reason in str(err.value)
+    assert_config_refused(cfg, f"config key '{key}'", reason)
