@@ -105,8 +105,9 @@ LRS = (1e-3, 2e-3, 3e-3)
 def _masters_and_grads():
     g = torch.Generator().manual_seed(0)
     masters = [torch.randn(s, generator=g) for s in SHAPES]
-    grads = [[torch.randn(s, generator=g) * (10.0 if k == 1 else 0.01) for s in SHAPES] for k in range(len(LRS))]
-    return masters, grads  # the second step's gradients far above the clipping norm, the others below it
+    grads = [[torch.randn(s, generator=g) * (10.0 if k == 1 else 0.001) for s in SHAPES] for k in range(len(LRS))]
+    # the second step's gradients far above the clipping norm (norm ~1,000), the others below it (~0.1)
+    return masters, grads
 
 
 @pytest.mark.parametrize("max_norm", [1.0, 0.0])
