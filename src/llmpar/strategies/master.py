@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 from torch.optim.adamw import adamw
 
+from llmpar.strategies.optim import clip_coefficient
+
 
 class MasterWeights:
     """fp32 masters of ``model``'s trainable parameters (taken before the model is cast, so they start at the
@@ -149,7 +151,7 @@ def clip_adamw_round(params, masters, parts, exp_avgs, exp_avg_sqs, steps, *, lr
     norm = None
     if max_norm > 0:
         norm = torch.nn.utils.get_total_norm(grads, 2.0)
-        grads = torch._foreach_mul(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+        grads = torch._foreach_mul(grads, clip_coefficient(norm, max_norm))
     adamw(masters, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=True, capturable=capturable, amsgrad=False,
           beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=False)
     torch._foreach_copy_(params, masters)

@@ -23,6 +23,13 @@ def make_optimizer(params, train_cfg: dict) -> torch.optim.Optimizer:
                              eps=1e-8, weight_decay=train_cfg["weight_decay"], fused=True)
 
 
+
+def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The factor global-norm clipping scales the gradients by, as torch's ``clip_grad_norm_`` computes it:
+    min(1, ``max_norm`` / (``norm`` + 10⁻⁶))."""
+    return torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+
+
 def lr_lambda(train_cfg: dict):
     """Linear warmup, then cosine decay to min_lr_ratio × lr at the last step (multiplier of lr)."""
     warm, total, floor = train_cfg["warmup_steps"], train_cfg["steps"], train_cfg["min_lr_ratio"]

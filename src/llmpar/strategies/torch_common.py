@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from llmpar.strategies.engine import TorchEngine
+from llmpar.strategies.optim import clip_coefficient
 
 BUCKET_ELEMENTS = 25_000_000  # elements per all-reduce bucket (100 MB in fp32)
 
@@ -57,7 +58,7 @@ def clip_grad_norm_(params, max_norm: float, pp_group=None) -> torch.Tensor:
     returns the global norm before clipping."""
     params = [p for p in params if p.grad is not None]
     total = total_grad_norm(params, pp_group)
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    coef = clip_coefficient(total, max_norm)
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
     for p in params:
         g = local(p.grad)
