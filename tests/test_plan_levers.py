@@ -7,6 +7,8 @@ from llmpar.config import load_yaml, prepare, run_config
 from llmpar.paths import REPO_ROOT
 from llmpar.plan import predict
 from llmpar.plan.calibration import format_predictions
+from llmpar.plan.cards import card
+from llmpar.shape import shape_of
 
 
 def _rc(**lever):
@@ -17,7 +19,8 @@ def _rc(**lever):
 
 
 @pytest.mark.parametrize("lever", [{}, {"activation_checkpointing": "full"}, {"compile": False},
-                                   {"fused_projections": True}, {"mlp": "quack"}, {"precision": "bf16-master"}])
+                                   {"fused_projections": True}, {"mlp": "quack"}, {"precision": "bf16-master"},
+                                   {"norm": "quack"}])
 def test_checked_levers_are_modelled(lever):
     rc = _rc(**lever)
     assert predict(rc["model"], 32000, rc["run"], rc["train"], "h200")["unmodelled"] == []
@@ -27,7 +30,7 @@ def test_checked_levers_are_modelled(lever):
     ({"activation_checkpointing": "selective"}, "selective activation checkpointing"),
     ({"precision": "fp32"}, "precision fp32"),
     ({"precision": "bf16-pure"}, "precision bf16-pure"),
-    ({"norm": "quack"}, "norm quack"),
+    ({"norm": "quack", "compile": False}, "norm quack in eager layers"),
 ])
 def test_unchecked_levers_say_why(lever, why):
     rc = _rc(**lever)
@@ -43,11 +46,24 @@ def test_the_plan_script_prints_the_reason(tmp_path):
     assert "not modelled: selective activation checkpointing" in lines[1] and "not modelled" not in lines[2]
 
 
+def test_quack_norm_takes_the_residual_adds_off():
+    """quack's fused norm removes each compiled layer's closing residual add, forward and backward: three
+    stream-sized reads and writes each way per token and layer, off the elementwise time only."""
+    torch_norm, quack = _rc(precision="bf16-master"), _rc(precision="bf16-master", norm="quack")
+    base = predict(torch_norm["model"], 32000, torch_norm["run"], torch_norm["train"], "h100")
+    got = predict(quack["model"], 32000, quack["run"], quack["train"], "h100")
+    sh = shape_of(quack["model"], 32000)
+    tokens = quack["train"]["global_batch"] * sh.seq
+    saved = 6 * 2 * sh.h * sh.layers * tokens / (card("h100")["elementwise_tbps"] * 1e12)  # bf16 stream
+    assert base["time_s"]["elementwise"] - got["time_s"]["elementwise"] == pytest.approx(saved)
+    assert {k: v for k, v in got["time_s"].items() if k != "elementwise"} == pytest.approx(
+        {k: v for k, v in base["time_s"].items() if k != "elementwise"})
+    assert got["peak_gib"] == pytest.approx(base["peak_gib"])
+
+
 def test_an_attention_kernel_runs_at_its_own_rate():
     """A run's attention kernel takes the card's rate for it (attention_tflops_fa4_op on the H100, measured);
     a card without one predicts at cuDNN's rate and says so."""
-    from llmpar.plan.cards import card
-
     cudnn, fa4 = _rc(), _rc(attention="fa4-op")
     assert cudnn["train"]["attention"] == "cudnn" and fa4["train"]["attention"] == "fa4-op"
     base = predict(cudnn["model"], 32000, cudnn["run"], cudnn["train"], "h100")

@@ -80,6 +80,11 @@ def step_time(sh: Shape, run: RunSpec, compiled: bool, c: dict) -> dict:
         t = {"gemm": flops_gemm / gemm, "attention": flops_attn / attn,
              "elementwise": (4 + 2 * ckpt) * produced * eager / elem,
              "micro_batch_fixed": c["micro_batch_overhead_s"] * share["layers"] / sh.layers}
+        if run.norm == "quack" and compiled:
+            # quack's RMSNorm sums the stream and the layer's output as it normalises, so each layer's closing
+            # residual add, a kernel of its own in a compiled layer (the next norm lies in the next layer's graph),
+            # is gone: forward two reads and a write of the stream, backward the same for its gradient
+            t["elementwise"] -= 6 * run.precision.residual_bytes * sh.h * share["layers"] * tokens / elem
         # Tensor parallel: two all-reduces of the activations per layer in the forward, two in the backward.
         t["tp_comm"] = 2 * share["layers"] * (allreduce_s(tokens * sh.h * compute, tp, bw_tp, lat)
                                               + allreduce_s(tokens * sh.h * grad_bytes_tp, tp, bw_tp, lat))
