@@ -144,6 +144,16 @@ def lever_engine(model: dict, vocab: int, **levers):
     return TorchEngine(prepare_model(build_model(model, vocab, seed=7), spec), spec, ctx, LEVER_TRAIN)
 
 
+def load_benchmark(name: str):
+    """The module of benchmarks/<name>.py (benchmarks/ is a folder of scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def pretend_host(monkeypatch, capability: tuple[int, int] | None, installed: str | None) -> None:
     """Make llmpar.preflight see a host whose first GPU has ``capability`` (None: no CUDA GPU) and where every
     kernel package is installed at version ``installed`` (None: not installed)."""

@@ -3,15 +3,10 @@ H100 (benchmarks/results/full_combination_h100/): quack's RMSNorms, CuTe DSL ker
 with the norms; FlashAttention-4's, also CuTe DSL, with attention; the compiled bf16-master step's foreach kernels
 with the optimizer."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from conftest import load_benchmark
 
-REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("gpu_probe", REPO / "benchmarks" / "gpu_probe.py")
-gpu_probe = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(gpu_probe)
+gpu_probe = load_benchmark("gpu_probe")
 
 ELEMENTWISE = "elementwise, norm, loss"
 NAMES = [

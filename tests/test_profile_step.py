@@ -1,12 +1,8 @@
 """The profiling helpers of benchmarks/profile_step.py on synthetic input (the GPU runs use them)."""
 
-import importlib.util
-from pathlib import Path
+from conftest import load_benchmark
 
-spec = importlib.util.spec_from_file_location(
-    "profile_step", Path(__file__).resolve().parents[1] / "benchmarks" / "profile_step.py")
-profile_step = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(profile_step)
+profile_step = load_benchmark("profile_step")
 
 
 def frame(filename, line=1, name="f"):

@@ -2,18 +2,16 @@
 window the summary's utilization uses), and a run without clock samples is refused by name. The committed GPU
 runs of the kernels study read at their power cap (RESULTS.md, "Kernel levers")."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 from llmpar.metrics.definitions import steady_window
 
 REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("steady_clocks", REPO / "benchmarks" / "steady_clocks.py")
-steady_clocks = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(steady_clocks)
+steady_clocks = load_benchmark("steady_clocks")
 
 
 def write_run(path: Path, samples: list[dict]) -> Path:
