@@ -265,7 +265,8 @@ def categorize(profile: dict) -> dict:
     kernels = profile.get("kernels") or profile["top"]
     cats = {}
     for name, t in kernels:
-        cats[kernel_category(name)] = cats.get(kernel_category(name), 0) + t
+        cat = kernel_category(name)
+        cats[cat] = cats.get(cat, 0) + t
     rest = profile["kernel_total_s"] - sum(t for _, t in kernels)
     if "kernels" not in profile and rest > 0:
         cats["unlisted"] = rest

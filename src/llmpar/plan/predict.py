@@ -30,6 +30,11 @@ def attention_rate_key(train: dict) -> str | None:
     return None if attention == "cudnn" else "attention_tflops_" + attention.replace("-", "_")
 
 
+def compiled_layers(run: RunSpec, train: dict) -> bool:
+    """Whether the run's layers are compiled: torch.compile on, and the run not on CPU (compile is off there)."""
+    return bool(run.compile) and train.get("device", "auto") != "cpu"
+
+
 def unmodelled(run: RunSpec, train: dict, c: dict | None = None) -> list[str]:
     """Why the plan's prediction of ``run`` on card constants ``c`` is not checked against a recorded run
     (empty: it is)."""
@@ -55,7 +60,7 @@ def unmodelled(run: RunSpec, train: dict, c: dict | None = None) -> list[str]:
     if run.compile_mode != "default":
         out.append(f"compile_mode {run.compile_mode}: the elementwise rate and host time are fitted on the "
                    "default mode")
-    if run.norm != "torch" and not (run.compile and train.get("device", "auto") != "cpu"):
+    if run.norm != "torch" and not compiled_layers(run, train):
         out.append(f"norm {run.norm} in eager layers: the separate norm and residual-add kernels it fuses are not "
                    "counted")
     key = attention_rate_key(train)
@@ -72,7 +77,7 @@ def predict(model_cfg: dict, vocab_size: int, run: RunSpec | dict, train: dict, 
     prediction is not checked against a recorded run (:func:`unmodelled`)."""
     run = run if isinstance(run, RunSpec) else RunSpec.from_dict(run)
     sh = shape_of(model_cfg, vocab_size)
-    compiled = bool(run.compile) and train.get("device", "auto") != "cpu"
+    compiled = compiled_layers(run, train)
     c = card(card_name) if card_name else None
     key = attention_rate_key(train)
     if c and key in c:  # the run's attention kernel at its own rate

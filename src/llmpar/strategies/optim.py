@@ -23,7 +23,6 @@ def make_optimizer(params, train_cfg: dict) -> torch.optim.Optimizer:
                              eps=1e-8, weight_decay=train_cfg["weight_decay"], fused=True)
 
 
-
 def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
     """The factor global-norm clipping scales the gradients by, as torch's ``clip_grad_norm_`` computes it:
     min(1, ``max_norm`` / (``norm`` + 10⁻⁶))."""
