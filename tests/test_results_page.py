@@ -1,0 +1,138 @@
+"""RESULTS.md's tables quote the committed records: every row that names a run, a probe variant or torchtitan
+gives the numbers of one record of that name (a run's ``summary.json``, a probe's ``step`` row, a torchtitan
+``torchtitan_single.json``), each to the digits the table prints, and its ratios are those records' quotients.
+The kernels study's headline holds on its records: `single` with every lever at MFU >= 0.55 on an H100 through
+the workflow and >= 1.12 x the torchtitan run of its session."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from llmpar.paths import REPO_ROOT
+
+RESULTS_PAGE = REPO_ROOT / "RESULTS.md"
+RECORD_ROOTS = (REPO_ROOT / "results", REPO_ROOT / "benchmarks" / "results")
+
+# table column -> (record field, the digits the table prints after the point)
+COLUMNS = {"tokens/s": ("tokens_per_s", 0), "per GPU": ("tokens_per_s_per_gpu", 0), "MFU": ("mfu", 3),
+           "peak GiB": ("peak_mem_gib", 1), "final val loss": ("final_val_loss", 4), "final loss": ("final_loss", 4),
+           "step s": ("step_s", 3)}
+RATIOS = {"× torchtitan": "torchtitan", "× `single`": "single"}
+FASTEST = "fa4-op-bf16-master-quack-mlp-autotuned-quack-norm"
+
+
+def records() -> dict[str, list[dict]]:
+    """Every committed record by the name a table gives it: runs by their directory, probe rows by their
+    variant, torchtitan's runs as ``torchtitan``."""
+    out: dict[str, list[dict]] = {}
+    for root in RECORD_ROOTS:
+        for path in root.rglob("summary.json"):
+            rec = json.loads(path.read_text())
+            if "steady_time_s" in rec and rec.get("steady_steps"):
+                rec["step_s"] = rec["steady_time_s"] / rec["steady_steps"]
+            out.setdefault(path.parent.name, []).append({**rec, "path": path})
+        for path in root.rglob("torchtitan_single.json"):
+            out.setdefault("torchtitan", []).append({**json.loads(path.read_text()), "path": path})
+        for path in root.rglob("*.jsonl"):
+            for line in path.read_text().splitlines():
+                row = json.loads(line) if line.startswith("{") else {}
+                if row.get("kind") == "step" and "tokens_per_s" in row:
+                    out.setdefault(row["name"], []).append({**row, "path": path})
+    return out
+
+
+def number(cell: str) -> str | None:
+    """The number a cell opens with (bold, thousands separators and a trailing note dropped)."""
+    m = re.match(r"\**([−-]?[\d,]*\d(?:\.\d+)?)", cell.strip())
+    return m.group(1).replace(",", "").replace("−", "-") if m else None
+
+
+def table_rows(text: str) -> list[tuple[int, str, dict[str, str]]]:
+    """(line, name, {column: cell}) of every body row of every table whose first column is a run or variant."""
+    rows, header = [], None
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if header is None:
+            header = cells
+        elif header[0] in ("run", "variant") and not set(cells[0]) <= set("- "):
+            m = re.match(r"`([^`]+)`", cells[0])
+            name = m.group(1) if m else cells[0].split()[0]
+            rows.append((i, name, dict(zip(header, cells))))
+    return rows
+
+
+def matches(rec: dict, quoted: dict[str, str]) -> bool:
+    for column, value in quoted.items():
+        field, digits = COLUMNS[column]
+        if rec.get(field) is None or f"{float(rec[field]):.{digits}f}" != f"{float(value):.{digits}f}":
+            return False
+    return True
+
+
+def mismatches(text: str, recs: dict[str, list[dict]]) -> list[str]:
+    """The rows of ``text``'s tables that no record of their name gives, and the ratios no pair of records gives."""
+    bad = []
+    for line, name, cells in table_rows(text):
+        quoted = {c: number(v) for c, v in cells.items() if c in COLUMNS and number(v) is not None}
+        if not quoted:
+            continue
+        named = recs.get(name, [])
+        found = [r for r in named if matches(r, quoted)]
+        if not found:
+            bad.append(f"line {line}: {name} {quoted} is no committed record's ({len(named)} of that name)")
+            continue
+        for column, other in RATIOS.items():
+            ratio = number(cells.get(column, ""))
+            if ratio is None:
+                continue
+            ours = float(found[0]["tokens_per_s"])
+            if not any(f"{ours / float(r['tokens_per_s']):.3f}" == f"{float(ratio):.3f}" for r in recs.get(other, [])):
+                bad.append(f"line {line}: {name} {column} {ratio} is not its tokens/s over a committed {other} run's")
+    return bad
+
+
+def test_every_table_row_quotes_a_committed_record():
+    text = RESULTS_PAGE.read_text()
+    assert len([r for r in table_rows(text) if set(r[2]) & set(COLUMNS)]) >= 60  # the tables are found
+    assert mismatches(text, records()) == []
+
+
+@pytest.mark.parametrize("old,new", [("| 71,189 |", "| 71,198 |"), ("| 0.497 |", "| 0.479 |"),
+                                     ("| **1.179** |", "| **1.197** |"), ("| 68.7 |", "| 68.9 |"),
+                                     ("| 1.7252 |", "| 1.7225 |")])
+def test_a_changed_number_is_caught(old, new):
+    """A typo in a quoted number, or a ratio that no longer fits its records, is named."""
+    text = RESULTS_PAGE.read_text()
+    assert old in text
+    assert len(mismatches(text.replace(old, new, 1), records())) == 1
+
+
+def test_the_kernels_headline_holds_on_its_records():
+    """The recorded fastest `single` of the kernels study: an H100, through the workflow, MFU >= 0.55 by the
+    project's formula, and >= 1.12 x the torchtitan run recorded beside it (the same card, the same session)."""
+    study = REPO_ROOT / "results" / "h100-1b-kernels"
+    run = json.loads((study / "runs" / FASTEST / "summary.json").read_text())
+    tt = json.loads((study / "baselines" / "torchtitan_single.json").read_text())
+    assert run["status"] == "ok" and run["world_size"] == 1 and "H100" in run["environment"]["gpu_name"]
+    assert run["mfu"] == pytest.approx(run["tokens_per_s"] * run["flops_per_token"] / run["peak_flops"])
+    assert run["mfu"] >= 0.55
+    assert tt["status"] == "ok" and tt["gpu"] == run["environment"]["gpu_name"]
+    assert tt["ours_same_call"]["run"] == FASTEST and tt["ours_same_call"]["tokens_per_s"] == run["tokens_per_s"]
+    assert run["tokens_per_s"] / tt["tokens_per_s"] >= 1.12
+    page = RESULTS_PAGE.read_text()
+    assert f"MFU {run['mfu']:.3f}" in page and f"{run['tokens_per_s']:,.0f} tokens/s" in page
+    assert f"{run['tokens_per_s'] / tt['tokens_per_s']:.3f} × torchtitan" in page
+
+
+def test_records_are_found_by_name():
+    """The loader sees runs, probe rows and torchtitan runs (a loader that finds nothing passes nothing)."""
+    recs = records()
+    assert {"single", "torchtitan", "cudnn16", FASTEST} <= set(recs)
+    assert all(isinstance(r["path"], Path) for rs in recs.values() for r in rs)
