@@ -61,6 +61,24 @@ def test_quack_norm_takes_the_residual_adds_off():
     assert got["peak_gib"] == pytest.approx(base["peak_gib"])
 
 
+def test_bf16_master_takes_the_weight_casts_and_the_fp32_gradient_add_off():
+    """bf16-master's step against bf16-residual's (the same bf16 stream): each micro-batch without bf16 autocast's
+    cast of every projection weight to bf16 and of its gradient back to fp32 (12 bytes a weight), and a step of 22
+    bytes a parameter against 40 (the compiled step's 34, less the second micro-batch's fp32 add it spares)."""
+    plain, master = _rc(precision="bf16-residual"), _rc(precision="bf16-master")
+    base = predict(plain["model"], 32000, plain["run"], plain["train"], "h100")
+    got = predict(master["model"], 32000, master["run"], master["train"], "h100")
+    sh = shape_of(master["model"], 32000)
+    elem = card("h100")["elementwise_tbps"] * 1e12
+    micro_batches = master["train"]["global_batch"] // master["run"]["micro_batch_size"]
+    cast = sh.layers * sh.layer_matmul + sh.vocab * sh.h  # the projections and the output layer
+    assert base["time_s"]["elementwise"] - got["time_s"]["elementwise"] == pytest.approx(
+        12 * cast * micro_batches / elem)
+    assert got["time_s"]["optimizer"] == pytest.approx(base["time_s"]["optimizer"] * 22 / 40)
+    assert {k: v for k, v in got["time_s"].items() if k not in ("elementwise", "optimizer")} == pytest.approx(
+        {k: v for k, v in base["time_s"].items() if k not in ("elementwise", "optimizer")})
+
+
 def test_an_attention_kernel_runs_at_its_own_rate():
     """A run's attention kernel takes the card's rate for it (attention_tflops_fa4_op on the H100, measured);
     a card without one predicts at cuDNN's rate and says so."""

@@ -20,9 +20,10 @@ FIT_MARGIN = 0.10  # refuse above 90 % of the card: reserved exceeded allocated 
 # strategy's default settings (the 1-, 2- and 4-GPU studies), and the kernel levers of results/h100-1b-kernels:
 # FA4's attention (at the card's own rate for it), the bf16 residual stream, the fused projections (counted as
 # the separate ones), quack's MLP (its unsaved SwiGLU product taken off the memory and the elementwise
-# traffic) and quack's norms in compiled layers (the residual add each fuses taken off the elementwise
-# traffic). Any other setting is predicted by the same count but never checked, so a prediction for it comes
-# with the reason it is not bounded.
+# traffic), quack's norms in compiled layers (the residual add each fuses taken off the elementwise traffic)
+# and bf16-master (bf16 autocast's weight casts and fp32 gradient add taken off the elementwise and optimizer
+# traffic, its states as bf16 weights beside fp32 masters). Any other setting is predicted by the same count
+# but never checked, so a prediction for it comes with the reason it is not bounded.
 def attention_rate_key(train: dict) -> str | None:
     """The card constant that holds the rate of the run's attention kernel beside cuDNN's
     (``attention_tflops_fa4_op`` for ``fa4-op``); None for cuDNN's own (``attention_tflops``)."""
@@ -39,9 +40,7 @@ def unmodelled(run: RunSpec, train: dict, c: dict | None = None) -> list[str]:
     """Why the plan's prediction of ``run`` on card constants ``c`` is not checked against a recorded run
     (empty: it is)."""
     out = []
-    # bf16, bf16-residual and bf16-master (recorded in the kernels study) are checked; bf16-master's step is counted
-    # as bf16-residual's (the plan does not count the weight casts it saves) and its states as bf16 weights beside
-    # fp32 masters
+    # bf16, bf16-residual and bf16-master (recorded in the kernels study) are checked
     if not run.precision.autocast:
         out.append(f"precision {run.precision}: the card's GEMM and attention rates are bf16 rates; no run "
                    "of this precision is recorded")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from llmpar.layout import Engine, RunSpec, Sharding
+from llmpar.layout import Engine, Precision, RunSpec, Sharding
 from llmpar.plan.memory import local_params, pipeline_ranks, saved_bytes_per_token, state_bytes
 from llmpar.plan.pipeline import interleaved_idle
 from llmpar.shape import Shape
@@ -69,6 +69,7 @@ def step_time(sh: Shape, run: RunSpec, compiled: bool, c: dict) -> dict:
     # layer's GEMM and attention FLOPs, and its forward's elementwise traffic (half of the 4 passes) again.
     ckpt = {"full": 1.0, "selective": 0.5}.get(run.activation_checkpointing, 0.0)
     unchecked = dataclasses.replace(run, activation_checkpointing="none")
+    master = run.precision is Precision.BF16_MASTER
     for share in shares:
         head = sh.vocab * sh.h // (tp if run.tp_splits_head else 1) if share["last"] else 0
         layers_gemm = 6 * tokens * share["layers"] * sh.layer_matmul / tp
@@ -85,6 +86,11 @@ def step_time(sh: Shape, run: RunSpec, compiled: bool, c: dict) -> dict:
             # residual add, a kernel of its own in a compiled layer (the next norm lies in the next layer's graph),
             # is gone: forward two reads and a write of the stream, backward the same for its gradient
             t["elementwise"] -= 6 * run.precision.residual_bytes * sh.h * share["layers"] * tokens / elem
+        if master:
+            # bf16 autocast casts each projection's fp32 weight to bf16 in the forward (4 bytes read, 2 written) and
+            # its bf16 gradient to fp32 in the backward (2 read, 4 written), every micro-batch; bf16-master's
+            # projections take their bf16 weights and gradients as they are
+            t["elementwise"] -= 12 * (share["layers"] * sh.layer_matmul / tp + head) / elem
         # Tensor parallel: two all-reduces of the activations per layer in the forward, two in the backward.
         t["tp_comm"] = 2 * share["layers"] * (allreduce_s(tokens * sh.h * compute, tp, bw_tp, lat)
                                               + allreduce_s(tokens * sh.h * grad_bytes_tp, tp, bw_tp, lat))
@@ -131,9 +137,16 @@ def step_time(sh: Shape, run: RunSpec, compiled: bool, c: dict) -> dict:
     # AdamW + clipping read/write ~40 bytes per updated fp32 parameter (param r/w, grad r x2 + w,
     # two moments r/w); DeepSpeed also copies the fp32 master partition back into the module (8 B).
     states = state_bytes(sh, run, n_local)
-    master = deepspeed and run.zero_stage >= 1
-    updated = states["optimizer"] / (12 if master else 8)
-    copy_back = 8 * updated if master else 0.0
-    parts["optimizer"] = (40 * updated + copy_back) / elem
+    ds_master = deepspeed and run.zero_stage >= 1
+    updated = states["optimizer"] / (12 if ds_master else 8)
+    copy_back = 8 * updated if ds_master else 0.0
+    step_bytes = 40.0
+    if master:
+        # bf16-master's compiled step reads the two held bf16 gradients twice (the norm, then the update: 8 bytes),
+        # the masters and moments (24) and writes the bf16 weights (2): 34; and it spares bf16 autocast's fp32 add
+        # of the second micro-batch's gradient into .grad (12 bytes read and written, part of the micro-batch cost
+        # fitted on bf16 runs)
+        step_bytes = 34.0 - (12.0 if m > 1 else 0.0)
+    parts["optimizer"] = (step_bytes * updated + copy_back) / elem
     parts["step_fixed"] = c["step_overhead_s"]
     return {"parts": parts, "total": sum(parts.values()), "micro_batch_s": t_mb, "bubble": bubble}
