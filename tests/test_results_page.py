@@ -6,12 +6,13 @@ at MFU >= 0.55 on an H100 through the workflow and >= 1.12 x the torchtitan run 
 
 from __future__ import annotations
 
-import json
+import functools
 import re
 from pathlib import Path
 
 import pytest
 
+from llmpar.io import read_json, read_jsonl
 from llmpar.paths import REPO_ROOT
 
 RESULTS_PAGE = REPO_ROOT / "RESULTS.md"
@@ -25,21 +26,21 @@ RATIOS = {"× torchtitan": "torchtitan", "× `single`": "single"}
 FASTEST = "fa4-op-bf16-master-quack-mlp-autotuned-quack-norm"
 
 
+@functools.cache
 def records() -> dict[str, list[dict]]:
     """Every committed record by the name a table gives it: runs by their directory, probe rows by their
-    variant, torchtitan's runs as ``torchtitan``."""
+    variant, torchtitan's runs as ``torchtitan`` (read once for all the tests)."""
     out: dict[str, list[dict]] = {}
     for root in RECORD_ROOTS:
         for path in root.rglob("summary.json"):
-            rec = json.loads(path.read_text())
+            rec = read_json(path)
             if "steady_time_s" in rec and rec.get("steady_steps"):
                 rec["step_s"] = rec["steady_time_s"] / rec["steady_steps"]
             out.setdefault(path.parent.name, []).append({**rec, "path": path})
         for path in root.rglob("torchtitan_single.json"):
-            out.setdefault("torchtitan", []).append({**json.loads(path.read_text()), "path": path})
+            out.setdefault("torchtitan", []).append({**read_json(path), "path": path})
         for path in root.rglob("*.jsonl"):
-            for line in path.read_text().splitlines():
-                row = json.loads(line) if line.startswith("{") else {}
+            for row in read_jsonl(path):
                 if row.get("kind") == "step" and "tokens_per_s" in row:
                     out.setdefault(row["name"], []).append({**row, "path": path})
     return out
@@ -118,8 +119,8 @@ def test_the_kernels_headline_holds_on_its_records():
     """The recorded fastest `single` of the kernels study: an H100, through the workflow, MFU >= 0.55 by the
     project's formula, and >= 1.12 x the torchtitan run recorded beside it (the same card, the same session)."""
     study = REPO_ROOT / "results" / "h100-1b-kernels"
-    run = json.loads((study / "runs" / FASTEST / "summary.json").read_text())
-    tt = json.loads((study / "baselines" / "torchtitan_single.json").read_text())
+    run = read_json(study / "runs" / FASTEST / "summary.json")
+    tt = read_json(study / "baselines" / "torchtitan_single.json")
     assert run["status"] == "ok" and run["world_size"] == 1 and "H100" in run["environment"]["gpu_name"]
     assert run["mfu"] == pytest.approx(run["tokens_per_s"] * run["flops_per_token"] / run["peak_flops"])
     assert run["mfu"] >= 0.55

@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import load_benchmark
+from conftest import REPO, load_benchmark
 
 from llmpar.metrics.definitions import steady_window
 
-REPO = Path(__file__).resolve().parents[1]
 steady_clocks = load_benchmark("steady_clocks")
 
 
