@@ -148,7 +148,7 @@ def attention_backends(name: str, device_type: str):
     forward + backward took 1.57 ms with cuDNN and 2.45 ms with flash (benchmarks/gpu_probe.py). Every
     backend stays enabled: inputs one refuses fall through to the next. ``default`` keeps PyTorch's
     order. It matters for eager runs: compiled graphs ran cuDNN's kernels under either order on the
-    H200 (results/h200-1b/device/profile.jsonl: ``python benchmarks/gpu_probe.py --no-micro --profile
+    H200 (results/h200-1b/probe/profile.jsonl: ``python benchmarks/gpu_probe.py --no-micro --profile
     --variants cudnn16``). On CPU, and for attention that is not SDPA's (``fa4``), nothing changes."""
     import contextlib
 
