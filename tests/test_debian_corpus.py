@@ -33,6 +33,7 @@ from llmpar.data.corpus import (
     upper_bound_tokens,
 )
 from llmpar.data.debian import check_packages, drop_boilerplate, extract, fetch
+from llmpar.data.describe import describe_study
 from llmpar.data.textextract import html_paragraphs, pod_paragraphs, rst_paragraphs
 from llmpar.data.tokenize import bpe_tokenizer, build_shards, build_tokenizer
 from llmpar.errors import DataError
@@ -349,9 +350,22 @@ def test_debian_corpus_records_its_packages_and_describe_names_them(apt, tmp_pat
     assert d["line"].startswith("real text: 2 Debian documentation packages (demo-doc 1.0-1, dict-demo 2.3-4)")
     assert f"{tokens['tokens']['train']:,} train / {tokens['tokens']['val']:,} val tokens (BPE " in d["line"]
     assert d["line"].endswith("not synthetic")
-    syn = describe({"source": "synthetic", "documents": {"train": 9, "val": 1}, "characters": {"train": 90,
-                                                                                              "val": 10}})
-    assert syn["synthetic"] is True and syn["tokens"] is None and syn["line"].endswith(", synthetic")
+
+
+def test_describe_takes_what_the_records_lack_from_the_config_and_never_guesses():
+    """A corpus record without its source's description and token shards whose meta names no tokenizer model
+    are described from the study's data and tokenizer config; without a config, describe names the missing field."""
+    meta = {"source": "synthetic", "documents": {"train": 9, "val": 1}, "characters": {"train": 90, "val": 10}}
+    tokens = {"tokens": {"train": 4_272_800, "val": 87_200}, "vocab_size": 660}
+    data = {"source": "synthetic", "synthetic": {"documents": 10, "words_per_document": 200}}
+    syn = describe(meta, tokens, data, {"kind": "bpe", "vocab_size": 8192, "pretrained": None})
+    assert syn["line"] == ("synthetic: Markov chain over 200 made-up words, 200 words a document, 10 documents, "
+                           "100 bytes, 4.3 M train / 87,200 val tokens (BPE 660), synthetic")
+    assert "?" not in describe_study(data, {"kind": "bpe"}, None, tokens)
+    with pytest.raises(ValueError, match="no description"):
+        describe(meta)
+    with pytest.raises(ValueError, match="tokenizer_model"):
+        describe(meta, tokens, data)
 
 
 # --------------------------------------------------------------------------- token check before any job

@@ -16,10 +16,11 @@ from llmpar.paths import REPO_ROOT
 def test_corpus_line_from_config_and_tokens():
     tokens = {"tokens": {"train": 4_272_800, "val": 87_200}, "vocab_size": 660, "tokenizer_model": "BPE"}
     line = describe_study({"source": "synthetic", "synthetic": {"documents": 20000, "words_per_document": 200}},
-                          None, tokens)
+                          {"kind": "bpe"}, None, tokens)
     assert line.startswith("synthetic: Markov chain") and "4.3 M train / 87,200 val tokens (BPE 660)" in line
     assert line.endswith(", synthetic")
-    debian = describe_study({"source": "debian", "debian": {"packages": [{"name": "a"}, {"name": "b"}]}}, None, tokens)
+    debian = describe_study({"source": "debian", "debian": {"packages": [{"name": "a"}, {"name": "b"}]}},
+                            {"kind": "bpe"}, None, tokens)
     assert debian.startswith("real text: 2 Debian documentation packages") and debian.endswith("not synthetic")
 
 

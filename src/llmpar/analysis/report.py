@@ -346,7 +346,7 @@ def corpus(config: dict, summaries: list[dict], data_dir) -> dict:
     corpus_meta = json.loads(meta.read_text()) if meta is not None and meta.is_file() else None
     tokens_meta = next((s["data"] for s in summaries if s.get("data")), None)
     trained = [s.get("tokens_trained") or 0 for s in summaries]
-    return {"line": describe_study(config["data"], corpus_meta, tokens_meta),
+    return {"line": describe_study(config["data"], config["tokenizer"], corpus_meta, tokens_meta),
             "repetition": repetition(trained, tokens_meta["tokens"]["train"]) if tokens_meta else ""}
 
 
