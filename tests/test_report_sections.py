@@ -1,11 +1,17 @@
-"""The report's header and its batch-size sweep section, from the committed raw runs: the corpus named with
-its kind and size, the training size when runs differ in batch, and B_crit beside B_simple."""
+"""The report's header, its batch-size sweep section and its same-model finding, from the committed raw runs: the
+corpus named with its kind and size, the training size when runs differ in batch, B_crit beside B_simple, and
+final losses compared among the runs of the baseline's batches only."""
 
 from __future__ import annotations
+
+import html
+import re
 
 import pandas as pd
 import pytest
 
+from llmpar.analysis import findings
+from llmpar.analysis.aggregate import read_table
 from llmpar.analysis.batch_sweep import is_sweep, write_tables
 from llmpar.analysis.report import batch_line, sweep_context
 from llmpar.config import load_yaml, prepare
@@ -53,3 +59,28 @@ def test_the_recorded_sweep_puts_b_crit_beside_b_simple(tmp_path):
     assert ctx["ratio"] == pytest.approx(fit["b_crit"] / fit["b_simple"], rel=1e-3)  # 4 significant digits
     assert ctx["agree"] == (0.5 <= ctx["ratio"] <= 2)
     assert "gb256" in ctx["table"] and ctx["figure"]["caption"]
+
+
+def test_same_model_compares_only_the_runs_of_the_baselines_batches():
+    """A batch-size sweep's runs train other batches than its baseline by design: the finding names them and
+    compares none of their losses. A run given the baseline's batch and steps is compared again, and a run that
+    trains another model at those batches is called so."""
+    root = REPO_ROOT / "results" / "h200-batch-sweep"
+    tables = {k: read_table(root / f"{k}.csv") for k in ("metrics", "runs", "scaling", "peers")}
+    config = prepare(load_yaml(REPO_ROOT / "configs" / "batch-sweep.yaml"))
+
+    def same_model(metrics: pd.DataFrame) -> str:
+        study = findings.Study(config, metrics, tables["runs"], tables["scaling"], tables["peers"])
+        return html.unescape(re.sub(r"<[^>]+>", "", findings.same_model(study).html))
+
+    sweep = same_model(tables["metrics"])
+    assert "not compared" in sweep and "do not train the same model" not in sweep and "lie within" not in sweep
+    assert all(run in sweep for run in tables["metrics"]["run"] if run != "gb32")
+    metrics = tables["metrics"].copy()
+    base = metrics[metrics["run"] == "gb32"].iloc[0]
+    at_base = metrics["run"] == "gb12"
+    metrics.loc[at_base, ["global_batch", "steps_completed"]] = base["global_batch"], base["steps_completed"]
+    compared = same_model(metrics)
+    gap = metrics.loc[at_base, "final_loss_rel_gap"].item()
+    assert gap > findings.LOSS_GAP_FLAG and "gb12 differ by more than 1 %" in compared
+    assert "not compared" in compared and "gb12," not in compared.split(";")[-1]

@@ -322,10 +322,21 @@ def startup(st: Study) -> Finding | None:
 
 
 def same_model(st: Study) -> Finding | None:
-    gaps = st.ok["final_loss_rel_gap"].dropna() if "final_loss_rel_gap" in st.ok else pd.Series(dtype=float)
-    gaps = gaps.drop(index=st.baseline, errors="ignore")
-    if gaps.empty:
+    """Whether the runs train the same model: their final losses against the baseline's, among the runs that train
+    the baseline's batches (its global batch for its number of steps); runs of other batches (a batch-size sweep)
+    train another schedule by design and are named, not compared."""
+    if "final_loss_rel_gap" not in st.ok or st.baseline not in st.ok.index:
         return None
+    base = st.ok.loc[st.baseline]
+    same_batches = (st.ok["global_batch"] == base["global_batch"]) & (
+        st.ok["steps_completed"] == base["steps_completed"])
+    gaps = st.ok.loc[same_batches, "final_loss_rel_gap"].dropna().drop(index=st.baseline, errors="ignore")
+    others = [st.name(r) for r in st.ok.index[~same_batches]]
+    other_text = (f"{', '.join(others)} train{'s' if len(others) == 1 else ''} other batches than "
+                  f"{st.name(st.baseline)}'s ({int(base['global_batch'])} sequences for {int(base['steps_completed'])} "
+                  "steps), so their final losses are not compared" if others else "")
+    if gaps.empty:
+        return Finding("Same model", other_text + ".") if others else None
     worst = gaps.idxmax()
     text = (f"Final training losses lie within {pct(gaps.max(), 2)} of {st.name(st.baseline)}'s "
             f"(largest gap: {st.name(worst)}{st.note(worst)})")
@@ -334,8 +345,9 @@ def same_model(st: Study) -> Finding | None:
         text += (f"; {', '.join(st.name(r) for r in flagged.index)} differ by more than {pct(LOSS_GAP_FLAG, 0)}: "
                  "they do not train the same model")
     else:
-        text += ": every run trains the same model"
-    return Finding("Same model", text + ".")
+        text += (": every run trains the same model" if not others else
+                 f": the {len(gaps) + 1} runs of its batches train the same model")
+    return Finding("Same model", text + (f"; {other_text}" if others else "") + ".")
 
 
 def scaling_rows(scaling: pd.DataFrame) -> pd.DataFrame:
