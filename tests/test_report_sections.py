@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 
 from llmpar.analysis import findings
-from llmpar.analysis.aggregate import read_table
+from llmpar.analysis.aggregate import aggregate
 from llmpar.analysis.batch_sweep import is_sweep, write_tables
-from llmpar.analysis.report import batch_line, sweep_context
+from llmpar.analysis.report import batch_line, headline, reached_target, sweep_context
 from llmpar.config import load_yaml, prepare
 from llmpar.data.describe import describe_study, repetition
 from llmpar.paths import REPO_ROOT
@@ -61,26 +61,46 @@ def test_the_recorded_sweep_puts_b_crit_beside_b_simple(tmp_path):
     assert "gb256" in ctx["table"] and ctx["figure"]["caption"]
 
 
-def test_same_model_compares_only_the_runs_of_the_baselines_batches():
+def study_of(config_name: str, tmp_path) -> findings.Study:
+    """A committed study's findings context, its metrics aggregated afresh from its raw runs."""
+    config = prepare(load_yaml(REPO_ROOT / "configs" / config_name))
+    runs_dir = REPO_ROOT / "results" / config["study"] / "runs"
+    metrics = aggregate(runs_dir, list(config["runs"]), config["baseline"], tmp_path,
+                        config["train"]["pollux_reference_batch"])
+    return findings.Study(config, metrics, pd.DataFrame(), pd.DataFrame(), pd.DataFrame())
+
+
+def text(fragment: str) -> str:
+    return html.unescape(re.sub(r"<[^>]+>", "", fragment))
+
+
+def test_same_model_compares_only_the_runs_of_the_baselines_batches(tmp_path):
     """A batch-size sweep's runs train other batches than its baseline by design: the finding names them and
     compares none of their losses. A run given the baseline's batch and steps is compared again, and a run that
     trains another model at those batches is called so."""
-    root = REPO_ROOT / "results" / "h200-batch-sweep"
-    tables = {k: read_table(root / f"{k}.csv") for k in ("metrics", "runs", "scaling", "peers")}
-    config = prepare(load_yaml(REPO_ROOT / "configs" / "batch-sweep.yaml"))
-
-    def same_model(metrics: pd.DataFrame) -> str:
-        study = findings.Study(config, metrics, tables["runs"], tables["scaling"], tables["peers"])
-        return html.unescape(re.sub(r"<[^>]+>", "", findings.same_model(study).html))
-
-    sweep = same_model(tables["metrics"])
-    assert "not compared" in sweep and "do not train the same model" not in sweep and "lie within" not in sweep
-    assert all(run in sweep for run in tables["metrics"]["run"] if run != "gb32")
-    metrics = tables["metrics"].copy()
+    sweep = study_of("batch-sweep.yaml", tmp_path)
+    found = text(findings.same_model(sweep).html)
+    assert "not compared" in found and "do not train the same model" not in found and "lie within" not in found
+    assert all(run in found for run in sweep.ok.index if run != "gb32")
+    metrics = sweep.metrics.copy()
     base = metrics[metrics["run"] == "gb32"].iloc[0]
     at_base = metrics["run"] == "gb12"
     metrics.loc[at_base, ["global_batch", "steps_completed"]] = base["global_batch"], base["steps_completed"]
-    compared = same_model(metrics)
+    compared = text(findings.same_model(findings.Study(sweep.config, metrics, *[pd.DataFrame()] * 3)).html)
     gap = metrics.loc[at_base, "final_loss_rel_gap"].item()
     assert gap > findings.LOSS_GAP_FLAG and "gb12 differ by more than 1 %" in compared
     assert "not compared" in compared and "gb12," not in compared.split(";")[-1]
+
+
+@pytest.mark.parametrize("config_name, column, reason", [
+    ("gpu1-1b-kernels.yaml", False, "every run: the study sets no target loss (train.target_loss)"),
+    ("gpu1-1b.yaml", False, "single: its validation loss stayed above the target 5 (last 5.7)"),
+    ("h200-1b.yaml", True, None),
+])
+def test_time_to_target_is_a_column_only_where_a_run_reached_it(tmp_path, config_name, column, reason):
+    """The at-a-glance table has no column that is empty for every run: time to target shows where some run
+    reached the study's target, and the runs without it are listed with why (no target, or not reached)."""
+    st = study_of(config_name, tmp_path)
+    assert ("s to target" in headline(st)) is column and reached_target(st) is column
+    why = dict(findings.lacking(st, []))
+    assert ([text(w) for w in why["time to target"]] == [reason]) if reason else "time to target" not in why

@@ -428,9 +428,13 @@ def findings(st: Study) -> list[Finding]:
 
 def lacking(st: Study, summaries: list[dict]) -> list[tuple[str, list[str]]]:
     """Per metric the report shows, the runs without it and why: the summary's stated reason, a summary
-    recorded before the field existed, an engine that reports no phase breakdown, a target not reached."""
+    recorded before the field existed, an engine that reports no phase breakdown, no target loss set or the
+    target not reached."""
     raw = {s["run"]: s for s in summaries}
     out = []
+
+    def named(runs: list[str]) -> str:
+        return "every run" if len(runs) == len(st.ok) > 1 else ", ".join(st.name(r) for r in runs)
 
     def why(run: str, field: str, reason_field: str | None = None, default: str = "") -> str:
         s = raw.get(run, {})
@@ -447,6 +451,16 @@ def lacking(st: Study, summaries: list[dict]) -> list[tuple[str, list[str]]]:
          "this engine records no phase breakdown"),
         ("MFU", "mfu", "mfu", None, "no peak FLOP/s known for this device"),
     ]
+    target = st.ok.get("target_loss")
+    not_reached = st.ok[st.ok["seconds_to_target"].isna()] if "seconds_to_target" in st.ok else st.ok
+    if not not_reached.empty:
+        reasons: dict[str, list[str]] = {}
+        for run, r in not_reached.iterrows():
+            goal = target.loc[run] if target is not None else None
+            reason = ("the study sets no target loss (train.target_loss)" if goal is None or pd.isna(goal) else
+                      f"its validation loss stayed above the target {num(goal)} (last {num(r.get('final_val_loss'))})")
+            reasons.setdefault(reason, []).append(run)
+        out.append(("time to target", [f"{named(runs)}: {html.escape(reason)}" for reason, runs in reasons.items()]))
     for label, col, field, reason_field, default in checks:
         rows = st.ok
         if col == "bubble_measured":
@@ -457,6 +471,5 @@ def lacking(st: Study, summaries: list[dict]) -> list[tuple[str, list[str]]]:
         reasons: dict[str, list[str]] = {}
         for run in missing.index:
             reasons.setdefault(why(run, field, reason_field, default), []).append(run)
-        out.append((label, [f"{', '.join(st.name(r) for r in runs)}: {html.escape(reason)}"
-                            for reason, runs in reasons.items()]))
+        out.append((label, [f"{named(runs)}: {html.escape(reason)}" for reason, runs in reasons.items()]))
     return out

@@ -224,9 +224,16 @@ def provenance(runs: pd.DataFrame, metrics: pd.DataFrame) -> dict:
     return {"same": same, "table": prov, "header": header, "numerics": numerics, "budget": budget}
 
 
+def reached_target(st: F.Study) -> bool:
+    """Whether some run reached the study's target loss (the time-to-target column shows only then)."""
+    return "seconds_to_target" in st.ok and bool(st.ok["seconds_to_target"].notna().any())
+
+
 def headline(st: F.Study) -> str:
     """One row per run, grouped by family: layout, GPUs, tokens/s per GPU, MFU, peak memory, time to target
+    (a column only where some run reached a target; :func:`llmpar.analysis.findings.lacking` says why not)
     and loss gap."""
+    target = reached_target(st)
     rows = []
     for _, r in st.metrics.iterrows():
         ok = r["status"] == "ok"
@@ -236,17 +243,18 @@ def headline(st: F.Study) -> str:
         cells = [f"<td>{swatch}{html.escape(r['run'])}{st.note(r['run'])}</td>", f"<td>{html.escape(F.layout(r))}</td>",
                  f'<td class="num">{int(r["world_size"])}</td>']
         if ok:
-            cells += [f'<td class="num">{F.num(r[c])}</td>' for c in ("tokens_per_s_per_gpu",)]
-            cells += [f'<td class="num">{F.pct(eff, 0) if eff is not None else "–"}</td>',
-                      f'<td class="num">{F.num(r["mfu"])}</td>', f'<td class="num">{F.num(r["peak_mem_gib"])}</td>',
-                      f'<td class="num">{F.num(r.get("seconds_to_target"))}</td>',
-                      f'<td class="num">{F.pct(r.get("final_loss_rel_gap"), 2)}</td>']
+            cells += [f'<td class="num">{F.num(r["tokens_per_s_per_gpu"])}</td>',
+                      f'<td class="num">{F.pct(eff, 0) if eff is not None else "–"}</td>',
+                      f'<td class="num">{F.num(r["mfu"])}</td>', f'<td class="num">{F.num(r["peak_mem_gib"])}</td>']
+            cells += [f'<td class="num">{F.num(r.get("seconds_to_target"))}</td>'] if target else []
+            cells += [f'<td class="num">{F.pct(r.get("final_loss_rel_gap"), 2)}</td>']
         else:
-            cells.append(f'<td colspan="6">{html.escape(r["status"])}: {html.escape(str(r["message"]))[:120]}</td>')
+            cells.append(f'<td colspan="{6 if target else 5}">{html.escape(r["status"])}: '
+                         f'{html.escape(str(r["message"]))[:120]}</td>')
         cls = "" if ok else ' class="failed"'
         rows.append(f"<tr{cls}>{''.join(cells)}</tr>")
     head = ("<tr><th>run</th><th>layout</th><th>GPUs</th><th>tokens/s per GPU</th><th>vs 1 GPU</th><th>MFU</th>"
-            "<th>peak GiB</th><th>s to target</th><th>loss gap</th></tr>")
+            f"<th>peak GiB</th>{'<th>s to target</th>' if target else ''}<th>loss gap</th></tr>")
     return f"<table class='headline'>{head}{''.join(rows)}</table>"
 
 
@@ -411,7 +419,8 @@ def build_report(config: dict, metrics_csv, figures_dir, captions_dir, summaries
         "batch_line": batch_line(config, metrics),
         "n_runs": len(metrics), "n_ok": n_ok, "n_failed": len(metrics) - n_ok,
         "failed": [(r["run"], r["status"], str(r["message"])) for _, r in failed.iterrows()],
-        "findings": F.findings(st), "headline": headline(st), "scaling_table": scaling_table(st),
+        "findings": F.findings(st), "headline": headline(st), "target_column": reached_target(st),
+        "scaling_table": scaling_table(st),
         "scaling_not_joined": sorted({(r["study"], r["not_joined"]) for _, r in scaling.iterrows()
                                       if not r["joined"]}) if not scaling.empty else [],
         "compare_with": config.get("compare_with", []), "peers_table": peers_table(st),
