@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from llmpar.layout import Engine, Precision, RunSpec, Sharding
+from llmpar.metrics.definitions import bubble_fraction
 from llmpar.plan.memory import local_params, pipeline_ranks, saved_bytes_per_token, state_bytes
 from llmpar.plan.pipeline import interleaved_idle
 from llmpar.shape import Shape
@@ -43,13 +44,6 @@ def allreduce_s(nbytes: float, group: int, bw: float, latency: float) -> float:
 def gather_s(nbytes: float, group: int, bw: float, latency: float) -> float:
     """All-gather or reduce-scatter of a tensor of ``nbytes`` (whole) over ``group`` ranks."""
     return 0.0 if group <= 1 else latency + (group - 1) / group * nbytes / bw
-
-
-def pipeline_bubble(stages: int, micro_batches: int, virtual: int = 1) -> float:
-    """Idle share of a pipeline's schedule: (p-1)/v extra micro-batch slots of m + (p-1)/v, i.e.
-    (p-1)/(v·m+p-1); 0 without stages. The step time charges it for GPipe and 1F1B; torch's interleaved
-    schedule is simulated as torch issues its transfers (:func:`llmpar.plan.pipeline.interleaved_idle`)."""
-    return (stages - 1) / (virtual * micro_batches + stages - 1)
 
 
 def step_time(sh: Shape, run: RunSpec, compiled: bool, c: dict) -> dict:
@@ -100,7 +94,8 @@ def step_time(sh: Shape, run: RunSpec, compiled: bool, c: dict) -> dict:
     slowest = max(per_rank, key=lambda t: sum(t.values()))
     t_mb = sum(slowest.values())
     chunks = run.virtual_stages
-    bubble = pipeline_bubble(p, m, chunks)
+    # GPipe and 1F1B: the closed-form bubble the metric bubble_theoretical is defined by
+    bubble = bubble_fraction(p, m, chunks)
     if chunks > 1:  # torch's interleaved 1F1B, its transfers as its runtime issues them (plan.pipeline)
         chunk_fwd = (t_mb - slowest["pp_p2p"]) / (3 * chunks)
         bubble = interleaved_idle(p, m, chunks, round(slowest["pp_p2p"] / 2 / chunk_fwd, 3))
