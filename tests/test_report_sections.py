@@ -13,7 +13,7 @@ import pytest
 from llmpar.analysis import findings
 from llmpar.analysis.aggregate import aggregate
 from llmpar.analysis.batch_sweep import is_sweep, write_tables
-from llmpar.analysis.report import batch_line, headline, reached_target, sweep_context
+from llmpar.analysis.report import batch_line, headline, reached_target, sweep_context, sweep_source
 from llmpar.config import load_yaml, prepare
 from llmpar.data.describe import describe_study, repetition
 from llmpar.paths import REPO_ROOT
@@ -104,3 +104,14 @@ def test_time_to_target_is_a_column_only_where_a_run_reached_it(tmp_path, config
     assert ("s to target" in headline(st)) is column and reached_target(st) is column
     why = dict(findings.lacking(st, []))
     assert ([text(w) for w in why["time to target"]] == [reason]) if reason else "time to target" not in why
+
+
+def test_the_time_to_target_names_the_sweep_it_comes_from_and_whether_its_model_is_the_studys():
+    """The plan's time to a target comes from a sweep's fit; the report names that sweep's model, corpus and target
+    from its config, and the transfer assumption only where the model or corpus is not the study's own."""
+    kernels = prepare(load_yaml(REPO_ROOT / "configs" / "gpu1-1b-kernels.yaml"))
+    sweep = prepare(load_yaml(REPO_ROOT / "configs" / "batch-sweep.yaml"))
+    source = sweep_source(kernels)
+    assert source == {"study": sweep["study"], "params_m": 134, "seq_len": 512, "corpus": "debian",
+                      "target_loss": sweep["train"]["target_loss"], "own": False}
+    assert sweep_source({**sweep, "sweep_from": "configs/batch-sweep.yaml"})["own"] is True

@@ -147,13 +147,33 @@ TARGET_LABELS = {"global_batch": "batch", "predicted_steps_to_target": "steps to
                  "predicted_time_to_target_at_smallest_s": "s to target at it", "smallest_batch_why": "why"}
 
 
+def sweep_source(config: dict) -> dict:
+    """What the sweep a study takes its steps to target from (``sweep_from``) trained: its study, model (parameters,
+    sequence), corpus and target loss, and whether that model and corpus are the study's own (where they are not,
+    the report says on what assumption the steps transfer: :mod:`llmpar.plan.efficiency`)."""
+    from llmpar.config import load_yaml, prepare
+    from llmpar.paths import REPO_ROOT
+    from llmpar.shape import param_counts
+
+    sweep = prepare(load_yaml(REPO_ROOT / config["sweep_from"]))
+
+    def model(cfg: dict) -> tuple:
+        return param_counts(cfg["model"], cfg["tokenizer"]["vocab_size"])["total"], cfg["model"]["seq_len"]
+
+    params, seq = model(sweep)
+    return {"study": sweep["study"], "params_m": round(params / 1e6), "seq_len": seq,
+            "corpus": sweep["data"]["source"], "target_loss": sweep["train"]["target_loss"],
+            "own": model(sweep) == model(config) and sweep["data"] == config["data"]}
+
+
 def time_to_target_context(config: dict, rows: pd.DataFrame, ext: pd.DataFrame | None) -> dict | None:
     """The plan's predicted time to the sweep's target (sweep_from): per recorded run, and the extrapolation's
     fastest layout per GPU count by that time beside the one with the highest tokens/s per GPU."""
     if rows.empty or "predicted_time_to_target_s" not in rows.columns:
         return None
     ranked = rows.sort_values("predicted_time_to_target_s")
-    out = {"sweep": config.get("sweep_from"), "table": table(ranked, TARGET_TABLE, TARGET_LABELS), "extrapolation": []}
+    out = {"sweep": config.get("sweep_from"), "source": sweep_source(config),
+           "table": table(ranked, TARGET_TABLE, TARGET_LABELS), "extrapolation": []}
     if ext is not None and "predicted_time_to_target_s" in ext.columns:
         for (shape, gpus), group in ext.dropna(subset=["predicted_time_to_target_s"]).groupby(["shape", "gpus"]):
             by_time = group.loc[group["predicted_time_to_target_s"].idxmin()]
