@@ -1,6 +1,8 @@
 """RESULTS.md's tables quote the committed records: every row that names a run, a probe variant or torchtitan
 gives the numbers of one record of that name (a run's ``summary.json``, a probe's ``step`` row, a torchtitan
-``torchtitan_single.json``), each to the digits the table prints, and its ratios are those records' quotients.
+``torchtitan_single.json``), each to the digits the table prints, its ratios are those records' quotients, and its
+loss gaps (the largest relative gap of its per-step losses over the stated steps but one, and that one's) are
+those of its run's ``steps.jsonl`` against a committed run of the name the cell compares it with.
 The kernels study's headline holds on its records, as RESULTS.md and the README state it: `single` with every lever
 at MFU >= 0.55 on an H100 through the workflow and >= 1.12 x the torchtitan run of its session."""
 
@@ -24,6 +26,9 @@ COLUMNS = {"tokens/s": ("tokens_per_s", 0), "per GPU": ("tokens_per_s_per_gpu", 
            "step s": ("step_s", 3)}
 RATIOS = {"× torchtitan": "torchtitan", "× `single`": "single"}
 FASTEST = "fa4-op-bf16-master-quack-mlp-autotuned-quack-norm"
+# a loss-gap cell's claims, ';'-separated: "[to REFERENCE ]≤ 1.23 %, [except ]−6.82 % at step 13"
+GAP = re.compile(r"^(?:to (?P<ref>.+?) )?≤ (?P<max>\d+\.\d\d) %, (?:except )?(?P<exc>[−+]\d+\.\d\d) % "
+                 r"at step (?P<step>\d+)$")
 
 
 @functools.cache
@@ -54,7 +59,12 @@ def number(cell: str) -> str | None:
 
 def table_rows(text: str) -> list[tuple[int, str, dict[str, str]]]:
     """(line, name, {column: cell}) of every body row of every table whose first column is a run or variant."""
-    rows, header = [], None
+    return [row for table in tables(text) for row in table]
+
+
+def tables(text: str) -> list[list[tuple[int, str, dict[str, str]]]]:
+    """The body rows (line, name, {column: cell}) of each table whose first column is a run or variant."""
+    out, header = [], None
     for i, line in enumerate(text.splitlines(), 1):
         if not line.startswith("|"):
             header = None
@@ -62,11 +72,12 @@ def table_rows(text: str) -> list[tuple[int, str, dict[str, str]]]:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if header is None:
             header = cells
+            out.append([])
         elif header[0] in ("run", "variant") and not set(cells[0]) <= set("- "):
             m = re.match(r"`([^`]+)`", cells[0])
             name = m.group(1) if m else cells[0].split()[0]
-            rows.append((i, name, dict(zip(header, cells))))
-    return rows
+            out[-1].append((i, name, dict(zip(header, cells))))
+    return [table for table in out if table]
 
 
 def matches(rec: dict, quoted: dict[str, str]) -> bool:
@@ -99,10 +110,81 @@ def mismatches(text: str, recs: dict[str, list[dict]]) -> list[str]:
     return bad
 
 
+def record_of(name: str, cells: dict[str, str], recs: dict[str, list[dict]]) -> dict | None:
+    """The committed record of ``name`` whose numbers a row quotes (None: none, or the row quotes no number)."""
+    quoted = {c: number(v) for c, v in cells.items() if c in COLUMNS and number(v) is not None}
+    return next((r for r in recs.get(name, []) if matches(r, quoted)), None) if quoted else None
+
+
+@functools.cache
+def step_losses(steps_file: Path) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in read_jsonl(steps_file)}
+
+
+def gap_holds(own: dict, ref: dict, claim: re.Match, steps: range) -> bool:
+    """Whether ``own``'s losses against ``ref``'s over ``steps`` have the claim's largest gap (all steps but the
+    claim's) and its gap at its step, relative to ``ref``'s loss, as the cell prints them."""
+    a, b = (step_losses(r["path"].parent / "steps.jsonl") for r in (own, ref))
+    gap = {s: 100 * (a[s] - b[s]) / b[s] for s in steps}
+    step = int(claim["step"])
+    if step not in gap:
+        return False
+    largest = max(abs(g) for s, g in gap.items() if s != step)
+    return f"{largest:.2f}" == claim["max"] and f"{gap[step]:+.2f}" == claim["exc"].replace("−", "-")
+
+
+def loss_gap_mismatches(text: str, recs: dict[str, list[dict]]) -> list[str]:
+    """The loss-gap claims of ``text``'s tables that no committed pair of runs gives. The run compared with is
+    the table's `single` (or the one the claim names: a run of another name, ``the first`` row's, or ``run of
+    it``, another run of the row's name), any committed run of that name: the check holds each number to the
+    losses of two records, not to one session's."""
+    bad = []
+    for table in tables(text):
+        first = record_of(table[0][1], table[0][2], recs)
+        for line, name, cells in table:
+            column = next((c for c in cells if c.startswith("loss gap")), None)
+            if column is None or cells[column] == "–":
+                continue
+            steps = re.search(r"steps (\d+)–(\d+)", column)
+            own = record_of(name, cells, recs)
+            for part in cells[column].split(";"):
+                claim = GAP.match(part.strip())
+                if not (claim and steps and own):
+                    bad.append(f"line {line}: {name}: '{part.strip()}' is not a loss gap of a committed run's steps")
+                    continue
+                ref = claim["ref"] or "`single`"
+                named = re.search(r"`([^`]+)`", ref)
+                refs = ([first] if ref == "the first" else [r for r in recs[name] if r is not own]
+                        if ref.endswith("run of it") else recs.get(named.group(1), []) if named else [])
+                span = range(int(steps[1]), int(steps[2]) + 1)
+                if not any(gap_holds(own, r, claim, span) for r in refs if (r["path"].parent / "steps.jsonl").exists()):
+                    bad.append(f"line {line}: {name}: '{part.strip()}' holds against no committed run ({ref})")
+    return bad
+
+
 def test_every_table_row_quotes_a_committed_record():
     text = RESULTS_PAGE.read_text()
     assert len([r for r in table_rows(text) if set(r[2]) & set(COLUMNS)]) >= 60  # the tables are found
     assert mismatches(text, records()) == []
+
+
+def test_every_loss_gap_is_that_of_two_committed_runs():
+    text = RESULTS_PAGE.read_text()
+    assert len(re.findall(r"% at step \d+", text)) >= 15  # the claims are found
+    assert loss_gap_mismatches(text, records()) == []
+
+
+@pytest.mark.parametrize("old,new", [("≤ 1.23 %, except −6.82 %", "≤ 1.32 %, except −6.82 %"),
+                                     ("≤ 1.23 %, except −6.82 %", "≤ 1.23 %, except −6.28 %"),
+                                     ("≤ 0.19 %, except +0.71 %", "≤ 0.19 %, except −0.71 %"),
+                                     ("to the first ≤ 0.43 %", "to the first ≤ 0.34 %"),
+                                     ("| SM clock | loss gap to `single`, steps 6–25 |",
+                                      "| SM clock | loss gap to `single`, steps 6–20 |")])
+def test_a_changed_loss_gap_is_caught(old, new):
+    """A mistyped gap, a flipped sign or a gap over other steps than the header states is named."""
+    text = RESULTS_PAGE.read_text()
+    assert old in text
+    assert loss_gap_mismatches(text.replace(old, new, 1), records())
 
 
 @pytest.mark.parametrize("old,new", [("| 71,189 |", "| 71,198 |"), ("| 0.497 |", "| 0.479 |"),
