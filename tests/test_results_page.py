@@ -2,7 +2,8 @@
 gives the numbers of one record of that name (a run's ``summary.json``, a probe's ``step`` row, a torchtitan
 ``torchtitan_single.json``), each to the digits the table prints, its ratios are those records' quotients, and its
 loss gaps (the largest relative gap of its per-step losses over the stated steps but one, and that one's) are
-those of its run's ``steps.jsonl`` against a committed run of the name the cell compares it with.
+those of its run's ``steps.jsonl`` against a committed run of the name the cell compares it with, and its SM
+clock is its run's median over the steady steps (``samples.jsonl``).
 The kernels study's headline holds on its records, as RESULTS.md and the README state it: `single` with every lever
 at MFU >= 0.55 on an H100 through the workflow and >= 1.12 x the torchtitan run of its session."""
 
@@ -13,9 +14,12 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 from llmpar.io import read_json, read_jsonl
 from llmpar.paths import REPO_ROOT
+
+steady_clocks = load_benchmark("steady_clocks")
 
 RESULTS_PAGE = REPO_ROOT / "RESULTS.md"
 RECORD_ROOTS = (REPO_ROOT / "results", REPO_ROOT / "benchmarks" / "results")
@@ -162,10 +166,31 @@ def loss_gap_mismatches(text: str, recs: dict[str, list[dict]]) -> list[str]:
     return bad
 
 
+def clock_mismatches(text: str, recs: dict[str, list[dict]]) -> list[str]:
+    """The SM clocks ``text``'s tables print that are not their run's median over its steady steps
+    (benchmarks/steady_clocks.py on the run's samples)."""
+    bad = []
+    for line, name, cells in table_rows(text):
+        if cells.get("SM clock", "–") == "–":
+            continue
+        own = record_of(name, cells, recs)
+        median = steady_clocks.steady_clocks(own["path"].parent)["sm_clock_mhz_median"] if own else None
+        if median is None or f"{median:,.0f} MHz" != cells["SM clock"]:
+            bad.append(f"line {line}: {name}: SM clock {cells['SM clock']} is not its run's steady median ({median})")
+    return bad
+
+
 def test_every_table_row_quotes_a_committed_record():
     text = RESULTS_PAGE.read_text()
     assert len([r for r in table_rows(text) if set(r[2]) & set(COLUMNS)]) >= 60  # the tables are found
     assert mismatches(text, records()) == []
+
+
+def test_every_sm_clock_is_its_runs_steady_median():
+    text = RESULTS_PAGE.read_text()
+    assert sum(cells.get("SM clock", "–") != "–" for _, _, cells in table_rows(text)) >= 5
+    assert clock_mismatches(text, records()) == []
+    assert clock_mismatches(text.replace("| 1,620 MHz |", "| 1,602 MHz |", 1), records())
 
 
 def test_every_loss_gap_is_that_of_two_committed_runs():
