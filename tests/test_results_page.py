@@ -27,7 +27,7 @@ RECORD_ROOTS = (REPO_ROOT / "results", REPO_ROOT / "benchmarks" / "results")
 # table column -> (record field, the digits the table prints after the point)
 COLUMNS = {"tokens/s": ("tokens_per_s", 0), "per GPU": ("tokens_per_s_per_gpu", 0), "MFU": ("mfu", 3),
            "peak GiB": ("peak_mem_gib", 1), "final val loss": ("final_val_loss", 4), "final loss": ("final_loss", 4),
-           "step s": ("step_s", 3)}
+           "step s": ("step_s", 3), "batch": ("global_batch", 0), "steps (to target)": ("steps_completed", 0)}
 RATIOS = {"× torchtitan": "torchtitan", "× `single`": "single"}
 FASTEST = "fa4-op-bf16-master-quack-mlp-autotuned-quack-norm"
 # a loss-gap cell's claims, ';'-separated: "[to REFERENCE ]≤ 1.23 %, [except ]−6.82 % at step 13"
