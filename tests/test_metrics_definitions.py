@@ -132,6 +132,29 @@ def test_ratios_against_the_baseline_and_scaling_efficiency():
     assert r.loc["oom", ["scaling_efficiency", "throughput_increase_x"]].isna().all()
 
 
+def test_step_loss_gap_is_the_largest_over_the_steady_steps_of_runs_of_the_baselines_batches():
+    """The largest per-step relative loss gap to the baseline and its step, over the run's steady steps only (a
+    warm-up step's gap does not count); none for runs of another global batch or step count, or that failed."""
+    import pandas as pd
+
+    from llmpar.analysis.aggregate import add_step_loss_gaps
+
+    base = [4.0, 3.0, 2.0, 1.0]
+    runs = {"single": base, "ddp": [9.0, 3.03, 1.9, 1.0], "gb64": [4.0, 3.0, 2.0, 1.0], "oom": [4.0]}
+    steps = pd.DataFrame([{"run": r, "step": i + 1, "loss": v} for r, losses in runs.items()
+                          for i, v in enumerate(losses)])
+    df = pd.DataFrame([
+        dict(run="single", status="ok", global_batch=32, steps_completed=4, steady_steps=3),
+        dict(run="ddp", status="ok", global_batch=32, steps_completed=4, steady_steps=3),
+        dict(run="gb64", status="ok", global_batch=64, steps_completed=4, steady_steps=3),
+        dict(run="oom", status="oom", global_batch=32, steps_completed=1, steady_steps=None),
+    ])
+    r = add_step_loss_gaps(df, steps, "single").set_index("run")
+    assert r.loc["ddp", "step_loss_gap_max"] == pytest.approx(0.05) and r.loc["ddp", "step_loss_gap_step"] == 3
+    assert r.loc["single", "step_loss_gap_max"] == 0.0 and r.loc["single", "step_loss_gap_step"] is None
+    assert r.loc["gb64", "step_loss_gap_max"] is None and r.loc["oom", "step_loss_gap_max"] is None
+
+
 def test_bubble_measured_is_the_mean_idle_share_of_the_schedule():
     ranks = [{"forward": 1.0, "backward": 2.0, "pipeline_idle": 1.0, "optimizer": 5.0, "grad_sync": 1.0},
              {"forward": 1.0, "backward": 3.0, "pipeline_idle": 0.0, "optimizer": 5.0, "grad_sync": 1.0}]

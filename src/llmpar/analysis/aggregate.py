@@ -26,6 +26,11 @@ RATIO_DEFINITIONS = {
     "scaling_efficiency": "run tokens_per_s_per_gpu / tokens_per_s_per_gpu of the study's completed single-process "
                           "run with the same micro_batch_size (empty when there is none): 1.0 is perfect scaling",
     "final_loss_rel_gap": "|run final_loss - baseline final_loss| / baseline final_loss (same training: ~0)",
+    "step_loss_gap_max": "the largest |run loss - baseline loss| / baseline loss over the run's steady steps (each "
+                         "step's training loss in steps.jsonl), for runs of the baseline's global batch and step "
+                         "count (empty for others: they train other batches); same training: ~0, a bf16 rounding "
+                         "change: about 1e-3 to 1e-2",
+    "step_loss_gap_step": "the step of step_loss_gap_max",
 }
 
 
@@ -66,6 +71,7 @@ def metrics_row(rec: RunRecord, reference_batch: int) -> dict:
         "compile": spec.get("compile"),
         "device": s.get("device"),
         "steps_completed": s.get("steps_completed"),
+        "steady_steps": s.get("steady_steps"),
         "wall_time_s": s.get("wall_time_s"),
         "tokens_per_s": s.get("tokens_per_s"),
         "tokens_per_s_overall": s.get("tokens_per_s_overall"),
@@ -135,6 +141,28 @@ def add_ratios(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
     return df
 
 
+def add_step_loss_gaps(df: pd.DataFrame, steps: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """``step_loss_gap_max`` and ``step_loss_gap_step`` (RATIO_DEFINITIONS) of each completed run that trains the
+    baseline's batches, from the study's step rows (``steps``: run, step, loss)."""
+    df["step_loss_gap_max"], df["step_loss_gap_step"] = None, None
+    base = df.set_index("run").loc[baseline]
+    if base["status"] != "ok" or steps.empty:
+        return df
+    losses = steps.set_index(["run", "step"])["loss"]
+    base_loss = losses.loc[baseline]
+    for i, r in df.iterrows():
+        if (r["status"] != "ok" or r["global_batch"] != base["global_batch"]
+                or r["steps_completed"] != base["steps_completed"] or not r["steady_steps"]):
+            continue
+        own = losses.loc[r["run"]]
+        steady = own.index[own.index > r["steps_completed"] - r["steady_steps"]]
+        gap = ((own.loc[steady] - base_loss.reindex(steady)).abs() / base_loss.reindex(steady)).dropna()
+        if len(gap):
+            df.at[i, "step_loss_gap_max"] = float(gap.max())
+            df.at[i, "step_loss_gap_step"] = int(gap.idxmax()) if gap.max() > 0 else None
+    return df
+
+
 def aggregate(runs_dir: str | Path, runs: list[str], baseline: str, out_dir: str | Path,
               reference_batch: int) -> pd.DataFrame:
     """The study's tables from its run directories; ``reference_batch``: Pollux's M0
@@ -148,6 +176,7 @@ def aggregate(runs_dir: str | Path, runs: list[str], baseline: str, out_dir: str
     if not steps.empty and steps.duplicated(["run", "step"]).any():
         dup = steps[steps.duplicated(["run", "step"], keep=False)][["run", "step"]].head()
         raise IncompleteRun(f"duplicate (run, step) rows in the step records:\n{dup}")
+    df = add_step_loss_gaps(df, steps, baseline)
     for name, frame, cols in (
         ("metrics.csv", df, None),
         ("steps.csv", steps, ["run", "step", "loss", "tokens", "samples", "elapsed_s", "step_time_s", "lr", "attempt"]),

@@ -347,6 +347,12 @@ def same_model(st: Study) -> Finding | None:
     else:
         text += (": every run trains the same model" if not others else
                  f": the {len(gaps) + 1} runs of its batches train the same model")
+    steps = (st.ok.loc[gaps.index, "step_loss_gap_max"].dropna() if "step_loss_gap_max" in st.ok
+             else pd.Series(dtype=float))
+    if len(steps):
+        run = steps.idxmax()
+        text += (f"; step by step their training losses differ from {st.name(st.baseline)}'s by up to "
+                 f"{pct(steps.max(), 2)} ({st.name(run)}, step {int(st.ok.loc[run, 'step_loss_gap_step'])})")
     return Finding("Same model", text + (f"; {other_text}" if others else "") + ".")
 
 

@@ -244,6 +244,13 @@ def provenance(runs: pd.DataFrame, metrics: pd.DataFrame) -> dict:
     return {"same": same, "table": prov, "header": header, "numerics": numerics, "budget": budget}
 
 
+def step_gap(r: pd.Series) -> str:
+    """A run's largest per-step loss gap to the baseline over its steady steps, with its step (– where the run
+    trains other batches than the baseline's)."""
+    gap, step = r.get("step_loss_gap_max"), r.get("step_loss_gap_step")
+    return F.pct(gap, 2) + (f" (step {int(step)})" if pd.notna(gap) and pd.notna(step) else "")
+
+
 def reached_target(st: F.Study) -> bool:
     """Whether some run reached the study's target loss (the time-to-target column shows only then)."""
     return "seconds_to_target" in st.ok and bool(st.ok["seconds_to_target"].notna().any())
@@ -267,14 +274,15 @@ def headline(st: F.Study) -> str:
                       f'<td class="num">{F.pct(eff, 0) if eff is not None else "–"}</td>',
                       f'<td class="num">{F.num(r["mfu"])}</td>', f'<td class="num">{F.num(r["peak_mem_gib"])}</td>']
             cells += [f'<td class="num">{F.num(r.get("seconds_to_target"))}</td>'] if target else []
-            cells += [f'<td class="num">{F.pct(r.get("final_loss_rel_gap"), 2)}</td>']
+            cells += [f'<td class="num">{F.pct(r.get("final_loss_rel_gap"), 2)}</td>',
+                      f'<td class="num">{step_gap(r)}</td>']
         else:
-            cells.append(f'<td colspan="{6 if target else 5}">{html.escape(r["status"])}: '
+            cells.append(f'<td colspan="{7 if target else 6}">{html.escape(r["status"])}: '
                          f'{html.escape(str(r["message"]))[:120]}</td>')
         cls = "" if ok else ' class="failed"'
         rows.append(f"<tr{cls}>{''.join(cells)}</tr>")
     head = ("<tr><th>run</th><th>layout</th><th>GPUs</th><th>tokens/s per GPU</th><th>vs 1 GPU</th><th>MFU</th>"
-            f"<th>peak GiB</th>{'<th>s to target</th>' if target else ''}<th>loss gap</th></tr>")
+            f"<th>peak GiB</th>{'<th>s to target</th>' if target else ''}<th>loss gap</th><th>step gap</th></tr>")
     return f"<table class='headline'>{head}{''.join(rows)}</table>"
 
 
