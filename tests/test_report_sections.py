@@ -16,6 +16,7 @@ from llmpar.analysis.batch_sweep import is_sweep, write_tables
 from llmpar.analysis.report import batch_line, headline, reached_target, sweep_context, sweep_source
 from llmpar.config import load_yaml, prepare
 from llmpar.data.describe import describe_study, repetition
+from llmpar.io import read_json, read_jsonl
 from llmpar.paths import REPO_ROOT
 
 
@@ -115,3 +116,21 @@ def test_the_time_to_target_names_the_sweep_it_comes_from_and_whether_its_model_
     assert source == {"study": sweep["study"], "params_m": 134, "seq_len": 512, "corpus": "debian",
                       "target_loss": sweep["train"]["target_loss"], "own": False}
     assert sweep_source({**sweep, "sweep_from": "configs/batch-sweep.yaml"})["own"] is True
+
+
+def test_same_model_names_the_largest_step_gap_of_the_steps_records(tmp_path):
+    """The finding's per-step gap is the largest over the runs' steady steps of their steps.jsonl losses against
+    the baseline's, computed here from the records directly."""
+    st = study_of("gpu1-1b-kernels.yaml", tmp_path)
+    runs = REPO_ROOT / "results" / "h100-1b-kernels" / "runs"
+    base = {r["step"]: r["loss"] for r in read_jsonl(runs / "single" / "steps.jsonl")}
+    gaps = {}
+    for run in st.ok.index.drop("single"):
+        summary = read_json(runs / run / "summary.json")
+        first = summary["steps_completed"] - summary["steady_steps"] + 1
+        for r in read_jsonl(runs / run / "steps.jsonl"):
+            if r["step"] >= first:
+                gaps[(run, r["step"])] = abs(r["loss"] - base[r["step"]]) / base[r["step"]]
+    (run, step), largest = max(gaps.items(), key=lambda kv: kv[1])
+    found = text(findings.same_model(st).html)
+    assert f"by up to {100 * largest:.2f} % ({run}, step {step})" in found
