@@ -103,12 +103,16 @@ def test_report_section_is_labelled_and_cpu_has_none(tmp_path):
     """A GPU study's section shows the table as model output with its assumptions; a study without a card
     (the CPU default) says the plan is not calibrated for CPU and predicts nothing."""
     from llmpar.analysis.report import plan_context
+    from llmpar.config import load_yaml, prepare
 
     ext = tmp_path / "extrapolation.csv"
     write_csv(pe.extrapolate(CARD, shapes=("1.1B",), worlds=(8, 64), strategies=("fsdp", "pipeline")), ext)
     out = tmp_path / "plan.csv"
-    plan_study(str(Path(__file__).parents[1] / "configs/gpu2-1b.yaml"), out=str(out))
-    ctx = plan_context({"train": {"card": CARD}}, {"plan": out, "extrapolation": ext}, tmp_path, 4)
+    preset = Path(__file__).parents[1] / "configs/gpu2-1b.yaml"
+    plan_study(str(preset), out=str(out))
+    config = prepare(load_yaml(preset))
+    assert config["train"]["card"] == CARD
+    ctx = plan_context(config, {"plan": out, "extrapolation": ext}, tmp_path, 4)
     text = " ".join(ctx["assumptions"])
     assert "never measured" in text and "45 GB/s" in text
     assert "pp 2 × dp 1" not in ctx["extrapolation_table"] and "dp 64" in ctx["extrapolation_table"]
