@@ -245,3 +245,26 @@ def test_records_are_found_by_name():
     recs = records()
     assert {"single", "torchtitan", "cudnn16", FASTEST} <= set(recs)
     assert all(isinstance(r["path"], Path) for rs in recs.values() for r in rs)
+
+
+def test_the_strategies_step_gaps_are_their_records():
+    """RESULTS.md's per-step loss gaps of the 2- and 4-GPU studies' strategies to `single`: the largest over the
+    steady steps but step 13, and step 13's (the spike), from each run's steps.jsonl."""
+    rest, spike = {}, {}
+    for study in ("h100x2-1b", "h100x4-1b"):
+        runs = REPO_ROOT / "results" / study / "runs"
+        base = step_losses(runs / "single" / "steps.jsonl")
+        for run_dir in sorted(p for p in runs.iterdir() if p.name != "single"):
+            summary = read_json(run_dir / "summary.json")
+            first = summary["steps_completed"] - summary["steady_steps"] + 1
+            gap = {s: abs(v - base[s]) / base[s] for s, v in step_losses(run_dir / "steps.jsonl").items() if s >= first}
+            rest[(study, run_dir.name)] = max(g for s, g in gap.items() if s != 13)
+            spike[(study, run_dir.name)] = gap[13]
+    bf16_stream = ("h100x2-1b", "fsdp")  # recorded with FSDP2's bf16 layer inputs (RESULTS.md, the 2-GPU study)
+    (_, worst), largest = max(((k, v) for k, v in spike.items() if k != bf16_stream), key=lambda kv: kv[1])
+    within = max(v for k, v in rest.items() if k != bf16_stream)
+    page = " ".join(RESULTS_PAGE.read_text().split())
+    assert f"within {100 * within:.2f} % over the steady steps of both studies" in page
+    assert f"differ by up to {100 * largest:.2f} % (`{worst}` at 4 GPUs)" in page
+    assert (f"bf16 residual stream, within {100 * rest[bf16_stream]:.2f} %, and by {100 * spike[bf16_stream]:.2f} % "
+            "at the spike") in page
