@@ -28,8 +28,9 @@ RATIO_DEFINITIONS = {
     "final_loss_rel_gap": "|run final_loss - baseline final_loss| / baseline final_loss (same training: ~0)",
     "step_loss_gap_max": "the largest |run loss - baseline loss| / baseline loss over the run's steady steps (each "
                          "step's training loss in steps.jsonl), for runs of the baseline's global batch and step "
-                         "count (empty for others: they train other batches); same training: ~0, a bf16 rounding "
-                         "change: about 1e-3 to 1e-2",
+                         "count (empty for others: they train other batches); the same arithmetic: 0, the same "
+                         "training with other rounding (another engine in bf16): about 1e-3 to 1e-2 a step, several "
+                         "times that at a loss spike",
     "step_loss_gap_step": "the step of step_loss_gap_max",
 }
 
