@@ -13,7 +13,14 @@ import pytest
 from llmpar.analysis import findings
 from llmpar.analysis.aggregate import aggregate
 from llmpar.analysis.batch_sweep import is_sweep, write_tables
-from llmpar.analysis.report import batch_line, headline, reached_target, sweep_context, sweep_source
+from llmpar.analysis.report import (
+    batch_line,
+    compared_steps,
+    headline,
+    reached_target,
+    sweep_context,
+    sweep_source,
+)
 from llmpar.config import load_yaml, prepare
 from llmpar.data.describe import describe_study, repetition
 from llmpar.io import read_json, read_jsonl
@@ -91,6 +98,14 @@ def test_same_model_compares_only_the_runs_of_the_baselines_batches(tmp_path):
     gap = metrics.loc[at_base, "final_loss_rel_gap"].item()
     assert gap > findings.LOSS_GAP_FLAG and "gb12 differ by more than 1 %" in compared
     assert "not compared" in compared and "gb12," not in compared.split(";")[-1]
+
+
+@pytest.mark.parametrize("config_name, column", [("gpu1-1b-kernels.yaml", True), ("batch-sweep.yaml", False)])
+def test_the_step_gap_is_a_column_only_where_a_run_besides_the_baseline_has_one(tmp_path, config_name, column):
+    """A batch sweep's runs train other batches than its baseline: no step-gap column, where only the baseline's
+    0 would fill it; a study of one training shows it."""
+    st = study_of(config_name, tmp_path)
+    assert ("step gap" in headline(st)) is column and compared_steps(st) is column
 
 
 @pytest.mark.parametrize("config_name, column, reason", [

@@ -251,6 +251,12 @@ def step_gap(r: pd.Series) -> str:
     return F.pct(gap, 2) + (f" (step {int(step)})" if pd.notna(gap) and pd.notna(step) else "")
 
 
+def compared_steps(st: F.Study) -> bool:
+    """Whether some run besides the baseline has a per-step loss gap to it (the step-gap column shows only then)."""
+    gaps = st.ok["step_loss_gap_max"].drop(index=st.baseline, errors="ignore") if "step_loss_gap_max" in st.ok else []
+    return bool(len(gaps) and gaps.notna().any())
+
+
 def reached_target(st: F.Study) -> bool:
     """Whether some run reached the study's target loss (the time-to-target column shows only then)."""
     return "seconds_to_target" in st.ok and bool(st.ok["seconds_to_target"].notna().any())
@@ -260,7 +266,7 @@ def headline(st: F.Study) -> str:
     """One row per run, grouped by family: layout, GPUs, tokens/s per GPU, MFU, peak memory, time to target
     (a column only where some run reached a target; :func:`llmpar.analysis.findings.lacking` says why not)
     and loss gap."""
-    target = reached_target(st)
+    target, steps = reached_target(st), compared_steps(st)
     rows = []
     for _, r in st.metrics.iterrows():
         ok = r["status"] == "ok"
@@ -274,15 +280,16 @@ def headline(st: F.Study) -> str:
                       f'<td class="num">{F.pct(eff, 0) if eff is not None else "–"}</td>',
                       f'<td class="num">{F.num(r["mfu"])}</td>', f'<td class="num">{F.num(r["peak_mem_gib"])}</td>']
             cells += [f'<td class="num">{F.num(r.get("seconds_to_target"))}</td>'] if target else []
-            cells += [f'<td class="num">{F.pct(r.get("final_loss_rel_gap"), 2)}</td>',
-                      f'<td class="num">{step_gap(r)}</td>']
+            cells += [f'<td class="num">{F.pct(r.get("final_loss_rel_gap"), 2)}</td>']
+            cells += [f'<td class="num">{step_gap(r)}</td>'] if steps else []
         else:
-            cells.append(f'<td colspan="{7 if target else 6}">{html.escape(r["status"])}: '
+            cells.append(f'<td colspan="{5 + target + steps}">{html.escape(r["status"])}: '
                          f'{html.escape(str(r["message"]))[:120]}</td>')
         cls = "" if ok else ' class="failed"'
         rows.append(f"<tr{cls}>{''.join(cells)}</tr>")
     head = ("<tr><th>run</th><th>layout</th><th>GPUs</th><th>tokens/s per GPU</th><th>vs 1 GPU</th><th>MFU</th>"
-            f"<th>peak GiB</th>{'<th>s to target</th>' if target else ''}<th>loss gap</th><th>step gap</th></tr>")
+            f"<th>peak GiB</th>{'<th>s to target</th>' if target else ''}<th>loss gap</th>"
+            f"{'<th>step gap</th>' if steps else ''}</tr>")
     return f"<table class='headline'>{head}{''.join(rows)}</table>"
 
 
@@ -448,7 +455,7 @@ def build_report(config: dict, metrics_csv, figures_dir, captions_dir, summaries
         "n_runs": len(metrics), "n_ok": n_ok, "n_failed": len(metrics) - n_ok,
         "failed": [(r["run"], r["status"], str(r["message"])) for _, r in failed.iterrows()],
         "findings": F.findings(st), "headline": headline(st), "target_column": reached_target(st),
-        "scaling_table": scaling_table(st),
+        "step_gap_column": compared_steps(st), "scaling_table": scaling_table(st),
         "scaling_not_joined": sorted({(r["study"], r["not_joined"]) for _, r in scaling.iterrows()
                                       if not r["joined"]}) if not scaling.empty else [],
         "compare_with": config.get("compare_with", []), "peers_table": peers_table(st),
