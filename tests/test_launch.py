@@ -8,6 +8,7 @@ import sys
 import pytest
 from conftest import REPO, assert_same_first_update, assert_same_steps, make_config
 
+from llmpar import launch
 from llmpar.config import load_schema, prepare, run_config
 from llmpar.errors import ExpectedFailure
 from llmpar.launch import local_node_gpus
@@ -37,6 +38,32 @@ def test_local_nodes_get_their_own_gpus():
     assert local_node_gpus(1, 2, visible="0,1") == [None]  # one node keeps the environment
     with pytest.raises(ExpectedFailure, match="need 4 GPUs, 2 are visible"):
         local_node_gpus(2, 2, visible="0,1")
+
+
+def test_launches_at_once_are_handed_different_ports(tmp_path):
+    """Launches that start together draw their rendezvous ports independently; four drawing the same random
+    sequence (the same seed) are still handed four ports, and each port stays out of the draw while its launch
+    starts: the registry, read and written under a lock, hands a port once in PORT_HOLD_S."""
+    registry = tmp_path / "ports.json"
+    draw = ("import random, sys; from pathlib import Path; random.seed(0); from llmpar.launch import free_port; "
+            "print(free_port(Path(sys.argv[1])))")
+    procs = [subprocess.Popen([sys.executable, "-c", draw, str(registry)], stdout=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    ports = [int(p.communicate(timeout=60)[0]) for p in procs]
+    assert len(set(ports)) == 4 and all(p in launch.LOCAL_PORTS for p in ports)
+    assert set(json.loads(registry.read_text())) == {str(p) for p in ports}
+
+
+def test_a_port_is_handed_again_once_its_hold_has_passed(tmp_path, monkeypatch):
+    registry = tmp_path / "ports.json"
+    monkeypatch.setattr(launch.random, "sample", lambda ports, k: list(ports)[:k])  # always the same draw
+    first = launch.free_port(registry)
+    assert launch.free_port(registry) != first
+    now = launch.time.time()
+    monkeypatch.setattr(launch.time, "time", lambda: now + launch.PORT_HOLD_S + 1)
+    assert launch.free_port(registry) == first
+    registry.write_text("{not json")  # a damaged registry is started afresh
+    assert launch.free_port(registry) == first
 
 
 def test_mask_arguments_for_both_transformers_signatures():

@@ -16,6 +16,9 @@ Expected failures (out of memory, divergence) become a run summary with that sta
 
 from __future__ import annotations
 
+import fcntl
+import getpass
+import json
 import math
 import os
 import random
@@ -24,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -42,16 +46,38 @@ from llmpar.record import RunRecord, collect_failure, write_run
 # the system hands to outgoing connections (another launch's gloo connections, say), so that none takes the
 # port between free_port's check and torchrun's bind; and apart from a Slurm launch's (20000-39999).
 LOCAL_PORTS = range(10000, 20000)
+# Launches on one host at once (a test suite's workers, several studies) draw their ports independently, and two
+# that drew the same one would both find it free before either torchrun binds it: each port handed out is kept
+# in a registry of this user's launches for PORT_HOLD_S, long past a torchrun's bind, and not handed out again.
+PORT_HOLD_S = 300.0
 
 
-def free_port() -> int:
-    """A port of LOCAL_PORTS, drawn at random, that nothing listens on now."""
-    for port in random.sample(LOCAL_PORTS, 200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
+def port_registry() -> Path:
+    return Path(tempfile.gettempdir()) / f"llmpar-ports-{getpass.getuser()}.json"
+
+
+def free_port(registry: Path | None = None) -> int:
+    """A port of LOCAL_PORTS, drawn at random, that nothing listens on now (on any address, as torchrun's store
+    binds) and that no launch of this user on this host was handed in the last PORT_HOLD_S seconds
+    (``registry``, read and written under a lock)."""
+    registry = registry or port_registry()
+    with open(registry.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        now = time.time()
+        try:
+            handed = {int(p): t for p, t in json.loads(registry.read_text()).items() if now - t < PORT_HOLD_S}
+        except (OSError, ValueError):  # none yet, or damaged: start afresh
+            handed = {}
+        for port in random.sample(LOCAL_PORTS, 200):
+            if port in handed:
                 continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("", port))
+                except OSError:
+                    continue
+            handed[port] = now
+            write_json(registry, {str(p): t for p, t in handed.items()})
             return port
     raise RuntimeError(f"no free port in {LOCAL_PORTS.start}-{LOCAL_PORTS.stop - 1} after 200 tries")
 
