@@ -149,3 +149,10 @@ def test_same_model_names_the_largest_step_gap_of_the_steps_records(tmp_path):
     (run, step), largest = max(gaps.items(), key=lambda kv: kv[1])
     found = text(findings.same_model(st).html)
     assert f"by up to {100 * largest:.2f} % ({run}, step {step})" in found
+
+
+@pytest.mark.parametrize("value, shown", [(0.0123, "1.23 %"), (5e-5, "0.01 %"), (1.9e-8, "1.9 × 10⁻⁶ %"),
+                                          (4.94e-5, "4.9 × 10⁻³ %"), (0.0, "0.00 %"), (None, "–")])
+def test_a_loss_gap_below_two_decimals_keeps_its_size(value, shown):
+    """An fp32 run's gap to the baseline (10⁻⁷ relative) is printed with its power of ten, not as 0.00 %."""
+    assert findings.rel_gap(value) == shown

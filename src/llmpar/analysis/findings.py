@@ -48,6 +48,20 @@ def pct(v, digits: int = 1) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.{digits}f} %"
 
 
+SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def rel_gap(v) -> str:
+    """A relative loss gap in percent with two decimals, or, below 0.005 %, with two significant digits and its
+    power of ten (an fp32 run's 1.9 × 10⁻⁶ %, which two decimals would print as 0.00 %)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if v == 0 or 100 * abs(v) >= 0.005:
+        return pct(v, 2)
+    mantissa, exponent = f"{100 * v:.1e}".split("e")
+    return f"{mantissa} × 10{str(int(exponent)).translate(SUPERSCRIPT)} %"
+
+
 def run_ref(name: str, strategy: str) -> str:
     """A run's name in prose, with its strategy's colour."""
     return (f'<span class="run" style="border-color:{colour(strategy)}">{html.escape(str(name))}</span>')
@@ -338,7 +352,7 @@ def same_model(st: Study) -> Finding | None:
     if gaps.empty:
         return Finding("Same model", other_text + ".") if others else None
     worst = gaps.idxmax()
-    text = (f"Final training losses lie within {pct(gaps.max(), 2)} of {st.name(st.baseline)}'s "
+    text = (f"Final training losses lie within {rel_gap(gaps.max())} of {st.name(st.baseline)}'s "
             f"(largest gap: {st.name(worst)}{st.note(worst)})")
     flagged = gaps[gaps > LOSS_GAP_FLAG]
     if len(flagged):
@@ -352,7 +366,7 @@ def same_model(st: Study) -> Finding | None:
     if len(steps):
         run = steps.idxmax()
         text += (f"; step by step their training losses differ from {st.name(st.baseline)}'s by up to "
-                 f"{pct(steps.max(), 2)} ({st.name(run)}, step {int(st.ok.loc[run, 'step_loss_gap_step'])})")
+                 f"{rel_gap(steps.max())} ({st.name(run)}, step {int(st.ok.loc[run, 'step_loss_gap_step'])})")
     return Finding("Same model", text + (f"; {other_text}" if others else "") + ".")
 
 

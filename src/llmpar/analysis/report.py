@@ -248,7 +248,7 @@ def step_gap(r: pd.Series) -> str:
     """A run's largest per-step loss gap to the baseline over its steady steps, with its step (– where the run
     trains other batches than the baseline's)."""
     gap, step = r.get("step_loss_gap_max"), r.get("step_loss_gap_step")
-    return F.pct(gap, 2) + (f" (step {int(step)})" if pd.notna(gap) and pd.notna(step) else "")
+    return F.rel_gap(gap) + (f" (step {int(step)})" if pd.notna(gap) and pd.notna(step) else "")
 
 
 def compared_steps(st: F.Study) -> bool:
@@ -280,7 +280,7 @@ def headline(st: F.Study) -> str:
                       f'<td class="num">{F.pct(eff, 0) if eff is not None else "–"}</td>',
                       f'<td class="num">{F.num(r["mfu"])}</td>', f'<td class="num">{F.num(r["peak_mem_gib"])}</td>']
             cells += [f'<td class="num">{F.num(r.get("seconds_to_target"))}</td>'] if target else []
-            cells += [f'<td class="num">{F.pct(r.get("final_loss_rel_gap"), 2)}</td>']
+            cells += [f'<td class="num">{F.rel_gap(r.get("final_loss_rel_gap"))}</td>']
             cells += [f'<td class="num">{step_gap(r)}</td>'] if steps else []
         else:
             cells.append(f'<td colspan="{5 + target + steps}">{html.escape(r["status"])}: '
