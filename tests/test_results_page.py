@@ -20,6 +20,7 @@ from llmpar.io import read_json, read_jsonl
 from llmpar.paths import REPO_ROOT
 
 steady_clocks = load_benchmark("steady_clocks")
+gpu_probe = load_benchmark("gpu_probe")
 
 RESULTS_PAGE = REPO_ROOT / "RESULTS.md"
 RECORD_ROOTS = (REPO_ROOT / "results", REPO_ROOT / "benchmarks" / "results")
@@ -178,6 +179,39 @@ def clock_mismatches(text: str, recs: dict[str, list[dict]]) -> list[str]:
         if median is None or f"{median:,.0f} MHz" != cells["SM clock"]:
             bad.append(f"line {line}: {name}: SM clock {cells['SM clock']} is not its run's steady median ({median})")
     return bad
+
+
+# a profile table's column -> the probe record's kernel categories it sums (its own per_step_s, or gpu_probe.py's
+# --categorize of its longest kernels, whose "other" holds the kernels not listed too)
+PROFILE_COLUMNS = {"GEMM s": ("gemm",), "attention s": ("attention",),
+                   "elementwise, norm, loss s": ("triton (fused elementwise/norm/CE)", gpu_probe.ELEMENTWISE),
+                   "optimizer s": ("optimizer",), "other s": ("other", "unlisted")}
+
+
+def profile_mismatches(text: str, recs: dict[str, list[dict]]) -> list[str]:
+    """The profile rows of ``text``'s tables whose seconds a step by kernel category are neither their probe
+    record's ``per_step_s`` nor gpu_probe.py's categorisation of its kernels, to the printed digit."""
+    bad = []
+    for line, name, cells in table_rows(text):
+        shown = {c: cells[c] for c in PROFILE_COLUMNS if c in cells}
+        if not shown:
+            continue
+        own = record_of(name, cells, recs)
+        readings = [own["profile"]["per_step_s"], gpu_probe.categorize(own["profile"])] if own else []
+        def seconds(reading: dict, column: str) -> float:
+            return sum(reading.get(k, 0) for k in PROFILE_COLUMNS[column])
+
+        # to the printed digit, from categories recorded to four digits (their sum's own rounding: 0.00005 more)
+        if not any(all(abs(seconds(r, c) - float(v)) <= 0.00055 for c, v in shown.items()) for r in readings):
+            bad.append(f"line {line}: {name}: {shown} is neither its record's per_step_s nor its categorised kernels")
+    return bad
+
+
+def test_every_profile_row_is_its_probe_records():
+    text = RESULTS_PAGE.read_text()
+    assert sum(any(c in cells for c in PROFILE_COLUMNS) for _, _, cells in table_rows(text)) >= 10
+    assert profile_mismatches(text, records()) == []
+    assert len(profile_mismatches(text.replace("| 0.554 | 0.147 |", "| 0.545 | 0.147 |", 1), records())) == 1
 
 
 def test_every_table_row_quotes_a_committed_record():
