@@ -2,8 +2,9 @@
 gives the numbers of one record of that name (a run's ``summary.json``, a probe's ``step`` row, a torchtitan
 ``torchtitan_single.json``), each to the digits the table prints, its ratios are those records' quotients, and its
 loss gaps (the largest relative gap of its per-step losses over the stated steps but one, and that one's) are
-those of its run's ``steps.jsonl`` against a committed run of the name the cell compares it with, and its SM
-clock is its run's median over the steady steps (``samples.jsonl``).
+those of its run's ``steps.jsonl`` against a committed run of the name the cell compares it with, its SM clock is
+its run's median over the steady steps (``samples.jsonl``), its kernel times by category are its probe record's,
+and its plan errors are the plan's for the section's preset.
 The kernels study's headline holds on its records, as RESULTS.md and the README state it: `single` with every lever
 at MFU >= 0.55 on an H100 through the workflow and >= 1.12 x the torchtitan run of its session."""
 
@@ -212,6 +213,38 @@ def test_every_profile_row_is_its_probe_records():
     assert sum(any(c in cells for c in PROFILE_COLUMNS) for _, _, cells in table_rows(text)) >= 10
     assert profile_mismatches(text, records()) == []
     assert len(profile_mismatches(text.replace("| 0.554 | 0.147 |", "| 0.545 | 0.147 |", 1), records())) == 1
+
+
+PLAN_COLUMNS = {"plan: peak error": "peak_error", "plan: step error": "step_error"}
+
+
+def plan_mismatches(text: str) -> list[str]:
+    """The plan errors ``text``'s tables print that the plan (llmpar.plan.calibration.check_study) does not give
+    for the study of the section they stand in (its heading names the preset), to the printed digit."""
+    from llmpar.config import load_yaml, prepare
+    from llmpar.plan.calibration import check_study
+
+    lines, bad = text.splitlines(), []
+    for table in tables(text):
+        if not set(PLAN_COLUMNS) & set(table[0][2]):
+            continue
+        heading = next(h for h in reversed(lines[:table[0][0]]) if h.startswith("## "))
+        cfg = prepare(load_yaml(REPO_ROOT / re.search(r"`(configs/[^`]+\.yaml)`", heading).group(1)))
+        runs = REPO_ROOT / "results" / cfg["study"] / "runs"
+        rows = {r["run"]: r for r in check_study(cfg, cfg["train"]["card"], runs)}
+        for line, name, cells in table:
+            for column, field in PLAN_COLUMNS.items():
+                printed = cells[column].split(" (")[0].replace("−", "-").replace(" %", "")
+                value = 100 * rows[name][field] if name in rows else None
+                if value is None or f"{value:+.1f}".replace("+0.0", "0.0").replace("-0.0", "0.0") != printed:
+                    bad.append(f"line {line}: {name}: {column} {cells[column]} is not the plan's ({value})")
+    return bad
+
+
+def test_every_plan_error_is_the_plans():
+    text = RESULTS_PAGE.read_text()
+    assert plan_mismatches(text) == []
+    assert len(plan_mismatches(text.replace("| −0.5 % | +9.0 % |", "| −0.5 % | +9.1 % |", 1))) == 1
 
 
 def test_every_table_row_quotes_a_committed_record():
