@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import load_benchmark
 
+from llmpar.analysis.derive import _commit as short_commit
 from llmpar.io import read_json, read_jsonl
 from llmpar.paths import REPO_ROOT
 
@@ -213,6 +214,31 @@ def test_every_profile_row_is_its_probe_records():
     assert sum(any(c in cells for c in PROFILE_COLUMNS) for _, _, cells in table_rows(text)) >= 10
     assert profile_mismatches(text, records()) == []
     assert len(profile_mismatches(text.replace("| 0.554 | 0.147 |", "| 0.545 | 0.147 |", 1), records())) == 1
+
+
+def layout_mismatches(text: str, recs: dict[str, list[dict]]) -> list[str]:
+    """The micro-batch layouts (``16 × 2``) and code commits (``2b558f3-dirty``) ``text``'s tables print that are
+    not their run's record's (its spec; its environment's git commit, shortened as the report shortens it)."""
+    bad = []
+    for line, name, cells in table_rows(text):
+        checks = {c: cells[c] for c in ("micro-batch × count", "code")
+                  if c in cells and (cells[c] != "–" or c == "code")}
+        own = record_of(name, cells, recs) if checks else None
+        if not checks:
+            continue
+        spec, env = (own.get("spec") or {}, own.get("environment") or {}) if own else ({}, {})
+        actual = {"micro-batch × count": f"{spec.get('micro_batch_size')} × {spec.get('micro_batches')}",
+                  "code": short_commit(env) or "–"}
+        bad += [f"line {line}: {name}: {c} {v} is not its record's ({actual[c]})" for c, v in checks.items()
+                if v != actual[c]]
+    return bad
+
+
+def test_every_layout_and_commit_is_its_runs():
+    text = RESULTS_PAGE.read_text()
+    assert sum("code" in cells for _, _, cells in table_rows(text)) >= 30
+    assert layout_mismatches(text, records()) == []
+    assert len(layout_mismatches(text.replace("| 8 × 2 | 122,689 |", "| 16 × 1 | 122,689 |", 1), records())) == 1
 
 
 PLAN_COLUMNS = {"plan: peak error": "peak_error", "plan: step error": "step_error"}
