@@ -102,16 +102,16 @@ def mismatches(text: str, recs: dict[str, list[dict]]) -> list[str]:
         quoted = {c: number(v) for c, v in cells.items() if c in COLUMNS and number(v) is not None}
         if not quoted:
             continue
-        named = recs.get(name, [])
-        found = [r for r in named if matches(r, quoted)]
-        if not found:
-            bad.append(f"line {line}: {name} {quoted} is no committed record's ({len(named)} of that name)")
+        own = record_of(name, cells, recs)
+        if own is None:
+            bad.append(f"line {line}: {name} {quoted} is no committed record's ({len(recs.get(name, []))} of that "
+                       "name)")
             continue
         for column, other in RATIOS.items():
             ratio = number(cells.get(column, ""))
             if ratio is None:
                 continue
-            ours = float(found[0]["tokens_per_s"])
+            ours = float(own["tokens_per_s"])
             if not any(f"{ours / float(r['tokens_per_s']):.3f}" == f"{float(ratio):.3f}" for r in recs.get(other, [])):
                 bad.append(f"line {line}: {name} {column} {ratio} is not its tokens/s over a committed {other} run's")
     return bad

@@ -142,18 +142,24 @@ def add_ratios(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
     return df
 
 
+def of_baselines_batches(df: pd.DataFrame, baseline: str) -> pd.Series:
+    """Per row of a metrics table (``run``, ``global_batch``, ``steps_completed``), whether the run trains the
+    baseline's batches: its global batch for its number of steps (a batch sweep's other points do not)."""
+    base = df.loc[df["run"] == baseline].iloc[0]
+    return (df["global_batch"] == base["global_batch"]) & (df["steps_completed"] == base["steps_completed"])
+
+
 def add_step_loss_gaps(df: pd.DataFrame, steps: pd.DataFrame, baseline: str) -> pd.DataFrame:
     """``step_loss_gap_max`` and ``step_loss_gap_step`` (RATIO_DEFINITIONS) of each completed run that trains the
     baseline's batches, from the study's step rows (``steps``: run, step, loss)."""
     df["step_loss_gap_max"], df["step_loss_gap_step"] = None, None
-    base = df.set_index("run").loc[baseline]
-    if base["status"] != "ok" or steps.empty:
+    if df.loc[df["run"] == baseline, "status"].iloc[0] != "ok" or steps.empty:
         return df
     losses = steps.set_index(["run", "step"])["loss"]
     base_loss = losses.loc[baseline]
+    compared = of_baselines_batches(df, baseline)
     for i, r in df.iterrows():
-        if (r["status"] != "ok" or r["global_batch"] != base["global_batch"]
-                or r["steps_completed"] != base["steps_completed"] or not r["steady_steps"]):
+        if r["status"] != "ok" or not compared[i] or not r["steady_steps"]:
             continue
         own = losses.loc[r["run"]]
         steady = own.index[own.index > r["steps_completed"] - r["steady_steps"]]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from llmpar.analysis.aggregate import of_baselines_batches
 from llmpar.analysis.figure_list import colour, family_rank, strategy_label
 
 # Runs whose steady tokens/s is within this fraction of the fastest count as "as fast" for the memory trade-off.
@@ -342,8 +343,7 @@ def same_model(st: Study) -> Finding | None:
     if "final_loss_rel_gap" not in st.ok or st.baseline not in st.ok.index:
         return None
     base = st.ok.loc[st.baseline]
-    same_batches = (st.ok["global_batch"] == base["global_batch"]) & (
-        st.ok["steps_completed"] == base["steps_completed"])
+    same_batches = of_baselines_batches(st.ok, st.baseline)
     gaps = st.ok.loc[same_batches, "final_loss_rel_gap"].dropna().drop(index=st.baseline, errors="ignore")
     others = [st.name(r) for r in st.ok.index[~same_batches]]
     other_text = (f"{', '.join(others)} train{'s' if len(others) == 1 else ''} other batches than "
@@ -453,8 +453,13 @@ def lacking(st: Study, summaries: list[dict]) -> list[tuple[str, list[str]]]:
     raw = {s["run"]: s for s in summaries}
     out = []
 
-    def named(runs: list[str]) -> str:
-        return "every run" if len(runs) == len(st.ok) > 1 else ", ".join(st.name(r) for r in runs)
+    def listed(reasons: dict[str, str]) -> list[str]:
+        """The runs grouped by their reason (run -> reason), "every run" where one reason is every run's."""
+        by_reason: dict[str, list[str]] = {}
+        for run, reason in reasons.items():
+            by_reason.setdefault(reason, []).append(run)
+        return [("every run" if len(runs) == len(st.ok) > 1 else ", ".join(st.name(r) for r in runs))
+                + f": {html.escape(reason)}" for reason, runs in by_reason.items()]
 
     def why(run: str, field: str, reason_field: str | None = None, default: str = "") -> str:
         s = raw.get(run, {})
@@ -474,13 +479,13 @@ def lacking(st: Study, summaries: list[dict]) -> list[tuple[str, list[str]]]:
     target = st.ok.get("target_loss")
     not_reached = st.ok[st.ok["seconds_to_target"].isna()] if "seconds_to_target" in st.ok else st.ok
     if not not_reached.empty:
-        reasons: dict[str, list[str]] = {}
+        reasons = {}
         for run, r in not_reached.iterrows():
             goal = target.loc[run] if target is not None else None
-            reason = ("the study sets no target loss (train.target_loss)" if goal is None or pd.isna(goal) else
-                      f"its validation loss stayed above the target {num(goal)} (last {num(r.get('final_val_loss'))})")
-            reasons.setdefault(reason, []).append(run)
-        out.append(("time to target", [f"{named(runs)}: {html.escape(reason)}" for reason, runs in reasons.items()]))
+            reasons[run] = ("the study sets no target loss (train.target_loss)" if goal is None or pd.isna(goal) else
+                            f"its validation loss stayed above the target {num(goal)} "
+                            f"(last {num(r.get('final_val_loss'))})")
+        out.append(("time to target", listed(reasons)))
     for label, col, field, reason_field, default in checks:
         rows = st.ok
         if col == "bubble_measured":
@@ -488,8 +493,5 @@ def lacking(st: Study, summaries: list[dict]) -> list[tuple[str, list[str]]]:
         missing = rows[rows[col].isna()] if col in rows else rows
         if missing.empty:
             continue
-        reasons: dict[str, list[str]] = {}
-        for run in missing.index:
-            reasons.setdefault(why(run, field, reason_field, default), []).append(run)
-        out.append((label, [f"{named(runs)}: {html.escape(reason)}" for reason, runs in reasons.items()]))
+        out.append((label, listed({run: why(run, field, reason_field, default) for run in missing.index})))
     return out

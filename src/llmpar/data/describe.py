@@ -53,10 +53,9 @@ def tokenizer_name(tokens_meta: dict, tokenizer_cfg: dict | None) -> str:
     return f"{model} {tokens_meta['vocab_size']}"
 
 
-def _token_counts(tokens_meta: dict, tokenizer_cfg: dict | None) -> str:
+def _token_counts(tokens_meta: dict, tokenizer: str) -> str:
     tokens = tokens_meta["tokens"]
-    return (f"{_millions(tokens['train'])} train / {_millions(tokens['val'])} val tokens "
-            f"({tokenizer_name(tokens_meta, tokenizer_cfg)})")
+    return f"{_millions(tokens['train'])} train / {_millions(tokens['val'])} val tokens ({tokenizer})"
 
 
 def describe(corpus_meta: dict, tokens_meta: dict | None = None, data_cfg: dict | None = None,
@@ -85,7 +84,7 @@ def describe(corpus_meta: dict, tokens_meta: dict | None = None, data_cfg: dict 
     tokens = tokenizer = None
     if tokens_meta is not None:
         tokens, tokenizer = dict(tokens_meta["tokens"]), tokenizer_name(tokens_meta, tokenizer_cfg)
-        parts.append(_token_counts(tokens_meta, tokenizer_cfg))
+        parts.append(_token_counts(tokens_meta, tokenizer))
     parts.append("synthetic" if synthetic else "not synthetic")
     return {
         "kind": kind,
@@ -108,7 +107,7 @@ def describe_study(data_cfg: dict, tokenizer_cfg: dict, corpus_meta: dict | None
     kind = data_cfg["source"]
     parts = [_what(kind, config_source(data_cfg))]
     if tokens_meta is not None:
-        parts.append(_token_counts(tokens_meta, tokenizer_cfg))
+        parts.append(_token_counts(tokens_meta, tokenizer_name(tokens_meta, tokenizer_cfg)))
     parts.append("synthetic" if kind == "synthetic" else "not synthetic")
     return ", ".join(parts)
 
